@@ -1,0 +1,85 @@
+"""``python -m convert SOURCE OUTPUT --kv-heads N``: the command line around ``convert_checkpoint``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from convert.engine import DTYPES, convert_checkpoint
+from convert.errors import ConversionError
+from convert.families import supported
+from convert.merge import METHODS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Stream a Hugging Face checkpoint into one with fewer KV heads (GQA/MQA). "
+                    f"Families: {', '.join(supported())}.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="checkpoint directory or hub id")
+    parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
+    parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
+    parser.add_argument("--method", choices=METHODS, default="mean",
+                        help="how a group's heads become one: mean (GQA paper), first, random (default: mean)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept pytorch_model.bin weights (loaded with weights_only=True)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for --method random")
+    return parser.parse_args(argv)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable summary printed at the end of a conversion."""
+    r = report
+    per_layer = {tuple(x) for x in r["kv_heads_per_layer"]}
+    layers = (f"all {r['layers']} layers: {r['kv_heads_before']} -> {r['kv_heads_after']}" if len(per_layer) == 1
+              else ", ".join(f"{i}: {a} -> {b}" for i, (a, b) in enumerate(r["kv_heads_per_layer"])))
+    ratio = r["kv_cache_bytes_per_token_before"] / r["kv_cache_bytes_per_token_after"]
+    lines = [
+        f"{'plan (dry run, nothing written)' if r['dry_run'] else 'converted'}: {r['source']} -> {r['output']}",
+        f"  family            {r['family']} -> {r['architecture']}, method {r['method']}, "
+        f"{r['dtype_before']} -> {r['dtype_after']}",
+        f"  KV heads          {layers} ({r['heads']} query heads, head_dim {r['head_dim']})",
+        f"  KV cache / token  {_bytes(r['kv_cache_bytes_per_token_before'])} -> "
+        f"{_bytes(r['kv_cache_bytes_per_token_after'])} ({ratio:.1f}x smaller)",
+        f"  KV cache, 4k ctx  {_bytes(r['kv_cache_bytes_4k_context_before'])} -> "
+        f"{_bytes(r['kv_cache_bytes_4k_context_after'])} (batch 1)",
+        f"  parameters        {r['parameters_before']:,} -> {r['parameters_after']:,}",
+        f"  tensors changed   {len(r['changed_tensors'])}",
+        f"  output size       {_bytes(r.get('output_bytes', r['tensor_bytes_after']))} in {r['shards']} shard(s)",
+        f"  time              {r['seconds']:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m convert " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        report = convert_checkpoint(
+            args.source, args.output, kv_heads=args.kv_heads, method=args.method, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
+            allow_pickle=args.allow_pickle, seed=args.seed, progress=True, command=command,
+        )
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    return 0

@@ -1,0 +1,270 @@
+"""Reading a source checkpoint lazily: its config.json and one tensor at a time.
+
+Safetensors headers are parsed and checked before anything is written; tensor
+bytes are then read with ``pread`` or copied file-to-file with
+``copy_file_range``, so memory never holds more than the tensor being changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from convert.errors import ConversionError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER = 100_000_000
+_CHUNK = 64 << 20
+
+
+def resolve_source(source: str) -> Path:
+    """A local checkpoint directory, or a hub id fetched with huggingface_hub when the network allows."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"SOURCE {source} is a file; give the checkpoint's directory")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ConversionError(f"SOURCE {source} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        return Path(snapshot_download(source, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated repo: all end the same way
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(
+            f"SOURCE {source} is not a local directory and could not be fetched from the hub ({reason}); "
+            "download it first or pass a local path"
+        ) from None
+
+
+def read_config(directory: Path) -> dict:
+    """config.json as plain JSON (never through a transformers config class)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{directory} has no config.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} is not a JSON object")
+    return config
+
+
+@dataclass
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte range in that file."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0
+    end: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; byte ranges must tile the data section exactly."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise ConversionError(f"{path} is truncated or not a safetensors file")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise ConversionError(f"{path} is truncated or corrupt (header of {header_len} bytes)")
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        raise ConversionError(f"cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConversionError(f"{path} is corrupt: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path} is corrupt: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    try:
+        for name, entry in header.items():
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * dtype.itemsize:
+                raise ValueError(name)
+            tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    except (KeyError, TypeError, ValueError):
+        raise ConversionError(f"{path} is corrupt: bad header entry for tensor {name!r}") from None
+    position = data_start
+    for info in sorted(tensors.values(), key=lambda t: t.start):
+        if info.start != position:
+            raise ConversionError(f"{path} is corrupt: tensor byte ranges overlap or leave gaps")
+        position = info.end
+    if position != size:
+        kind = "truncated" if position > size else "corrupt (trailing bytes)"
+        raise ConversionError(f"{path} is {kind}: header describes {position} bytes, file has {size}")
+    return tensors
+
+
+def _shard_path(directory: Path, name: object, index_path: Path) -> Path:
+    """An index entry's file, which must be a plain name inside the checkpoint directory."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ConversionError(f"{index_path} names a file outside the checkpoint: {name!r}")
+    path = directory / name
+    if not path.is_file():
+        raise ConversionError(f"{index_path} names shard {name}, which is missing")
+    return path
+
+
+class WeightSource:
+    """All tensors of a checkpoint, read lazily one at a time."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], files: list[Path], pickled: dict[str, torch.Tensor] | None):
+        self.tensors = tensors
+        self.files = files
+        self._pickled = pickled
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in memory that this process owns."""
+        if self._pickled is not None:
+            return self._pickled[name].clone()
+        info = self.tensors[name]
+        buffer = bytearray(info.nbytes)
+        with open(info.file, "rb") as fh:
+            view, done = memoryview(buffer), 0
+            while done < info.nbytes:
+                got = os.preadv(fh.fileno(), [view[done:]], info.start + done)
+                if got <= 0:
+                    raise ConversionError(f"{info.file} is truncated")
+                done += got
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def copy_raw(self, name: str, out: BinaryIO) -> None:
+        """Copy one tensor's bytes unchanged into ``out`` (kernel-side where the OS allows)."""
+        if self._pickled is not None:
+            tensor = self._pickled[name].contiguous()
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            return
+        info = self.tensors[name]
+        out.flush()
+        with open(info.file, "rb") as fh:
+            offset, left = info.start, info.nbytes
+            while left:
+                try:
+                    sent = os.copy_file_range(fh.fileno(), out.fileno(), min(left, _CHUNK), offset_src=offset)
+                except OSError:
+                    sent = 0
+                if sent == 0:  # unsupported here (or cross-device quirk): plain reads
+                    out.write(os.pread(fh.fileno(), min(left, _CHUNK), offset))
+                    sent = min(left, _CHUNK)
+                offset += sent
+                left -= sent
+        out.seek(0, os.SEEK_END)
+
+
+def _index_map(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ConversionError(f"{index_path} is not a valid index (needs a weight_map object)") from None
+    return weight_map
+
+
+def _check_against_index(weight_map: dict[str, str], found: dict[str, str], index_path: Path) -> None:
+    missing = sorted(set(weight_map) - set(found))
+    if missing:
+        raise ConversionError(f"{index_path} lists {len(missing)} tensor(s) not in their shard, e.g. {missing[0]}")
+    extra = sorted(set(found) - set(weight_map))
+    if extra:
+        raise ConversionError(f"shard {found[extra[0]]} holds {len(extra)} tensor(s) missing from {index_path.name}, "
+                              f"e.g. {extra[0]}")
+    moved = sorted(n for n in weight_map if weight_map[n] != found[n])
+    if moved:
+        raise ConversionError(f"{index_path} puts {moved[0]} in {weight_map[moved[0]]}, but it is in {found[moved[0]]}")
+
+
+def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
+    """Find, check and open the checkpoint's weights (safetensors; pickle only when allowed).
+
+    Raises:
+        ConversionError: no weights, a bad index, a missing, truncated or corrupt shard,
+            or pickle weights without ``allow_pickle``.
+    """
+    st_index = directory / "model.safetensors.index.json"
+    st_single = directory / "model.safetensors"
+    if st_index.is_file() or st_single.is_file():
+        if st_index.is_file():
+            weight_map = _index_map(st_index)
+            files = sorted({_shard_path(directory, f, st_index) for f in weight_map.values()})
+        else:
+            weight_map, files = None, [st_single]
+        tensors, found = {}, {}
+        for file in files:
+            for name, info in read_safetensors_header(file).items():
+                if name in tensors:
+                    raise ConversionError(f"tensor {name} is in both {tensors[name].file.name} and {file.name}")
+                tensors[name], found[name] = info, file.name
+        if weight_map is not None:
+            _check_against_index(weight_map, found, st_index)
+        if not tensors:
+            raise ConversionError(f"{directory} has weight files but no tensors in them")
+        return WeightSource(tensors, files, None)
+
+    bin_index = directory / "pytorch_model.bin.index.json"
+    bin_single = directory / "pytorch_model.bin"
+    if bin_index.is_file() or bin_single.is_file():
+        if not allow_pickle:
+            raise ConversionError(
+                f"{directory} has only pickle weights (pytorch_model*.bin), which can run code when loaded; "
+                "pass --allow-pickle if you trust them"
+            )
+        if bin_index.is_file():
+            weight_map = _index_map(bin_index)
+            files = sorted({_shard_path(directory, f, bin_index) for f in weight_map.values()})
+        else:
+            weight_map, files = None, [bin_single]
+        pickled: dict[str, torch.Tensor] = {}
+        tensors, found = {}, {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise ConversionError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+            for name, tensor in state.items():
+                pickled[name], found[name] = tensor, file.name
+                tensors[name] = TensorInfo(file, tensor.dtype, tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
+        if weight_map is not None:
+            _check_against_index(weight_map, found, bin_index)
+        return WeightSource(tensors, files, pickled)
+
+    others = sorted(p.name for p in directory.iterdir() if re.search(r"\.(gguf|pt|pth|ckpt|h5|msgpack)$", p.name))
+    hint = f" (found {', '.join(others)}, which this tool does not read)" if others else ""
+    raise ConversionError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin{hint}")
