@@ -218,11 +218,11 @@ def plan_conversion(weights: WeightSource, config: dict, family: str, spec: dict
     else:
         out_layout = spec.get("mha_layout", spec["layout"])
 
-    def merge(name: str, t: torch.Tensor, is_norm: bool = False) -> torch.Tensor:
+    def merge(name: str, t: torch.Tensor, is_norm: bool = False, into: int = kv_heads) -> torch.Tensor:
         generator = None
         if method == "random" and not t.is_meta:
             generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return merge_heads(t, kv_heads, method, generator, is_norm)
+        return merge_heads(t, into, method, generator, is_norm)
 
     def producer(name: str) -> tuple[str, Callable[[Loader], torch.Tensor]] | None:
         """(output name, transform) for a tensor that changes; None for one copied as is."""
@@ -253,7 +253,7 @@ def plan_conversion(weights: WeightSource, config: dict, family: str, spec: dict
             layer = roles.of[name][1]
             sources = [template.format(layer=layer, head=h) for h in range(head, head + group_out)]
             target = template.format(layer=layer, head=head // group_out)
-            return target, lambda load: merge(name, torch.stack([load(s) for s in sources]), is_norm=True)[0]
+            return target, lambda load: merge(name, torch.stack([load(s) for s in sources]), is_norm=True, into=1)[0]
         return None
 
     order = sorted(canonical, key=lambda n: (str(weights.tensors[canonical[n]].file), weights.tensors[canonical[n]].start))
