@@ -27,6 +27,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100_000_000
 _CHUNK = 64 << 20
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
 def resolve_source(source: str) -> Path:
@@ -223,7 +224,9 @@ def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
     if st_index.is_file() or st_single.is_file():
         if st_index.is_file():
             weight_map = _index_map(st_index)
-            files = sorted({_shard_path(directory, f, st_index) for f in weight_map.values()})
+            files = {_shard_path(directory, f, st_index) for f in weight_map.values()}
+            # A shard on disk that the index forgot would otherwise drop its tensors silently.
+            files = sorted(files | {p for p in directory.glob("model-*-of-*.safetensors") if _SHARD.fullmatch(p.name)})
         else:
             weight_map, files = None, [st_single]
         tensors, found = {}, {}
