@@ -63,6 +63,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"  output size       {_bytes(r.get('output_bytes', r['tensor_bytes_after']))} in {r['shards']} shard(s)",
         f"  time              {r['seconds']:.2f} s",
     ]
+    if r.get("note"):
+        lines.append(f"  note              {r['note']}")
     return "\n".join(lines)
 
 

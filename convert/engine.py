@@ -253,7 +253,12 @@ def plan_conversion(weights: WeightSource, config: dict, family: str, spec: dict
             layer = roles.of[name][1]
             sources = [template.format(layer=layer, head=h) for h in range(head, head + group_out)]
             target = template.format(layer=layer, head=head // group_out)
-            return target, lambda load: merge(name, torch.stack([load(s) for s in sources]), is_norm=True, into=1)[0]
+            def pooled_heads(load: Loader) -> torch.Tensor:
+                blocks = [load(s) for s in sources]
+                if blocks[0].is_meta:  # planning: shape only
+                    return blocks[0].float()
+                return merge(name, torch.stack(blocks), is_norm=True, into=1)[0]
+            return target, pooled_heads
         return None
 
     order = sorted(canonical, key=lambda n: (str(weights.tensors[canonical[n]].file), weights.tensors[canonical[n]].start))
@@ -347,6 +352,7 @@ def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims,
         "parameters_before": params_before,
         "parameters_after": params_after,
         "changed_tensors": sorted(plan.changed),
+        "note": spec.get("note"),
         "tensor_bytes_after": sum(t.nbytes for t in plan.tensors),
     }
 

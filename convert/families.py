@@ -35,6 +35,7 @@ Entry keys (every key is checked by ``_validate``; an unknown one is an error):
 - ``k_normed``: True where K is normalized before RoPE (qk-norm families).
 - ``variants``: a list of ``{"when": {config_key: value}, **overrides}``;
   the first whose ``when`` matches config.json replaces those keys.
+- ``note``: a caveat printed with the report.
 - ``rename``: a target architecture (gpt2 -> gpt_bigcode): the output prefix,
   Conv1D weights to transpose, tensors to drop, the config deriver's name.
 """
@@ -163,7 +164,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "rotary": "half",
         "k_normed": False,
         "variants": [
-            {"when": {"new_decoder_architecture": True}, "layout": "grouped", "kv_choices": "divisors"},
+            {"when": {"new_decoder_architecture": True}, "layout": "grouped", "kv_choices": "divisors",
+             "note": "transformers' Falcon (new_decoder_architecture) broadcasts K/V to every query head before "
+                     "caching, so its KV cache does not shrink; the cache figures hold for GQA-aware runtimes"},
             {"when": {"multi_query": True}, "layout": "contiguous", "kv_heads_fixed": 1},
             # multi_query defaults to True in FalconConfig: a legacy config without the key is MQA.
             {"when": {"multi_query": None}, "layout": "contiguous", "kv_heads_fixed": 1},
@@ -220,7 +223,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 _KEYS = {
     "architectures", "attention", "tensors", "layout", "qkv_bias", "o_bias", "config", "kv_heads_fixed",
-    "kv_choices", "mqa", "mha_layout", "rotary", "partial_rotary", "k_normed", "variants", "rename",
+    "kv_choices", "mqa", "mha_layout", "rotary", "partial_rotary", "k_normed", "variants", "rename", "note",
 }
 _ROLES = {"q", "k", "v", "o", "qkv", "k_norm", "k_norm_per_head", "q_norm", "q_norm_per_head", "k_norm_shared"}
 _LAYOUTS = {"separate", "contiguous", "grouped", "per_head"}
