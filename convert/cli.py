@@ -63,6 +63,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"  output size       {_bytes(r.get('output_bytes', r['tensor_bytes_after']))} in {r['shards']} shard(s)",
         f"  time              {r['seconds']:.2f} s",
     ]
+    if r["dry_run"]:
+        names = r["changed_tensors"]
+        lines.append(f"  would change      " + ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else ""))
     if r.get("note"):
         lines.append(f"  note              {r['note']}")
     return "\n".join(lines)

@@ -175,3 +175,42 @@ def test_module_entry_point_exit_code(tmp_path):
                            "--kv-heads", "1"], capture_output=True, text=True, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+
+
+_SLOW_CONVERT = """
+import sys, time
+import convert.writer as writer
+real = writer.write_tensor_bytes
+def slow(tensor, out):
+    time.sleep(0.2)
+    real(tensor, out)
+writer.write_tensor_bytes = slow
+import convert.engine as engine
+engine.write_tensor_bytes = slow
+from convert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL", "SIGINT"])
+def test_killed_conversion_leaves_no_checkpoint_looking_output(good, tmp_path, sig):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(good), str(out), "--kv-heads", "1",
+                             "--dtype", "bfloat16"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.tmp-*/model.safetensors")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "conversion ended before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    if sig == "SIGKILL":  # nothing can clean up after SIGKILL: only a hidden temporary sibling remains
+        assert all(p.name.startswith(".out.tmp-") for p in leftovers)
+    else:
+        assert leftovers == [] and "interrupted" in proc.stderr.read()
