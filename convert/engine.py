@@ -1,8 +1,9 @@
 """The generic engine: plan a conversion from a family table, then stream it to disk.
 
-Planning runs every tensor transform on ``meta`` tensors, so shapes, shard cuts,
-the report and all validation are settled before any byte is written, and
-``--dry-run`` costs no reads of tensor data.
+Planning works on names, dtypes and shapes alone: shard cuts, the report and
+all validation are settled before any byte is written, ``--dry-run`` reads no
+tensor data, and torch is first needed when the first K/V tensor is pooled
+(``convert.surgery``), so the CLI imports it while unchanged tensors are copied.
 """
 
 from __future__ import annotations
@@ -13,26 +14,22 @@ import json
 import re
 import shutil
 import time
-import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from convert import families, layouts, renames
+from convert import families, renames
 from convert.errors import ConversionError
-from convert.merge import METHODS, merge_heads
-from convert.source import WeightSource, open_weights, read_config, resolve_source
+from convert.merge import METHODS
+from convert.source import DTYPES as TENSOR_DTYPES
+from convert.source import FLOATS, WeightSource, open_weights, read_config, resolve_source, torch_dtype
 from convert.writer import (AtomicDirectory, OutTensor, check_output, parse_size, shard_names, shard_plan,
                             write_index, write_shard, write_tensor_bytes)
-
-DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
 VERSION = "0.1.0"
-
-Loader = Callable[[str], torch.Tensor]
 
 
 @dataclass
@@ -52,8 +49,7 @@ class Plan:
 
     tensors: list[OutTensor]
     config: dict[str, Any]
-    report: dict[str, Any]
-    changed: list[str] = field(default_factory=list)
+    changed: list[str]  # source names of the tensors rewritten
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -188,114 +184,103 @@ def _check_shapes(roles: _Roles, shapes: dict[str, tuple[int, ...]]) -> None:
                                   f"({d.heads} heads, {d.kv_heads} KV heads, head_dim {d.head_dim}, hidden {d.hidden})")
 
 
-def _out_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
-    return requested if requested is not None and src.is_floating_point else src
+def _out_dtype(src: str, requested: str | None) -> str:
+    return requested if requested is not None and src in FLOATS else src
 
 
-def plan_conversion(weights: WeightSource, config: dict, family: str, spec: dict, dims: Dims, kv_heads: int,
-                    method: str, dtype: torch.dtype | None, seed: int) -> Plan:
-    """Decide every output tensor (name, dtype, shape, producer) and the output config."""
-    rename = spec.get("rename")
-    canonical = renames.canonical_names(list(weights.tensors), rename)  # output name -> source name
-    transposed = renames.transposed(canonical, rename)
+@dataclass
+class Change:
+    """A planned output tensor that is computed: ``surgery.<op>(*sources, **kwargs)``."""
 
-    def meta_load(name: str) -> torch.Tensor:
-        info = weights.tensors[canonical[name]]
-        t = torch.empty(info.shape, dtype=info.dtype, device="meta")
-        return t.t() if name in transposed else t
+    target: str
+    shape: tuple[int, ...]
+    op: str
+    sources: list[str]
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def real_load(name: str) -> torch.Tensor:
-        t = weights.read(canonical[name])
-        return t.t() if name in transposed else t
 
-    shapes = {name: tuple(meta_load(name).shape) for name in canonical}
-    roles = _Roles(spec, dims, config, list(canonical))
-    _check_shapes(roles, shapes)
-
-    group_out = dims.kv_heads // kv_heads
+def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
+                  method: str, seed: int) -> dict[str, Change | None]:
+    """Source name -> its Change, for every K/V tensor the conversion rewrites (None: folded into another)."""
+    d, group = dims.head_dim, dims.kv_heads // kv_heads
     if spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1:
         out_layout = spec["mqa"]["layout"]
     else:
         out_layout = spec.get("mha_layout", spec["layout"])
-
-    def merge(name: str, t: torch.Tensor, is_norm: bool = False, into: int = kv_heads) -> torch.Tensor:
-        generator = None
-        if method == "random" and not t.is_meta:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return merge_heads(t, into, method, generator, is_norm)
-
-    def producer(name: str) -> tuple[str, Callable[[Loader], torch.Tensor]] | None:
-        """(output name, transform) for a tensor that changes; None for one copied as is."""
-        if name not in roles.of:
-            return None
-        role, _, head, param = roles.of[name]
-        d = dims.head_dim
+    common = dict(kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method, seed=seed)
+    changes: dict[str, Change | None] = {}
+    for name, (role, layer, head, param) in roles.of.items():
+        shape = shapes[name]
         if role in ("k", "v"):
-            return name, lambda load: merge(name, load(name).reshape(dims.kv_heads, d, *shapes[name][1:])).reshape(
-                kv_heads * d, *shapes[name][1:])
-        if role == "qkv":
-            def fused(load: Loader) -> torch.Tensor:
-                q, k, v = layouts.split(spec["layout"], load(name), dims.heads, dims.kv_heads, d)
-                return layouts.join(out_layout, q.float(), merge(name + ":k", k), merge(name + ":v", v))
-            if out_layout == spec["layout"] and kv_heads == dims.kv_heads:
-                return None
-            return name, fused
-        if role == "k_norm":
-            shape = shapes[name]
-            def pooled_norm(load: Loader) -> torch.Tensor:
-                merged = merge(name, load(name).reshape(dims.kv_heads, -1), is_norm=True)
-                return merged.reshape(*((kv_heads,) if len(shape) == 2 else ()), -1)
-            return name, pooled_norm
-        if role == "k_norm_per_head":
-            if head % group_out:
-                return "", lambda load: torch.empty(0)  # folded into the group's first head
-            template = spec["attention"] + "." + spec["tensors"][role] + "." + param
-            layer = roles.of[name][1]
-            sources = [template.format(layer=layer, head=h) for h in range(head, head + group_out)]
-            target = template.format(layer=layer, head=head // group_out)
-            def pooled_heads(load: Loader) -> torch.Tensor:
-                blocks = [load(s) for s in sources]
-                if blocks[0].is_meta:  # planning: shape only
-                    return blocks[0].float()
-                return merge(name, torch.stack(blocks), is_norm=True, into=1)[0]
-            return target, pooled_heads
-        return None
-
-    order = sorted(canonical, key=lambda n: (str(weights.tensors[canonical[n]].file), weights.tensors[canonical[n]].start))
-    out: list[OutTensor] = []
-    changed: list[str] = []
-    for name in order:
-        src_info = weights.tensors[canonical[name]]
-        target_dtype = _out_dtype(src_info.dtype, dtype)
-        made = producer(name)
-        if made is None:
-            if name in transposed or target_dtype != src_info.dtype:
-                made = (name, lambda load, name=name: load(name))
-            else:
-                out.append(OutTensor(name, src_info.dtype, shapes[name],
-                                     lambda fh, src=canonical[name]: weights.copy_raw(src, fh)))
+            changes[name] = Change(name, (kv_heads * d, *shape[1:]), "kv_rows", [name],
+                                   dict(common, head_dim=d, name=name))
+        elif role == "qkv" and (out_layout != spec["layout"] or kv_heads != dims.kv_heads):
+            changes[name] = Change(name, ((dims.heads + 2 * kv_heads) * d, *shape[1:]), "fused_qkv", [name],
+                                   dict(common, layout=spec["layout"], out_layout=out_layout, heads=dims.heads,
+                                        head_dim=d, name=name))
+        elif role == "k_norm":
+            out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (_numel(shape) // dims.kv_heads * kv_heads,)
+            changes[name] = Change(name, out_shape, "kv_norm", [name], dict(common, name=name))
+        elif role == "k_norm_per_head":
+            if head % group:
+                changes[name] = None  # pooled into its group's first head below
                 continue
-        else:
-            changed.append(name)
-        target, transform = made
-        if not target:
+            template = spec["attention"] + "." + spec["tensors"][role] + "." + param
+            sources = [template.format(layer=layer, head=h) for h in range(head, head + group)]
+            target = template.format(layer=layer, head=head // group)
+            changes[name] = Change(target, shape, "norm_heads", sources, dict(method=method, seed=seed, name=name))
+    return changes
+
+
+def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims, kv_heads: int,
+                    method: str, dtype: str | None, seed: int) -> Plan:
+    """Decide every output tensor (name, dtype, shape, how to make it) and the output config."""
+    rename = spec.get("rename")
+    canonical = renames.canonical_names(list(weights.tensors), rename)  # output name -> source name
+    transposed = renames.transposed(canonical, rename)
+    shapes = {}
+    for name, src in canonical.items():
+        shape = weights.tensors[src].shape
+        shapes[name] = tuple(reversed(shape)) if name in transposed else shape
+    roles = _Roles(spec, dims, config, list(canonical))
+    _check_shapes(roles, shapes)
+    changes = _plan_changes(spec, dims, roles, shapes, kv_heads, method, seed)
+
+    def load(name: str):
+        tensor = weights.read(canonical[name])
+        return tensor.t() if name in transposed else tensor  # Conv1D (in, out) -> Linear (out, in)
+
+    def located(name: str) -> tuple[str, int]:
+        info = weights.tensors[canonical[name]]
+        return str(info.file), info.start
+
+    out: list[OutTensor] = []
+    for name in sorted(canonical, key=located):
+        src_dtype = weights.tensors[canonical[name]].dtype
+        target_dtype = _out_dtype(src_dtype, dtype)
+        change = changes.get(name, Change(name, shapes[name], "same", [name]))
+        if change is None:
             continue
-        shape = tuple(transform(meta_load).shape)
-        out.append(OutTensor(target, target_dtype, shape, _computed(transform, real_load, target_dtype, shape)))
-    new_config = output_config(config, spec, dims, kv_heads, dtype)
-    return Plan(out, new_config, {}, changed)
+        if change.op == "same" and name not in transposed and target_dtype == src_dtype:
+            out.append(OutTensor(name, src_dtype, shapes[name], partial(weights.copy_raw, canonical[name])))
+        else:
+            out.append(OutTensor(change.target, target_dtype, change.shape,
+                                 partial(_write_computed, change, load, target_dtype), computed=True))
+    changed = sorted(n for n, c in changes.items() if c is not None)
+    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), changed)
 
 
-def _computed(transform: Callable[[Loader], torch.Tensor], load: Loader, dtype: torch.dtype, shape: tuple):
-    def write(fh) -> None:
-        tensor = transform(load).to(dtype)
-        if tuple(tensor.shape) != shape:
-            raise RuntimeError(f"internal error: made shape {tuple(tensor.shape)}, planned {shape}")
-        write_tensor_bytes(tensor, fh)
-    return write
+def _write_computed(change: Change, load: Callable, dtype: str, out) -> None:
+    from convert import surgery  # torch is needed from here on only
+
+    tensor = getattr(surgery, change.op)(*(load(s) for s in change.sources), **change.kwargs)
+    tensor = tensor.to(torch_dtype(dtype))
+    if tuple(tensor.shape) != change.shape:
+        raise RuntimeError(f"internal error: {change.op} made shape {tuple(tensor.shape)}, planned {change.shape}")
+    write_tensor_bytes(tensor, out)
 
 
-def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: torch.dtype | None) -> dict:
+def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: str | None) -> dict:
     """The source's config.json with only the KV-head key(s) changed (and the dtype, when --dtype asks)."""
     new = copy.deepcopy(config)
     if spec.get("rename"):
@@ -311,7 +296,7 @@ def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: to
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in new:
-                new[key] = str(dtype).removeprefix("torch.")
+                new[key] = TENSOR_DTYPES[dtype][1]
     return new
 
 
@@ -325,10 +310,10 @@ def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims,
     params_before = sum(_numel(i.shape) for i in weights.tensors.values())
     params_after = sum(_numel(t.shape) for t in plan.tensors)
     # The KV cache holds activations in the model's float dtype.
-    src_dtype = next((i.dtype for i in weights.tensors.values() if i.dtype.is_floating_point), torch.float32)
-    out_dtype = next((t.dtype for t in plan.tensors if t.dtype.is_floating_point), src_dtype)
-    before = _kv_bytes(dims, dims.kv_heads, src_dtype.itemsize)
-    after = _kv_bytes(dims, kv_heads, out_dtype.itemsize)
+    src_dtype = next((i.dtype for i in weights.tensors.values() if i.dtype in FLOATS), "F32")
+    out_dtype = next((t.dtype for t in plan.tensors if t.dtype in FLOATS), src_dtype)
+    before = _kv_bytes(dims, dims.kv_heads, TENSOR_DTYPES[src_dtype][0])
+    after = _kv_bytes(dims, kv_heads, TENSOR_DTYPES[out_dtype][0])
     return {
         "tool": f"kvshrink {VERSION}",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -337,8 +322,8 @@ def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims,
         "family": family,
         "architecture": plan.config.get("architectures", [None])[0],
         "method": method,
-        "dtype_before": str(src_dtype).removeprefix("torch."),
-        "dtype_after": str(out_dtype).removeprefix("torch."),
+        "dtype_before": TENSOR_DTYPES[src_dtype][1],
+        "dtype_after": TENSOR_DTYPES[out_dtype][1],
         "layers": dims.layers,
         "heads": dims.heads,
         "head_dim": dims.head_dim,
@@ -351,7 +336,7 @@ def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims,
         "kv_cache_bytes_4k_context_after": after * 4096,
         "parameters_before": params_before,
         "parameters_after": params_after,
-        "changed_tensors": sorted(plan.changed),
+        "changed_tensors": plan.changed,
         "note": spec.get("note"),
         "tensor_bytes_after": sum(t.nbytes for t in plan.tensors),
     }
@@ -444,7 +429,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     dims = read_dims(config, spec)
     check_kv_heads(kv_heads, dims, family, spec)
     weights = open_weights(src_dir, allow_pickle)
-    plan = plan_conversion(weights, config, family, spec, dims, kv_heads, method, DTYPES[dtype], seed)
+    plan = plan_conversion(weights, config, spec, dims, kv_heads, method, DTYPES[dtype], seed)
     report = build_report(str(source), output, family, spec, dims, kv_heads, method, weights, plan)
     shards = shard_plan(plan.tensors, max_bytes)
     report["shards"] = len(shards)
@@ -457,8 +442,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         names = shard_names(len(shards))
         bar = _progress_bar(report["tensor_bytes_after"], progress)
         for shard, file in zip(shards, names):
-            write_shard(tmp / file, shard)
-            bar.update(sum(t.nbytes for t in shard))
+            write_shard(tmp / file, shard, bar.update)
         bar.close()
         if len(shards) > 1:
             write_index(tmp, shards, names)

@@ -39,10 +39,6 @@ def join(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """Inverse of ``split``: head blocks back into one fused tensor in ``layout``."""
     heads, head_dim, *rest = q.shape
     kv_heads = k.shape[0]
-    if q.is_meta:  # planning: shape only (meta cat/stack would import torch's compiler stack)
-        if layout not in ("contiguous", "grouped", "per_head"):
-            raise ValueError(f"unknown fused layout {layout!r}")
-        return q.new_empty((heads + 2 * kv_heads) * head_dim, *rest)
     if layout == "contiguous":
         return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
     if layout == "grouped":

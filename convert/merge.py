@@ -8,7 +8,10 @@ now reads target head h // (H/N).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: the converter plans without it
+    import torch
 
 METHODS = ("mean", "first", "random")
 
@@ -32,14 +35,14 @@ def merge_heads(heads: torch.Tensor, kv_heads: int, method: str, generator: torc
     """
     group = heads.shape[0] // kv_heads
     grouped = heads.float().reshape(kv_heads, group, *heads.shape[1:])  # (N, G/N, ...)
-    if heads.is_meta:
-        return grouped[:, 0]
     if method == "mean" or (method == "random" and is_norm):
         return grouped.mean(dim=1)
     if method == "first":
         return grouped[:, 0].clone()
     if method == "random":
         std = grouped.flatten(1).std(dim=1, correction=0)  # one scale per group
+        import torch
+
         noise = torch.randn(grouped[:, 0].shape, generator=generator, dtype=torch.float32)
         return noise * std.reshape(kv_heads, *([1] * (heads.dim() - 1)))
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

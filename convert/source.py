@@ -15,16 +15,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-
 from convert.errors import ConversionError
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype -> (bytes per element, torch name). Planning works on these names alone, so a
+# conversion can start copying before torch has finished importing.
+DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
 }
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name][1])
+
+
+def dtype_name(dtype) -> str:
+    """torch dtype -> safetensors name."""
+    label = str(dtype).removeprefix("torch.")
+    return next(name for name, (_, torch_name) in DTYPES.items() if torch_name == label)
 _MAX_HEADER = 100_000_000
 _CHUNK = 64 << 20
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
@@ -71,7 +84,7 @@ class TensorInfo:
     """Where one tensor lives: its file, dtype, shape and byte range in that file."""
 
     file: Path
-    dtype: torch.dtype
+    dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
     start: int = 0
     end: int = 0
@@ -104,13 +117,13 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     try:
         for name, entry in header.items():
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype = entry["dtype"]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
             numel = 1
             for d in shape:
                 numel *= d
-            if end - begin != numel * dtype.itemsize:
+            if end - begin != numel * DTYPES[dtype][0]:
                 raise ValueError(name)
             tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     except (KeyError, TypeError, ValueError):
@@ -139,7 +152,7 @@ def _shard_path(directory: Path, name: object, index_path: Path) -> Path:
 class WeightSource:
     """All tensors of a checkpoint, read lazily one at a time."""
 
-    def __init__(self, tensors: dict[str, TensorInfo], files: list[Path], pickled: dict[str, torch.Tensor] | None):
+    def __init__(self, tensors: dict[str, TensorInfo], files: list[Path], pickled: dict | None):
         self.tensors = tensors
         self.files = files
         self._pickled = pickled
@@ -148,8 +161,10 @@ class WeightSource:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str):
         """One tensor, in memory that this process owns."""
+        import torch
+
         if self._pickled is not None:
             return self._pickled[name].clone()
         info = self.tensors[name]
@@ -161,31 +176,37 @@ class WeightSource:
                 if got <= 0:
                     raise ConversionError(f"{info.file} is truncated")
                 done += got
+        dtype = torch_dtype(info.dtype)
         if not buffer:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
 
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         """Copy one tensor's bytes unchanged into ``out`` (kernel-side where the OS allows)."""
         if self._pickled is not None:
-            tensor = self._pickled[name].contiguous()
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            import torch
+
+            out.write(self._pickled[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             return
         info = self.tensors[name]
         out.flush()
+        end = out.tell() + info.nbytes
         with open(info.file, "rb") as fh:
             offset, left = info.start, info.nbytes
             while left:
+                size, position = min(left, _CHUNK), end - left
                 try:
-                    sent = os.copy_file_range(fh.fileno(), out.fileno(), min(left, _CHUNK), offset_src=offset)
-                except OSError:
+                    sent = os.copy_file_range(fh.fileno(), out.fileno(), size, offset, position)
+                except OSError:  # unsupported here (old kernel, odd filesystem): plain reads
                     sent = 0
-                if sent == 0:  # unsupported here (or cross-device quirk): plain reads
-                    out.write(os.pread(fh.fileno(), min(left, _CHUNK), offset))
-                    sent = min(left, _CHUNK)
+                if sent == 0:
+                    data = os.pread(fh.fileno(), size, offset)
+                    if not data:
+                        raise ConversionError(f"{info.file} is truncated")
+                    sent = os.pwrite(out.fileno(), data, position)
                 offset += sent
                 left -= sent
-        out.seek(0, os.SEEK_END)
+        out.seek(end)  # the writes above went past the buffered writer
 
 
 def _index_map(index_path: Path) -> dict[str, str]:
@@ -254,7 +275,9 @@ def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
             files = sorted({_shard_path(directory, f, bin_index) for f in weight_map.values()})
         else:
             weight_map, files = None, [bin_single]
-        pickled: dict[str, torch.Tensor] = {}
+        import torch
+
+        pickled = {}
         tensors, found = {}, {}
         for file in files:
             try:
@@ -263,7 +286,8 @@ def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
                 raise ConversionError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
             for name, tensor in state.items():
                 pickled[name], found[name] = tensor, file.name
-                tensors[name] = TensorInfo(file, tensor.dtype, tuple(tensor.shape), 0, tensor.numel() * tensor.element_size())
+                tensors[name] = TensorInfo(file, dtype_name(tensor.dtype), tuple(tensor.shape), 0,
+                                           tensor.numel() * tensor.element_size())
         if weight_map is not None:
             _check_against_index(weight_map, found, bin_index)
         return WeightSource(tensors, files, pickled)

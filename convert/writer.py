@@ -2,7 +2,9 @@
 
 Every output tensor's dtype and shape are known before the first byte is
 written, so each shard's header is written first and the tensors follow one at
-a time; nothing holds a whole shard in memory.
+a time; nothing holds a whole shard in memory. Tensors copied unchanged are
+written first, computed ones after (at their planned offsets), so copying runs
+while torch is still importing.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, BinaryIO
-
-import torch
+from typing import BinaryIO, Callable
 
 from convert.errors import ConversionError
-from convert.source import DTYPE_NAMES
+from convert.source import DTYPES
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -46,16 +46,17 @@ class OutTensor:
     """One tensor of the output: its name, dtype, shape, and how to produce its bytes."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors name
     shape: tuple[int, ...]
     write: Callable[[BinaryIO], None]
+    computed: bool = False  # needs torch (pooled, cast or transposed), as opposed to a byte copy
 
     @property
     def nbytes(self) -> int:
         numel = 1
         for d in self.shape:
             numel *= d
-        return numel * self.dtype.itemsize
+        return numel * DTYPES[self.dtype][0]
 
 
 def shard_plan(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
@@ -77,34 +78,39 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def write_shard(path: Path, tensors: list[OutTensor]) -> None:
+def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], object] = lambda n: None) -> None:
     """Write one safetensors file: the header, then each tensor's bytes as its producer makes them.
 
-    Tensors go largest item size first so every tensor starts aligned to its element size.
+    Tensors are laid out largest item size first, so each starts aligned to its element size;
+    byte copies are written before computed tensors, each at its planned offset.
     """
-    ordered = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+    ordered = sorted(tensors, key=lambda t: (-DTYPES[t.dtype][0], t.name))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
+    offsets, offset = {}, 0
     for tensor in ordered:
-        header[tensor.name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
                                "data_offsets": [offset, offset + tensor.nbytes]}
+        offsets[tensor.name] = offset
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    start = 8 + len(encoded)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        start = out.tell()
-        for tensor in ordered:
-            expected = out.tell() - start
+        for tensor in sorted(ordered, key=lambda t: t.computed):
+            out.seek(start + offsets[tensor.name])
             tensor.write(out)
-            if out.tell() - start != expected + tensor.nbytes:
-                raise RuntimeError(f"internal error: {tensor.name} wrote {out.tell() - start - expected} bytes, "
-                                   f"expected {tensor.nbytes}")
+            if out.tell() != start + offsets[tensor.name] + tensor.nbytes:
+                raise RuntimeError(f"internal error: {tensor.name} wrote {out.tell() - start - offsets[tensor.name]} "
+                                   f"bytes, expected {tensor.nbytes}")
+            progress(tensor.nbytes)
 
 
-def write_tensor_bytes(tensor: torch.Tensor, out: BinaryIO) -> None:
+def write_tensor_bytes(tensor, out: BinaryIO) -> None:
     """A CPU tensor's raw little-endian bytes."""
+    import torch
+
     out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 

@@ -192,7 +192,7 @@ def test_failure_midway_leaves_no_output(llama_dir, tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_write_shard(path, tensors):
+    def failing_write_shard(path, tensors, progress):
         calls.append(path)
         path.write_bytes(b"partial")
         raise KeyboardInterrupt
