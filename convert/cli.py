@@ -7,11 +7,11 @@ import importlib
 import shlex
 import sys
 import threading
-from typing import Any
 
 from convert.engine import DTYPES, convert_checkpoint
 from convert.errors import ConversionError
 from convert.families import supported
+from convert.report import format_report
 from convert.merge import METHODS
 
 
@@ -34,43 +34,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="accept pytorch_model.bin weights (loaded with weights_only=True)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --method random")
     return parser.parse_args(argv)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary printed at the end of a conversion."""
-    r = report
-    per_layer = {tuple(x) for x in r["kv_heads_per_layer"]}
-    layers = (f"all {r['layers']} layers: {r['kv_heads_before']} -> {r['kv_heads_after']}" if len(per_layer) == 1
-              else ", ".join(f"{i}: {a} -> {b}" for i, (a, b) in enumerate(r["kv_heads_per_layer"])))
-    ratio = r["kv_cache_bytes_per_token_before"] / r["kv_cache_bytes_per_token_after"]
-    lines = [
-        f"{'plan (dry run, nothing written)' if r['dry_run'] else 'converted'}: {r['source']} -> {r['output']}",
-        f"  family            {r['family']} -> {r['architecture']}, method {r['method']}, "
-        f"{r['dtype_before']} -> {r['dtype_after']}",
-        f"  KV heads          {layers} ({r['heads']} query heads, head_dim {r['head_dim']})",
-        f"  KV cache / token  {_bytes(r['kv_cache_bytes_per_token_before'])} -> "
-        f"{_bytes(r['kv_cache_bytes_per_token_after'])} ({ratio:.1f}x smaller)",
-        f"  KV cache, 4k ctx  {_bytes(r['kv_cache_bytes_4k_context_before'])} -> "
-        f"{_bytes(r['kv_cache_bytes_4k_context_after'])} (batch 1)",
-        f"  parameters        {r['parameters_before']:,} -> {r['parameters_after']:,}",
-        f"  tensors changed   {len(r['changed_tensors'])}",
-        f"  output size       {_bytes(r.get('output_bytes', r['tensor_bytes_after']))} in {r['shards']} shard(s)",
-        f"  time              {r['seconds']:.2f} s",
-    ]
-    if r["dry_run"]:
-        names = r["changed_tensors"]
-        lines.append(f"  would change      " + ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else ""))
-    if r.get("note"):
-        lines.append(f"  note              {r['note']}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

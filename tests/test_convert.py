@@ -210,3 +210,24 @@ def test_source_is_never_modified(llama_dir, tmp_path):
     before = snapshot()
     convert_checkpoint(llama_dir, tmp_path / "out", kv_heads=2, method="random")
     assert snapshot() == before
+
+
+@pytest.mark.parametrize("family", ["phi3", "falcon", "stablelm", "olmo2", "cohere", "starcoder2"])
+def test_identity_is_bit_equal_for_every_layout(family, tmp_path):
+    make_model(family, 4).save_pretrained(tmp_path / "src")
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=4)
+    before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert report["kv_heads_before"] == report["kv_heads_after"] == 4
+
+
+@pytest.mark.parametrize("family", ["phi3", "falcon", "stablelm", "cohere"])
+@pytest.mark.parametrize("method", ["first", "random"])
+def test_every_method_on_fused_and_normed_layouts_loads(family, method, tmp_path):
+    make_model(family, HEADS).save_pretrained(tmp_path / "src")
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method=method)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert report["changed_tensors"]

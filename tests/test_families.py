@@ -100,7 +100,8 @@ def test_gpt2_hub_names_without_prefix_and_mask_buffers(tmp_path):
 
     gpt2 = make_model("gpt2", HEADS)
     gpt2.save_pretrained(tmp_path / "ref")
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in gpt2.state_dict().items() if k != "lm_head.weight"}
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in gpt2.state_dict().items()
+             if k != "lm_head.weight"}
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     (tmp_path / "src").mkdir()
     save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
