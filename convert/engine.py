@@ -66,7 +66,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    src_dir = resolve_source(str(source))
+    src_dir = resolve_source(str(source), allow_pickle)
     output = Path(output)
     check_output(output, src_dir, overwrite)
     config = read_config(src_dir)

@@ -45,7 +45,7 @@ class Plan:
 
     tensors: list[OutTensor]
     config: dict[str, Any]
-    changed: list[str]  # source names of the tensors rewritten
+    changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -203,6 +203,8 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
         out_layout = spec["mqa"]["layout"]
     else:
         out_layout = spec.get("mha_layout", spec["layout"])
+    if kv_heads == dims.kv_heads and out_layout == spec["layout"]:
+        return {}  # the identity: every tensor is a byte copy
     common = dict(kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method, seed=seed)
     changes: dict[str, Change | None] = {}
     for name, (role, layer, head, param) in roles.of.items():
@@ -210,7 +212,7 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
         if role in ("k", "v"):
             changes[name] = Change(name, (kv_heads * d, *shape[1:]), "kv_rows", [name],
                                    dict(common, head_dim=d, name=name))
-        elif role == "qkv" and (out_layout != spec["layout"] or kv_heads != dims.kv_heads):
+        elif role == "qkv":
             changes[name] = Change(name, ((dims.heads + 2 * kv_heads) * d, *shape[1:]), "fused_qkv", [name],
                                    dict(common, layout=spec["layout"], out_layout=out_layout, heads=dims.heads,
                                         head_dim=d, name=name))
@@ -262,8 +264,7 @@ def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims,
         else:
             out.append(OutTensor(change.target, target_dtype, change.shape,
                                  partial(_write_computed, change, load, target_dtype), computed=True))
-    changed = sorted(n for n, c in changes.items() if c is not None)
-    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), changed)
+    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), sorted(changes))
 
 
 def _write_computed(change: Change, load: Callable, dtype: str, out) -> None:

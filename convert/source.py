@@ -43,7 +43,7 @@ _CHUNK = 64 << 20
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
 
 
-def resolve_source(source: str) -> Path:
+def resolve_source(source: str, allow_pickle: bool = False) -> Path:
     """A local checkpoint directory, or a hub id fetched with huggingface_hub when the network allows."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -56,6 +56,7 @@ def resolve_source(source: str) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        patterns += ["pytorch_model*.bin"] if allow_pickle else []
         return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

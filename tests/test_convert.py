@@ -219,7 +219,7 @@ def test_identity_is_bit_equal_for_every_layout(family, tmp_path):
     before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
-    assert report["kv_heads_before"] == report["kv_heads_after"] == 4
+    assert report["kv_heads_before"] == report["kv_heads_after"] == 4 and report["changed_tensors"] == []
 
 
 @pytest.mark.parametrize("family", ["phi3", "falcon", "stablelm", "cohere"])
@@ -231,3 +231,24 @@ def test_every_method_on_fused_and_normed_layouts_loads(family, method, tmp_path
     ids = torch.tensor([[5, 6, 7]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
     assert report["changed_tensors"]
+
+
+def test_mixed_dtypes_keep_their_dtypes_and_values(tmp_path):
+    """Norms in float32 beside bfloat16 matrices (and an int buffer): each tensor keeps its dtype."""
+    from safetensors.torch import save_file
+
+    model = make_model("llama", 4)
+    model.save_pretrained(tmp_path / "ref")
+    state = {k: (v if "norm" in k else v.to(torch.bfloat16)).contiguous() for k, v in model.state_dict().items()}
+    state["model.extra_counter"] = torch.arange(3, dtype=torch.int64)
+    (tmp_path / "src").mkdir()
+    save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "src" / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2)
+    after = _tensors(tmp_path / "out")
+    for name, tensor in state.items():
+        assert after[name].dtype == tensor.dtype, name
+        if ".k_proj." not in name and ".v_proj." not in name:
+            assert torch.equal(after[name], tensor), name
+    k = state["model.layers.0.self_attn.k_proj.weight"].float().reshape(2, 2, 8, 64).mean(1).reshape(16, 64)
+    assert torch.equal(after["model.layers.0.self_attn.k_proj.weight"], k.to(torch.bfloat16))
