@@ -1,0 +1,160 @@
+"""Text in, fixed-length token blocks out, through `datasets` (tokenized once, cached on disk).
+
+Documents are tokenized, each followed by EOS, joined, and cut into ``seq_len``
+blocks (the tail of each batch of 1000 documents that does not fill a block is
+dropped). Held-out eval documents are chosen by a hash of their index, so the
+split is the same in streaming and in-memory mode and for every run.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from uptrain.recipe import RecipeError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _local_files(entry: str) -> list[str] | None:
+    """The files an entry names (a glob, a file or a directory), or None when it is no local path."""
+    if any(c in entry for c in "*?["):
+        files = sorted(f for f in glob.glob(os.path.expanduser(entry), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise RecipeError(f"data file pattern {entry} matches no files")
+        return files
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+    if path.is_file():
+        return [str(path)]
+    if path.suffix in BUILDERS or entry.startswith((".", "/", "~")):
+        raise RecipeError(f"data file {entry} does not exist")
+    return None  # a datasets hub name
+
+
+def load_documents(entries: list[str], text_field: str, streaming: bool = False, hub_config: str | None = None,
+                   hub_split: str = "train"):
+    """One dataset with a single ``text_field`` column, from local files and/or hub dataset names."""
+    import datasets
+
+    parts = []
+    for entry in entries:
+        files = _local_files(entry)
+        if files is None:
+            try:
+                parts.append(datasets.load_dataset(entry, hub_config, split=hub_split, streaming=streaming))
+            except Exception as exc:
+                raise RecipeError(f"data {entry!r} is not a local file and could not be loaded from the hub "
+                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            continue
+        for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
+            if suffix not in BUILDERS:
+                raise RecipeError(f"data file {next(group)} has an unsupported type; use {', '.join(BUILDERS)}")
+            builder = BUILDERS[suffix]
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            part = datasets.load_dataset(builder, data_files=list(group), split="train", streaming=streaming, **kwargs)
+            if builder == "text" and text_field != "text":
+                part = part.rename_column("text", text_field)
+            parts.append(part)
+    for part, entry in zip(parts, entries):
+        columns = part.column_names or []
+        if text_field not in columns:
+            raise RecipeError(f"data {entry} has no column {text_field!r} (columns: {', '.join(columns)}); "
+                              "set data.text_field")
+    parts = [p.select_columns([text_field]) for p in parts]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _is_eval(index: int, fraction: float, seed: int) -> bool:
+    return ((index * 2654435761 + seed * 97) % 2**32) / 2**32 < fraction
+
+
+def split_documents(docs, fraction: float, seed: int):
+    """(train, eval) documents: each document goes to eval with probability `fraction`, by its index."""
+    train = docs.filter(lambda _, i: not _is_eval(i, fraction, seed), with_indices=True)
+    held = docs.filter(lambda _, i: _is_eval(i, fraction, seed), with_indices=True)
+    return train, held
+
+
+def pack(docs, tokenizer, text_field: str, seq_len: int):
+    """Documents -> ``input_ids`` blocks of exactly seq_len tokens, EOS after each document."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise RecipeError("the tokenizer has no EOS token to join documents with")
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] for x in ids]}
+
+    def blocks(batch: dict[str, list]) -> dict[str, list]:
+        flat = list(itertools.chain.from_iterable(batch["ids"]))
+        usable = len(flat) // seq_len * seq_len
+        return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokenized = docs.map(tokenize, batched=True, remove_columns=[text_field])
+    return tokenized.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"])
+
+
+def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
+    """(train blocks, eval blocks) for a recipe; eval is capped at eval.max_tokens."""
+    d = recipe.data
+    docs = load_documents(d.train, d.text_field, d.streaming, d.hub_config, d.hub_split)
+    if d.eval:
+        train_docs = docs
+        eval_docs = load_documents(d.eval, d.text_field, d.streaming, d.hub_config, d.hub_split)
+    else:
+        train_docs, eval_docs = split_documents(docs, d.eval_fraction, recipe.train.seed)
+    train = pack(train_docs, tokenizer, d.text_field, d.seq_len)
+    evals = pack(eval_docs, tokenizer, d.text_field, d.seq_len)
+    eval_blocks = max(1, recipe.eval.max_tokens // d.seq_len)
+    if d.streaming:
+        evals = evals.take(eval_blocks)
+    else:
+        evals = evals.select(range(min(eval_blocks, len(evals))))
+        if len(train) == 0:
+            raise RecipeError(f"data.train gives no block of {d.seq_len} tokens: the data is empty or shorter "
+                              "than data.seq_len")
+        if len(evals) == 0:
+            raise RecipeError(f"the eval data gives no block of {d.seq_len} tokens; add data or lower data.seq_len")
+    return train.with_format("torch"), evals.with_format("torch")
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows])}
+
+
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
+    """Epoch `epoch`'s loader: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        shuffled = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
+        return torch.utils.data.DataLoader(shuffled, batch_size=batch_size, collate_fn=collate)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
+                                       collate_fn=collate, drop_last=True)
+
+
+def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int = 0) -> Iterator[dict]:
+    """Micro-batches forever (epoch after epoch), starting after `start` batches already consumed."""
+    epoch = 0
+    while True:
+        loader = accelerator.prepare_data_loader(epoch_loader(dataset, batch_size, seed, epoch))
+        try:
+            per_epoch = len(loader)
+        except TypeError:
+            per_epoch = None
+        if per_epoch == 0:
+            raise RecipeError("an epoch has no full micro-batch: lower train.micro_batch_size or add data")
+        if per_epoch is not None and start >= per_epoch:
+            start -= per_epoch
+        else:
+            if start:
+                loader = accelerator.skip_first_batches(loader, start)
+                start = 0
+            yield from loader
+        epoch += 1

@@ -1,0 +1,225 @@
+"""Uptraining recipes: YAML files validated into dataclasses, with dotted ``key=value`` overrides.
+
+Every key is checked: an unknown or mistyped one is an error that lists the valid
+keys of its section, and every value must have the declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(Exception):
+    """A recipe that cannot run: printed on one line, exit code 2."""
+
+
+@dataclass
+class ConvertStep:
+    """Convert ``source`` first (into OUTPUT_DIR/converted) and train the result."""
+
+    source: str
+    kv_heads: int
+    method: str = "mean"
+
+
+@dataclass
+class Data:
+    train: list[str]
+    eval: list[str] | None = None
+    eval_fraction: float = 0.01
+    text_field: str = "text"
+    seq_len: int = 1024
+    streaming: bool = False
+    hub_config: str | None = None  # for a datasets hub name: its config
+    hub_split: str = "train"  # ... and split
+
+
+@dataclass
+class Train:
+    max_steps: int | None = 1000
+    max_tokens: int | None = None
+    micro_batch_size: int = 4
+    grad_accum: int = 8
+    lr: float = 1.0e-4
+    min_lr: float = 1.0e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    trainable: str = "all"
+    seed: int = 0
+
+
+@dataclass
+class Distill:
+    weight: float = 0.0
+    temperature: float = 1.0
+
+
+@dataclass
+class Eval:
+    every_steps: int = 200
+    max_tokens: int = 200_000
+
+
+@dataclass
+class Save:
+    every_steps: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class Log:
+    every_steps: int = 10
+    tracker: str = "none"
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    data: Data
+    model: str | None = None
+    convert: ConvertStep | None = None
+    teacher: str | None = None
+    resume: str = "auto"
+    train: Train = field(default_factory=Train)
+    distill: Distill = field(default_factory=Distill)
+    eval: Eval = field(default_factory=Eval)
+    save: Save = field(default_factory=Save)
+    log: Log = field(default_factory=Log)
+
+
+CHOICES = {
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.trainable": ("all", "attention", "kv"),
+    "log.tracker": ("none", "tensorboard", "wandb"),
+    "convert.method": ("mean", "first", "random"),
+}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Check (and lightly coerce: int -> float) a YAML value against a dataclass field type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _check_type(value, option, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise RecipeError(f"unknown recipe key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: "
+                          f"{', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in raw:
+            values[name] = _check_type(raw[name], hints[name], key)
+            if key in CHOICES and values[name] not in CHOICES[key]:
+                raise RecipeError(f"{key}: {values[name]!r} is not one of {', '.join(CHOICES[key])}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"recipe needs {key}")
+    return cls(**values)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``train.lr=2e-4``).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} is not key=value (for example train.lr=2e-4)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    recipe = _build(Recipe, raw, "")
+    _check_consistency(recipe)
+    return recipe
+
+
+def _check_consistency(r: Recipe) -> None:
+    if (r.model is None) == (r.convert is None):
+        raise RecipeError("recipe needs exactly one of model (a converted checkpoint) or convert {source, kv_heads}")
+    t = r.train
+    if (t.max_steps is None) == (t.max_tokens is None):
+        raise RecipeError("set exactly one of train.max_steps or train.max_tokens (the other to null)")
+    positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+                "data.seq_len": r.data.seq_len, "eval.every_steps": r.eval.every_steps,
+                "save.every_steps": r.save.every_steps, "save.keep_last": r.save.keep_last,
+                "log.every_steps": r.log.every_steps, "train.max_steps": t.max_steps or 1,
+                "train.max_tokens": t.max_tokens or 1, "train.lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{key} must be positive, got {value}")
+    if not 0 <= r.distill.weight <= 1:
+        raise RecipeError(f"distill.weight must be in [0, 1], got {r.distill.weight}")
+    if r.distill.weight > 0 and r.teacher is None:
+        raise RecipeError("distill.weight > 0 needs a teacher model")
+    if r.distill.temperature <= 0:
+        raise RecipeError("distill.temperature must be positive")
+    if not 0 < r.data.eval_fraction < 1 and r.data.eval is None:
+        raise RecipeError("data.eval_fraction must be in (0, 1) when data.eval is not given")
+    if t.min_lr > t.lr:
+        raise RecipeError(f"train.min_lr {t.min_lr} is above train.lr {t.lr}")
+    if not r.data.train:
+        raise RecipeError("data.train lists no files")

@@ -1,0 +1,349 @@
+"""The uptraining loop, in accelerate's order: Accelerator, data, model, optimizer, scheduler, prepare, loop.
+
+One optimizer step consumes a window of ``grad_accum`` micro-batches per process.
+The loss of a window is the sum of per-token losses divided by the tokens of the
+whole window on all processes, so every token weighs the same whatever the
+accumulation or process count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uptrain import checkpoints, data
+from uptrain.recipe import Recipe, RecipeError
+
+
+class TrainingError(Exception):
+    """The run stopped (non-finite loss, out of memory): printed on one line, exit code 1."""
+
+
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of a (B, T) block: positions 0..T-2 predict 1..T-1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed per-token KL(teacher || student) of the softened distributions, times T^2 (Hinton et al.)."""
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum() * temperature**2
+
+
+def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
+    """Linear warmup to train.lr, then cosine down to train.min_lr at the last step (a multiplier of lr)."""
+    t = recipe.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    floor = t.min_lr / t.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict[str, float]:
+    """Mean next-token loss and perplexity over the eval blocks, summed across processes."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    for batch in loader:
+        ids = batch["input_ids"]
+        loss += token_losses(model(input_ids=ids).logits, ids).double()
+        tokens += ids[:, 1:].numel()
+    loss, tokens = accelerator.reduce(loss, "sum"), accelerator.reduce(tokens, "sum")
+    model.train(was_training)
+    mean = (loss / tokens).item()
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700))}
+
+
+def _precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(name, name)
+
+
+def _model_path(recipe: Recipe, accelerator) -> str:
+    """The student: recipe.model, or recipe.convert's source converted once into OUTPUT_DIR/converted."""
+    if recipe.model:
+        return recipe.model
+    from convert import ConversionError, convert_checkpoint
+
+    target = Path(recipe.output_dir) / "converted"
+    if accelerator.is_main_process and not (target / "conversion.json").exists():
+        c = recipe.convert
+        try:
+            convert_checkpoint(c.source, target, kv_heads=c.kv_heads, method=c.method, overwrite=True)
+        except ConversionError as exc:
+            raise RecipeError(f"convert: {exc}") from None
+    accelerator.wait_for_everyone()
+    return str(target)
+
+
+def _load_model(path: str, what: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot load the {what} {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _set_trainable(model, mode: str) -> int:
+    """Freeze all but the attention (or only K/V) projections; returns the trainable parameter count."""
+    if mode != "all":
+        from convert.families import resolve
+
+        _, spec = resolve(model.config.to_dict())
+        roles = {"attention": ("q", "k", "v", "o", "qkv", "k_norm", "k_norm_per_head"), "kv": ("k", "v")}[mode]
+        if mode == "kv" and "qkv" in spec["tensors"]:
+            raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
+                              "(use attention)")
+        modules = [spec["tensors"][r].split(".{head}")[0] for r in roles if r in spec["tensors"]]
+        prefix = spec["attention"].split(".{layer}")[0]
+        for name, p in model.named_parameters():
+            inside = name.startswith(prefix) and any(f".{m}." in name for m in modules)
+            p.requires_grad_(inside)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _check_inputs(recipe: Recipe, model, teacher) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and recipe.data.seq_len > limit:
+        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is beyond the model's {limit} positions")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise RecipeError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
+                          f"({model.config.vocab_size}); distillation needs the same tokenizer")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            kept = [line for line in self.read() if line["step"] <= resume_step] if resume_step else []
+            path.write_text("".join(json.dumps(x) + "\n" for x in kept))
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def run(recipe: Recipe) -> dict[str, Any]:
+    """Train as the recipe says; returns the summary (also printed by the CLI)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from transformers import AutoTokenizer
+
+    out = Path(recipe.output_dir)
+    t = recipe.train
+    if recipe.log.tracker != "none":
+        try:
+            __import__({"tensorboard": "tensorboard", "wandb": "wandb"}[recipe.log.tracker])
+        except ImportError:
+            raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
+    accelerator = Accelerator(
+        mixed_precision=_precision(t.precision),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
+        log_with=None if recipe.log.tracker == "none" else recipe.log.tracker,
+        project_dir=str(out),
+        step_scheduler_with_optimizer=False,
+    )
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoints.find_resume(out, recipe.resume)
+    set_seed(t.seed)
+
+    # Data
+    model_path = _model_path(recipe, accelerator)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"the model {model_path} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+    with accelerator.main_process_first():  # one process tokenizes, the others read the cache
+        train_set, eval_set = data.build_datasets(recipe, tokenizer)
+
+    # Model (and teacher)
+    model = _load_model(model_path, "model")
+    source_dtype = next(model.parameters()).dtype
+    model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
+    teacher = _load_model(recipe.teacher, "teacher") if recipe.teacher else None
+    _check_inputs(recipe, model, teacher)
+    trainable = _set_trainable(model, t.trainable)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+
+    # Optimizer, scheduler
+    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
+    total_steps = t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=accelerator.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
+
+    # Prepare
+    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
+    model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
+    start_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        start_step = checkpoints.read_state(resume_from)["step"]
+    if recipe.log.tracker != "none":
+        accelerator.init_trackers(out.name, config=json.loads(json.dumps(asdict(recipe))))
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
+    if main:
+        print(f"uptrain: {model_path} -> {out}: {total_steps} steps of {tokens_per_step:,} tokens, "
+              f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) on "
+              f"{accelerator.device.type}, precision {accelerator.mixed_precision}"
+              + (f", resuming from {resume_from.name}" if resume_from else ""))
+
+    # Loop
+    loop = _Loop(recipe, accelerator, model, teacher, optimizer, scheduler, eval_loader, metrics, total_steps,
+                 tokens_per_step)
+    batches = data.train_batches(train_set, t.micro_batch_size, t.seed, accelerator, start=start_step * t.grad_accum)
+    summary = loop.train(batches, start_step)
+
+    final = out / "final"
+    checkpoints.save_final(accelerator, model, tokenizer, model_path, final, source_dtype)
+    accelerator.end_training()
+    if main:
+        from uptrain.plot import plot_metrics
+
+        plot_metrics(metrics.read(), out / "training.png")
+        summary.update(final=str(final), plot=str(out / "training.png"))
+    return summary
+
+
+class _Loop:
+    """The optimizer-step loop with its logging, evaluation and checkpoints."""
+
+    def __init__(self, recipe, accelerator, model, teacher, optimizer, scheduler, eval_loader, metrics,
+                 total_steps, tokens_per_step):
+        self.r, self.acc, self.model, self.teacher = recipe, accelerator, model, teacher
+        self.optimizer, self.scheduler, self.eval_loader, self.metrics = optimizer, scheduler, eval_loader, metrics
+        self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
+        self.step, self.grad_norm = 0, float("nan")
+
+    def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
+        acc, r = self.acc, self.r
+        tokens = torch.tensor(sum(b["input_ids"][:, 1:].numel() for b in window), device=acc.device,
+                              dtype=torch.float64)
+        tokens = acc.reduce(tokens, "sum")
+        total = torch.zeros((), device=acc.device, dtype=torch.float64)
+        ce_total = torch.zeros_like(total)
+        w = r.distill.weight
+        for batch in window:
+            with acc.accumulate(self.model):
+                ids = batch["input_ids"]
+                logits = self.model(input_ids=ids).logits
+                ce = token_losses(logits, ids)
+                loss = ce
+                if w > 0:
+                    with torch.no_grad(), acc.autocast():
+                        teacher_logits = self.teacher(input_ids=ids).logits
+                    loss = (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature)
+                # DDP averages gradients over processes; scale so the result is the global per-token mean.
+                acc.backward(loss * acc.num_processes / tokens.float())
+                total += loss.detach().double()
+                ce_total += ce.detach().double()
+                if acc.sync_gradients:
+                    self.check_finite(acc.reduce(total.clone(), "sum") / tokens)
+                    self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(total, "sum") / tokens, acc.reduce(ce_total, "sum") / tokens
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            last = checkpoints.newest(Path(self.r.output_dir))
+            keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; stopped before the update; "
+                                f"{keep}. Lower train.lr or check the data")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def eval_now(self) -> dict[str, float]:
+        result = evaluate(self.model, self.eval_loader, self.acc)
+        self.log({"step": self.step, "tokens": self.step * self.tokens_per_step, **result})
+        return result
+
+    def train(self, batches, start_step: int) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        r, acc = self.r, self.acc
+        self.step = start_step
+        first_eval = next((m for m in self.metrics.read() if "eval_ppl" in m), None)
+        if self.step == 0 or first_eval is None:
+            first_eval = self.eval_now()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, desc="uptrain",
+                   unit="step")
+        started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
+        last_eval, trained_tokens = None, 0
+        try:
+            while self.step < self.total_steps:
+                window = [next(batches) for _ in range(r.train.grad_accum)]
+                loss, ce = self.window_loss(window)
+                self.scheduler.step()
+                self.step += 1
+                trained_tokens += self.tokens_per_step
+                interval_tokens += self.tokens_per_step
+                if self.step % r.log.every_steps == 0 or self.step == self.total_steps:
+                    now = time.perf_counter()
+                    record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.item(),
+                              "ce": ce.item(), "lr": self.scheduler.get_last_lr()[0],
+                              "grad_norm": float(self.grad_norm), "tokens_per_s": interval_tokens / (now - interval_start)}
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:,.0f}")
+                    interval_start, interval_tokens = now, 0
+                if self.step % r.eval.every_steps == 0 or self.step == self.total_steps:
+                    last_eval = self.eval_now()
+                    self.model.train()
+                if self.step % r.save.every_steps == 0 or self.step == self.total_steps:
+                    checkpoints.save(acc, Path(r.output_dir), self.step, r.save.keep_last)
+                bar.update(1)
+        except torch.OutOfMemoryError:
+            raise TrainingError(
+                f"out of GPU memory at train.micro_batch_size={r.train.micro_batch_size}, data.seq_len="
+                f"{r.data.seq_len}: lower train.micro_batch_size (raise train.grad_accum to keep the batch), "
+                "set train.gradient_checkpointing=true, or shorten data.seq_len") from None
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - started
+        last_eval = last_eval or first_eval
+        return {"eval_ppl_before": first_eval["eval_ppl"], "eval_ppl_after": last_eval["eval_ppl"],
+                "steps": self.step, "tokens": self.step * self.tokens_per_step, "seconds": seconds,
+                "tokens_per_s": trained_tokens / seconds if seconds else 0.0}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    rows = [("eval perplexity before", f"{summary['eval_ppl_before']:.2f}"),
+            ("eval perplexity after", f"{summary['eval_ppl_after']:.2f}"),
+            ("steps", f"{summary['steps']:,}"), ("tokens trained", f"{summary['tokens']:,}"),
+            ("time (this run)", f"{summary['seconds']:.1f} s"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("final checkpoint", summary.get("final", "")), ("plot", summary.get("plot", ""))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
