@@ -56,9 +56,16 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
         for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
             if suffix not in BUILDERS:
                 raise RecipeError(f"data file {next(group)} has an unsupported type; use {', '.join(BUILDERS)}")
-            builder = BUILDERS[suffix]
+            builder, group = BUILDERS[suffix], list(group)
+            empty = [f for f in group if os.path.getsize(f) == 0]
+            if empty:
+                raise RecipeError(f"data file {empty[0]} is empty")
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            part = datasets.load_dataset(builder, data_files=list(group), split="train", streaming=streaming, **kwargs)
+            try:
+                part = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming, **kwargs)
+            except Exception as exc:  # a malformed json/csv/parquet file
+                cause = exc.__cause__ or exc
+                raise RecipeError(f"cannot read data file(s) {', '.join(group)}: {str(cause).splitlines()[0]}") from None
             if builder == "text" and text_field != "text":
                 part = part.rename_column("text", text_field)
             parts.append(part)

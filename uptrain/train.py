@@ -158,6 +158,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         except ImportError:
             raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
         mixed_precision=_precision(t.precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         log_with=None if recipe.log.tracker == "none" else recipe.log.tracker,

@@ -1,0 +1,159 @@
+"""Uptraining on real text with a tiny model: quality recovers, resume is exact, distillation, processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from convert import convert_checkpoint
+from textlm import make_lm, train_tokenizer, write_corpus
+from uptrain.recipe import load_recipe
+from uptrain.train import distill_kl, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(train.txt, eval.txt, MHA teacher dir, its MQA conversion)."""
+    root = tmp_path_factory.mktemp("uptrain")
+    train, held = write_corpus(root / "text")
+    tokenizer = train_tokenizer(train)
+    mha = make_lm(root / "mha", tokenizer, kv_heads=4)
+    mqa = root / "mqa"
+    convert_checkpoint(mha, mqa, kv_heads=1)
+    return train, held, mha, mqa
+
+
+def write_recipe(path: Path, setup, output: Path, **sections) -> Path:
+    train, held, _, mqa = setup
+    recipe = {
+        "model": str(mqa),
+        "output_dir": str(output),
+        "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
+        "train": {"max_steps": 30, "micro_batch_size": 8, "grad_accum": 2, "lr": 3.0e-3, "min_lr": 3.0e-4,
+                  "warmup_steps": 5},
+        "eval": {"every_steps": 10, "max_tokens": 8192},
+        "save": {"every_steps": 10, "keep_last": 2},
+        "log": {"every_steps": 5},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            recipe.setdefault(section, {}).update(values)
+        else:
+            recipe[section] = values
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_loss_and_perplexity_fall_and_final_checkpoint_loads(setup, tmp_path):
+    out = tmp_path / "run"
+    summary = run(load_recipe(write_recipe(tmp_path / "r.yaml", setup, out)))
+    assert summary["eval_ppl_after"] < 0.6 * summary["eval_ppl_before"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] - 0.3
+    for r in records:
+        assert {"step", "tokens"} <= set(r) and ("loss" in r) != ("eval_ppl" in r)
+        if "loss" in r:
+            assert {"lr", "tokens_per_s"} <= set(r)
+    assert [r["step"] for r in records if "eval_ppl" in r] == [0, 10, 20, 30]
+    assert (out / "training.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-20", "step-30"]
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.num_key_value_heads == 1
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+    assert (out / "final" / "config.json").read_text() == (setup[3] / "config.json").read_text()
+    assert (out / "final" / "tokenizer.json").exists()
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_kill_and_resume_matches_uninterrupted_run(setup, tmp_path):
+    """SIGKILL once step 20's checkpoint exists, resume: same final weights as a run never stopped."""
+    common = dict(train={"max_steps": 40}, save={"every_steps": 10, "keep_last": 5}, eval={"every_steps": 20})
+    straight = tmp_path / "straight"
+    run(load_recipe(write_recipe(tmp_path / "a.yaml", setup, straight, **common)))
+    killed = tmp_path / "killed"
+    recipe = write_recipe(tmp_path / "b.yaml", setup, killed, **common)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "uptrain", str(recipe)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-20" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 20"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    done = subprocess.run([sys.executable, "-m", "uptrain", str(recipe)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from step-" in done.stdout
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), atol=1e-4, rtol=0), name
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set((s, i) for i, s in enumerate(steps)))
+
+
+def test_kl_is_zero_for_identical_models_and_positive_otherwise():
+    logits = torch.randn(2, 7, 11)
+    assert distill_kl(logits, logits.clone(), 2.0).abs().item() < 1e-5
+    assert distill_kl(logits, torch.randn(2, 7, 11), 2.0).item() > 0.1
+
+
+def test_distillation_from_the_mha_original_trains(setup, tmp_path):
+    out = tmp_path / "distill"
+    recipe = write_recipe(tmp_path / "d.yaml", setup, out, teacher=str(setup[2]),
+                          distill={"weight": 0.5, "temperature": 2.0}, train={"max_steps": 10})
+    summary = run(load_recipe(recipe))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
+    assert any(abs(r["loss"] - 0.5 * r["ce"]) > 1e-3 for r in logged)  # the KL term is really in the loss
+    assert summary["eval_ppl_after"] < summary["eval_ppl_before"]
+
+
+def test_teacher_equal_to_student_adds_no_kl(setup, tmp_path):
+    out = tmp_path / "self"
+    recipe = write_recipe(tmp_path / "s.yaml", setup, out, teacher=str(setup[3]),
+                          distill={"weight": 0.5, "temperature": 1.0}, train={"max_steps": 1}, log={"every_steps": 1})
+    run(load_recipe(recipe))
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "loss" in r)
+    assert first["loss"] == pytest.approx(0.5 * first["ce"], rel=1e-5)
+
+
+def test_two_processes_through_accelerate_launch(setup, tmp_path):
+    out = tmp_path / "ddp"
+    recipe = write_recipe(tmp_path / "p.yaml", setup, out, train={"max_steps": 6}, eval={"every_steps": 3},
+                          save={"every_steps": 3})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
+                           "-m", "uptrain", str(recipe)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    single = tmp_path / "single"
+    run(load_recipe(write_recipe(tmp_path / "one.yaml", setup, single, train={"max_steps": 2})))
+    assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (single / "final").iterdir())
+    a, b = _final_weights(out), _final_weights(single)
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.num_key_value_heads == 1
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # 2 processes x 8 blocks x 2 accumulation x 64 tokens per step
+    assert [r["tokens"] for r in records if "loss" in r][-1] == 6 * 2 * 8 * 2 * 64
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
