@@ -157,3 +157,15 @@ def test_two_processes_through_accelerate_launch(setup, tmp_path):
     # 2 processes x 8 blocks x 2 accumulation x 64 tokens per step
     assert [r["tokens"] for r in records if "loss" in r][-1] == 6 * 2 * 8 * 2 * 64
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
+
+
+def test_convert_step_and_streaming_data(setup, tmp_path):
+    """`convert:` converts the MHA source first; `streaming: true` trains from a stream of the same files."""
+    out = tmp_path / "stream"
+    recipe = write_recipe(tmp_path / "c.yaml", setup, out, model=None,
+                          convert={"source": str(setup[2]), "kv_heads": 2, "method": "mean"},
+                          data={"streaming": True}, train={"max_steps": 12}, eval={"every_steps": 6})
+    summary = run(load_recipe(recipe))
+    assert (out / "converted" / "conversion.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_key_value_heads == 2
+    assert summary["eval_ppl_after"] < summary["eval_ppl_before"]

@@ -163,5 +163,11 @@ def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int =
             if start:
                 loader = accelerator.skip_first_batches(loader, start)
                 start = 0
-            yield from loader
+            yielded = 0
+            for batch in loader:
+                yielded += 1
+                yield batch
+            if not yielded and per_epoch is None:  # a stream with no full micro-batch would loop forever
+                raise RecipeError("the training stream has no full micro-batch: add data or lower "
+                                  "train.micro_batch_size / data.seq_len")
         epoch += 1

@@ -27,8 +27,13 @@ class TrainingError(Exception):
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of a (B, T) block: positions 0..T-2 predict 1..T-1."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+    """Summed next-token cross-entropy of a (B, T) block: positions 0..T-2 predict 1..T-1.
+
+    The labels are shifted (and the last position ignored) rather than the logits sliced, which
+    would copy a (B, T, vocab) tensor.
+    """
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -190,8 +195,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if teacher is not None:
-        teacher.to(accelerator.device).eval().requires_grad_(False)
+    if teacher is not None:  # the student's compute dtype, on its device, frozen
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+        teacher.to(accelerator.device, compute).eval().requires_grad_(False)
 
     # Optimizer, scheduler
     tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes

@@ -1,0 +1,154 @@
+"""Training throughput of `python -m uptrain`'s loop against transformers' Trainer, side by side.
+
+    python bench/uptrain_throughput.py                 # CPU (fp32), a 12M-parameter MQA Llama
+    python bench/uptrain_throughput.py --hidden 2048 --layers 16 --heads 32 --seq-len 2048 --micro-batch 4
+
+Both train the same model (random init, the same converted MQA checkpoint), on the same packed
+blocks of real text (Python's documentation), with the same micro-batch, accumulation, optimizer
+(AdamW), schedule and precision (bf16 on a GPU that has it, else fp32). Each runs in its own
+process, alternately, `--repeats` times; tokens/s is measured between the first and the last
+optimizer step after `--warmup` steps, from per-step timestamps, and the median is printed.
+On a GPU the model FLOPs utilization is printed too (6 N tokens/s plus attention, over the peak
+given by --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+
+
+def build(work: Path, args) -> tuple[Path, Path]:
+    """A converted MQA model with a trained tokenizer, and the training text."""
+    from textlm import train_tokenizer, write_corpus
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert import convert_checkpoint
+
+    train, _ = write_corpus(work / "text")
+    tokenizer = train_tokenizer(train, vocab_size=args.vocab)
+    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64 or 64,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                         vocab_size=len(tokenizer), max_position_embeddings=max(2048, args.seq_len),
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(work / "mha")
+    tokenizer.save_pretrained(work / "mha")
+    convert_checkpoint(work / "mha", work / "mqa", kv_heads=1)
+    return work / "mqa", train
+
+
+def ours(work: Path, model: Path, text: Path, args) -> dict:
+    import yaml
+
+    recipe = {"model": str(model), "output_dir": str(work / "ours"), "resume": "never",
+              "data": {"train": [str(text)], "eval": [str(text)], "seq_len": args.seq_len},
+              "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
+                        "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
+              "eval": {"every_steps": args.steps, "max_tokens": args.seq_len},
+              "save": {"every_steps": args.steps, "keep_last": 1},
+              "log": {"every_steps": 1}}
+    path = work / "ours.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    shutil.rmtree(work / "ours", ignore_errors=True)  # each repeat starts fresh
+    subprocess.run([sys.executable, "-m", "uptrain", str(path)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    # metrics.jsonl logs every step with the interval's tokens/s; the time of step i is the sum of
+    # the intervals up to it.
+    records = [json.loads(x) for x in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r][args.warmup:]
+    seconds = sum(args.tokens_per_step / r["tokens_per_s"] for r in steps[1:])
+    return {"tokens_per_s": (len(steps) - 1) * args.tokens_per_step / seconds}
+
+
+def trainer(work: Path, model_path: Path, text: Path, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from uptrain import data
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    blocks = data.pack(data.load_documents([str(text)], "text"), tokenizer, "text", args.seq_len)
+    blocks = blocks.map(lambda b: {"labels": b["input_ids"]}, batched=True)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    targs = TrainingArguments(
+        output_dir=str(work / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-4, lr_scheduler_type="cosine",
+        warmup_steps=2, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10**6,
+        save_strategy="no", eval_strategy="no", report_to=[], bf16=bf16, dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(), seed=0)
+    Trainer(model=model, args=targs, train_dataset=blocks, callbacks=[Stamp()]).train()
+    stamps = stamps[args.warmup:]
+    return {"tokens_per_s": (len(stamps) - 1) * args.tokens_per_step / (stamps[-1] - stamps[0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    parser.add_argument("--one", nargs=3, metavar=("WHICH", "WORK", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.tokens_per_step = args.micro_batch * args.grad_accum * args.seq_len
+    if args.one:
+        which, work, model = args.one
+        work = Path(work)
+        result = {"ours": ours, "trainer": trainer}[which](work, Path(model), work / "text" / "train.txt", args)
+        print(json.dumps(result))
+        return
+    work = Path(tempfile.mkdtemp(prefix="uptrain-bench-"))
+    model, _ = build(work, args)
+    results: dict[str, list[float]] = {"uptrain loop": [], "transformers Trainer": []}
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for _ in range(args.repeats):
+        for name, which in (("uptrain loop", "ours"), ("transformers Trainer", "trainer")):
+            out = subprocess.run([sys.executable, __file__, "--one", which, str(work), str(model), *sys.argv[1:]],
+                                 check=True, capture_output=True, text=True, env=env).stdout
+            results[name].append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+    from transformers import AutoConfig
+
+    import torch
+
+    config = AutoConfig.from_pretrained(model)
+    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(config).parameters())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"\n{params / 1e6:.1f}M-parameter MQA Llama, seq_len {args.seq_len}, micro-batch {args.micro_batch} x "
+          f"accumulation {args.grad_accum}, {args.steps} steps ({args.warmup} warm-up), median of {args.repeats}; "
+          f"{device}")
+    base = statistics.median(results["transformers Trainer"])
+    for name, values in results.items():
+        tps = statistics.median(values)
+        line = f"  {name:<22} {tps:12,.0f} tokens/s  ({tps / base:.2f}x Trainer; runs: " + \
+               ", ".join(f"{v:,.0f}" for v in values) + ")"
+        if torch.cuda.is_available():
+            flops = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq_len
+            line += f"  MFU {tps * flops / (args.peak_tflops * 1e12):.1%}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
