@@ -204,7 +204,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     total_steps = t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
 
     # Prepare
