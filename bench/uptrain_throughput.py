@@ -6,8 +6,9 @@
 Both train the same model (random init, the same converted MQA checkpoint), on the same packed
 blocks of real text (Python's documentation), with the same micro-batch, accumulation, optimizer
 (AdamW), schedule and precision (bf16 on a GPU that has it, else fp32). Each runs in its own
-process, alternately, `--repeats` times; tokens/s is measured between the first and the last
-optimizer step after `--warmup` steps, from per-step timestamps, and the median is printed.
+process, alternately, `--repeats` times; tokens/s is measured from the end of step `--warmup` to
+the last step (the Trainer from per-step callback timestamps, the uptrain loop from its own
+metrics.jsonl, logged every `--warmup` steps), and the median is printed.
 On a GPU the model FLOPs utilization is printed too (6 N tokens/s plus attention, over the peak
 given by --peak-tflops).
 """
@@ -56,18 +57,20 @@ def ours(work: Path, model: Path, text: Path, args) -> dict:
                         "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
               "eval": {"every_steps": args.steps, "max_tokens": args.seq_len},
               "save": {"every_steps": args.steps, "keep_last": 1},
-              "log": {"every_steps": 1}}
+              "log": {"every_steps": args.warmup}}
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(recipe))
     shutil.rmtree(work / "ours", ignore_errors=True)  # each repeat starts fresh
     subprocess.run([sys.executable, "-m", "uptrain", str(path)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    # metrics.jsonl logs every step with the interval's tokens/s; the time of step i is the sum of
-    # the intervals up to it.
+    # metrics.jsonl logs every `warmup` steps with that interval's tokens/s (as rarely as the Trainer
+    # logs here, per-step logging would cost time the Trainer does not spend); the first interval is
+    # the warm-up.
     records = [json.loads(x) for x in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r][args.warmup:]
-    seconds = sum(args.tokens_per_step / r["tokens_per_s"] for r in steps[1:])
-    return {"tokens_per_s": (len(steps) - 1) * args.tokens_per_step / seconds}
+    intervals = [r for r in records if "loss" in r][1:]
+    steps = [b["step"] - a["step"] for a, b in zip([{"step": args.warmup}] + intervals, intervals)]
+    seconds = sum(n * args.tokens_per_step / r["tokens_per_s"] for n, r in zip(steps, intervals))
+    return {"tokens_per_s": sum(steps) * args.tokens_per_step / seconds}
 
 
 def trainer(work: Path, model_path: Path, text: Path, args) -> dict:
@@ -94,7 +97,7 @@ def trainer(work: Path, model_path: Path, text: Path, args) -> dict:
         save_strategy="no", eval_strategy="no", report_to=[], bf16=bf16, dataloader_drop_last=True,
         use_cpu=not torch.cuda.is_available(), seed=0)
     Trainer(model=model, args=targs, train_dataset=blocks, callbacks=[Stamp()]).train()
-    stamps = stamps[args.warmup:]
+    stamps = stamps[args.warmup - 1:]  # from the end of step `warmup`
     return {"tokens_per_s": (len(stamps) - 1) * args.tokens_per_step / (stamps[-1] - stamps[0])}
 
 
