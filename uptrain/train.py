@@ -340,7 +340,8 @@ class _Loop:
         finally:
             bar.close()
         seconds = time.perf_counter() - started
-        last_eval = last_eval or first_eval
+        if last_eval is None:  # resumed a run that had already finished: its last eval is in the log
+            last_eval = next((m for m in reversed(self.metrics.read()) if "eval_ppl" in m), first_eval)
         return {"eval_ppl_before": first_eval["eval_ppl"], "eval_ppl_after": last_eval["eval_ppl"],
                 "steps": self.step, "tokens": self.step * self.tokens_per_step, "seconds": seconds,
                 "tokens_per_s": trained_tokens / seconds if seconds else 0.0}
