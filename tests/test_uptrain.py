@@ -169,3 +169,23 @@ def test_convert_step_and_streaming_data(setup, tmp_path):
     assert (out / "converted" / "conversion.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_key_value_heads == 2
     assert summary["eval_ppl_after"] < summary["eval_ppl_before"]
+
+
+@pytest.mark.parametrize("trainable, changes", [("kv", (".k_proj.", ".v_proj.")),
+                                                ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))])
+def test_trainable_subsets_leave_everything_else_bit_equal(setup, tmp_path, trainable, changes):
+    out = tmp_path / trainable
+    recipe = write_recipe(tmp_path / "t.yaml", setup, out, train={"max_steps": 3, "trainable": trainable,
+                                                                  "gradient_checkpointing": True})
+    run(load_recipe(recipe))
+    before, after = load_file(setup[3] / "model.safetensors"), _final_weights(out)
+    for name, tensor in before.items():
+        moved = not torch.equal(tensor, after[name])
+        assert moved == any(c in name for c in changes), name
+
+
+def test_max_tokens_sets_the_step_count(setup, tmp_path):
+    out = tmp_path / "tokens"
+    recipe = write_recipe(tmp_path / "m.yaml", setup, out, train={"max_steps": None, "max_tokens": 5000})
+    summary = run(load_recipe(recipe))
+    assert summary["steps"] == 5 and summary["tokens"] == 5 * 8 * 2 * 64  # ceil(5000 / 1024)
