@@ -9,6 +9,7 @@ tensor data, and torch is first needed when the first K/V tensor is pooled
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -19,13 +20,6 @@ from convert.errors import ConversionError
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource, torch_dtype
 from convert.writer import OutTensor, write_tensor_bytes
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @dataclass
@@ -169,10 +163,7 @@ def _check_shapes(roles: _Roles, shapes: dict[str, tuple[int, ...]]) -> None:
     for name, (role, _, _, param) in roles.of.items():
         shape = shapes[name]
         expected = roles.expected_shape(role, param)
-        numel = 1
-        for s in shape:
-            numel *= s
-        ok = shape == expected if expected else numel in {
+        ok = shape == expected if expected else math.prod(shape) in {
             "k_norm": (d.kv_heads * d.head_dim,), "q_norm": (d.head_dim, d.heads * d.head_dim)}[role]
         if not ok:
             want = expected if expected else f"{d.kv_heads if role == 'k_norm' else d.heads} x {d.head_dim} elements"
@@ -217,7 +208,7 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
                                    dict(common, layout=spec["layout"], out_layout=out_layout, heads=dims.heads,
                                         head_dim=d, name=name))
         elif role == "k_norm":
-            out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (_numel(shape) // dims.kv_heads * kv_heads,)
+            out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
             changes[name] = Change(name, out_shape, "kv_norm", [name], dict(common, name=name))
         elif role == "k_norm_per_head":
             if head % group:

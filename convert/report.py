@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import math
 from pathlib import Path
 from typing import Any
 
-from convert.plan import Dims, Plan, _numel
+from convert.plan import Dims, Plan
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource
 
@@ -20,8 +21,8 @@ def _kv_bytes(dims: Dims, kv_heads: int, itemsize: int) -> int:
 def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims, kv_heads: int, method: str,
                  weights: WeightSource, plan: Plan) -> dict[str, Any]:
     """The facts of a conversion, as written to conversion.json and printed."""
-    params_before = sum(_numel(i.shape) for i in weights.tensors.values())
-    params_after = sum(_numel(t.shape) for t in plan.tensors)
+    params_before = sum(math.prod(i.shape) for i in weights.tensors.values())
+    params_after = sum(math.prod(t.shape) for t in plan.tensors)
     # The KV cache holds activations in the model's float dtype.
     src_dtype = next((i.dtype for i in weights.tensors.values() if i.dtype in FLOATS), "F32")
     out_dtype = next((t.dtype for t in plan.tensors if t.dtype in FLOATS), src_dtype)

@@ -8,6 +8,7 @@ bytes are then read with ``pread`` or copied file-to-file with
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -121,10 +122,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             dtype = entry["dtype"]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * DTYPES[dtype][0]:
+            if end - begin != math.prod(shape) * DTYPES[dtype][0]:
                 raise ValueError(name)
             tensors[name] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     except (KeyError, TypeError, ValueError):

@@ -10,6 +10,7 @@ while torch is still importing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -53,10 +54,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * DTYPES[self.dtype][0]
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
 
 
 def shard_plan(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:

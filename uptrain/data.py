@@ -65,7 +65,8 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
                 part = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming, **kwargs)
             except Exception as exc:  # a malformed json/csv/parquet file
                 cause = exc.__cause__ or exc
-                raise RecipeError(f"cannot read data file(s) {', '.join(group)}: {str(cause).splitlines()[0]}") from None
+                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                raise RecipeError(f"cannot read data file(s) {', '.join(group)}: {reason}") from None
             if builder == "text" and text_field != "text":
                 part = part.rename_column("text", text_field)
             parts.append(part)

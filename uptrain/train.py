@@ -324,7 +324,8 @@ class _Loop:
                     now = time.perf_counter()
                     record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.item(),
                               "ce": ce.item(), "lr": self.scheduler.get_last_lr()[0],
-                              "grad_norm": float(self.grad_norm), "tokens_per_s": interval_tokens / (now - interval_start)}
+                              "grad_norm": float(self.grad_norm),
+                              "tokens_per_s": interval_tokens / (now - interval_start)}
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:,.0f}")
