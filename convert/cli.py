@@ -11,8 +11,8 @@ import threading
 from convert.engine import DTYPES, convert_checkpoint
 from convert.errors import ConversionError
 from convert.families import supported
-from convert.report import format_report
 from convert.merge import METHODS
+from convert.report import format_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,8 +18,8 @@ from typing import Any, Callable
 from convert import renames
 from convert.errors import ConversionError
 from convert.source import DTYPES as TENSOR_DTYPES
-from convert.source import FLOATS, WeightSource, torch_dtype
-from convert.writer import OutTensor, write_tensor_bytes
+from convert.source import FLOATS, WeightSource, torch_dtype, write_tensor_bytes
+from convert.writer import OutTensor
 
 
 @dataclass
@@ -186,11 +186,16 @@ class Change:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def _becomes_mqa(spec: dict, dims: Dims, kv_heads: int) -> bool:
+    """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
+    return spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
+
+
 def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
                   method: str, seed: int) -> dict[str, Change | None]:
     """Source name -> its Change, for every K/V tensor the conversion rewrites (None: folded into another)."""
     d, group = dims.head_dim, dims.kv_heads // kv_heads
-    if spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1:
+    if _becomes_mqa(spec, dims, kv_heads):
         out_layout = spec["mqa"]["layout"]
     else:
         out_layout = spec.get("mha_layout", spec["layout"])
@@ -279,7 +284,7 @@ def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: st
         new[key] = kv_heads
     if not present and aliases and kv_heads != dims.kv_heads and spec["kv_choices"] == "divisors":
         new[aliases[0]] = kv_heads
-    if spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1:
+    if _becomes_mqa(spec, dims, kv_heads):
         new.update(spec["mqa"]["config"])
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):

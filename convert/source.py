@@ -35,6 +35,13 @@ def torch_dtype(name: str):
     return getattr(torch, DTYPES[name][1])
 
 
+def write_tensor_bytes(tensor, out: BinaryIO) -> None:
+    """A CPU tensor's raw little-endian bytes."""
+    import torch
+
+    out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def dtype_name(dtype) -> str:
     """torch dtype -> safetensors name."""
     label = str(dtype).removeprefix("torch.")
@@ -183,9 +190,7 @@ class WeightSource:
     def copy_raw(self, name: str, out: BinaryIO) -> None:
         """Copy one tensor's bytes unchanged into ``out`` (kernel-side where the OS allows)."""
         if self._pickled is not None:
-            import torch
-
-            out.write(self._pickled[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            write_tensor_bytes(self._pickled[name], out)
             return
         info = self.tensors[name]
         out.flush()

@@ -105,13 +105,6 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
             progress(tensor.nbytes)
 
 
-def write_tensor_bytes(tensor, out: BinaryIO) -> None:
-    """A CPU tensor's raw little-endian bytes."""
-    import torch
-
-    out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def write_index(directory: Path, shards: list[list[OutTensor]], names: list[str]) -> None:
     weight_map = {t.name: file for shard, file in zip(shards, names) for t in shard}
     total = sum(t.nbytes for shard in shards for t in shard)

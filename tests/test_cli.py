@@ -179,14 +179,12 @@ def test_module_entry_point_exit_code(tmp_path):
 
 _SLOW_CONVERT = """
 import sys, time
-import convert.writer as writer
-real = writer.write_tensor_bytes
+import convert.plan as plan
+real = plan.write_tensor_bytes
 def slow(tensor, out):
     time.sleep(0.2)
     real(tensor, out)
-writer.write_tensor_bytes = slow
-import convert.engine as engine
-engine.write_tensor_bytes = slow
+plan.write_tensor_bytes = slow
 from convert.cli import main
 sys.exit(main(sys.argv[1:]))
 """

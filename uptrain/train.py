@@ -159,7 +159,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     t = recipe.train
     if recipe.log.tracker != "none":
         try:
-            __import__({"tensorboard": "tensorboard", "wandb": "wandb"}[recipe.log.tracker])
+            __import__(recipe.log.tracker)  # tensorboard or wandb (validated by the recipe)
         except ImportError:
             raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
     accelerator = Accelerator(
@@ -261,6 +261,7 @@ class _Loop:
         tokens = acc.reduce(tokens, "sum")
         total = torch.zeros((), device=acc.device, dtype=torch.float64)
         ce_total = torch.zeros_like(total)
+        window_loss = None  # set at the sync, which the window's last micro-batch always is
         w = r.distill.weight
         for batch in window:
             with acc.accumulate(self.model):
@@ -276,12 +277,13 @@ class _Loop:
                 acc.backward(loss * acc.num_processes / tokens.float())
                 total += loss.detach().double()
                 ce_total += ce.detach().double()
-                if acc.sync_gradients:
-                    self.check_finite(acc.reduce(total.clone(), "sum") / tokens)
+                if acc.sync_gradients:  # the window's last micro-batch: total is complete
+                    window_loss = acc.reduce(total.clone(), "sum") / tokens
+                    self.check_finite(window_loss)
                     self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return acc.reduce(total, "sum") / tokens, acc.reduce(ce_total, "sum") / tokens
+        return window_loss, acc.reduce(ce_total, "sum") / tokens
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
