@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # torch is imported lazily: the converter plans without it
     import torch
 
 METHODS = ("mean", "first", "random")
+CALIBRATED = ()  # methods that run the source model on calibration text (see convert.calibrate)
 
 
 def merge_heads(heads: torch.Tensor, kv_heads: int, method: str, generator: torch.Generator | None = None,
