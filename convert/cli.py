@@ -11,7 +11,8 @@ import threading
 from convert.engine import DTYPES, convert_checkpoint
 from convert.errors import ConversionError
 from convert.families import supported
-from convert.merge import METHODS
+from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+from convert.merge import GROUPINGS, METHODS
 from convert.report import format_report
 
 
@@ -25,7 +26,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
     parser.add_argument("--method", choices=METHODS, default="mean",
-                        help="how a group's heads become one: mean (GQA paper), first, random (default: mean)")
+                        help="how a group's heads become one: mean (GQA paper), first, random, or svd "
+                             "(activation-aware, folds the rest into Q and O; needs --calibration-data) "
+                             "(default: mean)")
+    parser.add_argument("--grouping", choices=GROUPINGS, default="contiguous",
+                        help="which KV heads merge: contiguous neighbours (GQA paper) or the most similar ones "
+                             "(heads are permuted, which keeps the function) (default: contiguous)")
+    parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
+                        help="text (.txt or .jsonl with a text field) the source runs on, for svd / similarity")
+    parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
+                        help=f"calibration tokens to run (default: {DEFAULT_TOKENS})")
+    parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
+                        help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
@@ -46,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         report = convert_checkpoint(
             args.source, args.output, kv_heads=args.kv_heads, method=args.method, dtype=args.dtype,
             max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-            allow_pickle=args.allow_pickle, seed=args.seed, progress=True, command=command,
+            allow_pickle=args.allow_pickle, seed=args.seed, progress=True, command=command, grouping=args.grouping,
+            calibration_data=args.calibration_data, calibration_tokens=args.calibration_tokens,
+            calibration_seq_len=args.calibration_seq_len,
         )
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)

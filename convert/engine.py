@@ -11,7 +11,8 @@ from typing import Any
 
 from convert import families
 from convert.errors import ConversionError
-from convert.merge import METHODS
+from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, attention_moments
+from convert.merge import CALIBRATED, GROUPINGS, METHODS
 from convert.plan import check_kv_heads, plan_conversion, read_dims
 from convert.report import build_report, model_card
 from convert.source import open_weights, read_config, resolve_source
@@ -37,14 +38,17 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
 def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, method: str = "mean",
                        dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False,
                        dry_run: bool = False, allow_pickle: bool = False, seed: int = 0,
-                       progress: bool = False, command: str | None = None) -> dict[str, Any]:
+                       progress: bool = False, command: str | None = None, grouping: str = "contiguous",
+                       calibration_data: list[str] | None = None, calibration_tokens: int = DEFAULT_TOKENS,
+                       calibration_seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any]:
     """Convert a checkpoint to ``kv_heads`` KV heads and return the report.
 
     Args:
         source: a local checkpoint directory or a hub id.
         output: the new checkpoint's directory (created atomically).
         kv_heads: the KV-head count wanted; it must divide the source's.
-        method: ``mean``, ``first`` or ``random`` (see ``convert.merge``).
+        method: ``mean``, ``first``, ``random`` (see ``convert.merge``) or ``svd`` (activation-aware,
+            folds into Q and O; needs ``calibration_data``; see ``convert.attention``).
         dtype: ``auto`` (keep the source's) or ``bfloat16``/``float16``/``float32``.
         max_shard_size: bytes, or a size like ``5GB``.
         overwrite: replace a non-empty OUTPUT.
@@ -53,6 +57,12 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         seed: the random source of ``method="random"``.
         progress: show a progress bar.
         command: the command line, for the model card.
+        grouping: ``contiguous`` (neighbouring KV heads merge, as in the GQA paper) or ``similarity``
+            (heads are permuted so that the most alike merge; see ``convert.attention``).
+        calibration_data: text files (.txt, .jsonl) the source model runs on to weigh the merge
+            (``svd``; with ``similarity`` grouping it also weighs the choice of groups).
+        calibration_tokens: how many calibration tokens to run.
+        calibration_seq_len: tokens per forward pass.
 
     Returns:
         The report (also written to OUTPUT/conversion.json).
@@ -63,6 +73,15 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     started = time.perf_counter()
     if method not in METHODS:
         raise ConversionError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if grouping not in GROUPINGS:
+        raise ConversionError(f"--grouping {grouping!r} is not one of {', '.join(GROUPINGS)}")
+    if method in CALIBRATED and not calibration_data:
+        raise ConversionError(f"--method {method} needs --calibration-data FILE... (text the model runs on)")
+    if calibration_data and method not in CALIBRATED and grouping != "similarity":
+        raise ConversionError(f"--calibration-data is used by --method {'/'.join(CALIBRATED)} or --grouping "
+                              f"similarity, not by --method {method} with contiguous groups")
+    if calibration_tokens < 1 or calibration_seq_len < 1:
+        raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
@@ -78,8 +97,16 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     dims = read_dims(config, spec)
     check_kv_heads(kv_heads, dims, family, spec)
     weights = open_weights(src_dir, allow_pickle)
-    plan = plan_conversion(weights, config, spec, dims, kv_heads, method, DTYPES[dtype], seed)
+    plan = plan_conversion(weights, config, spec, dims, kv_heads, method, DTYPES[dtype], seed, grouping)
     report = build_report(str(source), output, family, spec, dims, kv_heads, method, weights, plan)
+    report["grouping"] = grouping
+    if plan.layers and plan.layers.k_normed and method == "svd":
+        report["k_merge"] = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
+    if calibration_data:
+        for name in calibration_data:
+            if not Path(name).is_file():
+                raise ConversionError(f"--calibration-data {name}: no such file")
+        report["calibration"] = {"files": [str(f) for f in calibration_data], "tokens_wanted": calibration_tokens}
     shards = shard_plan(plan.tensors, max_bytes)
     report["shards"] = len(shards)
     report["dry_run"] = dry_run
@@ -87,6 +114,11 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
     command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, kv_heads={kv_heads}, method={method!r})"
+    if calibration_data and plan.layers:
+        found = attention_moments(src_dir, plan.layers.modules, calibration_data, calibration_tokens,
+                                  calibration_seq_len, progress)
+        plan.layers.moments = found["moments"]
+        report["calibration"].update(tokens=found["tokens"], seconds=found["seconds"])
     with AtomicDirectory(output) as tmp:
         names = shard_names(len(shards))
         bar = _progress_bar(report["tensor_bytes_after"], progress)
@@ -96,6 +128,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         if len(shards) > 1:
             write_index(tmp, shards, names)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+        if plan.layers and grouping == "similarity":
+            report["kv_head_order"] = [plan.layers.orders[n] for n in sorted(plan.layers.orders)]
         report["copied_files"] = copy_side_files(src_dir, tmp)
         report["output_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
         report["seconds"] = round(time.perf_counter() - started, 3)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported lazily: the converter plans without it
     import torch
 
-METHODS = ("mean", "first", "random")
-CALIBRATED = ()  # methods that run the source model on calibration text (see convert.calibrate)
+METHODS = ("mean", "first", "random", "svd")
+CALIBRATED = ("svd",)  # methods that run the source model on calibration text (see convert.calibrate)
+GROUPINGS = ("contiguous", "similarity")
 
 
 def merge_heads(heads: torch.Tensor, kv_heads: int, method: str, generator: torch.Generator | None = None,

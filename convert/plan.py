@@ -40,6 +40,7 @@ class Plan:
     tensors: list[OutTensor]
     config: dict[str, Any]
     changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
+    layers: LayerRewrite | None = None  # set when whole layers are rewritten (svd, similarity grouping)
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -186,25 +187,106 @@ class Change:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+LAYER_ROLES = ("q", "k", "v", "o", "qkv")
+
+
+@dataclass
+class LayerRewrite:
+    """The settings of whole-layer rewrites (``convert.attention``), and the layers' results as made.
+
+    ``moments`` (per layer, from ``convert.calibrate``) is filled in after planning; ``modules``
+    names each layer's Q/QKV projection module in the source, where calibration hooks in.
+    """
+
+    method: str
+    grouping: str
+    kv_heads: int
+    dims: Dims
+    layout: str
+    out_layout: str
+    rotary: str
+    rotary_dim: int
+    k_normed: bool
+    seed: int
+    sources: dict[int, dict[tuple[str, str], str]]  # layer -> (role, param) -> tensor name
+    modules: list[str]
+    moments: list | None = None
+    orders: dict[int, list[int]] = field(default_factory=dict)
+    _cache: tuple[int, dict] | None = None
+
+    def tensor(self, load: Callable, layer: int, role: str, param: str):
+        """One converted tensor of ``layer``; the whole layer is computed once, on its first tensor."""
+        if self._cache is None or self._cache[0] != layer:
+            from convert import surgery
+
+            loaded = {key: load(name) for key, name in self.sources[layer].items()}
+            moment = None if self.moments is None else self.moments[layer]
+            result, self.orders[layer] = surgery.layer_tensors(loaded, self, moment, layer)
+            self._cache = (layer, result)
+        return self._cache[1][role, param]
+
+
+def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
+    if spec["rotary"] == "none":
+        return 0
+    factor = config.get(spec["partial_rotary"], 1.0) if spec.get("partial_rotary") else 1.0
+    return int(head_dim * (factor if factor is not None else 1.0))
+
+
+def _layer_changes(spec: dict, config: dict, dims: Dims, roles: _Roles, shapes: dict, kv_heads: int, method: str,
+                   grouping: str, seed: int, out_layout: str, rename: dict | None,
+                   canonical: dict[str, str]) -> tuple[dict[str, Change], LayerRewrite]:
+    """Every Q/K/V/O tensor becomes a Change computed from its whole layer (see ``LayerRewrite``)."""
+    if grouping == "similarity" and any(r in spec["tensors"] for r in ("k_norm", "k_norm_per_head")):
+        raise ConversionError("--grouping similarity cannot yet permute the per-head K norms of this family; "
+                              "use --grouping contiguous")
+    sources: dict[int, dict[tuple[str, str], str]] = {}
+    for name, (role, layer, _, param) in roles.of.items():
+        if role in LAYER_ROLES and not (role == "o" and param == "bias"):
+            sources.setdefault(layer, {})[role, param] = name
+    anchor = "qkv" if "qkv" in spec["tensors"] else "q"
+    modules = [canonical[sources[layer][anchor, "weight"]].removesuffix(".weight") for layer in range(dims.layers)]
+    rewrite = LayerRewrite(method, grouping, kv_heads, dims, spec["layout"], out_layout, spec["rotary"],
+                           _rotary_dim(spec, config, dims.head_dim), spec["k_normed"], seed, sources, modules)
+    d = dims.head_dim
+    rows = {"q": dims.heads * d, "k": kv_heads * d, "v": kv_heads * d, "qkv": (dims.heads + 2 * kv_heads) * d}
+    changes = {}
+    for layer, members in sources.items():
+        for (role, param), name in members.items():
+            shape = shapes[name] if role == "o" else (rows[role], *shapes[name][1:])
+            changes[name] = Change(name, shape, "layer_tensor", [], dict(layer=layer, role=role, param=param))
+    return changes, rewrite
+
+
 def _becomes_mqa(spec: dict, dims: Dims, kv_heads: int) -> bool:
     """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
     return spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
 
 
-def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
-                  method: str, seed: int) -> dict[str, Change | None]:
-    """Source name -> its Change, for every K/V tensor the conversion rewrites (None: folded into another)."""
-    d, group = dims.head_dim, dims.kv_heads // kv_heads
+def _out_layout(spec: dict, dims: Dims, kv_heads: int) -> str:
     if _becomes_mqa(spec, dims, kv_heads):
-        out_layout = spec["mqa"]["layout"]
-    else:
-        out_layout = spec.get("mha_layout", spec["layout"])
-    if kv_heads == dims.kv_heads and out_layout == spec["layout"]:
+        return spec["mqa"]["layout"]
+    return spec.get("mha_layout", spec["layout"])
+
+
+def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
+                  method: str, seed: int, layer_wise: bool = False) -> dict[str, Change | None]:
+    """Source name -> its Change, for every tensor the conversion rewrites (None: folded into another).
+
+    With ``layer_wise`` the K/V/Q/O tensors are left to ``_layer_changes``; only K norms are planned here.
+    """
+    d, group = dims.head_dim, dims.kv_heads // kv_heads
+    out_layout = _out_layout(spec, dims, kv_heads)
+    if kv_heads == dims.kv_heads and out_layout == spec["layout"] and not layer_wise:
         return {}  # the identity: every tensor is a byte copy
+    if method not in ("first", "random"):
+        method = "mean"  # K norms (the only per-tensor merges left with svd) are mean-pooled
     common = dict(kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method, seed=seed)
     changes: dict[str, Change | None] = {}
     for name, (role, layer, head, param) in roles.of.items():
         shape = shapes[name]
+        if layer_wise and role in LAYER_ROLES:
+            continue
         if role in ("k", "v"):
             changes[name] = Change(name, (kv_heads * d, *shape[1:]), "kv_rows", [name],
                                    dict(common, head_dim=d, name=name))
@@ -227,7 +309,7 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
 
 
 def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims, kv_heads: int,
-                    method: str, dtype: str | None, seed: int) -> Plan:
+                    method: str, dtype: str | None, seed: int, grouping: str = "contiguous") -> Plan:
     """Decide every output tensor (name, dtype, shape, how to make it) and the output config."""
     rename = spec.get("rename")
     canonical = renames.canonical_names(list(weights.tensors), rename)  # output name -> source name
@@ -238,7 +320,13 @@ def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims,
         shapes[name] = tuple(reversed(shape)) if name in transposed else shape
     roles = _Roles(spec, dims, config, list(canonical))
     _check_shapes(roles, shapes)
-    changes = _plan_changes(spec, dims, roles, shapes, kv_heads, method, seed)
+    layer_wise = method == "svd" or grouping == "similarity"
+    changes = _plan_changes(spec, dims, roles, shapes, kv_heads, method, seed, layer_wise)
+    layers = None
+    if layer_wise:
+        layer_changes, layers = _layer_changes(spec, config, dims, roles, shapes, kv_heads, method, grouping, seed,
+                                               _out_layout(spec, dims, kv_heads), rename, canonical)
+        changes.update(layer_changes)
 
     def load(name: str):
         tensor = weights.read(canonical[name])
@@ -259,14 +347,17 @@ def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims,
             out.append(OutTensor(name, src_dtype, shapes[name], partial(weights.copy_raw, canonical[name])))
         else:
             out.append(OutTensor(change.target, target_dtype, change.shape,
-                                 partial(_write_computed, change, load, target_dtype), computed=True))
-    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), sorted(changes))
+                                 partial(_write_computed, change, load, target_dtype, layers), computed=True))
+    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers)
 
 
-def _write_computed(change: Change, load: Callable, dtype: str, out) -> None:
+def _write_computed(change: Change, load: Callable, dtype: str, layers: LayerRewrite | None, out) -> None:
     from convert import surgery  # torch is needed from here on only
 
-    tensor = getattr(surgery, change.op)(*(load(s) for s in change.sources), **change.kwargs)
+    if change.op == "layer_tensor":
+        tensor = layers.tensor(load, **change.kwargs)
+    else:
+        tensor = getattr(surgery, change.op)(*(load(s) for s in change.sources), **change.kwargs)
     tensor = tensor.to(torch_dtype(dtype))
     if tuple(tensor.shape) != change.shape:
         raise RuntimeError(f"internal error: {change.op} made shape {tuple(tensor.shape)}, planned {change.shape}")

@@ -107,10 +107,19 @@ def format_report(report: dict[str, Any]) -> str:
         f"  KV cache, 4k ctx  {_bytes(r['kv_cache_bytes_4k_context_before'])} -> "
         f"{_bytes(r['kv_cache_bytes_4k_context_after'])} (batch 1)",
         f"  parameters        {r['parameters_before']:,} -> {r['parameters_after']:,}",
-        f"  tensors changed   {len(r['changed_tensors'])}",
+        f"  tensors changed   {len(r['changed_tensors'])} "
+        f"({', '.join(sorted({n.rsplit('.', 2)[-2] for n in r['changed_tensors']}))})",
         f"  output size       {_bytes(r.get('output_bytes', r['tensor_bytes_after']))} in {r['shards']} shard(s)",
         f"  time              {r['seconds']:.2f} s",
     ]
+    if r.get("grouping", "contiguous") != "contiguous":
+        lines.append(f"  grouping          {r['grouping']}: KV-head order per layer in conversion.json")
+    if r.get("calibration"):
+        c = r["calibration"]
+        ran = f"{c['tokens']:,} tokens in {c['seconds']:.1f} s" if "tokens" in c else f"{c['tokens_wanted']:,} tokens"
+        lines.append(f"  calibration       {ran} of {', '.join(Path(f).name for f in c['files'])}")
+    if r.get("k_merge"):
+        lines.append(f"  K merge           {r['k_merge']}")
     if r["dry_run"]:
         names = r["changed_tensors"]
         more = f", ... ({len(names)} in all)" if len(names) > 6 else ""

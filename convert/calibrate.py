@@ -1,0 +1,118 @@
+"""Calibration for ``--method svd``: the second moment of every layer's attention input on real text.
+
+The source model runs in transformers on the calibration text; a forward pre-hook on each layer's
+Q (or fused QKV) projection adds xxᵀ of its input, for x = [attention input, 1], in float64.
+
+Memory: the model itself (on CPU in float32; on a GPU in its own dtype, with accelerate's
+``device_map="auto"`` placing what does not fit on CPU, then disk), plus one (hidden + 1)² float64
+matrix per layer: 8 * layers * (hidden + 1)² bytes (10 MB for SmolLM2-135M, 4.3 GB for Llama-2-7B).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from convert.errors import ConversionError
+
+DEFAULT_TOKENS = 65536
+DEFAULT_SEQ_LEN = 512
+
+
+def read_text(files: list[str]) -> list[str]:
+    """Documents from .txt files (one each) or .jsonl files (one per line, field ``text``)."""
+    documents = []
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise ConversionError(f"--calibration-data {name}: no such file")
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        documents.append(json.loads(line)["text"])
+                    except (ValueError, KeyError, TypeError):
+                        raise ConversionError(f"{name}:{n}: expected a JSON object with a 'text' field") from None
+        elif path.suffix in (".txt", ".md", ""):
+            documents.append(path.read_text(encoding="utf-8", errors="replace"))
+        else:
+            raise ConversionError(f"--calibration-data {name}: expected .txt or .jsonl")
+    if not any(d.strip() for d in documents):
+        raise ConversionError("--calibration-data holds no text")
+    return documents
+
+
+def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
+    """Documents tokenized, joined with EOS, cut into (n, seq_len) blocks of at most ``tokens`` in all."""
+    import torch
+
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for document in documents:
+        for start in range(0, len(document), 200_000):  # chunks: the tokenizer need not see a whole book
+            ids += tokenizer(document[start:start + 200_000], add_special_tokens=False)["input_ids"]
+            if len(ids) >= tokens:
+                break
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= tokens:
+            break
+    seq_len = min(seq_len, len(ids))
+    n = min(len(ids), tokens) // seq_len
+    if n == 0:
+        raise ConversionError("--calibration-data is shorter than one token")
+    return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
+
+
+def attention_moments(source: Path, modules: list[str], files: list[str], tokens: int = DEFAULT_TOKENS,
+                      seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False) -> dict:
+    """Per layer, C = Σ [x, 1][x, 1]ᵀ over the calibration tokens, x the input of ``modules[layer]``.
+
+    Args:
+        source: the source checkpoint directory (with its tokenizer).
+        modules: per layer, the module path of its Q or fused QKV projection.
+        files: calibration text files.
+        tokens: how many tokens to run.
+        seq_len: the length of each forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        {"moments": [float64 (in + 1, in + 1) per layer], "tokens": n, "seconds": s}.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    documents = read_text(files)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({exc})") from None
+    blocks = token_blocks(tokenizer, documents, tokens, seq_len)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None)
+    model.eval()
+    moments: list = [None] * len(modules)
+
+    def hook(layer: int):
+        def add(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
+            moment = x.T @ x
+            moments[layer] = moment if moments[layer] is None else moments[layer] + moment.to(moments[layer].device)
+        return add
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook(n)) for n, path in enumerate(modules)]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for block in tqdm(blocks, desc="calibrating", unit="seq", disable=not progress or None, leave=False):
+                model(block.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"moments": [m.cpu() for m in moments], "tokens": blocks.numel(),
+            "seconds": round(time.perf_counter() - started, 2)}
