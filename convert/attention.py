@@ -11,9 +11,9 @@ Query head h reads KV head h // (H / G), as transformers' ``repeat_kv`` does.
 Activation awareness: with C = sum over calibration tokens of x xᵀ (the second
 moment of the attention input), the error a merge makes on real activations is
 ||(W - W') x||² summed = tr((W - W') C (W - W')ᵀ). For a stack S of a group's
-head rows, the best rank-r rows under that norm come from the top eigenvectors
-U of the Gram matrix S C Sᵀ (the same U as the SVD of S L with C = L Lᵀ, the
-whitened SVD; the Gram form needs no Cholesky and no inverse).
+head rows, the best rank-r rows under that norm come from the whitened SVD:
+with C = L Lᵀ (Cholesky, small ridge), the top-r left singular vectors U of S L
+(taken as eigenvectors of (S L)(S L)ᵀ). The shared rows Uᵀ S need no inverse of L.
 
 - V: S stacks the group's value heads (s*d rows); the shared head is
   V' = Uᵀ S (rank d), and old head i is V_i ≈ M_i V' with M_i its d x d block
@@ -139,7 +139,7 @@ def similarity_groups(k: torch.Tensor, v: torch.Tensor, kv_heads: int, method: s
     if size == 1:
         return list(range(heads))
     left = list(range(heads))
-    order: list[int] = []
+    groups: list[list[int]] = []
     while left:
         if len(left) == size:
             group = left
@@ -151,9 +151,9 @@ def similarity_groups(k: torch.Tensor, v: torch.Tensor, kv_heads: int, method: s
             while len(group) < size:
                 costs = [(merge_cost(k, v, group + [h], method, rot, k_normed), h) for h in left if h not in group]
                 group.append(min(costs)[1])
-        order += sorted(group)
+        groups.append(sorted(group))
         left = [h for h in left if h not in group]
-    return order
+    return [h for group in sorted(groups) for h in group]  # groups in order of their first head
 
 
 def permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, order: list[int]):
@@ -178,7 +178,7 @@ def svd_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
     with k, v: (N, d, in).
     """
     kw, vw = (k, v) if white is None else (k @ white, v @ white)
-    heads, d = q.shape[0], q.shape[1]
+    heads = q.shape[0]
     group, reads = k.shape[0] // kv_heads, heads // k.shape[0]
     q, o = q.clone(), o.clone()
     new_k, new_v = torch.empty(kv_heads, *k.shape[1:], dtype=k.dtype), torch.empty(kv_heads, *v.shape[1:],

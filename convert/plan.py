@@ -227,10 +227,17 @@ class LayerRewrite:
 
 
 def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
+    """How many dimensions of a head RoPE rotates (the leading ones, for partial-rotary families)."""
     if spec["rotary"] == "none":
         return 0
-    factor = config.get(spec["partial_rotary"], 1.0) if spec.get("partial_rotary") else 1.0
-    return int(head_dim * (factor if factor is not None else 1.0))
+    key = spec.get("partial_rotary")
+    if not key:
+        return head_dim
+    # transformers 5 keeps the fraction in rope_parameters; older configs at the top level
+    for where in (config.get("rope_parameters") or {}, config.get("rope_scaling") or {}, config):
+        if where.get(key) is not None:
+            return int(head_dim * where[key])
+    raise ConversionError(f"config.json does not say {key}, which this family's merges need")
 
 
 def _layer_changes(spec: dict, config: dict, dims: Dims, roles: _Roles, shapes: dict, kv_heads: int, method: str,
