@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -177,12 +178,13 @@ def synthetic_models(name: str, dtype: str, device: str) -> list:
     from convert.decoding import describe
 
     shape, variants = SYNTHETIC[name]
-    dtype = getattr(torch, dtype if dtype != "auto" else "bfloat16" if device == "cuda" else "float32")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
     models = []
     for variant, kv_heads in variants.items():
         torch.manual_seed(0)
         config = LlamaConfig(**shape, num_key_value_heads=kv_heads)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), attn_implementation="sdpa")
         models.append(describe(f"{name}-{variant}", model, None))
     return models
 
@@ -196,9 +198,12 @@ def load_models(args: argparse.Namespace) -> list:
         return synthetic_models(args.synthetic, args.dtype, args.device)
     check_checkpoints(args.models)
     models = [load_checkpoint(Path(p), args.dtype) for p in args.models]
+    if len({m.name for m in models}) < len(models):  # same folder name under different parents
+        for m in models:
+            m.name = str(m.path)
     if args.mha_twin:
         first = models[0]
-        models.insert(0, describe(f"{first.name} (MHA twin)", mha_twin(first.model), first.tokenizer_dir))
+        models.insert(0, describe(f"{first.name} (MHA twin)", mha_twin(first.model), first.path))
     return models
 
 
@@ -209,11 +214,11 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
 
     from convert.decoding import on_device
 
-    if any(m.tokenizer_dir is None or tokenizer_vocab(m.tokenizer_dir) is None for m in models):
+    if any(m.path is None or tokenizer_vocab(m.path) is None for m in models):
         return ["outputs compared: skipped, a model has no tokenizer in its directory"]
     texts = {}
     for m in models:
-        tokenizer = AutoTokenizer.from_pretrained(m.tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(m.path)
         with on_device(m, args.device) as model, torch.inference_mode():
             for prompt in args.prompts:
                 ids = tokenizer(prompt, return_tensors="pt").to(args.device)
@@ -232,7 +237,7 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
 
 def table(cells: list, device: str) -> list[str]:
     """The measured grid as a Markdown table (cache ratio and throughput against the first model)."""
-    head = ["model", "KV heads", "batch", "context", "KV cache", "vs first", "ms/step", "tokens/s (median)",
+    head = ["model", "KV heads", "batch", "context", "KV cache", "cache vs first", "ms/step", "tokens/s (median)",
             "min..max", "speed vs first"] + (["peak memory"] if device == "cuda" else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
@@ -283,6 +288,8 @@ def plot(cells: list, path: Path, title: str) -> None:
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (median)", title=title)
     ax.set_xticks(contexts, labels=[str(x) for x in contexts])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -307,11 +314,12 @@ def run(args: argparse.Namespace) -> list[str]:
     for m in models:
         m.attention = attention_path(m, args.device)
         report.append(f"  {m.name}: {m.attention}")
-    cells = []
+    cells, load_before = [], os.getloadavg()[0]  # other work on the same cores shows in the spread
     for batch in args.batch:
         for context in args.context:
             print(f"measuring batch {batch} x context {context} ...", file=sys.stderr, flush=True)
             cells += measure_cell(models, batch, context, args)
+    report[1] += f"; load average {load_before:.1f} before the grid, {os.getloadavg()[0]:.1f} after"
     fit = largest_batches(models, cells, args)
     report += ["", *table(cells, args.device), "", f"largest batch at context {args.fit_context}:",
                *fit_table(fit), "", *generations(models, args)]

@@ -33,7 +33,7 @@ class Model:
     kv_heads: int
     heads: int
     weight_bytes: int
-    tokenizer_dir: Path | None = None
+    path: Path | None = None  # its checkpoint directory, where its tokenizer is (the twin: the original's)
     attention: str = ""
 
 
@@ -57,12 +57,12 @@ class Cell:
     times: list[float] = field(default_factory=list, repr=False)  # seconds per repeat
 
 
-def describe(name: str, model: torch.nn.Module, tokenizer_dir: Path | None) -> Model:
+def describe(name: str, model: torch.nn.Module, path: Path | None) -> Model:
     """Wrap a loaded model with the numbers the tables need."""
     heads = model.config.num_attention_heads
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
     weights = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
-    return Model(name, model.eval(), kv_heads, heads, weights, tokenizer_dir)
+    return Model(name, model.eval(), kv_heads, heads, weights, path)
 
 
 @contextlib.contextmanager
