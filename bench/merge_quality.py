@@ -73,7 +73,11 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge_quality")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only print the tables of a past run")
     args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
 
     source, text = assets.smollm2(), assets.shakespeare()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,22 +104,35 @@ def main() -> None:
         print(f"uptrained {method}: " + ", ".join(f"{r['step']}:{r['eval_ppl']:.1f}" for r in evals), flush=True)
     result = {"settings": vars(args) | {"out": str(args.out)}, "conversions": rows, "uptraining": trained}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| model | KV heads | eval ppl, no training | vs mean |", "|---|---:|---:|---:|"]
-    mean = next(r["ppl"] for r in rows if r["model"] == "mean / contiguous")
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['ppl']:,.1f} | {mean / r['ppl']:,.1f}x lower |"
-                     if r["model"] != "original" else f"| original | 3 | {r['ppl']:,.1f} | |")
-    if trained:
-        final_mean = trained["mean"][-1]["eval_ppl"] if "mean" in trained else math.nan
-        lines += ["", f"| uptrained ({args.steps} steps x {args.micro_batch} x {args.seq_len} tokens) | ppl at step 0 "
-                  "| final ppl | steps to reach mean's final ppl |", "|---|---:|---:|---:|"]
-        for method, evals in trained.items():
-            reach = steps_to_reach(evals, final_mean)
-            lines.append(f"| {method} / contiguous | {evals[0]['eval_ppl']:,.1f} | {evals[-1]['eval_ppl']:,.1f} "
-                         f"| {reach if reach is not None else 'not reached'} |")
-    table = "\n".join(lines)
+    table = render(result)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
+
+
+def _versus(ppl: float, mean: float) -> str:
+    return f"{mean / ppl:,.1f}x lower" if ppl <= mean else f"{ppl / mean:,.1f}x higher"
+
+
+def render(result: dict) -> str:
+    """The Markdown tables of a results.json."""
+    settings, rows, trained = result["settings"], result["conversions"], result["uptraining"]
+    mean = next(r["ppl"] for r in rows if r["model"] == "mean / contiguous")
+    lines = [f"| model | KV heads | eval ppl, no training ({settings['eval_tokens']:,} tokens) | vs mean |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        versus = "" if r["model"] == "original" else _versus(r["ppl"], mean)
+        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['ppl']:,.1f} | {versus} |")
+    if trained:
+        final_mean = trained["mean"][-1]["eval_ppl"] if "mean" in trained else math.nan
+        lines += ["", f"| uptrained: {settings['steps']} steps x {settings['micro_batch']} x {settings['seq_len']} "
+                  f"tokens, eval every {settings['eval_every']} on {settings['train_eval_tokens']:,} tokens "
+                  "| ppl at step 0 | final ppl | steps to reach mean's final ppl |", "|---|---:|---:|---:|"]
+        for method, evals in trained.items():
+            reach = steps_to_reach(evals, final_mean)
+            curve = ", ".join(f"{r['step']}: {r['eval_ppl']:,.0f}" for r in evals)
+            lines.append(f"| {method} / contiguous ({curve}) | {evals[0]['eval_ppl']:,.1f} | "
+                         f"{evals[-1]['eval_ppl']:,.1f} | {reach if reach is not None else 'not reached'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
