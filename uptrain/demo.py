@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 RECIPE = Path(__file__).parents[1] / "recipes" / "demo-smollm2-mqa.yaml"
 KV_HEADS = 1
 GPU_OVERRIDES = [  # 150 steps x 32,768 tokens = 4.9M tokens: about four epochs of the 1.27M-token plays
-    "data.seq_len=1024", "train.micro_batch_size=16", "train.grad_accum=2", "train.max_steps=150",
+    "data.seq_len=1024", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=150",
     "train.trainable=all", "train.lr=3.0e-4", "train.min_lr=3.0e-5", "train.warmup_steps=15",
     "train.precision=bf16", "eval.every_steps=25", "eval.max_tokens=65536", "log.every_steps=5",
 ]
@@ -260,7 +260,10 @@ def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_token
             with torch.no_grad():
                 ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.eos_token_id)
-            outputs[label].append(tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            new = ids[0, inputs["input_ids"].shape[1]:]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
+            outputs[label].append(text + (" [end of text]" if ended else ""))
     results = [{"prompt": p, "outputs": {label: outputs[label][i] for label in models}} for i, p in enumerate(prompts)]
     width = max(map(len, models))
     for r in results:
@@ -271,7 +274,9 @@ def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_token
 
 
 def one_line(text: str) -> str:
-    return " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    """A continuation on one line: its lines joined with " / " (one made only of line breaks says so)."""
+    joined = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return joined or ("(line breaks only)" if text else "(nothing)")
 
 
 def machine() -> dict[str, Any]:
