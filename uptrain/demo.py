@@ -50,7 +50,8 @@ def header(step: int, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m uptrain.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m uptrain.demo", description="SmolLM2-135M-Instruct converted to "
+                                "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=int, help="uptraining steps instead of the recipe's (or the GPU's)")
     p.add_argument("--eval-tokens", type=int, help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
