@@ -189,7 +189,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     model = _load_model(model_path, "model")
     source_dtype = next(model.parameters()).dtype
     model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
-    teacher = _load_model(recipe.teacher, "teacher") if recipe.teacher else None
+    teacher = None
+    if recipe.teacher:
+        # The teacher is not sharded: every process needs all its weights. FSDP's RAM-efficient loading
+        # (recipes/accelerate/fsdp.yaml) would leave them on the meta device outside process 0.
+        from accelerate.utils import patch_environment
+
+        with patch_environment(fsdp_cpu_ram_efficient_loading="false"):
+            teacher = _load_model(recipe.teacher, "teacher")
     _check_inputs(recipe, model, teacher)
     trainable = _set_trainable(model, t.trainable)
     if t.gradient_checkpointing:
