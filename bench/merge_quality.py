@@ -27,17 +27,11 @@ sys.path.insert(0, str(ROOT))
 from convert import convert_checkpoint  # noqa: E402
 from convert.merge import CALIBRATED, METHODS  # noqa: E402
 from uptrain import assets  # noqa: E402
+from uptrain.demo import eval_ppl  # noqa: E402
 
 
 def perplexity(model_dir: Path, eval_file: Path, tokens: int, seq_len: int) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from uptrain.evaluate import perplexity as measure
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return measure(model, tokenizer, [str(eval_file)], seq_len=seq_len, max_tokens=tokens)["ppl"]
+    return eval_ppl(model_dir, eval_file, seq_len, tokens)["ppl"]
 
 
 def uptrain(model_dir: Path, out: Path, text: dict, args) -> list[dict]:

@@ -170,14 +170,13 @@ def permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, 
     return q, k[idx], v[idx], o
 
 
-def svd_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, kv_heads: int, rot: Rotary,
-              k_normed: bool, white: torch.Tensor | None):
+def svd_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, kw: torch.Tensor,
+              vw: torch.Tensor, kv_heads: int, rot: Rotary, k_normed: bool):
     """Merge consecutive groups of KV heads into ``kv_heads`` heads, folding the mixes into Q and O.
 
-    ``white`` is the whitener L of ``whitener`` (None: plain weight-space fits). Returns (q, k, v, o)
-    with k, v: (N, d, in).
+    ``kw``, ``vw`` are k and v whitened (rows @ L of ``whitener``; k and v themselves for plain
+    weight-space fits). Returns (q, k, v, o) with k, v: (N, d, in).
     """
-    kw, vw = (k, v) if white is None else (k @ white, v @ white)
     heads = q.shape[0]
     group, reads = k.shape[0] // kv_heads, heads // k.shape[0]
     q, o = q.clone(), o.clone()
@@ -185,7 +184,7 @@ def svd_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor
                                                                                      dtype=v.dtype)
     for n in range(kv_heads):
         members = range(n * group, (n + 1) * group)
-        part = slice(n * group, (n + 1) * group)
+        part = slice(members.start, members.stop)
         new_v[n], mixes, _ = _real_fit(v[part], vw[part])
         for i, old in enumerate(members):
             for h in range(old * reads, (old + 1) * reads):
@@ -220,13 +219,14 @@ def rewrite_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Te
     """
     q, k, v, o = (t.double() for t in (q, k, v, o))
     white = whitener(moment)
+    kw, vw = (k, v) if white is None else (k @ white, v @ white)  # whitened once, for grouping and fits
     order = list(range(k.shape[0]))
     if grouping == "similarity":
-        kw, vw = (k, v) if white is None else (k @ white, v @ white)
         order = similarity_groups(kw, vw, kv_heads, method, rot, k_normed)
         q, k, v, o = permute(q, k, v, o, order)
+        kw, vw = kw[order], vw[order]
     if method == "svd":
-        q, k, v, o = svd_merge(q, k, v, o, kv_heads, rot, k_normed, white)
+        q, k, v, o = svd_merge(q, k, v, o, kw, vw, kv_heads, rot, k_normed)
     elif k.shape[0] != kv_heads:
         k = merge_heads(k, kv_heads, method, generator).double()
         v = merge_heads(v, kv_heads, method, generator).double()

@@ -65,14 +65,14 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
     return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
 
 
-def attention_moments(source: Path, modules: list[str], files: list[str], tokens: int = DEFAULT_TOKENS,
+def attention_moments(source: Path, modules: list[str], documents: list[str], tokens: int = DEFAULT_TOKENS,
                       seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False) -> dict:
     """Per layer, C = Σ [x, 1][x, 1]ᵀ over the calibration tokens, x the input of ``modules[layer]``.
 
     Args:
         source: the source checkpoint directory (with its tokenizer).
         modules: per layer, the module path of its Q or fused QKV projection.
-        files: calibration text files.
+        documents: calibration text, as ``read_text`` gives it.
         tokens: how many tokens to run.
         seq_len: the length of each forward pass.
         progress: show a progress bar.
@@ -85,7 +85,6 @@ def attention_moments(source: Path, modules: list[str], files: list[str], tokens
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    documents = read_text(files)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:

@@ -11,7 +11,7 @@ from typing import Any
 
 from convert import families
 from convert.errors import ConversionError
-from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, attention_moments
+from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, attention_moments, read_text
 from convert.merge import CALIBRATED, GROUPINGS, METHODS
 from convert.plan import check_kv_heads, plan_conversion, read_dims
 from convert.report import build_report, model_card
@@ -103,9 +103,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     if plan.layers and plan.layers.k_normed and method == "svd":
         report["k_merge"] = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
     if calibration_data:
-        for name in calibration_data:
-            if not Path(name).is_file():
-                raise ConversionError(f"--calibration-data {name}: no such file")
+        documents = read_text(calibration_data)  # unreadable or empty text fails here, dry run included
         report["calibration"] = {"files": [str(f) for f in calibration_data], "tokens_wanted": calibration_tokens}
     shards = shard_plan(plan.tensors, max_bytes)
     report["shards"] = len(shards)
@@ -115,7 +113,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         return report
     command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, kv_heads={kv_heads}, method={method!r})"
     if calibration_data and plan.layers:
-        found = attention_moments(src_dir, plan.layers.modules, calibration_data, calibration_tokens,
+        found = attention_moments(src_dir, plan.layers.modules, documents, calibration_tokens,
                                   calibration_seq_len, progress)
         plan.layers.moments = found["moments"]
         report["calibration"].update(tokens=found["tokens"], seconds=found["seconds"])
