@@ -54,6 +54,8 @@ SYNTHETIC = {  # name -> (LlamaConfig kwargs, {variant: KV heads}); random weigh
     "llama-1b": (LLAMA_1B, {"mha": 16, "gqa8": 8, "mqa": 1}),
     "llama-tiny": (LLAMA_TINY, {"mha": 4, "gqa2": 2, "mqa": 1}),
 }
+CACHE_NAMES = {"off": "DynamicCache", "eager": "StaticCache",
+               "compile": "StaticCache + torch.compile(mode=reduce-overhead)"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -76,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-budget", type=float, metavar="GB", help="default: the device's total memory")
     p.add_argument("--fit-context", type=int, default=2048, help="context of the largest-batch search")
     p.add_argument("--prefill-tokens", type=int, help="most tokens prefilled at once (cpu: 1024; cuda: 32768)")
+    p.add_argument("--static-cache", choices=["off", "eager", "compile"], default="off",
+                   help="decode through a StaticCache (compile: its forward under torch.compile, CUDA graphs "
+                        "on CUDA); the eager DynamicCache path is launch-bound at small batches (default: off)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompts for the greedy outputs compared")
     p.add_argument("--gen-tokens", type=int, default=24, help="tokens generated per prompt (default: 24)")
@@ -309,7 +314,7 @@ def run(args: argparse.Namespace) -> list[str]:
     models = load_models(args)
     dtype = str(next(models[0].model.parameters()).dtype).removeprefix("torch.")
     report = [args.command, f"device {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
-              f"transformers {transformers.__version__}, {dtype}, DynamicCache, attn_implementation=sdpa",
+              f"transformers {transformers.__version__}, {dtype}, {CACHE_NAMES[args.static_cache]}, attn_implementation=sdpa",
               "attention in one decode step (no padding mask, as in every cell):"]
     for m in models:
         m.attention = attention_path(m, args.device)
@@ -320,7 +325,7 @@ def run(args: argparse.Namespace) -> list[str]:
             print(f"measuring batch {batch} x context {context} ...", file=sys.stderr, flush=True)
             cells += measure_cell(models, batch, context, args)
     report[1] += f"; load average {load_before:.1f} before the grid, {os.getloadavg()[0]:.1f} after"
-    fit = largest_batches(models, cells, args)
+    fit = largest_batches(models, cells, args) if args.static_cache == "off" else []  # memory: the DynamicCache run
     report += ["", *table(cells, args.device), "", f"largest batch at context {args.fit_context}:",
                *fit_table(fit), "", *generations(models, args)]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ class Model:
     weight_bytes: int
     path: Path | None = None  # its checkpoint directory, where its tokenizer is (the twin: the original's)
     attention: str = ""
+    compiled: object = None  # torch.compile of model.forward, made on first use (--static-cache compile)
 
 
 @dataclass
@@ -130,20 +131,62 @@ def decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int) -> torc
     """`steps` greedy decode steps through the cache, one token each; returns the last ids (batch, 1)."""
     with torch.inference_mode():
         for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # a compiled step's outputs may be overwritten next step
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # (batch, 1, vocab)
             ids = logits[:, -1:].argmax(-1)  # (batch, 1)
     return ids
 
 
 def timed_decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int, device: str) -> float:
-    """Seconds for `steps` decode steps; the cache is cropped back afterwards for the next repeat."""
+    """Seconds for `steps` decode steps; the cache is rewound afterwards for the next repeat."""
     sync(device)
     start = time.perf_counter()
     decode(model, cache, ids, steps)
     sync(device)
     seconds = time.perf_counter() - start
-    cache.crop(-steps)
+    rewind(cache, steps)
     return seconds
+
+
+def rewind(cache, steps: int) -> None:
+    """Forget the last `steps` tokens: a DynamicCache is cropped, a StaticCache's write position moved back."""
+    if not hasattr(cache.layers[0], "cumulative_length"):
+        cache.crop(-steps)
+        return
+    for layer in cache.layers:
+        layer.cumulative_length.sub_(steps)  # in place: compiled graphs hold its address
+
+
+def to_static(model: torch.nn.Module, cache, room: int):
+    """The prefilled DynamicCache copied into a StaticCache of `context + room` positions (then dropped).
+
+    Positions past the written ones are masked, but a static cache's attention still spans all of them,
+    as in transformers' own compiled generation.
+    """
+    from transformers import StaticCache
+
+    context = cache.get_seq_length()
+    static = StaticCache(config=model.config, max_cache_len=context + room)
+    if not hasattr(static.layers[0], "cumulative_length"):
+        from convert.errors import ConversionError
+
+        raise ConversionError("--static-cache needs transformers 5 (StaticLayer.cumulative_length)")
+    for layer, filled in zip(static.layers, cache.layers):
+        layer.update(filled.keys, filled.values)  # allocates (batch, kv_heads, context + room, head_dim)
+    return static
+
+
+def decode_step(m: Model, mode: str):
+    """What one decode step calls: the model, or (mode "compile") its forward under torch.compile.
+
+    "compile" uses mode="reduce-overhead" (CUDA graphs on CUDA), one graph per (batch, cache length).
+    """
+    if mode != "compile":
+        return m.model
+    if m.compiled is None:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        m.compiled = torch.compile(m.model.forward, mode="reduce-overhead", dynamic=False)
+    return m.compiled
 
 
 def max_positions(model: torch.nn.Module) -> int:
@@ -205,8 +248,15 @@ def start_cell(m: Model, cell: Cell, args: argparse.Namespace) -> tuple:
         torch.cuda.reset_peak_memory_stats()
     cache, ids = prefill(m.model, cell.batch, cell.context, args.prefill_tokens)
     cell.cache_bytes = cache_bytes(cache)  # read before any decode step grows it
-    timed_decode(m.model, cache, ids, args.warmup, args.device)
-    return m.model, cache, ids
+    mode = getattr(args, "static_cache", "off")
+    if mode != "off":
+        cache = to_static(m.model, cache, args.warmup + args.new_tokens)
+        if args.device == "cuda":  # peak: weights, the static cache and decode activations, not the copy
+            empty_cache(args.device)
+            torch.cuda.reset_peak_memory_stats()
+    step = decode_step(m, mode)
+    timed_decode(step, cache, ids, args.warmup, args.device)
+    return step, cache, ids
 
 
 def summarize(cell: Cell, new_tokens: int) -> None:

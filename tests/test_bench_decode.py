@@ -220,3 +220,23 @@ def test_synthetic_1b_shapes_on_meta():
         attention = model.model.layers[0].self_attn
         assert attention.k_proj.weight.shape == (kv_heads * 128, 2048) and attention.head_dim == 128
         assert 0.8e9 < sum(p.numel() for p in model.parameters()) < 1.0e9  # MHA 0.95B, GQA-8 0.89B, MQA 0.83B
+
+
+def test_static_cache_decodes_the_same_tokens_and_rewinds():
+    """The StaticCache path (--static-cache) continues a prefilled cache to the same greedy tokens as the
+    DynamicCache path, and a rewind between repeats replays the same tokens (not a shifted continuation)."""
+    torch.manual_seed(0)
+    model = make_model("llama", 2).eval()
+    m = decoding.describe("gqa", model, None)
+    torch.manual_seed(1)
+    cache, ids = decoding.prefill(model, batch=4, context=10, prefill_tokens=20)  # 2 rows prefilled, repeated
+    static = decoding.to_static(model, cache, room=6)
+    step = decoding.decode_step(m, "eager")
+    for n in (1, 3, 6, 3):
+        want = decoding.decode(model, cache, ids, n)
+        got = decoding.decode(step, static, ids, n)
+        assert torch.equal(got, want), n
+        assert cache.get_seq_length() == 10 + n and all(int(x.cumulative_length) == 10 + n for x in static.layers)
+        decoding.rewind(static, n)
+        decoding.rewind(cache, n)
+    assert all(int(layer.cumulative_length) == 10 for layer in static.layers)
