@@ -44,7 +44,7 @@ def build(work: Path, args) -> tuple[Path, Path]:
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(work / "mha")
     tokenizer.save_pretrained(work / "mha")
-    convert_checkpoint(work / "mha", work / "mqa", kv_heads=1)
+    convert_checkpoint(work / "mha", work / "mqa", kv_heads=args.kv_heads)
     return work / "mqa", train
 
 
@@ -58,6 +58,9 @@ def ours(work: Path, model: Path, text: Path, args) -> dict:
               "eval": {"every_steps": args.steps, "max_tokens": args.seq_len},
               "save": {"every_steps": args.steps, "keep_last": 1},
               "log": {"every_steps": args.warmup}}
+    if args.distill:  # the MHA original teaches: one more forward pass per step
+        recipe["teacher"] = str(model.parent / "mha")
+        recipe["distill"] = {"weight": 0.5, "temperature": 1.0}
     path = work / "ours.yaml"
     path.write_text(yaml.safe_dump(recipe))
     shutil.rmtree(work / "ours", ignore_errors=True)  # each repeat starts fresh
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=1, help="KV heads of the converted model (default: 1, MQA)")
+    parser.add_argument("--distill", action="store_true", help="also time the uptrain loop distilling from the original")
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -120,15 +125,19 @@ def main() -> None:
     if args.one:
         which, work, model = args.one
         work = Path(work)
-        result = {"ours": ours, "trainer": trainer}[which](work, Path(model), work / "text" / "train.txt", args)
+        args.distill = which == "distill"
+        run = {"ours": ours, "distill": ours, "trainer": trainer}[which]
+        result = run(work, Path(model), work / "text" / "train.txt", args)
         print(json.dumps(result))
         return
     work = Path(tempfile.mkdtemp(prefix="uptrain-bench-"))
     model, _ = build(work, args)
-    results: dict[str, list[float]] = {"uptrain loop": [], "transformers Trainer": []}
+    runs = [("uptrain loop", "ours"), ("transformers Trainer", "trainer")]
+    runs += [("uptrain loop, distill", "distill")] if args.distill else []
+    results: dict[str, list[float]] = {name: [] for name, _ in runs}
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for _ in range(args.repeats):
-        for name, which in (("uptrain loop", "ours"), ("transformers Trainer", "trainer")):
+        for name, which in runs:
             out = subprocess.run([sys.executable, __file__, "--one", which, str(work), str(model), *sys.argv[1:]],
                                  check=True, capture_output=True, text=True, env=env).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
@@ -139,7 +148,7 @@ def main() -> None:
     config = AutoConfig.from_pretrained(model)
     params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(config).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"\n{params / 1e6:.1f}M-parameter MQA Llama, seq_len {args.seq_len}, micro-batch {args.micro_batch} x "
+    print(f"\n{params / 1e6:.1f}M-parameter Llama with {args.kv_heads} KV heads, seq_len {args.seq_len}, micro-batch {args.micro_batch} x "
           f"accumulation {args.grad_accum}, {args.steps} steps ({args.warmup} warm-up), median of {args.repeats}; "
           f"{device}")
     base = statistics.median(results["transformers Trainer"])
@@ -150,6 +159,9 @@ def main() -> None:
         if torch.cuda.is_available():
             flops = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq_len
             line += f"  MFU {tps * flops / (args.peak_tflops * 1e12):.1%}"
+            if "distill" in name:  # the teacher's forward pass (2N + attention) counted separately
+                teacher = (2 * params + 4 * config.num_hidden_layers * config.hidden_size * args.seq_len) * tps
+                line += f" + teacher forward {teacher / (args.peak_tflops * 1e12):.1%}"
         print(line)
 
 
