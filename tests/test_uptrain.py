@@ -134,29 +134,62 @@ def test_teacher_equal_to_student_adds_no_kl(setup, tmp_path):
     assert first["loss"] == pytest.approx(0.5 * first["ce"], rel=1e-5)
 
 
-def test_two_processes_through_accelerate_launch(setup, tmp_path):
-    out = tmp_path / "ddp"
-    recipe = write_recipe(tmp_path / "p.yaml", setup, out, train={"max_steps": 6}, eval={"every_steps": 3},
-                          save={"every_steps": 3})
+def _records(out: Path) -> list[dict]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]  # training steps, not evals
+
+
+def test_same_global_batch_three_ways_gives_the_same_weights(setup, tmp_path):
+    """32 blocks per step as 1 process x 32, 1 process x 8 x accumulation 4, and 2 DDP processes (gloo,
+    recipes/accelerate/ddp.yaml) x 8 x accumulation 2: the same blocks in every step, so the same weights,
+    logged loss and grad_norm. max_grad_norm is low enough that clipping acts in every step: a gradient scaled
+    by the accumulation steps (accelerate divides each backward by them) would clip differently."""
+    ways = {"one": {"micro_batch_size": 32, "grad_accum": 1}, "accum": {"micro_batch_size": 8, "grad_accum": 4},
+            "ddp": {"micro_batch_size": 8, "grad_accum": 2}}
+    recipes = {name: write_recipe(tmp_path / f"{name}.yaml", setup, tmp_path / name,
+                                  train={"max_steps": 5, "max_grad_norm": 0.05, **train}, eval={"every_steps": 5},
+                                  save={"every_steps": 3}, log={"every_steps": 1})
+               for name, train in ways.items()}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
-                           "-m", "uptrain", str(recipe)],
+                           "-m", "uptrain", str(recipes["ddp"])],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
-    single = tmp_path / "single"
-    run(load_recipe(write_recipe(tmp_path / "one.yaml", setup, single, train={"max_steps": 2})))
-    assert sorted(p.name for p in (out / "final").iterdir()) == sorted(p.name for p in (single / "final").iterdir())
-    a, b = _final_weights(out), _final_weights(single)
-    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
-    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    for name in ("one", "accum"):
+        run(load_recipe(recipes[name]))
+    reference, logs = _final_weights(tmp_path / "one"), {name: _records(tmp_path / name) for name in ways}
+    assert [r["tokens"] for r in logs["one"]] == [step * 32 * 64 for step in range(1, 6)]
+    for name in ("accum", "ddp"):
+        weights = _final_weights(tmp_path / name)
+        assert weights.keys() == reference.keys()
+        for key, tensor in reference.items():
+            diff = (weights[key] - tensor).norm() / tensor.norm()
+            assert diff < 1e-4, (name, key, diff.item())
+        for mine, ref in zip(logs[name], logs["one"], strict=True):
+            assert mine["tokens"] == ref["tokens"]
+            assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
+            assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), name
+    assert all(r["grad_norm"] > 0.05 for r in logs["one"])  # clipping acted in every step
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final")
     assert model.config.num_key_value_heads == 1
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    # 2 processes x 8 blocks x 2 accumulation x 64 tokens per step
-    assert [r["tokens"] for r in records if "loss" in r][-1] == 6 * 2 * 8 * 2 * 64
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ddp" / "final").iterdir()}
+
+
+def test_accelerate_backward_divides_by_the_accumulation_steps():
+    """The library behaviour backward_scale undoes: under accumulate, backward(loss) leaves grad = dloss / steps."""
+    from accelerate import Accelerator
+
+    from uptrain.train import backward_scale
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    weight = torch.nn.Parameter(torch.ones(()))
+    with accelerator.accumulate(torch.nn.Linear(1, 1)):
+        accelerator.backward(3.0 * weight)
+    assert weight.grad.item() == pytest.approx(3.0 / 4)
+    assert backward_scale(accelerator) == 4
 
 
 def test_convert_step_and_streaming_data(setup, tmp_path):

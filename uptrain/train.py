@@ -3,7 +3,8 @@
 One optimizer step consumes a window of ``grad_accum`` micro-batches per process.
 The loss of a window is the sum of per-token losses divided by the tokens of the
 whole window on all processes, so every token weighs the same whatever the
-accumulation or process count.
+accumulation or process count (``backward_scale`` undoes what DDP and accelerate
+divide by on their own).
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum() * temperature**2
+
+
+def backward_scale(accelerator) -> float:
+    """What a window's summed loss is multiplied by (before dividing by the window's global tokens) so that the
+    gradients after the window are the global per-token mean gradient.
+
+    DDP and FSDP average gradients over processes (times num_processes undoes it), and
+    ``Accelerator.backward`` divides every loss by ``gradient_accumulation_steps`` (except under DeepSpeed,
+    which this loop does not use): times the steps undoes it, since the window's token count already
+    normalizes. tests/test_uptrain.py pins both library behaviours.
+    """
+    return accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
 def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
@@ -280,8 +293,7 @@ class _Loop:
                     with torch.no_grad(), acc.autocast():
                         teacher_logits = self.teacher(input_ids=ids).logits
                     loss = (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature)
-                # DDP averages gradients over processes; scale so the result is the global per-token mean.
-                acc.backward(loss * acc.num_processes / tokens.float())
+                acc.backward(loss * backward_scale(acc) / tokens.float())
                 total += loss.detach().double()
                 ce_total += ce.detach().double()
                 if acc.sync_gradients:  # the window's last micro-batch: total is complete
