@@ -14,7 +14,8 @@ Entry keys (every key is checked by ``_validate``; an unknown one is an error):
   ``v``, ``o`` (separate projections), ``qkv`` (one fused projection),
   ``k_norm`` (a norm whose weight spans the KV heads, pooled like K),
   ``k_norm_per_head`` (one norm module per KV head, ``{head}`` placeholder),
-  ``shared_norm`` (per-head_dim q/k norms shared by all heads: copied).
+  ``k_norm_shared`` (a per-head_dim K norm shared by all heads: copied),
+  ``q_norm`` / ``q_norm_per_head`` (query norms: copied).
 - ``layout``: how ``qkv`` rows are ordered (see ``convert.layouts``):
   ``separate``, ``contiguous`` [Q|K|V], ``grouped`` [q..q,k,v] per KV head,
   ``per_head`` [q,k,v] per head.
@@ -42,6 +43,7 @@ Entry keys (every key is checked by ``_validate``; an unknown one is an error):
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 LLAMA_LIKE: dict[str, Any] = {
@@ -248,6 +250,23 @@ def _validate(name: str, spec: dict[str, Any]) -> None:
 
 for _name, _spec in FAMILIES.items():
     _validate(_name, _spec)
+
+
+SUBSETS = {  # train.trainable subsets, by role: "attention" is Q, K, V, O and their norms in every family
+    "attention": tuple(sorted(_ROLES)),
+    "kv": ("k", "v"),
+}
+
+
+def parameter_pattern(spec: dict[str, Any], subset: str) -> re.Pattern:
+    """The parameter names (weights and biases, every layer) of ``subset``'s modules, matched exactly.
+
+    ``pattern.fullmatch(name)``: a module is matched by its full path, so GPTBigCode's attention ``c_proj``
+    does not also select the MLP's ``c_proj``.
+    """
+    attention = re.escape(spec["attention"]).replace(r"\{layer\}", r"\d+")
+    modules = [re.escape(m).replace(r"\{head\}", r"\d+") for r, m in spec["tensors"].items() if r in SUBSETS[subset]]
+    return re.compile(rf"{attention}\.(?:{'|'.join(modules)})\.[^.]+")
 
 
 def supported() -> list[str]:

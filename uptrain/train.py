@@ -116,20 +116,21 @@ def _load_model(path: str, what: str):
 
 
 def _set_trainable(model, mode: str) -> int:
-    """Freeze all but the attention (or only K/V) projections; returns the trainable parameter count."""
+    """Freeze all but the modules of ``mode`` (convert.families.SUBSETS); returns the trainable parameter count."""
     if mode != "all":
-        from convert.families import resolve
+        from convert.families import parameter_pattern, resolve
 
-        _, spec = resolve(model.config.to_dict())
-        roles = {"attention": ("q", "k", "v", "o", "qkv", "k_norm", "k_norm_per_head"), "kv": ("k", "v")}[mode]
+        try:
+            _, spec = resolve(model.config.to_dict())
+        except KeyError as exc:
+            raise RecipeError(f"train.trainable: {mode} needs a family the converter knows; {exc.args[0]} is not "
+                              f"one (use train.trainable: all)") from None
         if mode == "kv" and "qkv" in spec["tensors"]:
             raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
                               "(use attention)")
-        modules = [spec["tensors"][r].split(".{head}")[0] for r in roles if r in spec["tensors"]]
-        prefix = spec["attention"].split(".{layer}")[0]
+        pattern = parameter_pattern(spec, mode)
         for name, p in model.named_parameters():
-            inside = name.startswith(prefix) and any(f".{m}." in name for m in modules)
-            p.requires_grad_(inside)
+            p.requires_grad_(pattern.fullmatch(name) is not None)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -1,0 +1,68 @@
+"""train.trainable subsets select by role from the family table: after a training step exactly the attention
+modules (Q, K, V, O and their norms) have moved, in every family, and nothing else (GPTBigCode's MLP c_proj
+included, the module a substring match on the attention's c_proj also caught)."""
+
+import pytest
+import torch
+
+from convert import convert_checkpoint
+from convert.families import resolve
+from tiny import FAMILIES, make_model
+from uptrain.recipe import RecipeError
+from uptrain.train import _set_trainable
+
+
+def attention_parameter_names(model) -> set[str]:
+    """Every parameter inside each layer's attention module, found from the module tree (not the role table)."""
+    _, spec = resolve(model.config.to_dict())
+    names = set()
+    for layer in range(model.config.num_hidden_layers):
+        path = spec["attention"].format(layer=layer)
+        names |= {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
+    return names
+
+
+def step_and_compare(model, trainable: str) -> set[str]:
+    """One AdamW step on a random batch with the subset trainable; returns the names of the parameters moved."""
+    _set_trainable(model, trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_bigcode", "falcon_legacy"])
+def test_attention_subset_moves_exactly_the_attention_modules(family):
+    model = make_model(family, kv_heads=2 if family not in ("gpt_bigcode", "falcon_legacy") else 1)
+    expected = attention_parameter_names(model)
+    everything = {n for n, _ in model.named_parameters()}
+    assert expected and everything - expected  # both sides are non-empty
+    assert step_and_compare(model, "attention") == expected
+
+
+def test_gpt2_converted_to_bigcode_keeps_its_mlp_frozen(tmp_path):
+    make_model("gpt2", kv_heads=8).save_pretrained(tmp_path / "gpt2")
+    convert_checkpoint(tmp_path / "gpt2", tmp_path / "mqa", kv_heads=1)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa")
+    moved = step_and_compare(model, "attention")
+    assert moved == attention_parameter_names(model)
+    assert not any(".mlp." in n for n in moved) and any(".attn.c_proj." in n for n in moved)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "granite"])
+def test_kv_subset_moves_only_k_and_v(family):
+    moved = step_and_compare(make_model(family, kv_heads=2), "kv")
+    assert moved and all(".k_proj." in n or ".v_proj." in n for n in moved)
+    assert any(".k_proj." in n for n in moved) and any(".v_proj." in n for n in moved)
+
+
+def test_unknown_family_is_a_recipe_error():
+    model = make_model("llama", kv_heads=2)
+    model.config.to_dict = lambda: {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
+    with pytest.raises(RecipeError, match="mystery is not one"):
+        _set_trainable(model, "attention")
