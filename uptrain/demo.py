@@ -17,6 +17,7 @@ every weight in bf16 on longer blocks for about four epochs of the training play
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from uptrain.recipe import Recipe
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "demo-smollm2-mqa.yaml"
+RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
 GPU_OVERRIDES = [  # 150 steps x 32,768 tokens = 4.9M tokens: about four epochs of the 1.27M-token plays
     "data.seq_len=1024", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=150",

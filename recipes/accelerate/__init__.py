@@ -1,0 +1,1 @@
+"""accelerate launch configurations (DDP, FSDP2), installed with the recipes."""
