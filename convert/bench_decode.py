@@ -39,7 +39,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from convert.errors import ConversionError
+from convert.errors import ConversionError, os_error_line
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(os_error_line(exc), file=sys.stderr)
         return 2
     print("\n".join(report))
     print(f"\nwrote results.csv, fit.csv, decode.png, report.txt to {args.out}")

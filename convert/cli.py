@@ -9,7 +9,7 @@ import sys
 import threading
 
 from convert.engine import DTYPES, convert_checkpoint
-from convert.errors import ConversionError
+from convert.errors import ConversionError, os_error_line
 from convert.families import supported
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.merge import GROUPINGS, METHODS
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only or full output filesystem, denied permission, a source that vanished
+        print(os_error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

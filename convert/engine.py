@@ -111,6 +111,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     if dry_run:
         report["seconds"] = round(time.perf_counter() - started, 3)
         return report
+    check_free_space(output, report["tensor_bytes_after"])
     command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, kv_heads={kv_heads}, method={method!r})"
     if calibration_data and plan.layers:
         found = attention_moments(src_dir, plan.layers.modules, documents, calibration_tokens,
@@ -134,6 +135,18 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         (tmp / "README.md").write_text(model_card(report, command))
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def check_free_space(output: Path, tensor_bytes: int) -> None:
+    """Refuse before writing when OUTPUT's filesystem has less free space than the tensors need (plus 1%)."""
+    parent = output.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    needed = int(tensor_bytes * 1.01)
+    if free < needed:
+        raise ConversionError(f"{output}: the converted tensors need {needed:,} bytes but its filesystem has only "
+                              f"{free:,} free; free space or choose another OUTPUT")
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # read-only or full output filesystem, denied permission, a file that vanished
+        from convert.errors import os_error_line
+
+        print(os_error_line(exc), file=sys.stderr)
+        return 2
     if summary.get("final"):
         print(format_summary(summary))
     return 0

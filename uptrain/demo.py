@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from convert import ConversionError
+    from convert.errors import os_error_line
     from uptrain.assets import AssetError
     from uptrain.recipe import RecipeError
     from uptrain.train import TrainingError
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(os_error_line(exc), file=sys.stderr)
+        return 2
     return 0
 
 
