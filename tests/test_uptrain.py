@@ -222,3 +222,44 @@ def test_max_tokens_sets_the_step_count(setup, tmp_path):
     recipe = write_recipe(tmp_path / "m.yaml", setup, out, train={"max_steps": None, "max_tokens": 5000})
     summary = run(load_recipe(recipe))
     assert summary["steps"] == 5 and summary["tokens"] == 5 * 8 * 2 * 64  # ceil(5000 / 1024)
+
+
+def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(setup, tmp_path, monkeypatch):
+    """save_state failing part-way (ENOSPC after writing a file, as a disk filling up does) ends the run with
+    one error naming step-3; step-3 is byte-identical afterwards, no partial step-6 is left, and a rerun resumes
+    from step-3 to the end."""
+    import errno
+    import hashlib
+
+    from accelerate import Accelerator
+
+    from uptrain.train import TrainingError
+
+    out = tmp_path / "full"
+    recipe = write_recipe(tmp_path / "f.yaml", setup, out, train={"max_steps": 9}, save={"every_steps": 3},
+                          eval={"every_steps": 9})
+    real_save, calls, seen = Accelerator.save_state, [], {}
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            seen.update(digest(out / "checkpoints" / "step-3"))
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "optimizer.bin"))
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    with pytest.raises(TrainingError) as failed:
+        run(load_recipe(recipe))
+    message = str(failed.value)
+    assert "step-6" in message and "No space left on device" in message and str(out / "checkpoints" / "step-3") in message
+    assert "\n" not in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
+    assert seen and digest(out / "checkpoints" / "step-3") == seen
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    summary = run(load_recipe(recipe))
+    assert summary["steps"] == 9 and (out / "final" / "model.safetensors").exists()

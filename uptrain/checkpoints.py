@@ -55,10 +55,15 @@ def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE).write_text(json.dumps({"step": step}) + "\n")
+    except OSError:  # full or read-only disk: drop the partial copy, keep every complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps({"step": step}) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         for old in _complete(out)[:-keep_last]:

@@ -305,6 +305,20 @@ class _Loop:
                 self.optimizer.zero_grad(set_to_none=True)
         return window_loss, acc.reduce(ce_total, "sum") / tokens
 
+    def save(self) -> None:
+        """A checkpoint of this step; a full or read-only disk stops the run naming the last complete one."""
+        out = Path(self.r.output_dir)
+        try:
+            checkpoints.save(self.acc, out, self.step, self.r.save.keep_last)
+        except OSError as exc:
+            from convert.errors import os_error_line
+
+            last = checkpoints.newest(out)
+            keep = f"the last complete checkpoint, {last}, is intact: rerun to resume from it" if last else \
+                "no complete checkpoint was written yet"
+            raise TrainingError(f"saving the step-{self.step} checkpoint failed "
+                                f"({os_error_line(exc).removeprefix('error: ')}); {keep}") from None
+
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             last = checkpoints.newest(Path(self.r.output_dir))
@@ -356,7 +370,7 @@ class _Loop:
                     last_eval = self.eval_now()
                     self.model.train()
                 if self.step % r.save.every_steps == 0 or self.step == self.total_steps:
-                    checkpoints.save(acc, Path(r.output_dir), self.step, r.save.keep_last)
+                    self.save()
                 bar.update(1)
         except torch.OutOfMemoryError:
             raise TrainingError(
