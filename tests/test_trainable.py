@@ -66,3 +66,25 @@ def test_unknown_family_is_a_recipe_error():
     model.config.to_dict = lambda: {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
     with pytest.raises(RecipeError, match="mystery is not one"):
         _set_trainable(model, "attention")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_bigcode", "granite"])
+def test_weight_decay_spares_norms_biases_and_embeddings(family):
+    """One AdamW step with zero gradients moves only what decays: every matrix but the embedding shrinks by
+    (1 - lr * wd); norms, biases and the (tied) embedding stay bit-equal."""
+    from uptrain.train import param_groups
+
+    model = make_model(family, kv_heads=2 if family != "gpt_bigcode" else 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    embedding = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        spared = p.dim() < 2 or p is embedding
+        if spared:
+            assert torch.equal(p.detach(), before[name]), name
+        else:
+            torch.testing.assert_close(p.detach(), before[name] * (1 - 0.5 * 0.1), msg=name)
+    assert any(p.dim() < 2 for p in model.parameters())  # the model has norms/biases to spare

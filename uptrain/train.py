@@ -134,6 +134,16 @@ def _set_trainable(model, mode: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in two AdamW groups: matrices decay; norms, biases and embeddings do not."""
+    embeddings = {id(model.get_input_embeddings().weight)}  # also the tied output projection, if tied
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _check_inputs(recipe: Recipe, model, teacher) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and recipe.data.seq_len > limit:
@@ -226,8 +236,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     # Optimizer, scheduler
     tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
     total_steps = t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
 
