@@ -108,20 +108,24 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):  # noqa: F
         run(load_recipe(recipe))
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):  # noqa: F811
-    real = train_module.token_losses
+@pytest.mark.parametrize("chunk", [0, 4096])  # the full-logits path and the chunked one (uptrain.loss)
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, chunk):  # noqa: F811
+    name = "token_losses" if chunk == 0 else "chunked_loss"
+    real = getattr(train_module, name)
     calls = {"n": 0}
 
-    def poisoned(logits, ids):
-        loss = real(logits, ids)
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
         if not torch.is_grad_enabled():  # evaluation
-            return loss
+            return result
         calls["n"] += 1
-        return loss * math.nan if calls["n"] > 2 * 12 else loss  # from step 13 (2 micro-batches a step)
+        if calls["n"] <= 2 * 12:  # from step 13 (2 micro-batches a step)
+            return result
+        return result * math.nan if chunk == 0 else (result[0] * math.nan, result[1])
 
-    monkeypatch.setattr(train_module, "token_losses", poisoned)
+    monkeypatch.setattr(train_module, name, poisoned)
     recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", eval={"every_steps": 100},
-                          save={"every_steps": 5, "keep_last": 2})
+                          save={"every_steps": 5, "keep_last": 2}, train={"loss_chunk_tokens": chunk})
     with pytest.raises(TrainingError, match=r"loss became nan at step 13; stopped before the update; "
                                             r"the last good checkpoint is .*step-10"):
         run(load_recipe(recipe))

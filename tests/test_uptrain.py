@@ -263,3 +263,21 @@ def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(se
     monkeypatch.setattr(Accelerator, "save_state", real_save)
     summary = run(load_recipe(recipe))
     assert summary["steps"] == 9 and (out / "final" / "model.safetensors").exists()
+
+
+def test_chunked_and_full_logits_losses_train_the_same_weights(setup, tmp_path):
+    """Three distillation steps with train.loss_chunk_tokens 0 (full logits) and 100 (chunks that straddle
+    blocks) end with the same weights and logged losses."""
+    runs = {}
+    for chunk in (0, 100):
+        out = tmp_path / f"chunk{chunk}"
+        recipe = write_recipe(tmp_path / f"c{chunk}.yaml", setup, out, teacher=str(setup[2]),
+                              distill={"weight": 0.5, "temperature": 2.0}, eval={"every_steps": 3},
+                              train={"max_steps": 3, "loss_chunk_tokens": chunk}, log={"every_steps": 1})
+        run(load_recipe(recipe))
+        runs[chunk] = (_final_weights(out), _records(out))
+    (full, full_log), (chunked, chunked_log) = runs[0], runs[100]
+    for key, tensor in full.items():
+        assert (chunked[key] - tensor).norm() <= 1e-4 * tensor.norm(), key
+    for a, b in zip(full_log, chunked_log, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["ce"] == pytest.approx(b["ce"], rel=1e-5)

@@ -56,6 +56,7 @@ class Train:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     trainable: str = "all"
+    loss_chunk_tokens: int = 4096
     seed: int = 0
 
 
@@ -213,6 +214,8 @@ def _check_consistency(r: Recipe) -> None:
             raise RecipeError(f"{key} must be positive, got {value}")
     if not 0 <= r.distill.weight <= 1:
         raise RecipeError(f"distill.weight must be in [0, 1], got {r.distill.weight}")
+    if t.loss_chunk_tokens < 0:
+        raise RecipeError(f"train.loss_chunk_tokens must be 0 (full logits) or positive, got {t.loss_chunk_tokens}")
     if r.distill.weight > 0 and r.teacher is None:
         raise RecipeError("distill.weight > 0 needs a teacher model")
     if r.distill.temperature <= 0:

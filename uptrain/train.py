@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from uptrain import checkpoints, data
+from uptrain.loss import chunkable, chunked_loss
 from uptrain.recipe import Recipe, RecipeError
 
 
@@ -273,6 +274,17 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
+def loss_chunk(recipe: Recipe, accelerator, model, teacher) -> int:
+    """Tokens per loss chunk, or 0 for the full-logits path: when the recipe asks for it, under FSDP (whose
+    sharded lm_head weight the chunked loss cannot read) and where logits are scaled after the lm_head."""
+    from accelerate.utils import DistributedType
+
+    models = [accelerator.unwrap_model(model)] + ([teacher] if teacher is not None else [])
+    if accelerator.distributed_type == DistributedType.FSDP or not all(chunkable(m) for m in models):
+        return 0
+    return recipe.train.loss_chunk_tokens
+
+
 class _Loop:
     """The optimizer-step loop with its logging, evaluation and checkpoints."""
 
@@ -282,6 +294,7 @@ class _Loop:
         self.optimizer, self.scheduler, self.eval_loader, self.metrics = optimizer, scheduler, eval_loader, metrics
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.step, self.grad_norm = 0, float("nan")
+        self.chunk = loss_chunk(recipe, accelerator, model, teacher)
 
     def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
@@ -295,14 +308,7 @@ class _Loop:
         w = r.distill.weight
         for batch in window:
             with acc.accumulate(self.model):
-                ids = batch["input_ids"]
-                logits = self.model(input_ids=ids).logits
-                ce = token_losses(logits, ids)
-                loss = ce
-                if w > 0:
-                    with torch.no_grad(), acc.autocast():
-                        teacher_logits = self.teacher(input_ids=ids).logits
-                    loss = (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature)
+                loss, ce = self.micro_batch_loss(batch["input_ids"])
                 acc.backward(loss * backward_scale(acc) / tokens.float())
                 total += loss.detach().double()
                 ce_total += ce.detach().double()
@@ -313,6 +319,28 @@ class _Loop:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return window_loss, acc.reduce(ce_total, "sum") / tokens
+
+    def micro_batch_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, CE) sums of one micro-batch: chunked from hidden states (uptrain.loss) where exact, else full."""
+        r, acc, w = self.r, self.acc, self.r.distill.weight
+        if self.chunk:
+            hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            teacher_hidden = None
+            if w > 0:
+                with torch.no_grad(), acc.autocast():
+                    teacher_hidden = self.teacher(input_ids=ids, output_hidden_states=True,
+                                                  logits_to_keep=1).hidden_states[-1]
+            head = acc.unwrap_model(self.model).get_output_embeddings()
+            return chunked_loss(hidden, head, ids, teacher_hidden,
+                                None if w == 0 else self.teacher.get_output_embeddings(), w,
+                                r.distill.temperature, self.chunk)
+        logits = self.model(input_ids=ids).logits
+        ce = token_losses(logits, ids)
+        if w == 0:
+            return ce, ce.detach()
+        with torch.no_grad(), acc.autocast():
+            teacher_logits = self.teacher(input_ids=ids).logits
+        return (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature), ce.detach()
 
     def save(self) -> None:
         """A checkpoint of this step; a full or read-only disk stops the run naming the last complete one."""

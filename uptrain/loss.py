@@ -1,0 +1,89 @@
+"""The training loss from final hidden states, in token chunks: no (tokens, vocab) logits tensor outlives its chunk.
+
+For a 128k vocabulary at 4 x 2048 tokens, full fp32 logits are 4.2 GB per copy, and the plain path holds the
+student's, the teacher's and their log-softmaxes at once. Here the lm_head runs on ``chunk`` tokens at a time;
+each chunk's loss and its gradient with respect to the chunk's logits are computed in the forward pass, turned
+at once into gradients for the hidden states and the lm_head weight (and bias), and only those are kept
+(tokens x hidden and vocab x hidden). The backward pass scales them by the incoming gradient. Peak memory: one
+chunk of logits (student and teacher) plus the two gradient buffers.
+
+Per token with a label (every position but each block's last), as ``uptrain.train`` defines the loss:
+    loss = (1 - w) * CE(z, y) + w * T^2 * KL(softmax(t / T) || softmax(z / T))
+    dloss/dz = (1 - w) * (softmax(z) - onehot(y)) + w * T * (softmax(z / T) - softmax(t / T))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # gemma2, cohere, granite
+
+
+def chunkable(model) -> bool:
+    """Whether logits are exactly lm_head(final hidden state): no softcapping or scaling after the lm_head."""
+    config = model.config
+    return all(getattr(config, key, None) in (None, 1.0) for key in SCALED_LOGITS)
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """Summed (1 - w) CE + w T^2 KL over chunks; returns (loss, CE) sums, differentiable in hidden, weight, bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, w, temperature,
+                chunk):
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            keep = labels[rows] != -100
+            if not keep.any():
+                continue
+            h, y = hidden[rows][keep], labels[rows][keep]  # (n, H), (n,)
+            z = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (n, V)
+            log_p = z.log_softmax(-1)
+            ce = -log_p.gather(1, y[:, None]).sum()
+            dz = log_p.exp()
+            dz[torch.arange(len(y)), y] -= 1
+            dz *= 1 - w
+            chunk_loss = (1 - w) * ce
+            if w > 0:
+                th = teacher_hidden[rows][keep]
+                t = F.linear(th, teacher_weight.to(th.dtype), None if teacher_bias is None else
+                             teacher_bias.to(th.dtype)).float()
+                log_pt, log_ps = (t / temperature).log_softmax(-1), (z / temperature).log_softmax(-1)
+                chunk_loss = chunk_loss + w * temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum()
+                dz += w * temperature * (log_ps.exp() - log_pt.exp())
+            loss += chunk_loss
+            ce_sum += ce
+            grad_hidden[start:start + chunk][keep] = dz @ weight.float()  # (n, H)
+            grad_weight += dz.T @ h.float()  # (V, H)
+            if grad_bias is not None:
+                grad_bias += dz.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, *(() if grad_bias is None else (grad_bias,)))
+        ctx.has_bias, ctx.hidden_dtype = grad_bias is not None, hidden.dtype
+        ctx.mark_non_differentiable(ce_sum)
+        return loss, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
+        scale = grad_loss.float()
+        return ((grad_hidden * scale).to(ctx.hidden_dtype), grad_weight * scale,
+                grad_bias[0] * scale if ctx.has_bias else None, *(None,) * 7)
+
+
+def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
+                 teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
+                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, CE sum) of a (B, T) block from final hidden states (B, T, H); positions 0..T-2 predict 1..T-1."""
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
+    flat = hidden.flatten(0, 1)  # (B*T, H)
+    t_flat = None if teacher_hidden is None else teacher_hidden.flatten(0, 1)
+    t_weight = None if teacher_head is None else teacher_head.weight
+    t_bias = None if teacher_head is None else teacher_head.bias
+    return ChunkedLoss.apply(flat, lm_head.weight, lm_head.bias, labels, t_flat, t_weight, t_bias, weight,
+                             temperature, chunk)
