@@ -1,7 +1,8 @@
 """The training loss from final hidden states, in token chunks: no (tokens, vocab) logits tensor outlives its chunk.
 
 For a 128k vocabulary at 4 x 2048 tokens, full fp32 logits are 4.2 GB per copy, and the plain path holds the
-student's, the teacher's and their log-softmaxes at once. Here the lm_head runs on ``chunk`` tokens at a time;
+student's, the teacher's and their log-softmaxes at once. Here the lm_head runs on ``chunk`` tokens at a time
+(512 by default: a few (512, vocab) float32 buffers, 263 MB each at 128k);
 each chunk's loss and its gradient with respect to the chunk's logits are computed in the forward pass, turned
 at once into gradients for the hidden states and the lm_head weight (and bias), and only those are kept
 (tokens x hidden and vocab x hidden). The backward pass scales them by the incoming gradient. Peak memory: one
@@ -44,9 +45,11 @@ class ChunkedLoss(torch.autograd.Function):
                 continue
             h, y = hidden[rows][keep], labels[rows][keep]  # (n, H), (n,)
             z = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (n, V)
+            log_ps = (z / temperature).log_softmax(-1) if w > 0 else None  # before z becomes log_p in place
             log_p = z.log_softmax(-1)
+            del z
             ce = -log_p.gather(1, y[:, None]).sum()
-            dz = log_p.exp()
+            dz = log_p.exp_()  # in place: each (n, V) buffer counts at this vocabulary size
             dz[torch.arange(len(y)), y] -= 1
             dz *= 1 - w
             chunk_loss = (1 - w) * ce
@@ -54,9 +57,12 @@ class ChunkedLoss(torch.autograd.Function):
                 th = teacher_hidden[rows][keep]
                 t = F.linear(th, teacher_weight.to(th.dtype), None if teacher_bias is None else
                              teacher_bias.to(th.dtype)).float()
-                log_pt, log_ps = (t / temperature).log_softmax(-1), (z / temperature).log_softmax(-1)
-                chunk_loss = chunk_loss + w * temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum()
-                dz += w * temperature * (log_ps.exp() - log_pt.exp())
+                log_pt = (t / temperature).log_softmax(-1)
+                del t
+                p_t = log_pt.exp()
+                chunk_loss = chunk_loss + w * temperature**2 * (p_t * (log_pt - log_ps)).sum()
+                del log_pt
+                dz += log_ps.exp_().sub_(p_t).mul_(w * temperature)
             loss += chunk_loss
             ce_sum += ce
             grad_hidden[start:start + chunk][keep] = dz @ weight.float()  # (n, H)
@@ -78,7 +84,7 @@ class ChunkedLoss(torch.autograd.Function):
 
 def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
                  teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
-                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, CE sum) of a (B, T) block from final hidden states (B, T, H); positions 0..T-2 predict 1..T-1."""
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
     flat = hidden.flatten(0, 1)  # (B*T, H)

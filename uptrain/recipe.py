@@ -56,7 +56,7 @@ class Train:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     trainable: str = "all"
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = 512
     seed: int = 0
 
 
