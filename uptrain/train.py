@@ -253,7 +253,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
     metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
     if main:
         print(f"uptrain: {model_path} -> {out}: {total_steps} steps of {tokens_per_step:,} tokens, "
-              f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) on "
+              f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
+              f"({accelerator.distributed_type.value}) on "
               f"{accelerator.device.type}, precision {accelerator.mixed_precision}"
               + (f", resuming from {resume_from.name}" if resume_from else ""))
 
