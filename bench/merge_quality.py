@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from convert import convert_checkpoint  # noqa: E402
 from convert.merge import CALIBRATED, METHODS  # noqa: E402
-from uptrain import assets  # noqa: E402
-from uptrain.demo import eval_ppl  # noqa: E402
+from kvshrink_demo import assets  # noqa: E402
+from kvshrink_demo.demo import eval_ppl  # noqa: E402
 
 
 def perplexity(model_dir: Path, eval_file: Path, tokens: int, seq_len: int) -> float:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from convert.merge import METHODS
 from textlm import make_lm, train_tokenizer, write_corpus
-from uptrain import assets, demo
+from kvshrink_demo import assets, demo
 
 
 @pytest.fixture(scope="module")

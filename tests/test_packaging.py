@@ -28,7 +28,7 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = (NO_EDITABLE + "import uptrain.demo as d, yaml; print(d.RECIPE); "
+    probe = (NO_EDITABLE + "import kvshrink_demo.demo as d, yaml; print(d.RECIPE); "
              "print(yaml.safe_load(d.RECIPE.read_text())['train']['trainable'])")
     found = subprocess.run([str(python), "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=300,
                            env=ENV)
@@ -39,6 +39,6 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(tmp_path):
     fsdp = venv.glob("lib/python*/site-packages/kvshrink_recipes/accelerate/fsdp.yaml")
     assert next(fsdp).read_text() == (ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
     helped = subprocess.run([str(python), "-c", NO_EDITABLE + "import runpy, sys; sys.argv[1:] = ['--help']; "
-                             "runpy.run_module('uptrain.demo', run_name='__main__')"],
+                             "runpy.run_module('kvshrink_demo', run_name='__main__')"],
                             cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)
     assert helped.returncode == 0 and "usage" in helped.stdout

