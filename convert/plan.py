@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from convert import renames
 from convert.errors import ConversionError
+from convert.families import Family
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor
@@ -55,23 +56,23 @@ def _config_int(config: dict, aliases: list[str], what: str, default: int | None
     return default
 
 
-def read_dims(config: dict, spec: dict) -> Dims:
-    keys = spec["config"]
-    heads = _config_int(config, keys["heads"], "attention head count")
-    hidden = _config_int(config, keys["hidden"], "hidden size")
-    if hidden % heads and not any(config.get(k) for k in keys.get("head_dim", [])):
+def read_dims(config: dict, spec: Family) -> Dims:
+    keys = spec.config
+    heads = _config_int(config, keys.heads, "attention head count")
+    hidden = _config_int(config, keys.hidden, "hidden size")
+    if hidden % heads and not any(config.get(k) for k in keys.head_dim):
         raise ConversionError(f"config.json: hidden size {hidden} is not divisible by {heads} heads")
-    head_dim = _config_int(config, keys.get("head_dim", []), "head_dim", default=hidden // heads)
-    kv_heads = spec.get("kv_heads_fixed") or _config_int(config, keys["kv_heads"], "KV head count", default=heads)
-    layers = _config_int(config, keys["layers"], "layer count")
+    head_dim = _config_int(config, keys.head_dim, "head_dim", default=hidden // heads)
+    kv_heads = spec.kv_heads_fixed or _config_int(config, keys.kv_heads, "KV head count", default=heads)
+    layers = _config_int(config, keys.layers, "layer count")
     if heads % kv_heads:
         raise ConversionError(f"config.json: {heads} attention heads are not divisible by {kv_heads} KV heads")
-    if spec["layout"] == "per_head" and kv_heads != heads:
+    if spec.layout == "per_head" and kv_heads != heads:
         raise ConversionError(f"config.json says {kv_heads} KV heads, but this layout has one per head ({heads})")
     return Dims(layers, heads, kv_heads, head_dim, hidden)
 
 
-def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
+def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: Family) -> None:
     """The requested KV-head count must be reachable from the source by pooling groups."""
     current = dims.kv_heads
     if not isinstance(kv_heads, int) or kv_heads < 1:
@@ -83,7 +84,7 @@ def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
         choices = [n for n in range(1, current + 1) if current % n == 0]
         raise ConversionError(f"--kv-heads {kv_heads} does not divide the {current} KV heads of the source; "
                               f"choose one of {', '.join(map(str, choices))}")
-    if spec["kv_choices"] == "mha_or_mqa" and kv_heads not in (1, current):
+    if spec.kv_choices == "mha_or_mqa" and kv_heads not in (1, current):
         raise ConversionError(f"--kv-heads {kv_heads}: a {family} checkpoint in this layout can only become MHA "
                               f"(--kv-heads {current}) or MQA (--kv-heads 1); the architecture has no GQA form")
 
@@ -91,13 +92,13 @@ def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
 class _Roles:
     """Which source tensors play which attention role, found by matching the family's name templates."""
 
-    def __init__(self, spec: dict, dims: Dims, config: dict, names: list[str]):
+    def __init__(self, spec: Family, dims: Dims, config: dict, names: list[str]):
         self.spec, self.dims, self.config = spec, dims, config
-        attention = re.escape(spec["attention"]).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        attention = re.escape(spec.attention).replace(r"\{layer\}", r"(?P<layer>\d+)")
         self.attention = re.compile(attention + r"\.(?P<rest>.+)$")
         self.patterns = {
             role: re.compile(re.escape(module).replace(r"\{head\}", r"(?P<head>\d+)") + r"\.(?P<param>weight|bias)$")
-            for role, module in spec["tensors"].items()
+            for role, module in spec.tensors.items()
         }
         self.of: dict[str, tuple[str, int, int | None, str]] = {}  # name -> (role, layer, head, param)
         for name in names:
@@ -114,18 +115,18 @@ class _Roles:
             if match:
                 head = int(match["head"]) if "head" in pattern.groupindex else None
                 return role, layer, head, match["param"]
-        raise ConversionError(f"unexpected attention tensor {name}: this {self.spec['architectures'][0]} table "
-                              f"knows {', '.join(self.spec['tensors'].values())}")
+        raise ConversionError(f"unexpected attention tensor {name}: this {self.spec.architectures[0]} table "
+                              f"knows {', '.join(self.spec.tensors.values())}")
 
     def _check_complete(self) -> None:
         found: dict[tuple[int, str, str], set] = {}
         for role, layer, head, param in self.of.values():
             found.setdefault((layer, role, param), set()).add(head)
-        needed = [r for r in self.spec["tensors"] if r in ("q", "k", "v", "o", "qkv")]
+        needed = [r for r in self.spec.tensors if r in ("q", "k", "v", "o", "qkv")]
         for layer in range(self.dims.layers):
             for role in needed:
                 if (layer, role, "weight") not in found:
-                    name = self.spec["attention"].format(layer=layer) + "." + self.spec["tensors"][role] + ".weight"
+                    name = self.spec.attention.format(layer=layer) + "." + self.spec.tensors[role] + ".weight"
                     raise ConversionError(f"the checkpoint has no {name}")
         per_head = {"k_norm_per_head": self.dims.kv_heads, "q_norm_per_head": self.dims.heads}
         for (layer, role, _), heads in found.items():
@@ -136,13 +137,13 @@ class _Roles:
 
     def _check_biases(self, found: dict) -> None:
         for key, roles in (("qkv_bias", ("q", "k", "v", "qkv")), ("o_bias", ("o",))):
-            rule = self.spec[key]
-            for role in (r for r in roles if r in self.spec["tensors"]):
+            rule = getattr(self.spec, key)
+            for role in (r for r in roles if r in self.spec.tensors):
                 has = {layer for (layer, r, p) in found if r == role and p == "bias"}
                 expected = rule if isinstance(rule, bool) else self.config.get(rule)
                 if expected is not None and has != (set(range(self.dims.layers)) if expected else set()):
                     what = "has" if has else "lacks"
-                    raise ConversionError(f"the checkpoint {what} {self.spec['tensors'][role]} biases, but "
+                    raise ConversionError(f"the checkpoint {what} {self.spec.tensors[role]} biases, but "
                                           f"{'the family' if isinstance(rule, bool) else 'config.json ' + rule} "
                                           f"says {'they exist' if expected else 'there are none'}")
 
@@ -226,11 +227,11 @@ class LayerRewrite:
         return self._cache[1][role, param]
 
 
-def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
+def _rotary_dim(spec: Family, config: dict, head_dim: int) -> int:
     """How many dimensions of a head RoPE rotates (the leading ones, for partial-rotary families)."""
-    if spec["rotary"] == "none":
+    if spec.rotary == "none":
         return 0
-    key = spec.get("partial_rotary")
+    key = spec.partial_rotary
     if not key:
         return head_dim
     # transformers 5 keeps the fraction in rope_parameters; older configs at the top level
@@ -240,21 +241,21 @@ def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
     raise ConversionError(f"config.json does not say {key}, which this family's merges need")
 
 
-def _layer_changes(spec: dict, config: dict, dims: Dims, roles: _Roles, shapes: dict, kv_heads: int, method: str,
+def _layer_changes(spec: Family, config: dict, dims: Dims, roles: _Roles, shapes: dict, kv_heads: int, method: str,
                    grouping: str, seed: int, out_layout: str, rename: dict | None,
                    canonical: dict[str, str]) -> tuple[dict[str, Change], LayerRewrite]:
     """Every Q/K/V/O tensor becomes a Change computed from its whole layer (see ``LayerRewrite``)."""
-    if grouping == "similarity" and any(r in spec["tensors"] for r in ("k_norm", "k_norm_per_head")):
+    if grouping == "similarity" and any(r in spec.tensors for r in ("k_norm", "k_norm_per_head")):
         raise ConversionError("--grouping similarity cannot yet permute the per-head K norms of this family; "
                               "use --grouping contiguous")
     sources: dict[int, dict[tuple[str, str], str]] = {}
     for name, (role, layer, _, param) in roles.of.items():
         if role in LAYER_ROLES and not (role == "o" and param == "bias"):
             sources.setdefault(layer, {})[role, param] = name
-    anchor = "qkv" if "qkv" in spec["tensors"] else "q"
+    anchor = "qkv" if "qkv" in spec.tensors else "q"
     modules = [canonical[sources[layer][anchor, "weight"]].removesuffix(".weight") for layer in range(dims.layers)]
-    rewrite = LayerRewrite(method, grouping, kv_heads, dims, spec["layout"], out_layout, spec["rotary"],
-                           _rotary_dim(spec, config, dims.head_dim), spec["k_normed"], seed, sources, modules)
+    rewrite = LayerRewrite(method, grouping, kv_heads, dims, spec.layout, out_layout, spec.rotary,
+                           _rotary_dim(spec, config, dims.head_dim), spec.k_normed, seed, sources, modules)
     d = dims.head_dim
     rows = {"q": dims.heads * d, "k": kv_heads * d, "v": kv_heads * d, "qkv": (dims.heads + 2 * kv_heads) * d}
     changes = {}
@@ -265,18 +266,18 @@ def _layer_changes(spec: dict, config: dict, dims: Dims, roles: _Roles, shapes: 
     return changes, rewrite
 
 
-def _becomes_mqa(spec: dict, dims: Dims, kv_heads: int) -> bool:
+def _becomes_mqa(spec: Family, dims: Dims, kv_heads: int) -> bool:
     """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
-    return spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
+    return spec.kv_choices == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
 
 
-def _out_layout(spec: dict, dims: Dims, kv_heads: int) -> str:
+def _out_layout(spec: Family, dims: Dims, kv_heads: int) -> str:
     if _becomes_mqa(spec, dims, kv_heads):
-        return spec["mqa"]["layout"]
-    return spec.get("mha_layout", spec["layout"])
+        return spec.mqa.layout
+    return spec.mha_layout or spec.layout
 
 
-def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
+def _plan_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
                   method: str, seed: int, layer_wise: bool = False) -> dict[str, Change | None]:
     """Source name -> its Change, for every tensor the conversion rewrites (None: folded into another).
 
@@ -284,7 +285,7 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
     """
     d, group = dims.head_dim, dims.kv_heads // kv_heads
     out_layout = _out_layout(spec, dims, kv_heads)
-    if kv_heads == dims.kv_heads and out_layout == spec["layout"] and not layer_wise:
+    if kv_heads == dims.kv_heads and out_layout == spec.layout and not layer_wise:
         return {}  # the identity: every tensor is a byte copy
     if method not in ("first", "random"):
         method = "mean"  # K norms (the only per-tensor merges left with svd) are mean-pooled
@@ -299,7 +300,7 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
                                    dict(common, head_dim=d, name=name))
         elif role == "qkv":
             changes[name] = Change(name, ((dims.heads + 2 * kv_heads) * d, *shape[1:]), "fused_qkv", [name],
-                                   dict(common, layout=spec["layout"], out_layout=out_layout, heads=dims.heads,
+                                   dict(common, layout=spec.layout, out_layout=out_layout, heads=dims.heads,
                                         head_dim=d, name=name))
         elif role == "k_norm":
             out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
@@ -308,17 +309,17 @@ def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple
             if head % group:
                 changes[name] = None  # pooled into its group's first head below
                 continue
-            template = spec["attention"] + "." + spec["tensors"][role] + "." + param
+            template = spec.attention + "." + spec.tensors[role] + "." + param
             sources = [template.format(layer=layer, head=h) for h in range(head, head + group)]
             target = template.format(layer=layer, head=head // group)
             changes[name] = Change(target, shape, "norm_heads", sources, dict(method=method, seed=seed, name=name))
     return changes
 
 
-def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims, kv_heads: int,
+def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dims, kv_heads: int,
                     method: str, dtype: str | None, seed: int, grouping: str = "contiguous") -> Plan:
     """Decide every output tensor (name, dtype, shape, how to make it) and the output config."""
-    rename = spec.get("rename")
+    rename = spec.rename
     canonical = renames.canonical_names(list(weights.tensors), rename)  # output name -> source name
     transposed = renames.transposed(canonical, rename)
     shapes = {}
@@ -371,19 +372,19 @@ def _write_computed(change: Change, load: Callable, dtype: str, layers: LayerRew
     write_tensor_bytes(tensor, out)
 
 
-def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: str | None) -> dict:
+def output_config(config: dict, spec: Family, dims: Dims, kv_heads: int, dtype: str | None) -> dict:
     """The source's config.json with only the KV-head key(s) changed (and the dtype, when --dtype asks)."""
     new = copy.deepcopy(config)
-    if spec.get("rename"):
-        new = renames.derive_config(spec["rename"]["config"], new, kv_heads)
-    aliases = spec["config"]["kv_heads"]
+    if spec.rename:
+        new = renames.derive_config(spec.rename.config, new, kv_heads)
+    aliases = spec.config.kv_heads
     present = [k for k in aliases if k in new]
     for key in present:
         new[key] = kv_heads
-    if not present and aliases and kv_heads != dims.kv_heads and spec["kv_choices"] == "divisors":
+    if not present and aliases and kv_heads != dims.kv_heads and spec.kv_choices == "divisors":
         new[aliases[0]] = kv_heads
     if _becomes_mqa(spec, dims, kv_heads):
-        new.update(spec["mqa"]["config"])
+        new.update(spec.mqa.config)
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in new:

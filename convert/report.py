@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from convert.families import Family
 from convert.plan import Dims, Plan
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource
@@ -18,7 +19,7 @@ def _kv_bytes(dims: Dims, kv_heads: int, itemsize: int) -> int:
     return 2 * dims.layers * kv_heads * dims.head_dim * itemsize
 
 
-def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims, kv_heads: int, method: str,
+def build_report(source: str, output: Path, family: str, spec: Family, dims: Dims, kv_heads: int, method: str,
                  weights: WeightSource, plan: Plan) -> dict[str, Any]:
     """The facts of a conversion, as written to conversion.json and printed."""
     params_before = sum(math.prod(i.shape) for i in weights.tensors.values())
@@ -51,7 +52,7 @@ def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims,
         "parameters_before": params_before,
         "parameters_after": params_after,
         "changed_tensors": plan.changed,
-        "note": spec.get("note"),
+        "note": spec.note,
         "tensor_bytes_after": sum(t.nbytes for t in plan.tensors),
     }
 

@@ -117,19 +117,19 @@ def _load_model(path: str, what: str):
 
 
 def _set_trainable(model, mode: str) -> int:
-    """Freeze all but the modules of ``mode`` (convert.families.SUBSETS); returns the trainable parameter count."""
+    """Freeze all but the modules of ``mode`` (convert.roles.SUBSETS); returns the trainable parameter count."""
     if mode != "all":
-        from convert.families import parameter_pattern, resolve
+        from convert.families import resolve
 
         try:
             _, spec = resolve(model.config.to_dict())
         except KeyError as exc:
             raise RecipeError(f"train.trainable: {mode} needs a family the converter knows; {exc.args[0]} is not "
                               f"one (use train.trainable: all)") from None
-        if mode == "kv" and "qkv" in spec["tensors"]:
+        if mode == "kv" and "qkv" in spec.tensors:
             raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
                               "(use attention)")
-        pattern = parameter_pattern(spec, mode)
+        pattern = spec.parameter_pattern(mode)
         for name, p in model.named_parameters():
             p.requires_grad_(pattern.fullmatch(name) is not None)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
