@@ -12,7 +12,7 @@ from convert.engine import DTYPES, convert_checkpoint
 from convert.errors import ConversionError, os_error_line
 from convert.families import supported
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
-from convert.merge import GROUPINGS, METHODS
+from convert.merge import GROUPINGS, METHODS, choices_help
 from convert.report import format_report
 
 
@@ -25,13 +25,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("source", metavar="SOURCE", help="checkpoint directory or hub id")
     parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
-    parser.add_argument("--method", choices=METHODS, default="mean",
-                        help="how a group's heads become one: mean (GQA paper), first, random, or svd "
-                             "(activation-aware, folds the rest into Q and O; needs --calibration-data) "
-                             "(default: mean)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default="contiguous",
-                        help="which KV heads merge: contiguous neighbours (GQA paper) or the most similar ones "
-                             "(heads are permuted, which keeps the function) (default: contiguous)")
+    parser.add_argument("--method", choices=list(METHODS), default="mean",
+                        help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
+                             "data); svd starts far closer to the original (README: Conversion quality)")
+    parser.add_argument("--grouping", choices=list(GROUPINGS), default="contiguous",
+                        help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)")
     parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
                         help="text (.txt or .jsonl with a text field) the source runs on, for svd / similarity")
     parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",

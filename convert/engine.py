@@ -12,7 +12,7 @@ from typing import Any
 from convert import families
 from convert.errors import ConversionError
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, attention_moments, read_text
-from convert.merge import CALIBRATED, GROUPINGS, METHODS
+from convert.merge import GROUPINGS, METHODS, calibrated_names
 from convert.plan import check_kv_heads, plan_conversion, read_dims
 from convert.report import build_report, model_card
 from convert.source import open_weights, read_config, resolve_source
@@ -75,11 +75,11 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         raise ConversionError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if grouping not in GROUPINGS:
         raise ConversionError(f"--grouping {grouping!r} is not one of {', '.join(GROUPINGS)}")
-    if method in CALIBRATED and not calibration_data:
+    if METHODS[method].calibrated and not calibration_data:
         raise ConversionError(f"--method {method} needs --calibration-data FILE... (text the model runs on)")
-    if calibration_data and method not in CALIBRATED and grouping != "similarity":
-        raise ConversionError(f"--calibration-data is used by --method {'/'.join(CALIBRATED)} or --grouping "
-                              f"similarity, not by --method {method} with contiguous groups")
+    if calibration_data and not METHODS[method].calibrated and not GROUPINGS[grouping].permutes:
+        raise ConversionError(f"--calibration-data is used by --method {'/'.join(calibrated_names())} or --grouping "
+                              f"similarity, not by --method {method} with {grouping} groups")
     if calibration_tokens < 1 or calibration_seq_len < 1:
         raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
     if dtype not in DTYPES:
@@ -100,8 +100,8 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
     plan = plan_conversion(weights, config, spec, dims, kv_heads, method, DTYPES[dtype], seed, grouping)
     report = build_report(str(source), output, family, spec, dims, kv_heads, method, weights, plan)
     report["grouping"] = grouping
-    if plan.layers and plan.layers.k_normed and method == "svd":
-        report["k_merge"] = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
+    if plan.layers and plan.layers.k_normed and METHODS[method].k_normed_note:
+        report["k_merge"] = METHODS[method].k_normed_note
     if calibration_data:
         documents = read_text(calibration_data)  # unreadable or empty text fails here, dry run included
         report["calibration"] = {"files": [str(f) for f in calibration_data], "tokens_wanted": calibration_tokens}
@@ -127,7 +127,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         if len(shards) > 1:
             write_index(tmp, shards, names)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        if plan.layers and grouping == "similarity":
+        if plan.layers and GROUPINGS[grouping].permutes:
             report["kv_head_order"] = [plan.layers.orders[n] for n in sorted(plan.layers.orders)]
         report["copied_files"] = copy_side_files(src_dir, tmp)
         report["output_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())

@@ -163,13 +163,13 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
     """OUT/mqa-METHOD for every method; calibrated methods get the training text as calibration data."""
     from convert import convert_checkpoint
-    from convert.merge import CALIBRATED, METHODS
+    from convert.merge import METHODS
 
     methods = args.methods.split(",") if args.methods else list(METHODS)
     converted = {}
     for method in ["mean"] + [m for m in methods if m != "mean"]:
         extra = {}
-        if method in CALIBRATED:
+        if METHODS[method].calibrated:
             extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from convert.merge import METHODS
+
 
 class RecipeError(Exception):
     """A recipe that cannot run: printed on one line, exit code 2."""
@@ -103,7 +105,8 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.trainable": ("all", "attention", "kv"),
     "log.tracker": ("none", "tensorboard", "wandb"),
-    "convert.method": ("mean", "first", "random"),
+    # the recipe's convert step has no calibration text yet: the methods that need none
+    "convert.method": tuple(name for name, merge in METHODS.items() if not merge.calibrated),
 }
 
 
