@@ -8,11 +8,12 @@ import shlex
 import sys
 import threading
 
-from convert.engine import DTYPES, convert_checkpoint
+from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+from convert.engine import convert_checkpoint
 from convert.errors import ConversionError, os_error_line
 from convert.families import supported
-from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.merge import GROUPINGS, METHODS, choices_help
+from convert.options import DTYPES, ConvertOptions
 from convert.report import format_report
 
 
@@ -53,13 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     command = "python -m convert " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     try:
-        report = convert_checkpoint(
-            args.source, args.output, kv_heads=args.kv_heads, method=args.method, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-            allow_pickle=args.allow_pickle, seed=args.seed, progress=True, command=command, grouping=args.grouping,
-            calibration_data=args.calibration_data, calibration_tokens=args.calibration_tokens,
-            calibration_seq_len=args.calibration_seq_len,
-        )
+        options = ConvertOptions(**{name: getattr(args, name) for name in ConvertOptions.fields()})
+        report = convert_checkpoint(args.source, args.output, options, overwrite=args.overwrite, dry_run=args.dry_run,
+                                    progress=True, command=command)
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

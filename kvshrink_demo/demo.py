@@ -121,7 +121,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     rows = [row("original", original, eval_ppl(original, eval_text, args.eval_seq_len, eval_tokens), 0, None)]
     for method, (path, report) in converted.items():
         rows.append(row(f"MQA, {method}", path, eval_ppl(path, eval_text, args.eval_seq_len, eval_tokens), 0,
-                        report["seconds"]))
+                        report.seconds))
 
     header(4, "uptrain the mean-pooled MQA model, distilling from the original")
     recipe = demo_recipe(args, converted["mean"][0], original, train_text, eval_text, out, gpu)
@@ -174,8 +174,8 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)
-        print(f"{method:>8}: {target}  ({report['kv_heads_before']} -> {report['kv_heads_after']} KV heads, "
-              f"{report['seconds']:.1f} s)")
+        print(f"{method:>8}: {target}  ({report.kv_heads_before} -> {report.kv_heads_after} KV heads, "
+              f"{report.seconds:.1f} s)")
         converted[method] = (target, report)
     return converted
 

@@ -98,13 +98,29 @@ def _model_path(recipe: Recipe, accelerator) -> str:
 
     target = Path(recipe.output_dir) / "converted"
     if accelerator.is_main_process and not (target / "conversion.json").exists():
-        c = recipe.convert
         try:
-            convert_checkpoint(c.source, target, kv_heads=c.kv_heads, method=c.method, overwrite=True)
+            convert_checkpoint(recipe.convert.source, target, convert_options(recipe), overwrite=True)
         except ConversionError as exc:
             raise RecipeError(f"convert: {exc}") from None
     accelerator.wait_for_everyone()
     return str(target)
+
+
+def convert_options(recipe: Recipe):
+    """The recipe's convert step as converter options; calibrated methods default to data.train's local files."""
+    from convert.merge import METHODS
+    from convert.options import ConvertOptions
+    from uptrain.data import local_files
+
+    c = recipe.convert
+    options = ConvertOptions(**{name: getattr(c, name) for name in ConvertOptions.fields()})
+    if METHODS[c.method].calibrated and not c.calibration_data:
+        files = [f for entry in recipe.data.train for f in (local_files(entry) or [])]
+        if not files:
+            raise RecipeError(f"convert.method {c.method} needs calibration text: set convert.calibration_data "
+                              "(data.train names no local files)")
+        options.calibration_data = files
+    return options
 
 
 def _load_model(path: str, what: str):
