@@ -10,7 +10,7 @@ import threading
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.engine import convert_checkpoint
-from convert.errors import ConversionError, os_error_line
+from kvshrink.errors import run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
 from convert.options import DTYPES, ConvertOptions
@@ -53,18 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     # byte copies of unchanged tensors that precede it run meanwhile.
     threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     command = "python -m convert " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    try:
+
+    def body() -> int:
         options = ConvertOptions(**{name: getattr(args, name) for name in ConvertOptions.fields()})
         report = convert_checkpoint(args.source, args.output, options, overwrite=args.overwrite, dry_run=args.dry_run,
                                     progress=True, command=command)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # read-only or full output filesystem, denied permission, a source that vanished
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(format_report(report))
-    return 0
+        print(format_report(report))
+        return 0
+
+    return run_cli(body, interrupted="interrupted; nothing was written")

@@ -1,21 +1,9 @@
-"""The error type the converter raises for bad input, and the one line every CLI prints for an OS error."""
+"""The converter's error: bad input or an impossible request (``kvshrink.errors.run_cli`` prints it, exit 2)."""
 
 from __future__ import annotations
 
-import os
+from kvshrink.errors import KvshrinkError
 
 
-class ConversionError(Exception):
+class ConversionError(KvshrinkError):
     """Bad input or an impossible request: the CLI prints it on one line and exits with 2."""
-
-
-def os_error_line(exc: OSError) -> str:
-    """``error: PATH: cause`` for a read-only or full filesystem, a denied permission, a vanished file.
-
-    Every CLI catches OSError at its boundary and prints this instead of a traceback (exit code 2).
-    """
-    cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
-    where = exc.filename if exc.filename is not None else ""
-    if exc.filename2 is not None:
-        where = f"{where} -> {exc.filename2}"
-    return f"error: {where}: {cause}" if where else f"error: {cause}"

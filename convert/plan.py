@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections import Counter
 from functools import partial
 from typing import Any, Callable

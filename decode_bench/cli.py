@@ -39,7 +39,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from convert.errors import ConversionError, os_error_line
+from convert.errors import ConversionError
+from kvshrink.errors import os_error_line
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),

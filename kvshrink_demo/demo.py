@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from convert import ConversionError
-    from convert.errors import os_error_line
+    from kvshrink.errors import os_error_line
     from kvshrink_demo.assets import AssetError
     from uptrain.recipe import RecipeError
     from uptrain.train import TrainingError

@@ -16,11 +16,12 @@ from typing import Any
 import yaml
 
 from convert.errors import ConversionError
+from kvshrink.errors import KvshrinkError
 from convert.merge import GROUPINGS, METHODS
 from convert.options import DTYPES, ConvertOptions
 
 
-class RecipeError(Exception):
+class RecipeError(KvshrinkError):
     """A recipe that cannot run: printed on one line, exit code 2."""
 
 

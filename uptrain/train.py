@@ -19,13 +19,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvshrink.errors import KvshrinkError
 from uptrain import checkpoints, data
 from uptrain.loss import chunkable, chunked_loss
 from uptrain.recipe import Recipe, RecipeError
 
 
-class TrainingError(Exception):
+class TrainingError(KvshrinkError):
     """The run stopped (non-finite loss, out of memory): printed on one line, exit code 1."""
+
+    exit_code = 1
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -365,7 +368,7 @@ class _Loop:
         try:
             checkpoints.save(self.acc, out, self.step, self.r.save.keep_last)
         except OSError as exc:
-            from convert.errors import os_error_line
+            from kvshrink.errors import os_error_line
 
             last = checkpoints.newest(out)
             keep = f"the last complete checkpoint, {last}, is intact: rerun to resume from it" if last else \
