@@ -101,12 +101,19 @@ def whitener(moment: torch.Tensor | None, ridge: float = 1e-4) -> torch.Tensor |
     return torch.linalg.cholesky(moment + ridge * moment.diagonal().mean() * eye)
 
 
-def _real_fit(heads: torch.Tensor, white: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _real_fit(heads: torch.Tensor, white: torch.Tensor,
+              left: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A group's (s, r, in) head rows -> shared (r, in) rows and mixes (s, r, r): heads[i] ≈ mixes[i] @ shared.
 
-    ``white`` is heads @ L (or heads itself without calibration); the fit is best in that norm.
-    Also returns the energy the fit loses.
+    ``white`` is heads @ L (or heads itself without calibration); the fit is best in that norm. ``left``
+    (s, r, r), when given, is a metric on each head's output: the error of head i counts as
+    tr(P_i E C Eᵀ) (P_i the O columns' Gram, or the queries' second moment), fitted on R_i heads[i] with
+    R_iᵀ R_i = P_i and mapped back through R_i⁻¹. Also returns the energy the fit loses.
     """
+    if left is not None:
+        r_ = torch.linalg.cholesky(_ridged(left)).mT  # (s, r, r) upper: R_iᵀ R_i = P_i
+        shared, mixes, residual = _real_fit(r_ @ heads, r_ @ white)
+        return shared, torch.linalg.solve_triangular(r_, mixes, upper=True), residual
     s, r, width = heads.shape
     white = white.reshape(s * r, -1)
     u, residual = _top_eigvecs(white @ white.T, r)  # (s*r, r)
@@ -114,14 +121,49 @@ def _real_fit(heads: torch.Tensor, white: torch.Tensor) -> tuple[torch.Tensor, t
     return shared, u.reshape(s, r, r) * math.sqrt(s), residual
 
 
-def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary):
-    """Per rotary frequency, a group's complex key rows -> shared rows (F, in) and coefficients (s, F)."""
+def _ridged(gram: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """(..., n, n) Gram + ridge * its mean diagonal * I: definite, so that R⁻¹ exists."""
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[..., None, None]
+    return gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype)
+
+
+def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary, weight: torch.Tensor | None = None):
+    """Per rotary frequency, a group's complex key rows -> shared rows (F, in) and coefficients (s, F).
+
+    ``weight`` (s, F), when given, weighs head i's error at frequency f (the energy of the queries that read it
+    there): rows are scaled by its square root for the fit and the coefficients unscaled after.
+    """
     z = torch.complex(heads[:, rot.a], heads[:, rot.b]).transpose(0, 1)  # (F, s, in)
     zw = torch.complex(white[:, rot.a], white[:, rot.b]).transpose(0, 1)  # (F, s, in), whitened
+    root = None
+    if weight is not None:
+        root = (weight / weight.mean(0, keepdim=True).clamp(min=1e-30)).clamp(min=1e-8).sqrt().T  # (F, s)
+        z, zw = z * root[..., None], zw * root[..., None]
     u, residual = _top_eigvecs(zw @ zw.mH, 1)  # (F, s, 1) from the (F, s, s) Hermitian Gram
     s = heads.shape[0]
     shared = (u.mH @ z).squeeze(1) / math.sqrt(s)  # (F, in)
-    return shared, u.squeeze(-1).T * math.sqrt(s), residual.sum()
+    coef = u.squeeze(-1).T * math.sqrt(s)  # (s, F)
+    return shared, (coef if root is None else coef / root.T), residual.sum()
+
+
+def query_energy(qw: torch.Tensor, reads: int, rot: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each KV head's key error costs, from the queries that read it (qw: (H, d, in) = Q_h L).
+
+    Returns (G, F) query energy per rotary frequency (|q_a|² + |q_b|² summed over the reading heads: RoPE turns
+    each pair, so only its energy matters) and (G, r, r) the query second moment on the unrotated dims.
+    """
+    heads = qw.shape[0]
+    energy = qw.square().sum(-1).reshape(heads // reads, reads, -1).sum(1)  # (G, d): E q_j² per dim
+    rest = qw[:, rot.rest]
+    gram = (rest @ rest.mT).reshape(heads // reads, reads, len(rot.rest), len(rot.rest)).sum(1)
+    return energy[:, rot.a] + energy[:, rot.b], gram
+
+
+def output_gram(o: torch.Tensor, reads: int) -> torch.Tensor:
+    """(G, d, d): Σ O_hᵀ O_h over the query heads h that read each value head (o: (out, H, d))."""
+    blocks = o.permute(1, 0, 2)  # (H, out, d)
+    gram = blocks.mT @ blocks  # (H, d, d)
+    return gram.reshape(-1, reads, *gram.shape[1:]).sum(1)
 
 
 def svd_lost_energy(heads: torch.Tensor, which: str, rot: Rotary, k_normed: bool) -> torch.Tensor:
@@ -196,11 +238,16 @@ def _fold_v(o: torch.Tensor, mixes: torch.Tensor, members: range, reads: int) ->
             o[:, h] = o[:, h] @ mixes[i]  # (out, d) @ (d, d)
 
 
-def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range, reads: int, rot: Rotary):
-    """A group's shared key head; the coefficients fold into the query heads that read each old head (in place)."""
+def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range, reads: int, rot: Rotary,
+           queries: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """A group's shared key head; the coefficients fold into the query heads that read each old head (in place).
+
+    ``queries`` (the group's slice of ``query_energy``) weighs each head's key error by the queries reading it.
+    """
     shared_k = torch.empty(ks.shape[1:], dtype=ks.dtype)
+    weight, gram = queries if queries is not None else (None, None)
     if len(rot.a):
-        shared, coef = _complex_fit(ks, ksw, rot)[:2]  # (F, in), (s, F)
+        shared, coef = _complex_fit(ks, ksw, rot, weight)[:2]  # (F, in), (s, F)
         shared_k[rot.a], shared_k[rot.b] = shared.real, shared.imag
         for i, old in enumerate(members):
             c = coef[i].unsqueeze(-1)  # (F, 1)
@@ -208,7 +255,7 @@ def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range,
                 qa, qb = q[h, rot.a], q[h, rot.b]
                 q[h, rot.a], q[h, rot.b] = qa * c.real + qb * c.imag, qb * c.real - qa * c.imag
     if len(rot.rest):
-        shared, mixes, _ = _real_fit(ks[:, rot.rest], ksw[:, rot.rest])
+        shared, mixes, _ = _real_fit(ks[:, rot.rest], ksw[:, rot.rest], gram)
         shared_k[rot.rest] = shared
         for i, old in enumerate(members):
             for h in range(old * reads, (old + 1) * reads):
@@ -216,23 +263,32 @@ def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range,
     return shared_k
 
 
-def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotary, k_normed: bool) -> LayerHeads:
+def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotary, k_normed: bool,
+              queries: bool = False, outputs: bool = False) -> LayerHeads:
     """Merge consecutive groups of KV heads into ``kv_heads`` heads, folding the mixes into Q and O.
 
-    ``whitened`` holds k and v whitened (rows @ L of ``whitener``; k and v themselves for plain weight-space
-    fits). Returns the layer with k, v: (N, d, in) and the mixes folded into q and o.
+    ``whitened`` holds q, k and v whitened (rows @ L of ``whitener``; themselves for plain weight-space fits).
+    ``queries``: weigh each key head's error by the queries that read it (per rotary frequency; the query
+    Gram on unrotated dims). ``outputs``: fit each value head in the norm of the O columns that carry it.
+    Returns the layer with k, v: (N, d, in) and the mixes folded into q and o.
     """
     k, v = layer.k, layer.v
     group, reads = k.shape[0] // kv_heads, layer.q.shape[0] // k.shape[0]
+    energy, gram = query_energy(whitened.q, reads, rot) if queries else (None, None)
+    o_gram = output_gram(layer.o, reads) if outputs else None
     q, o = layer.q.clone(), layer.o.clone()
     new_k = torch.empty(kv_heads, *k.shape[1:], dtype=k.dtype)
     new_v = torch.empty(kv_heads, *v.shape[1:], dtype=v.dtype)
     for n in range(kv_heads):
         members = range(n * group, (n + 1) * group)
         part = slice(members.start, members.stop)
-        new_v[n], mixes, _ = _real_fit(v[part], whitened.v[part])
+        new_v[n], mixes, _ = _real_fit(v[part], whitened.v[part], None if o_gram is None else o_gram[part])
         _fold_v(o, mixes, members, reads)
-        new_k[n] = k[part].mean(0) if k_normed else _fit_k(q, k[part], whitened.k[part], members, reads, rot)
+        if k_normed:
+            new_k[n] = k[part].mean(0)
+            continue
+        metric = None if energy is None else (energy[part], gram[part])
+        new_k[n] = _fit_k(q, k[part], whitened.k[part], members, reads, rot, metric)
     return LayerHeads(q, new_k, new_v, o)
 
 
@@ -248,7 +304,10 @@ def rewrite_layer(layer: LayerHeads, *, kv_heads: int, method: str, grouping: st
     layer = LayerHeads(*(None if t is None else (t.double() if precise else t.float())
                          for t in (layer.q, layer.k, layer.v, layer.o)))
     white = whitener(moment)
-    whitened = layer if white is None else layer.replace(k=layer.k @ white, v=layer.v @ white)
+    whitened = layer
+    if white is not None:
+        q_white = layer.q @ white if merge.uses_queries else layer.q
+        whitened = layer.replace(q=q_white, k=layer.k @ white, v=layer.v @ white)
     order = strategy.order(whitened, kv_heads, merge, rot, k_normed)
     if order != sorted(order):
         layer, whitened = permute(layer, order), permute(whitened, order)

@@ -28,6 +28,7 @@ class Merge:
     calibrated: ClassVar[bool] = False  # runs the source model on calibration text (convert.calibrate)
     changes: ClassVar[frozenset[str]] = frozenset({"k", "v"})  # the projections it rewrites
     k_normed_note: ClassVar[str | None] = None  # what it does to K where K is normalized before RoPE (reported)
+    uses_queries: ClassVar[bool] = False  # its fit reads the whitened queries (Q L)
 
     def pool(self, heads: torch.Tensor, kv_heads: int, generator: torch.Generator | None,
              is_norm: bool = False) -> torch.Tensor:
@@ -100,10 +101,13 @@ class Random(Merge):
 @register
 class Svd(Merge):
     name = "svd"
-    help = "activation-aware low-rank fit of each group, folded into Q and O (needs --calibration-data)"
+    help = ("activation-aware low-rank fit of each group in the input's norm, folded into Q and O "
+            "(needs --calibration-data)")
     calibrated = True
     changes = frozenset({"q", "k", "v", "o"})
     k_normed_note = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
+    queries: ClassVar[bool] = False  # weigh key errors by the queries that read them
+    outputs: ClassVar[bool] = False  # weigh value errors by the O columns that carry them
 
     def pool(self, heads, kv_heads, generator, is_norm=False):  # K norms (nothing folds through a norm)
         return _grouped(heads, kv_heads).mean(dim=1)
@@ -111,12 +115,22 @@ class Svd(Merge):
     def fit(self, layer, whitened, kv_heads, rot, k_normed, generator):
         from convert.attention import svd_merge
 
-        return svd_merge(layer, whitened, kv_heads, rot, k_normed)
+        return svd_merge(layer, whitened, kv_heads, rot, k_normed, queries=self.queries, outputs=self.outputs)
 
     def lost_energy(self, heads, which, rot, k_normed):
         from convert.attention import svd_lost_energy
 
         return svd_lost_energy(heads, which, rot, k_normed)
+
+
+@register
+class Aware(Svd):
+    name = "aware"
+    help = ("svd fitted to what attention reads: each key head weighed by the queries that read it, each value "
+            "head by the O columns that carry it (needs --calibration-data; recommended)")
+    uses_queries = True
+    queries = True
+    outputs = True
 
 
 class Grouping:

@@ -175,7 +175,7 @@ def test_svd_and_similarity_convert_every_family_to_a_loadable_model(family, cor
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.isfinite(logits(out)).all()
     if family in ("qwen3", "olmo2", "cohere", "stablelm"):
-        assert report["k_merge"].startswith("mean")
+        assert report.k_merge.startswith("mean")
 
 
 def test_bad_calibration_input_is_refused_before_writing(corpus, tmp_path, capsys):
