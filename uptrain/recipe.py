@@ -18,7 +18,7 @@ import yaml
 from convert.errors import ConversionError
 from kvshrink.errors import KvshrinkError
 from convert.merge import GROUPINGS, METHODS
-from convert.options import DTYPES, ConvertOptions
+from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
 
 
 class RecipeError(KvshrinkError):
@@ -112,6 +112,7 @@ CHOICES = {
     "convert.method": tuple(METHODS),
     "convert.grouping": tuple(GROUPINGS),
     "convert.dtype": tuple(DTYPES),
+    "convert.calibration_order": CALIBRATION_ORDERS,
 }
 
 
