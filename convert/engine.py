@@ -19,7 +19,8 @@ from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
 from convert.sequential import sequential_moments
 from convert.source import hub_id, open_weights, read_config, resolve_source
-from convert.writer import AtomicDirectory, check_output, parse_size, shard_names, shard_plan, write_index, write_shard
+from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
+from kvshrink.atomic import AtomicDirectory
 
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
