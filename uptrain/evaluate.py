@@ -16,16 +16,29 @@ from uptrain import data
 from uptrain.recipe import RecipeError
 
 
+def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions: int | None = None) -> None:
+    """Refuse an eval setting that cannot run: a non-positive size, or blocks beyond the model's positions."""
+    for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens), ("--batch-size", batch_size)):
+        if value <= 0:
+            raise RecipeError(f"{flag} must be positive, got {value}")
+    if positions is not None and seq_len > positions:
+        raise RecipeError(f"--seq-len {seq_len} is beyond the model's {positions} positions; use at most {positions}")
+
+
 def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000,
                batch_size: int = 4, text_field: str = "text", progress: str | None = None) -> dict[str, float]:
     """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`.
 
     `progress`, when given, is the label of a progress bar over the batches.
+
+    Raises:
+        RecipeError: a non-positive size, seq_len beyond the model's positions, or too little text.
     """
     from tqdm.auto import tqdm
 
     from uptrain.train import token_losses
 
+    check_setting(seq_len, max_tokens, batch_size, getattr(model.config, "max_position_embeddings", None))
     docs = data.load_documents(files, text_field)
     blocks = data.pack(docs, tokenizer, text_field, seq_len)
     blocks = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len)))).with_format("torch")
@@ -52,25 +65,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--text-field", default="text")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from uptrain.checkpoints import check_model
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot load {args.model}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if torch.cuda.is_available():
-        model.cuda()
-    try:
+        check_setting(args.seq_len, args.max_tokens, args.batch_size)
+        check_model(args.model)
+        try:
+            config = AutoConfig.from_pretrained(args.model)
+            check_setting(args.seq_len, args.max_tokens, args.batch_size,
+                          getattr(config, "max_position_embeddings", None))  # before the weights load
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
+        if torch.cuda.is_available():
+            model.cuda()
         result = perplexity(model, tokenizer, args.data, args.seq_len, args.max_tokens, args.batch_size,
                             args.text_field)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens")
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(f"{args.model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
+          f"({args.seq_len}-token blocks)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
