@@ -143,19 +143,20 @@ class _WordTokenizer:
         return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
 
 
-@pytest.mark.parametrize("seq_len", [7, 64, 1000])
-def test_packing_keeps_every_token_but_the_final_remainder(seq_len):
-    """250 documents of 0-29 tokens in map batches of 20 (about 300 tokens each): the blocks are exactly the
-    joined stream cut every seq_len tokens, including seq_len 1000, longer than any one batch; a stream packs
-    the same, and the same again on a second pass."""
+@pytest.mark.parametrize("seq_len, batch_size", [(7, 20), (64, 20), (1000, 20), (64, None)])
+def test_packing_keeps_every_token_but_the_final_remainder(seq_len, batch_size):
+    """2,500 documents of 0-29 tokens in map batches of 20 (about 300 tokens each) or of the default 1,000: the
+    blocks are exactly the joined stream cut every seq_len tokens, including seq_len 1000, longer than a batch
+    of 20; a stream packs the same, and the same again on a second pass."""
     rng = random.Random(0)
-    docs = [" ".join(str(rng.randrange(1, 500)) for _ in range(rng.randrange(0, 30))) for _ in range(250)]
+    docs = [" ".join(str(rng.randrange(1, 500)) for _ in range(rng.randrange(0, 30))) for _ in range(2500)]
     stream = list(itertools.chain.from_iterable([int(w) for w in d.split()] + [0] for d in docs))
     expected = [stream[i:i + seq_len] for i in range(0, len(stream) // seq_len * seq_len, seq_len)]
-    assert len(stream) - len(expected) * seq_len < seq_len and len(expected) >= 3
+    assert len(stream) - len(expected) * seq_len < seq_len and len(expected) >= 30
     dataset = datasets.Dataset.from_dict({"text": docs})
-    assert [r["input_ids"] for r in pack(dataset, _WordTokenizer(), "text", seq_len, batch_size=20)] == expected
-    streamed = pack(dataset.to_iterable_dataset(), _WordTokenizer(), "text", seq_len, batch_size=20)
+    sizes = {} if batch_size is None else {"batch_size": batch_size}
+    assert [r["input_ids"] for r in pack(dataset, _WordTokenizer(), "text", seq_len, **sizes)] == expected
+    streamed = pack(dataset.to_iterable_dataset(), _WordTokenizer(), "text", seq_len, **sizes)
     for _ in range(2):
         assert [r["input_ids"] for r in streamed] == expected
 
