@@ -91,6 +91,24 @@ def test_bad_model_is_one_line_for_uptrain_and_evaluate(setup, tmp_path, capsys,
     assert not (tmp_path / "runs").exists()
 
 
+def test_no_tokenizer_and_an_uncached_hub_name_offline(setup, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A checkpoint saved without its tokenizer is named as such (not transformers' cut-off "Couldn't
+    instantiate the backend tokenizer from one of: "); `runs/x`, which could be a hub id, is no such directory
+    when the hub is offline and its cache does not have it."""
+    monkeypatch.chdir(tmp_path)
+    bare = shutil.copytree(setup[3], tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*", "special*"))
+    for model, message in ((bare, f"{bare} has no tokenizer (no tokenizer.json, tokenizer_config.json, "
+                                  "tokenizer.model, vocab.json): save the tokenizer of the model it came from into it"),
+                           ("runs/x", "runs/x: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE is "
+                                      "set)")):
+        assert evaluate_main([str(model), "--data", str(setup[1]), "--seq-len", "64"]) == 2
+        assert one_line(capsys) == f"error: {message}"
+        recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", model=str(model))
+        assert uptrain_main([str(recipe)]) == 2
+        assert error_line(capsys).endswith(message)
+        assert not (tmp_path / "out").exists()
+
+
 def test_template_recipe_as_shipped_names_its_placeholder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert uptrain_main([str(RECIPES / "template.yaml")]) == 2

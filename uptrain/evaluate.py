@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from uptrain.checkpoints import check_model
+    from uptrain.checkpoints import check_model, tokenizer_error
 
     try:
         check_setting(args.seq_len, args.max_tokens, args.batch_size)
@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             config = AutoConfig.from_pretrained(args.model)
             check_setting(args.seq_len, args.max_tokens, args.batch_size,
                           getattr(config, "max_position_embeddings", None))  # before the weights load
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
+        try:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            raise tokenizer_error(args.model, exc) from None
+        try:
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
         except (OSError, ValueError) as exc:
             raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None

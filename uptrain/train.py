@@ -219,7 +219,7 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"the model {model_path} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+        raise checkpoints.tokenizer_error(model_path, exc) from None
     with accelerator.main_process_first():  # one process tokenizes, the others read the cache
         train_set, eval_set = data.build_datasets(recipe, tokenizer)
 
