@@ -99,6 +99,7 @@ def check_checkpoint(path: str) -> Path | None:
         open_weights(directory)  # headers only: a truncated or corrupt file is named before any load
     return directory
 
+
 def read_config(directory: Path) -> dict:
     """config.json as plain JSON (never through a transformers config class)."""
     path = directory / "config.json"

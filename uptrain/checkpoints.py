@@ -80,6 +80,7 @@ def tokenizer_error(path: str, exc: Exception) -> RecipeError:
                            "of the model it came from into it")
     return RecipeError(f"the tokenizer of {path} does not load: {str(exc).splitlines()[0]}")
 
+
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE).read_text())
 
@@ -118,6 +119,7 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
             if storage in seen:
                 del state[name]
             seen.add(storage)
+
 
 def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
     """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last."""

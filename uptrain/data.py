@@ -119,6 +119,7 @@ def pack(docs, tokenizer, text_field: str, seq_len: int, batch_size: int = 1000)
     tokenized = docs.map(tokenize, batched=True, remove_columns=[text_field])
     return tokenized.map(blocks, batched=True, batch_size=batch_size, with_indices=True, remove_columns=["ids"])
 
+
 def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
     """(train blocks, eval blocks) for a recipe; eval is capped at eval.max_tokens."""
     d = recipe.data
