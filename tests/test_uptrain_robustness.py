@@ -59,6 +59,33 @@ def test_evaluate_refuses_settings_that_cannot_run(setup, capsys, flags, message
     assert one_line(capsys) == f"error: {message}"
 
 
+def test_evaluate_help_is_plain_and_every_option_explained(capsys):
+    """No reST markup in the description; every option has a help text (argparse prints it after two spaces on
+    the option's line, or on the next, indented, line)."""
+    with pytest.raises(SystemExit):
+        evaluate_main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text
+    lines = text.split("options:")[1].splitlines()
+    options = [i for i, line in enumerate(lines) if line.startswith("  -")]
+    assert len(options) == 6  # -h and the five flags
+    for i in options:
+        same_line = "  " in lines[i].strip()
+        next_line = i + 1 < len(lines) and lines[i + 1].startswith(" " * 6)
+        assert same_line or next_line, lines[i]
+
+
+def test_evaluate_ctrl_c_is_one_line(setup, capsys, monkeypatch):  # noqa: F811
+    import uptrain.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(uptrain.evaluate, "perplexity", interrupted)
+    assert evaluate_main([str(setup[3]), "--data", str(setup[1]), "--seq-len", "64"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: interrupted"
+
+
 # 2. model paths: missing, not a checkpoint, truncated weights, the template as shipped
 
 
@@ -70,14 +97,21 @@ def _bad_model(kind: str, setup, tmp_path: Path) -> tuple[Path, str]:  # noqa: F
         (tmp_path / "notes").mkdir()
         (tmp_path / "notes" / "README.txt").write_text("hello")
         return tmp_path / "notes", f"{tmp_path / 'notes'} is not a Hugging Face checkpoint (no config.json)"
+    if kind == "file":
+        (tmp_path / "model.safetensors").write_bytes(b"x")
+        return tmp_path / "model.safetensors", f"{tmp_path / 'model.safetensors'} is a file; give the " \
+                                               "checkpoint's directory"
     copy = shutil.copytree(setup[3], tmp_path / "broken")
     data = (copy / "model.safetensors").read_bytes()
+    if kind == "corrupt":
+        (copy / "model.safetensors").write_bytes(data[:8] + b"}" + data[9:])
+        return copy, f"{copy / 'model.safetensors'} is corrupt: its header is not valid JSON"
     (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
     return copy, f"{copy / 'model.safetensors'} is truncated: header describes {len(data)} bytes, " \
                  f"file has {len(data) // 2}"
 
 
-@pytest.mark.parametrize("kind", ["missing", "not-a-checkpoint", "truncated"])
+@pytest.mark.parametrize("kind", ["missing", "file", "not-a-checkpoint", "truncated", "corrupt"])
 def test_bad_model_is_one_line_for_uptrain_and_evaluate(setup, tmp_path, capsys, kind):  # noqa: F811
     model, message = _bad_model(kind, setup, tmp_path)
     assert evaluate_main([str(model), "--data", str(setup[1]), "--seq-len", "64"]) == 2

@@ -57,13 +57,21 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uptrain.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m uptrain.evaluate",
+        description="Held-out perplexity of any causal LM checkpoint: the text is packed as in training (documents "
+                    "joined with EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. "
+                    "The figure depends on both: compare models at the same setting.")
     parser.add_argument("model", help="checkpoint directory or hub id")
-    parser.add_argument("--data", nargs="+", required=True, help="text files (.txt/.jsonl/.json/.parquet/.csv)")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="text files (.txt/.jsonl/.json/.parquet/.csv)")
+    parser.add_argument("--seq-len", type=int, default=1024, metavar="N",
+                        help="tokens per block, at most the model's positions (default 1024)")
+    parser.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
+                        help="score the first N // seq-len blocks (at least one; default 200000)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward pass (default 4)")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="the text column of .jsonl/.json/.parquet/.csv files (default text)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
