@@ -32,13 +32,14 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
     `progress`, when given, is the label of a progress bar over the batches.
 
     Raises:
-        RecipeError: a non-positive size, seq_len beyond the model's positions, or too little text.
+        RecipeError: a non-positive size, or too little text. Blocks beyond the model's positions are the
+            caller's to refuse (``check_setting`` with ``positions``): rotary models still run there.
     """
     from tqdm.auto import tqdm
 
     from uptrain.train import token_losses
 
-    check_setting(seq_len, max_tokens, batch_size, getattr(model.config, "max_position_embeddings", None))
+    check_setting(seq_len, max_tokens, batch_size)
     docs = data.load_documents(files, text_field)
     blocks = data.pack(docs, tokenizer, text_field, seq_len)
     blocks = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len)))).with_format("torch")
