@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default="parallel",
                         help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
                              "inputs the converted layers below give it (two passes' cost) (default: parallel)")
+    parser.add_argument("--refit-o", action="store_true",
+                        help="with --calibration-order sequential: refit each layer's output projection by least "
+                             "squares to the original attention output on the calibration text")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")

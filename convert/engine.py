@@ -124,12 +124,13 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, progress: bool) -> 
     layers = prepared.plan.layers
     args = (prepared.documents, options.calibration_tokens, options.calibration_seq_len)
     if options.calibration_order == "sequential":
+        layers.refit_o = options.refit_o
         found = sequential_moments(prepared.src_dir, layers, prepared.plan.load, *args)
     else:
         found = attention_moments(prepared.src_dir, layers.modules, *args, progress)
     layers.moments = found["moments"]
-    prepared.report.calibration.update(order=options.calibration_order, tokens=found["tokens"],
-                                       seconds=found["seconds"])
+    prepared.report.calibration.update(order=options.calibration_order, refit_o=options.refit_o,
+                                       tokens=found["tokens"], seconds=found["seconds"])
 
 
 def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,

@@ -44,6 +44,8 @@ class LayerPlan:
     pooled_norms: bool  # K norms pooled beside the projections (sequential calibration cannot expand them yet)
     moments: list | None = None
     orders: dict[int, list[int]] = field(default_factory=dict)
+    refit_o: bool = False  # O refitted by least squares during sequential calibration (convert.sequential)
+    refits: dict = field(default_factory=dict)  # layer -> refitted O (out, H*d), float32
 
 
 def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:
@@ -97,4 +99,6 @@ def rewrite(plan: LayerPlan, load: Callable[[str], Any], layer: int):
         heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
         rot=Rotary.of(plan.rotary, d.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
         generator=surgery.layer_generator(plan.method, plan.seed, layer))
+    if layer in plan.refits:
+        new = new.replace(o=plan.refits[layer].to(new.o.dtype).reshape(new.o.shape))
     return new, has_bias

@@ -31,6 +31,8 @@ class ConvertOptions:
         calibration_seq_len: tokens per calibration forward pass.
         calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
             layer's statistics taken with the layers below already converted; ``convert.sequential``).
+        refit_o: after each layer's merge, refit its output projection by least squares so that the converted
+            heads reproduce the original attention output on the calibration text (sequential order only).
         dtype: ``auto`` (keep the source's) or bfloat16 / float16 / float32.
         max_shard_size: bytes, or a size like ``5GB``.
         seed: the random source of ``method="random"``.
@@ -44,6 +46,7 @@ class ConvertOptions:
     calibration_tokens: int = DEFAULT_TOKENS
     calibration_seq_len: int = DEFAULT_SEQ_LEN
     calibration_order: str = "parallel"
+    refit_o: bool = False
     dtype: str = "auto"
     max_shard_size: str | int = "5GB"
     seed: int = 0
@@ -65,6 +68,9 @@ class ConvertOptions:
         if self.calibration_order not in CALIBRATION_ORDERS:
             raise ConversionError(f"--calibration-order {self.calibration_order!r} is not one of "
                                   f"{', '.join(CALIBRATION_ORDERS)}")
+        if self.refit_o and (self.calibration_order != "sequential" or "o" not in METHODS[self.method].changes):
+            raise ConversionError("--refit-o needs --calibration-order sequential and a method that rewrites O "
+                                  f"({', '.join(n for n, m in METHODS.items() if 'o' in m.changes)})")
         if self.dtype not in DTYPES:
             raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

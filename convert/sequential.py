@@ -42,18 +42,61 @@ def sequential_moments(source: Path, plan: LayerPlan, load: Callable[[str], Any]
         inputs = _first_layer_inputs(model, model.get_submodule(plan.decoders[0]), blocks)
         for layer in range(plan.dims.layers):
             decoder = model.get_submodule(plan.decoders[layer])
-            hook = model.get_submodule(plan.modules[layer]).register_forward_pre_hook(moment_hook(plan.moments, layer))
-            try:
-                for hidden, kwargs in inputs:
-                    decoder(hidden, **kwargs)
-            finally:
-                hook.remove()
+            hooks = {plan.modules[layer]: moment_hook(plan.moments, layer)}
+            heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit
+            if plan.refit_o:
+                hooks[_o_module(plan, layer)] = lambda _m, args: heads_out.append(args[0].detach())
+            _run(model, decoder, inputs, hooks)
             plan.moments[layer] = plan.moments[layer].cpu()
             _load_converted(model, plan, load, layer)
+            if plan.refit_o:
+                _refit_o(model, decoder, plan, load, layer, inputs, heads_out)
             inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             print(f"calibrating (sequential): layer {layer + 1}/{plan.dims.layers} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     return {"moments": plan.moments, "tokens": blocks.numel(), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _run(model, decoder, inputs: list, hooks: dict) -> None:
+    """The decoder layer over every block with forward pre-hooks on the named modules (outputs dropped)."""
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path, hook in hooks.items()]
+    try:
+        for hidden, kwargs in inputs:
+            decoder(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _o_module(plan: LayerPlan, layer: int) -> str:
+    return plan.sources[layer]["o", "weight"].removesuffix(".weight")
+
+
+def _refit_o(model, decoder, plan: LayerPlan, load: Callable[[str], Any], layer: int, inputs: list,
+             heads_out: list) -> None:
+    """O' = argmin Σ ‖O' z' − O z‖² + ridge: the converted heads' outputs z' mapped onto the original attention
+    output (float64 moments, closed form); written into the model and kept in ``plan.refits`` for the writer.
+
+    The cross moment Σ z zᵀ' pairs each block's original heads' outputs with the converted ones, in order.
+    """
+    import torch
+
+    gram, cross, seen = None, None, iter(heads_out)
+
+    def add(_module, args):
+        nonlocal gram, cross
+        z_new = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, H*d)
+        z_old = next(seen).reshape(-1, args[0].shape[-1]).double()
+        gram = z_new.T @ z_new if gram is None else gram + z_new.T @ z_new
+        cross = z_old.T @ z_new if cross is None else cross + z_old.T @ z_new
+
+    _run(model, decoder, inputs, {_o_module(plan, layer): add})
+    o = model.get_submodule(_o_module(plan, layer))
+    original = load(plan.sources[layer]["o", "weight"]).double()  # (out, H*d)
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
+    plan.refits[layer] = refit.float()
+    o.weight.copy_(refit.to(o.weight.dtype))
 
 
 def _first_layer_inputs(model, first, blocks) -> list[tuple[Any, dict]]:

@@ -28,12 +28,13 @@ def os_error_line(exc: OSError) -> str:
     return f"error: {where}: {cause}" if where else f"error: {cause}"
 
 
-def run_cli(body: Callable[[], int | None], interrupted: str = "interrupted") -> int:
+def run_cli(body: Callable[[], int | None], interrupted: str | Callable[[], str | None] = "interrupted") -> int:
     """Run a command's body and return its exit code; errors become one line on stderr.
 
     Args:
         body: the command; returns its exit code (None: 0).
-        interrupted: the line printed after ``error: `` on Ctrl-C (say what was kept and how to resume).
+        interrupted: the line printed after ``error: `` on Ctrl-C (say what was kept and how to resume), or a
+            function that makes it when it happens (None: print nothing, as on all but one of several processes).
     """
     try:
         return body() or 0
@@ -44,5 +45,7 @@ def run_cli(body: Callable[[], int | None], interrupted: str = "interrupted") ->
         print(os_error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
+        line = interrupted() if callable(interrupted) else interrupted
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
         return 130

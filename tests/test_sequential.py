@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, engine
-from convert.calibrate import attention_moments
+from convert.calibrate import attention_moments, read_text, token_blocks
 from convert.errors import ConversionError
 from convert.options import ConvertOptions
 from convert.sequential import sequential_moments
@@ -20,8 +20,8 @@ TOKENS, SEQ = 1024, 64
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    train, _ = write_corpus(tmp_path_factory.mktemp("corpus"))
-    return train, train_tokenizer(train)
+    train, held = write_corpus(tmp_path_factory.mktemp("corpus"))
+    return train, train_tokenizer(train), held
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,7 +29,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path):
-    train, tokenizer = corpus
+    train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
     options = ConvertOptions(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=TOKENS,
                              calibration_seq_len=SEQ, calibration_order="sequential")
@@ -49,7 +49,7 @@ def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "falcon"])
 def test_sequential_keeps_exact_conversions_exact(family, corpus, tmp_path):
-    train, tokenizer = corpus
+    train, tokenizer, _ = corpus
     small, mha = mha_twin(family, 2, vocab_size=len(tokenizer))
     mha.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
@@ -61,10 +61,51 @@ def test_sequential_keeps_exact_conversions_exact(family, corpus, tmp_path):
 
 
 def test_unsupported_families_are_refused_in_one_line(corpus, tmp_path):
-    train, tokenizer = corpus
+    train, tokenizer, _ = corpus
     make_model("olmo2", 4, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
     with pytest.raises(ConversionError, match="does not yet support olmo2"):
         convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd", calibration_data=[str(train)],
                            calibration_order="sequential", dry_run=True)
     assert not Path(tmp_path / "out").exists()
+
+
+def _layer0_attention_output(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    seen = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        model(ids)
+    return seen[0]
+
+
+def test_refit_o_brings_the_attention_output_closer_to_the_original(corpus, tmp_path):
+    """Layer 0 reads the same embeddings in every model: on the calibration blocks its least-squares O must
+    reproduce the original attention output better than the merged O alone (a wrong pairing of original and
+    converted head outputs would not). Measured: 0.485 -> 0.432 relative error."""
+    train, tokenizer, _ = corpus
+    src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
+    common = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=4096,
+                  calibration_seq_len=SEQ, calibration_order="sequential")
+    convert_checkpoint(src, tmp_path / "plain", **common)
+    report = convert_checkpoint(src, tmp_path / "refit", refit_o=True, **common)
+    assert report.calibration["refit_o"] is True
+    ids = token_blocks(tokenizer, read_text([str(train)]), 4096, SEQ)
+    original = _layer0_attention_output(src, ids)
+    plain = _relative(_layer0_attention_output(tmp_path / "plain", ids), original)
+    refit = _relative(_layer0_attention_output(tmp_path / "refit", ids), original)
+    assert refit < 0.95 * plain, (refit, plain)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_refit_o_keeps_exact_conversions_exact(family, corpus, tmp_path):
+    train, tokenizer, _ = corpus
+    small, mha = mha_twin(family, 2, vocab_size=len(tokenizer))
+    mha.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="aware", calibration_data=[str(train)],
+                       calibration_tokens=TOKENS, calibration_seq_len=SEQ, calibration_order="sequential",
+                       refit_o=True)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    a, b = logits(converted), logits(small)
+    assert (a - b).abs().max().item() <= 1e-3 * max(b.abs().max().item(), 1.0)

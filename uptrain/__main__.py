@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from uptrain.recipe import RecipeError, load_recipe
+from uptrain.recipe import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,30 +13,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
     args = parser.parse_args(argv)
-    from uptrain.train import TrainingError, format_summary, run
+    from kvshrink.errors import run_cli
+    from uptrain.train import format_summary, run
 
-    recipe = None
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        summary = run(recipe)
-    except KeyboardInterrupt:  # Ctrl-C; under accelerate launch every process gets it, process 0 says so
-        if os.environ.get("RANK", "0") == "0":
-            print(interrupted_line(recipe, args.recipe, args.overrides), file=sys.stderr)
-        return 130
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # read-only or full output filesystem, denied permission, a file that vanished
-        from kvshrink.errors import os_error_line
+    loaded = []
 
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    if summary.get("final"):
-        print(format_summary(summary))
-    return 0
+    def body() -> int:
+        loaded.append(load_recipe(args.recipe, args.overrides))
+        summary = run(loaded[0])
+        if summary.get("final"):
+            print(format_summary(summary))
+        return 0
+
+    def interrupted() -> str | None:  # under accelerate launch every process gets Ctrl-C; process 0 says so
+        if os.environ.get("RANK", "0") != "0":
+            return None
+        return interrupted_line(loaded[0] if loaded else None, args.recipe, args.overrides).removeprefix("error: ")
+
+    return run_cli(body, interrupted)
 
 
 def interrupted_line(recipe, recipe_path: str, overrides: list[str]) -> str:
