@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+from typing import NoReturn
 
 
 class ConversionError(Exception):
@@ -19,3 +21,21 @@ def os_error_line(exc: OSError) -> str:
     if exc.filename2 is not None:
         where = f"{where} -> {exc.filename2}"
     return f"error: {where}: {cause}" if where else f"error: {cause}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``error: ...``, exit code 2, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: 0, negatives and non-integers are refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value

@@ -51,14 +51,18 @@ def header(step: int, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
-                                "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
+    """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
+    from convert.errors import OneLineParser, positive_int
+
+    p = OneLineParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
+                      "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--max-steps", type=int, help="uptraining steps instead of the recipe's (or the GPU's)")
-    p.add_argument("--eval-tokens", type=int, help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="block length of the eval (default: 512)")
-    p.add_argument("--new-tokens", type=int, default=30, help="tokens generated per prompt (default: 30)")
-    p.add_argument("--calibration-tokens", type=int, default=16_384,
+    p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
+    p.add_argument("--eval-tokens", type=positive_int,
+                   help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
+    p.add_argument("--eval-seq-len", type=positive_int, default=512, help="block length of the eval (default: 512)")
+    p.add_argument("--new-tokens", type=positive_int, default=30, help="tokens generated per prompt (default: 30)")
+    p.add_argument("--calibration-tokens", type=positive_int, default=16_384,
                    help="calibration tokens for the methods that need them (default: 16,384)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
     # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
@@ -76,42 +80,60 @@ def main(argv: list[str] | None = None) -> int:
     from convert.errors import os_error_line
     from kvshrink_demo.assets import AssetError
     from uptrain.recipe import RecipeError
-    from uptrain.train import TrainingError
 
     try:
         run_demo(args)
     except (AssetError, ConversionError, RecipeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except OSError as exc:
         print(os_error_line(exc), file=sys.stderr)
         return 2
+    except Exception as exc:
+        from uptrain.train import TrainingError  # imported by then: only the training step raises it
+
+        if not isinstance(exc, TrainingError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """The six steps; returns what results.json holds."""
-    import datasets
-    import torch
-    import transformers
+def check_out(out: Path) -> None:
+    """OUT must be a directory, or a path where one can be made; checked before anything is created."""
+    from convert import ConversionError
 
-    datasets.disable_progress_bars()  # the demo's own bars only: no per-file "Map" or "Loading weights" bars
-    transformers.utils.logging.disable_progress_bar()
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file; give a directory (new, or an earlier demo run's)")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"--out {out}: {existing} is a file, so no directory can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConversionError(f"--out {out}: {existing} is not writable")
+
+
+def check_eval_seq_len(model: Path, seq_len: int) -> None:
+    """--eval-seq-len within the model's positions (read from config.json), before any conversion."""
+    from convert import ConversionError
+    from convert.source import read_config
+
+    limit = read_config(model).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConversionError(f"--eval-seq-len {seq_len} is beyond the model's {limit} positions; "
+                              f"give at most {limit}")
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """The six steps; returns what results.json holds. Everything is validated before OUT is created."""
     started = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.is_available()
+    gpu = validate(args, out)
     eval_tokens = args.eval_tokens or (131_072 if gpu else 16_384)
 
     header(1, "model and text")
     original, train_text, eval_text, name = materialize(args)
-    link = out / "original"
-    if link.is_symlink() or not link.exists():
-        link.unlink(missing_ok=True)
-        link.symlink_to(original.resolve(), target_is_directory=True)
+    check_eval_seq_len(original, args.eval_seq_len)
+    start_run(out, original)
     print(f"model: {original}\ntrain: {train_text}\neval:  {eval_text}")
 
     header(2, f"convert to MQA ({KV_HEADS} KV head) with every method")
@@ -146,6 +168,34 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
           f"(demo took {results['demo_seconds'] / 60:.1f} min)")
     return results
+
+
+def validate(args: argparse.Namespace, out: Path) -> bool:
+    """--out, and the recipe with every override (a typo fails here, not after the conversions at step 4).
+
+    Returns:
+        Whether there is a GPU (the GPU overrides apply).
+    """
+    from uptrain.recipe import load_recipe
+
+    check_out(out)
+    gpu = _cuda_available()
+    load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
+    return gpu
+
+
+def start_run(out: Path, original: Path) -> None:
+    """Quiet the libraries' own bars, make OUT and link the original into it (as the recipe's teacher)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the demo's own bars only: no per-file "Map" or "Loading weights" bars
+    transformers.utils.logging.disable_progress_bar()
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "original"
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(original.resolve(), target_is_directory=True)
 
 
 def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
@@ -220,6 +270,20 @@ def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: flo
             "eval_ppl": ppl["ppl"], "eval_tokens": ppl["tokens"], "tokens_trained": tokens, "seconds": seconds}
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
+    """The demo's own overrides of its recipe: the GPU's when there is a GPU, then --max-steps."""
+    overrides = list(GPU_OVERRIDES) if gpu else []
+    if args.max_steps is not None:
+        overrides += [f"train.max_steps={args.max_steps}", "train.max_tokens=null"]
+    return overrides
+
+
 def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_text: Path, eval_text: Path,
                 out: Path, gpu: bool) -> Recipe:
     """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
@@ -228,9 +292,7 @@ def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_te
     paths = {"model": str(student), "teacher": str(teacher), "output_dir": str(out),
              "data.train": [str(train_text)], "data.eval": [str(eval_text)]}
     overrides = [f"{key}={json.dumps(value)}" for key, value in paths.items()]  # JSON is YAML: any path is safe
-    overrides += GPU_OVERRIDES if gpu else []
-    if args.max_steps:
-        overrides += [f"train.max_steps={args.max_steps}", "train.max_tokens=null"]
+    overrides += recipe_overrides(args, gpu)
     recipe = load_recipe(args.recipe, overrides + list(args.overrides))
     print(f"recipe {args.recipe}" + (" with the GPU overrides" if gpu else "") + ":\n  "
           + "\n  ".join(overrides[5:] + list(args.overrides) or ["(as written)"]))
