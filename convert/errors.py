@@ -1,9 +1,11 @@
-"""The error type the converter raises for bad input, and the one line every CLI prints for an OS error."""
+"""The error type the converter raises for bad input, the one line every CLI prints for an OS error or a bad
+argument, and the check of an output directory that every command makes before it creates anything."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -39,3 +41,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def check_output_dir(out: Path, flag: str) -> None:
+    """``out`` must be a directory, or a path where one can be made (parents included).
+
+    Commands call this before they create anything, so a bad ``--out`` leaves nothing behind.
+
+    Raises:
+        ConversionError: ``out`` is a file, lies below a file, or below a directory that cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{flag} {out} is a file; give a directory")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConversionError(f"{flag} {out}: {existing} is a file, so no directory can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConversionError(f"{flag} {out}: {existing} is not writable")

@@ -39,7 +39,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from convert.errors import ConversionError, os_error_line
+from convert.errors import ConversionError, check_output_dir, os_error_line
+from convert.source import open_weights, read_config
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -94,10 +95,13 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.synthetic and len(args.models) + args.mha_twin < 2:
         raise ConversionError("give ORIGINAL and at least one CONVERTED directory (or --mha-twin, or --synthetic)")
     for path in map(Path, args.models):
+        if not path.exists():
+            raise ConversionError(f"{path} does not exist; give checkpoint directories (config.json + weights)")
         if not path.is_dir():
-            raise ConversionError(f"{path}: not a directory; give checkpoint directories (config.json + weights)")
-        if not (path / "config.json").is_file():
-            raise ConversionError(f"{path}: no config.json; is it a Hugging Face checkpoint directory?")
+            raise ConversionError(f"{path} is a file; give the checkpoint's directory (config.json + weights)")
+        read_config(path)  # the converter's checks: no or unreadable config.json,
+        open_weights(path, allow_pickle=True)  # no weights, a bad index, a truncated or corrupt safetensors file
+    check_output_dir(args.out, "--out")
     import torch
 
     if args.device is None:
@@ -312,6 +316,7 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_models(args)
+    args.out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out shows in seconds, not minutes
     dtype = str(next(models[0].model.parameters()).dtype).removeprefix("torch.")
     report = [args.command, f"device {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
               f"transformers {transformers.__version__}, {dtype}, {CACHE_NAMES[args.static_cache]}, attn_implementation=sdpa",
@@ -323,12 +328,15 @@ def run(args: argparse.Namespace) -> list[str]:
     for batch in args.batch:
         for context in args.context:
             print(f"measuring batch {batch} x context {context} ...", file=sys.stderr, flush=True)
-            cells += measure_cell(models, batch, context, args)
+            measured = measure_cell(models, batch, context, args)
+            for c in measured:
+                speed = f"{c.tokens_per_s:,.1f} tokens/s (median of {len(c.times)})" if c.status == "ok" else c.status
+                print(f"  {c.model}: batch {c.batch}, context {c.context}: {speed}", file=sys.stderr, flush=True)
+            cells += measured
     report[1] += f"; load average {load_before:.1f} before the grid, {os.getloadavg()[0]:.1f} after"
     fit = largest_batches(models, cells, args) if args.static_cache == "off" else []  # memory: the DynamicCache run
     report += ["", *table(cells, args.device), "", f"largest batch at context {args.fit_context}:",
                *fit_table(fit), "", *generations(models, args)]
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "results.csv", [{**asdict(c), "times": " ".join(f"{t:.6f}" for t in c.times),
                                           "device": args.device, "dtype": dtype, "new_tokens": args.new_tokens}
                                          for c in cells])

@@ -99,19 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_out(out: Path) -> None:
-    """OUT must be a directory, or a path where one can be made; checked before anything is created."""
-    from convert import ConversionError
-
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} is a file; give a directory (new, or an earlier demo run's)")
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir():
-        raise ConversionError(f"--out {out}: {existing} is a file, so no directory can be made below it")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConversionError(f"--out {out}: {existing} is not writable")
-
-
 def check_eval_seq_len(model: Path, seq_len: int) -> None:
     """--eval-seq-len within the model's positions (read from config.json), before any conversion."""
     from convert import ConversionError
@@ -176,9 +163,10 @@ def validate(args: argparse.Namespace, out: Path) -> bool:
     Returns:
         Whether there is a GPU (the GPU overrides apply).
     """
+    from convert.errors import check_output_dir
     from uptrain.recipe import load_recipe
 
-    check_out(out)
+    check_output_dir(out, "--out")
     gpu = _cuda_available()
     load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
     return gpu
