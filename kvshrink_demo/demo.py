@@ -147,11 +147,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
-        "recipe": asdict(recipe), "training": summary, "machine": machine(),
+        "training_eval": training_eval(out), "recipe": asdict(recipe), "training": summary, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
-    print(format_table(rows))
+    print(format_table(rows, args.eval_seq_len) + "\n\n" + eval_note(results))
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
           f"(demo took {results['demo_seconds'] / 60:.1f} min)")
     return results
@@ -343,10 +343,10 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a Markdown table."""
-    lines = ["| model | KV heads | KV-cache bytes/token | eval ppl | tokens trained | time |",
-             "|---|---|---|---|---|---|"]
+def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
+    """The results as a Markdown table; the perplexity column says its eval setting."""
+    lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl ({rows[0]['eval_tokens']:,} tokens, blocks of "
+             f"{seq_len}) | tokens trained | time |", "|---|---|---|---|---|---|"]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
@@ -354,13 +354,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def training_eval(out: Path) -> dict[str, int]:
+    """The in-loop eval's setting, as the run's metrics.jsonl records it: {"tokens", "seq_len"}."""
+    from uptrain.train import MetricsLog
+
+    last = [r for r in MetricsLog(out / "metrics.jsonl", 0, False).read() if "eval_tokens" in r][-1]
+    return {"tokens": last["eval_tokens"], "seq_len": last["eval_seq_len"]}
+
+
+def eval_note(results: dict[str, Any]) -> str:
+    """Why the table's perplexities differ from the training plot's (and from uptrain.evaluate's defaults)."""
+    e, t = results["eval"], results["training_eval"]
+    return (f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}`, scored in blocks of "
+            f"{e['seq_len']}. The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
+            f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
+            "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
+            "gets other perplexities (README: One model, three perplexities).")
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
     text = [f"# {results['model']}: MQA conversion and uptraining", "",
-            format_table(results["rows"]), "",
-            f"Eval: {e['tokens']:,} tokens of `{e['file']}` in blocks of {e['seq_len']}. Time: conversion, or "
+            format_table(results["rows"], e["seq_len"]), "", eval_note(results), "",
+            "Time: conversion, or "
             f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
             f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
             "", "![train loss and eval perplexity](training.png)", "",

@@ -51,6 +51,11 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 
     table = (out / "results.md").read_text()
     assert all(f"| {label} |" in table for label in rows)
+    # Each perplexity says its setting: the table 32 blocks of 64 (2,048 tokens asked), the in-loop eval 16 of 64.
+    assert all(r["eval_tokens"] == 32 * 63 for r in rows.values())
+    assert "| eval ppl (2,016 tokens, blocks of 64) |" in table and "| eval ppl (2,016 tokens" in printed
+    assert results["training_eval"] == {"tokens": 16 * 63, "seq_len": 64}
+    assert "The training plot's eval perplexity scores 1,008 tokens in blocks of 64" in table
     assert (out / "training.png").stat().st_size > 10_000
     assert (out / "recipe.yaml").exists() and (out / "original").resolve() == model.resolve()
 

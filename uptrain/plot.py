@@ -21,9 +21,17 @@ def plot_metrics(records: list[dict[str, Any]], path: Path) -> None:
     if evals:
         right.plot(*zip(*evals), marker="o", color="tab:orange")
         right.set_yscale("log")
-    right.set(xlabel="tokens trained", ylabel="eval perplexity", title="eval perplexity")
+    right.set(xlabel="tokens trained", ylabel="eval perplexity", title=eval_title(records))
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eval_title(records: list[dict[str, Any]]) -> str:
+    """The eval panel's title with the setting the evals recorded: tokens scored and block length."""
+    last = next((r for r in reversed(records) if "eval_tokens" in r), None)
+    if last is None:
+        return "eval perplexity"
+    return f"eval perplexity\n({last['eval_tokens']:,} tokens scored in blocks of {last['eval_seq_len']})"

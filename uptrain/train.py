@@ -81,7 +81,8 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
     loss, tokens = accelerator.reduce(loss, "sum"), accelerator.reduce(tokens, "sum")
     model.train(was_training)
     mean = (loss / tokens).item()
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700))}
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item()),
+            "eval_seq_len": ids.shape[1]}  # the setting, so that every perplexity shown can say it
 
 
 def _precision(name: str) -> str:
