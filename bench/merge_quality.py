@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from convert import convert_checkpoint  # noqa: E402
-from convert.merge import CALIBRATED, METHODS  # noqa: E402
+from convert.merge import METHODS  # noqa: E402
 from kvshrink_demo import assets  # noqa: E402
 from kvshrink_demo.demo import eval_ppl  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
         for grouping in ("contiguous", "similarity"):
             target = args.out / f"{method}-{grouping}"
             extra = dict(calibration_data=[str(text["train"])], calibration_tokens=args.calibration_tokens) \
-                if method in CALIBRATED else {}
+                if METHODS[method].calibrated else {}
             started = time.perf_counter()
             report = convert_checkpoint(source, target, kv_heads=args.kv_heads, method=method, grouping=grouping,
                                         overwrite=True, **extra)

@@ -33,12 +33,31 @@ with C = L Lᵀ (Cholesky, small ridge), the top-r left singular vectors U of S 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from convert.merge import merge_heads
+from convert.merge import GROUPINGS, METHODS, Merge
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """One layer's attention projections in head form (a bias is the last input column: the input is [x, 1]).
+
+    q: (H, d, in)   k: (G, d, in)   v: (G, d, in)   o: (out, H, d)
+
+    ``q`` and ``o`` are None where the conversion leaves them as they are (pooling K and V alone).
+    """
+
+    q: torch.Tensor | None
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor | None
+
+    def replace(self, **changes: torch.Tensor) -> LayerHeads:
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass
@@ -82,12 +101,19 @@ def whitener(moment: torch.Tensor | None, ridge: float = 1e-4) -> torch.Tensor |
     return torch.linalg.cholesky(moment + ridge * moment.diagonal().mean() * eye)
 
 
-def _real_fit(heads: torch.Tensor, white: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _real_fit(heads: torch.Tensor, white: torch.Tensor,
+              left: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A group's (s, r, in) head rows -> shared (r, in) rows and mixes (s, r, r): heads[i] ≈ mixes[i] @ shared.
 
-    ``white`` is heads @ L (or heads itself without calibration); the fit is best in that norm.
-    Also returns the energy the fit loses.
+    ``white`` is heads @ L (or heads itself without calibration); the fit is best in that norm. ``left``
+    (s, r, r), when given, is a metric on each head's output: the error of head i counts as
+    tr(P_i E C Eᵀ) (P_i the O columns' Gram, or the queries' second moment), fitted on R_i heads[i] with
+    R_iᵀ R_i = P_i and mapped back through R_i⁻¹. Also returns the energy the fit loses.
     """
+    if left is not None:
+        r_ = torch.linalg.cholesky(_ridged(left)).mT  # (s, r, r) upper: R_iᵀ R_i = P_i
+        shared, mixes, residual = _real_fit(r_ @ heads, r_ @ white)
+        return shared, torch.linalg.solve_triangular(r_, mixes, upper=True), residual
     s, r, width = heads.shape
     white = white.reshape(s * r, -1)
     u, residual = _top_eigvecs(white @ white.T, r)  # (s*r, r)
@@ -95,46 +121,80 @@ def _real_fit(heads: torch.Tensor, white: torch.Tensor) -> tuple[torch.Tensor, t
     return shared, u.reshape(s, r, r) * math.sqrt(s), residual
 
 
-def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary):
-    """Per rotary frequency, a group's complex key rows -> shared rows (F, in) and coefficients (s, F)."""
+def _ridged(gram: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """(..., n, n) Gram + ridge * its mean diagonal * I: definite, so that R⁻¹ exists."""
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[..., None, None]
+    return gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype)
+
+
+def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary, weight: torch.Tensor | None = None):
+    """Per rotary frequency, a group's complex key rows -> shared rows (F, in) and coefficients (s, F).
+
+    ``weight`` (s, F), when given, weighs head i's error at frequency f (the energy of the queries that read it
+    there): rows are scaled by its square root for the fit and the coefficients unscaled after.
+    """
     z = torch.complex(heads[:, rot.a], heads[:, rot.b]).transpose(0, 1)  # (F, s, in)
     zw = torch.complex(white[:, rot.a], white[:, rot.b]).transpose(0, 1)  # (F, s, in), whitened
+    root = None
+    if weight is not None:
+        root = (weight / weight.mean(0, keepdim=True).clamp(min=1e-30)).clamp(min=1e-8).sqrt().T  # (F, s)
+        z, zw = z * root[..., None], zw * root[..., None]
     u, residual = _top_eigvecs(zw @ zw.mH, 1)  # (F, s, 1) from the (F, s, s) Hermitian Gram
     s = heads.shape[0]
     shared = (u.mH @ z).squeeze(1) / math.sqrt(s)  # (F, in)
-    return shared, u.squeeze(-1).T * math.sqrt(s), residual.sum()
+    coef = u.squeeze(-1).T * math.sqrt(s)  # (s, F)
+    return shared, (coef if root is None else coef / root.T), residual.sum()
 
 
-def merge_cost(k: torch.Tensor, v: torch.Tensor, group: list[int], method: str, rot: Rotary,
-               k_normed: bool) -> float:
-    """How much of K's and V's whitened energy merging ``group`` loses, relative to their energy.
+def query_energy(qw: torch.Tensor, reads: int, rot: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each KV head's key error costs, from the queries that read it (qw: (H, d, in) = Q_h L).
 
-    ``k`` and ``v`` are whitened rows (G, d, in) (rows @ L); the fits only need whitened rows.
+    Returns (G, F) query energy per rotary frequency (|q_a|² + |q_b|² summed over the reading heads: RoPE turns
+    each pair, so only its energy matters) and (G, r, r) the query second moment on the unrotated dims.
     """
+    heads = qw.shape[0]
+    energy = qw.square().sum(-1).reshape(heads // reads, reads, -1).sum(1)  # (G, d): E q_j² per dim
+    rest = qw[:, rot.rest]
+    gram = (rest @ rest.mT).reshape(heads // reads, reads, len(rot.rest), len(rot.rest)).sum(1)
+    return energy[:, rot.a] + energy[:, rot.b], gram
+
+
+def output_gram(o: torch.Tensor, reads: int) -> torch.Tensor:
+    """(G, d, d): Σ O_hᵀ O_h over the query heads h that read each value head (o: (out, H, d))."""
+    blocks = o.permute(1, 0, 2)  # (H, out, d)
+    gram = blocks.mT @ blocks  # (H, d, d)
+    return gram.reshape(-1, reads, *gram.shape[1:]).sum(1)
+
+
+def svd_lost_energy(heads: torch.Tensor, which: str, rot: Rotary, k_normed: bool) -> torch.Tensor:
+    """The whitened energy the svd fit of these (s, d, in) whitened ``k`` or ``v`` heads loses."""
+    if which == "v":
+        return _real_fit(heads, heads)[2]
+    if k_normed:  # K is mean-pooled in these families
+        return (heads - heads.mean(0, keepdim=True)).square().sum()
+    lost = _complex_fit(heads, heads, rot)[2] if len(rot.a) else heads.new_zeros(())
+    if len(rot.rest):
+        lost = lost + _real_fit(heads[:, rot.rest], heads[:, rot.rest])[2]
+    return lost
+
+
+def merge_cost(whitened: LayerHeads, group: list[int], merge: Merge, rot: Rotary, k_normed: bool) -> float:
+    """How much of K's and V's whitened energy merging ``group`` loses, relative to their energy."""
     idx = torch.tensor(group)
     total = 0.0
-    for which, heads in (("k", k[idx]), ("v", v[idx])):
+    for which, heads in (("k", whitened.k[idx]), ("v", whitened.v[idx])):
         energy = float(heads.square().sum())
-        if method == "svd" and which == "v":
-            lost = _real_fit(heads, heads)[2]
-        elif method == "svd" and not k_normed:
-            lost = _complex_fit(heads, heads, rot)[2] if len(rot.a) else 0.0
-            if len(rot.rest):
-                lost = lost + _real_fit(heads[:, rot.rest], heads[:, rot.rest])[2]
-        else:
-            lost = (heads - heads.mean(0, keepdim=True)).square().sum()
-        total += float(lost) / max(energy, 1e-30)
+        total += float(merge.lost_energy(heads, which, rot, k_normed)) / max(energy, 1e-30)
     return total
 
 
-def similarity_groups(k: torch.Tensor, v: torch.Tensor, kv_heads: int, method: str, rot: Rotary,
-                      k_normed: bool) -> list[int]:
+def similarity_groups(whitened: LayerHeads, kv_heads: int, merge: Merge, rot: Rotary, k_normed: bool) -> list[int]:
     """An equal-size partition of the G KV heads (whitened rows) that loses little when each part is merged.
 
     Greedy: the cheapest pair of heads left seeds a group, which grows by the head that raises its
     merge cost least. Returns the KV-head order that makes the chosen groups contiguous.
     """
-    heads = k.shape[0]
+    heads = whitened.k.shape[0]
     size = heads // kv_heads
     if size == 1:
         return list(range(heads))
@@ -144,90 +204,111 @@ def similarity_groups(k: torch.Tensor, v: torch.Tensor, kv_heads: int, method: s
         if len(left) == size:
             group = left
         else:
-            pairs = [(merge_cost(k, v, [i, j], method, rot, k_normed), i, j)
+            pairs = [(merge_cost(whitened, [i, j], merge, rot, k_normed), i, j)
                      for n, i in enumerate(left) for j in left[n + 1:]]
             _, i, j = min(pairs)
             group = [i, j]
             while len(group) < size:
-                costs = [(merge_cost(k, v, group + [h], method, rot, k_normed), h) for h in left if h not in group]
+                costs = [(merge_cost(whitened, group + [h], merge, rot, k_normed), h) for h in left if h not in group]
                 group.append(min(costs)[1])
         groups.append(sorted(group))
         left = [h for h in left if h not in group]
     return [h for group in sorted(groups) for h in group]  # groups in order of their first head
 
 
-def permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, order: list[int]):
+def permute(layer: LayerHeads, order: list[int]) -> LayerHeads:
     """Reorder KV heads by ``order``, with the query heads that read each one and their O columns.
 
     [k0, k1, k2] with order [2, 0, 1] -> [k2, k0, k1]; query blocks [q0.. | q1.. | q2..] follow.
     The model computes the same function: heads are summed by O in any order.
     """
+    q, k, v, o = layer.q, layer.k, layer.v, layer.o
     heads, kv = q.shape[0], k.shape[0]
     idx = torch.tensor(order)
     reads = heads // kv
     q = q.reshape(kv, reads, *q.shape[1:])[idx].reshape(q.shape)
     o = o.reshape(o.shape[0], kv, reads, o.shape[-1])[:, idx].reshape(o.shape)
-    return q, k[idx], v[idx], o
+    return LayerHeads(q, k[idx], v[idx], o)
 
 
-def svd_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, kw: torch.Tensor,
-              vw: torch.Tensor, kv_heads: int, rot: Rotary, k_normed: bool):
+def _fold_v(o: torch.Tensor, mixes: torch.Tensor, members: range, reads: int) -> None:
+    """O_h <- O_h M_i for every query head h that read old value head i (in place)."""
+    for i, old in enumerate(members):
+        for h in range(old * reads, (old + 1) * reads):
+            o[:, h] = o[:, h] @ mixes[i]  # (out, d) @ (d, d)
+
+
+def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range, reads: int, rot: Rotary,
+           queries: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """A group's shared key head; the coefficients fold into the query heads that read each old head (in place).
+
+    ``queries`` (the group's slice of ``query_energy``) weighs each head's key error by the queries reading it.
+    """
+    shared_k = torch.empty(ks.shape[1:], dtype=ks.dtype)
+    weight, gram = queries if queries is not None else (None, None)
+    if len(rot.a):
+        shared, coef = _complex_fit(ks, ksw, rot, weight)[:2]  # (F, in), (s, F)
+        shared_k[rot.a], shared_k[rot.b] = shared.real, shared.imag
+        for i, old in enumerate(members):
+            c = coef[i].unsqueeze(-1)  # (F, 1)
+            for h in range(old * reads, (old + 1) * reads):
+                qa, qb = q[h, rot.a], q[h, rot.b]
+                q[h, rot.a], q[h, rot.b] = qa * c.real + qb * c.imag, qb * c.real - qa * c.imag
+    if len(rot.rest):
+        shared, mixes, _ = _real_fit(ks[:, rot.rest], ksw[:, rot.rest], gram)
+        shared_k[rot.rest] = shared
+        for i, old in enumerate(members):
+            for h in range(old * reads, (old + 1) * reads):
+                q[h, rot.rest] = mixes[i].T @ q[h, rot.rest]
+    return shared_k
+
+
+def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotary, k_normed: bool,
+              queries: bool = False, outputs: bool = False) -> LayerHeads:
     """Merge consecutive groups of KV heads into ``kv_heads`` heads, folding the mixes into Q and O.
 
-    ``kw``, ``vw`` are k and v whitened (rows @ L of ``whitener``; k and v themselves for plain
-    weight-space fits). Returns (q, k, v, o) with k, v: (N, d, in).
+    ``whitened`` holds q, k and v whitened (rows @ L of ``whitener``; themselves for plain weight-space fits).
+    ``queries``: weigh each key head's error by the queries that read it (per rotary frequency; the query
+    Gram on unrotated dims). ``outputs``: fit each value head in the norm of the O columns that carry it.
+    Returns the layer with k, v: (N, d, in) and the mixes folded into q and o.
     """
-    heads = q.shape[0]
-    group, reads = k.shape[0] // kv_heads, heads // k.shape[0]
-    q, o = q.clone(), o.clone()
-    new_k, new_v = torch.empty(kv_heads, *k.shape[1:], dtype=k.dtype), torch.empty(kv_heads, *v.shape[1:],
-                                                                                     dtype=v.dtype)
+    k, v = layer.k, layer.v
+    group, reads = k.shape[0] // kv_heads, layer.q.shape[0] // k.shape[0]
+    energy, gram = query_energy(whitened.q, reads, rot) if queries else (None, None)
+    o_gram = output_gram(layer.o, reads) if outputs else None
+    q, o = layer.q.clone(), layer.o.clone()
+    new_k = torch.empty(kv_heads, *k.shape[1:], dtype=k.dtype)
+    new_v = torch.empty(kv_heads, *v.shape[1:], dtype=v.dtype)
     for n in range(kv_heads):
         members = range(n * group, (n + 1) * group)
         part = slice(members.start, members.stop)
-        new_v[n], mixes, _ = _real_fit(v[part], vw[part])
-        for i, old in enumerate(members):
-            for h in range(old * reads, (old + 1) * reads):
-                o[:, h] = o[:, h] @ mixes[i]  # (out, d) @ (d, d)
-        ks, ksw = k[part], kw[part]
+        new_v[n], mixes, _ = _real_fit(v[part], whitened.v[part], None if o_gram is None else o_gram[part])
+        _fold_v(o, mixes, members, reads)
         if k_normed:
-            new_k[n] = ks.mean(0)
+            new_k[n] = k[part].mean(0)
             continue
-        if len(rot.a):
-            shared, coef = _complex_fit(ks, ksw, rot)[:2]  # (F, in), (s, F)
-            new_k[n, rot.a], new_k[n, rot.b] = shared.real, shared.imag
-            for i, old in enumerate(members):
-                c = coef[i].unsqueeze(-1)  # (F, 1)
-                for h in range(old * reads, (old + 1) * reads):
-                    qa, qb = q[h, rot.a], q[h, rot.b]
-                    q[h, rot.a], q[h, rot.b] = qa * c.real + qb * c.imag, qb * c.real - qa * c.imag
-        if len(rot.rest):
-            shared, mixes, _ = _real_fit(ks[:, rot.rest], ksw[:, rot.rest])
-            new_k[n, rot.rest] = shared
-            for i, old in enumerate(members):
-                for h in range(old * reads, (old + 1) * reads):
-                    q[h, rot.rest] = mixes[i].T @ q[h, rot.rest]
-    return q, new_k, new_v, o
+        metric = None if energy is None else (energy[part], gram[part])
+        new_k[n] = _fit_k(q, k[part], whitened.k[part], members, reads, rot, metric)
+    return LayerHeads(q, new_k, new_v, o)
 
 
-def rewrite_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *, kv_heads: int,
-                  method: str, grouping: str, rot: Rotary, k_normed: bool, moment: torch.Tensor | None,
-                  generator: torch.Generator | None = None):
-    """One layer's (q, k, v, o) in head form -> the converted ones and the KV-head order used.
+def rewrite_layer(layer: LayerHeads, *, kv_heads: int, method: str, grouping: str, rot: Rotary, k_normed: bool,
+                  moment: torch.Tensor | None, generator: torch.Generator | None = None) -> tuple[LayerHeads, list[int]]:
+    """One layer's heads -> the converted ones and the KV-head order the grouping chose.
 
-    ``grouping`` ``similarity`` first permutes the heads so that similar ones share a group.
+    The grouping strategy may first permute the heads so that similar ones share a group; then the merge method
+    fits each group. Calibrated methods and groupings work in float64, the pooling ones in float32.
     """
-    q, k, v, o = (t.double() for t in (q, k, v, o))
+    merge, strategy = METHODS[method], GROUPINGS[grouping]
+    precise = merge.calibrated or strategy.permutes or moment is not None
+    layer = LayerHeads(*(None if t is None else (t.double() if precise else t.float())
+                         for t in (layer.q, layer.k, layer.v, layer.o)))
     white = whitener(moment)
-    kw, vw = (k, v) if white is None else (k @ white, v @ white)  # whitened once, for grouping and fits
-    order = list(range(k.shape[0]))
-    if grouping == "similarity":
-        order = similarity_groups(kw, vw, kv_heads, method, rot, k_normed)
-        q, k, v, o = permute(q, k, v, o, order)
-        kw, vw = kw[order], vw[order]
-    if method == "svd":
-        q, k, v, o = svd_merge(q, k, v, o, kw, vw, kv_heads, rot, k_normed)
-    elif k.shape[0] != kv_heads:
-        k = merge_heads(k, kv_heads, method, generator).double()
-        v = merge_heads(v, kv_heads, method, generator).double()
-    return q, k, v, o, order
+    whitened = layer
+    if white is not None:
+        q_white = layer.q @ white if merge.uses_queries else layer.q
+        whitened = layer.replace(q=q_white, k=layer.k @ white, v=layer.v @ white)
+    order = strategy.order(whitened, kv_heads, merge, rot, k_normed)
+    if order != sorted(order):
+        layer, whitened = permute(layer, order), permute(whitened, order)
+    return merge.fit(layer, whitened, kv_heads, rot, k_normed, generator), order

@@ -8,11 +8,12 @@ import shlex
 import sys
 import threading
 
-from convert.engine import DTYPES, convert_checkpoint
-from convert.errors import ConversionError, os_error_line
-from convert.families import supported
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
-from convert.merge import GROUPINGS, METHODS
+from convert.engine import convert_checkpoint
+from kvshrink.errors import run_cli
+from convert.families import supported
+from convert.merge import GROUPINGS, METHODS, choices_help
+from convert.options import DTYPES, ConvertOptions
 from convert.report import format_report
 
 
@@ -25,13 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("source", metavar="SOURCE", help="checkpoint directory or hub id")
     parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
-    parser.add_argument("--method", choices=METHODS, default="mean",
-                        help="how a group's heads become one: mean (GQA paper), first, random, or svd "
-                             "(activation-aware, folds the rest into Q and O; needs --calibration-data) "
-                             "(default: mean)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default="contiguous",
-                        help="which KV heads merge: contiguous neighbours (GQA paper) or the most similar ones "
-                             "(heads are permuted, which keeps the function) (default: contiguous)")
+    parser.add_argument("--method", choices=list(METHODS), default="mean",
+                        help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
+                             "data); svd starts far closer to the original (README: Conversion quality)")
+    parser.add_argument("--grouping", choices=list(GROUPINGS), default="contiguous",
+                        help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)")
     parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
                         help="text (.txt or .jsonl with a text field) the source runs on, for svd / similarity")
     parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
@@ -54,22 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     # byte copies of unchanged tensors that precede it run meanwhile.
     threading.Thread(target=importlib.import_module, args=("torch",), daemon=True).start()
     command = "python -m convert " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    try:
-        report = convert_checkpoint(
-            args.source, args.output, kv_heads=args.kv_heads, method=args.method, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run,
-            allow_pickle=args.allow_pickle, seed=args.seed, progress=True, command=command, grouping=args.grouping,
-            calibration_data=args.calibration_data, calibration_tokens=args.calibration_tokens,
-            calibration_seq_len=args.calibration_seq_len,
-        )
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # read-only or full output filesystem, denied permission, a source that vanished
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(format_report(report))
-    return 0
+
+    def body() -> int:
+        options = ConvertOptions(**{name: getattr(args, name) for name in ConvertOptions.fields()})
+        report = convert_checkpoint(args.source, args.output, options, overwrite=args.overwrite, dry_run=args.dry_run,
+                                    progress=True, command=command)
+        print(format_report(report))
+        return 0
+
+    return run_cli(body, interrupted="interrupted; nothing was written")

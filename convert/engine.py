@@ -6,19 +6,20 @@ import json
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from convert import families
+from convert.calibrate import attention_moments, read_text
 from convert.errors import ConversionError
-from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, attention_moments, read_text
-from convert.merge import CALIBRATED, GROUPINGS, METHODS
-from convert.plan import check_kv_heads, plan_conversion, read_dims
-from convert.report import build_report, model_card
-from convert.source import open_weights, read_config, resolve_source
+from convert.merge import GROUPINGS
+from convert.options import DTYPES, ConvertOptions
+from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
+from convert.report import ConversionReport, build_report, model_card
+from convert.source import hub_id, open_weights, read_config, resolve_source
 from convert.writer import AtomicDirectory, check_output, parse_size, shard_names, shard_plan, write_index, write_shard
 
-DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
 
@@ -35,34 +36,31 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, method: str = "mean",
-                       dtype: str = "auto", max_shard_size: str | int = "5GB", overwrite: bool = False,
-                       dry_run: bool = False, allow_pickle: bool = False, seed: int = 0,
-                       progress: bool = False, command: str | None = None, grouping: str = "contiguous",
-                       calibration_data: list[str] | None = None, calibration_tokens: int = DEFAULT_TOKENS,
-                       calibration_seq_len: int = DEFAULT_SEQ_LEN) -> dict[str, Any]:
-    """Convert a checkpoint to ``kv_heads`` KV heads and return the report.
+@dataclass
+class _Prepared:
+    """A validated, planned conversion, nothing written yet."""
+
+    src_dir: Path
+    plan: Plan
+    report: ConversionReport
+    shards: list
+    documents: list[str] | None
+
+
+def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertOptions | None = None, *,
+                       overwrite: bool = False, dry_run: bool = False, progress: bool = False,
+                       command: str | None = None, **fields: Any) -> ConversionReport:
+    """Convert a checkpoint to ``options.kv_heads`` KV heads and return the report.
 
     Args:
         source: a local checkpoint directory or a hub id.
         output: the new checkpoint's directory (created atomically).
-        kv_heads: the KV-head count wanted; it must divide the source's.
-        method: ``mean``, ``first``, ``random`` (see ``convert.merge``) or ``svd`` (activation-aware,
-            folds into Q and O; needs ``calibration_data``; see ``convert.attention``).
-        dtype: ``auto`` (keep the source's) or ``bfloat16``/``float16``/``float32``.
-        max_shard_size: bytes, or a size like ``5GB``.
+        options: what to produce (``convert.options.ConvertOptions``); or give its fields as keywords:
+            ``convert_checkpoint(src, out, kv_heads=1, method="mean")``.
         overwrite: replace a non-empty OUTPUT.
         dry_run: validate and plan, write nothing.
-        allow_pickle: accept ``pytorch_model.bin`` (loaded with ``weights_only=True``).
-        seed: the random source of ``method="random"``.
-        progress: show a progress bar.
+        progress: show progress bars.
         command: the command line, for the model card.
-        grouping: ``contiguous`` (neighbouring KV heads merge, as in the GQA paper) or ``similarity``
-            (heads are permuted so that the most alike merge; see ``convert.attention``).
-        calibration_data: text files (.txt, .jsonl) the source model runs on to weigh the merge
-            (``svd``; with ``similarity`` grouping it also weighs the choice of groups).
-        calibration_tokens: how many calibration tokens to run.
-        calibration_seq_len: tokens per forward pass.
 
     Returns:
         The report (also written to OUTPUT/conversion.json).
@@ -71,22 +69,30 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         ConversionError: bad input; nothing is written.
     """
     started = time.perf_counter()
-    if method not in METHODS:
-        raise ConversionError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    if grouping not in GROUPINGS:
-        raise ConversionError(f"--grouping {grouping!r} is not one of {', '.join(GROUPINGS)}")
-    if method in CALIBRATED and not calibration_data:
-        raise ConversionError(f"--method {method} needs --calibration-data FILE... (text the model runs on)")
-    if calibration_data and method not in CALIBRATED and grouping != "similarity":
-        raise ConversionError(f"--calibration-data is used by --method {'/'.join(CALIBRATED)} or --grouping "
-                              f"similarity, not by --method {method} with contiguous groups")
-    if calibration_tokens < 1 or calibration_seq_len < 1:
-        raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    max_bytes = parse_size(max_shard_size)
-    src_dir = resolve_source(str(source), allow_pickle)
-    output = Path(output)
+    if options is None:
+        unknown = set(fields) - set(ConvertOptions.fields())
+        if unknown:
+            raise TypeError(f"convert_checkpoint() got unknown options {sorted(unknown)}")
+        options = ConvertOptions(**fields)
+    elif fields:
+        raise TypeError("give either options or its fields as keywords, not both")
+    prepared = _prepare(str(source), Path(output), options, overwrite, dry_run)
+    report = prepared.report
+    if not dry_run:
+        check_free_space(Path(output), report.tensor_bytes_after)
+        if prepared.documents is not None and prepared.plan.layers:
+            _calibrate(prepared, options, progress)
+        command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, {options!r})"
+        _write(prepared, Path(output), options, progress, command, started)
+    report.seconds = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool, dry_run: bool) -> _Prepared:
+    """Validate everything and plan every output tensor, reading no tensor data."""
+    options.validate()
+    max_bytes = parse_size(options.max_shard_size)
+    src_dir = resolve_source(source, options.allow_pickle)
     check_output(output, src_dir, overwrite)
     config = read_config(src_dir)
     try:
@@ -95,46 +101,47 @@ def convert_checkpoint(source: str | Path, output: str | Path, kv_heads: int, me
         raise ConversionError(f"model type {exc.args[0]!r} is not supported; supported families: "
                               f"{', '.join(families.supported())}") from None
     dims = read_dims(config, spec)
-    check_kv_heads(kv_heads, dims, family, spec)
-    weights = open_weights(src_dir, allow_pickle)
-    plan = plan_conversion(weights, config, spec, dims, kv_heads, method, DTYPES[dtype], seed, grouping)
-    report = build_report(str(source), output, family, spec, dims, kv_heads, method, weights, plan)
-    report["grouping"] = grouping
-    if plan.layers and plan.layers.k_normed and method == "svd":
-        report["k_merge"] = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
-    if calibration_data:
-        documents = read_text(calibration_data)  # unreadable or empty text fails here, dry run included
-        report["calibration"] = {"files": [str(f) for f in calibration_data], "tokens_wanted": calibration_tokens}
+    check_kv_heads(options.kv_heads, dims, family, spec)
+    weights = open_weights(src_dir, options.allow_pickle)
+    plan = plan_conversion(weights, config, spec, dims, options.kv_heads, options.method,
+                           DTYPES[options.dtype], options.seed, options.grouping)
     shards = shard_plan(plan.tensors, max_bytes)
-    report["shards"] = len(shards)
-    report["dry_run"] = dry_run
-    if dry_run:
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        return report
-    check_free_space(output, report["tensor_bytes_after"])
-    command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, kv_heads={kv_heads}, method={method!r})"
-    if calibration_data and plan.layers:
-        found = attention_moments(src_dir, plan.layers.modules, documents, calibration_tokens,
-                                  calibration_seq_len, progress)
-        plan.layers.moments = found["moments"]
-        report["calibration"].update(tokens=found["tokens"], seconds=found["seconds"])
+    report = build_report(source, output, family, spec, dims, options, weights, plan, len(shards), dry_run)
+    report.base_model = hub_id(source, src_dir)
+    # unreadable or empty calibration text fails here, dry run included
+    documents = read_text(options.calibration_data) if options.calibration_data else None
+    return _Prepared(src_dir, plan, report, shards, documents)
+
+
+def _calibrate(prepared: _Prepared, options: ConvertOptions, progress: bool) -> None:
+    """Run the source on the calibration text: each rewritten layer's attention-input moment."""
+    layers = prepared.plan.layers
+    found = attention_moments(prepared.src_dir, layers.modules, prepared.documents, options.calibration_tokens,
+                              options.calibration_seq_len, progress)
+    layers.moments = found["moments"]
+    prepared.report.calibration.update(tokens=found["tokens"], seconds=found["seconds"])
+
+
+def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,
+           started: float) -> None:
+    """Stream the shards, config, side files, model card and report into OUTPUT, atomically."""
+    plan, report = prepared.plan, prepared.report
     with AtomicDirectory(output) as tmp:
-        names = shard_names(len(shards))
-        bar = _progress_bar(report["tensor_bytes_after"], progress)
-        for shard, file in zip(shards, names):
+        names = shard_names(len(prepared.shards))
+        bar = _progress_bar(report.tensor_bytes_after, progress)
+        for shard, file in zip(prepared.shards, names):
             write_shard(tmp / file, shard, bar.update)
         bar.close()
-        if len(shards) > 1:
-            write_index(tmp, shards, names)
+        if len(prepared.shards) > 1:
+            write_index(tmp, prepared.shards, names)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-        if plan.layers and grouping == "similarity":
-            report["kv_head_order"] = [plan.layers.orders[n] for n in sorted(plan.layers.orders)]
-        report["copied_files"] = copy_side_files(src_dir, tmp)
-        report["output_bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
-        report["seconds"] = round(time.perf_counter() - started, 3)
+        if plan.layers and GROUPINGS[options.grouping].permutes:
+            report.kv_head_order = [plan.layers.orders[n] for n in sorted(plan.layers.orders)]
+        report.copied_files = copy_side_files(prepared.src_dir, tmp)
+        report.output_bytes = sum(p.stat().st_size for p in tmp.iterdir())
+        report.seconds = round(time.perf_counter() - started, 3)
         (tmp / "README.md").write_text(model_card(report, command))
-        (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        (tmp / "conversion.json").write_text(report.to_json())
 
 
 def check_free_space(output: Path, tensor_bytes: int) -> None:

@@ -12,7 +12,10 @@ count. With H query heads, G KV heads and g = H / G:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported when a tensor is first joined: the converter plans without it
+    import torch
 
 
 def split(layout: str, fused: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
@@ -37,6 +40,8 @@ def split(layout: str, fused: torch.Tensor, heads: int, kv_heads: int, head_dim:
 
 def join(layout: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Inverse of ``split``: head blocks back into one fused tensor in ``layout``."""
+    import torch
+
     heads, head_dim, *rest = q.shape
     kv_heads = k.shape[0]
     if layout == "contiguous":

@@ -11,12 +11,17 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
-from convert import renames
+from convert import renames, surgery
 from convert.errors import ConversionError
+from convert.families import Family
+from convert.layers import LayerPlan, LayerResults, changed_roles
+from convert.merge import GROUPINGS
+from convert.roles import LAYER_ROLES, ROLES, expected_elements, expected_shape
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor
@@ -40,7 +45,7 @@ class Plan:
     tensors: list[OutTensor]
     config: dict[str, Any]
     changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
-    layers: LayerRewrite | None = None  # set when whole layers are rewritten (svd, similarity grouping)
+    layers: LayerPlan | None = None  # set when K and V change (the layer-wise path, convert.layers)
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -55,23 +60,23 @@ def _config_int(config: dict, aliases: list[str], what: str, default: int | None
     return default
 
 
-def read_dims(config: dict, spec: dict) -> Dims:
-    keys = spec["config"]
-    heads = _config_int(config, keys["heads"], "attention head count")
-    hidden = _config_int(config, keys["hidden"], "hidden size")
-    if hidden % heads and not any(config.get(k) for k in keys.get("head_dim", [])):
+def read_dims(config: dict, spec: Family) -> Dims:
+    keys = spec.config
+    heads = _config_int(config, keys.heads, "attention head count")
+    hidden = _config_int(config, keys.hidden, "hidden size")
+    if hidden % heads and not any(config.get(k) for k in keys.head_dim):
         raise ConversionError(f"config.json: hidden size {hidden} is not divisible by {heads} heads")
-    head_dim = _config_int(config, keys.get("head_dim", []), "head_dim", default=hidden // heads)
-    kv_heads = spec.get("kv_heads_fixed") or _config_int(config, keys["kv_heads"], "KV head count", default=heads)
-    layers = _config_int(config, keys["layers"], "layer count")
+    head_dim = _config_int(config, keys.head_dim, "head_dim", default=hidden // heads)
+    kv_heads = spec.kv_heads_fixed or _config_int(config, keys.kv_heads, "KV head count", default=heads)
+    layers = _config_int(config, keys.layers, "layer count")
     if heads % kv_heads:
         raise ConversionError(f"config.json: {heads} attention heads are not divisible by {kv_heads} KV heads")
-    if spec["layout"] == "per_head" and kv_heads != heads:
+    if spec.layout == "per_head" and kv_heads != heads:
         raise ConversionError(f"config.json says {kv_heads} KV heads, but this layout has one per head ({heads})")
     return Dims(layers, heads, kv_heads, head_dim, hidden)
 
 
-def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
+def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: Family) -> None:
     """The requested KV-head count must be reachable from the source by pooling groups."""
     current = dims.kv_heads
     if not isinstance(kv_heads, int) or kv_heads < 1:
@@ -83,7 +88,7 @@ def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
         choices = [n for n in range(1, current + 1) if current % n == 0]
         raise ConversionError(f"--kv-heads {kv_heads} does not divide the {current} KV heads of the source; "
                               f"choose one of {', '.join(map(str, choices))}")
-    if spec["kv_choices"] == "mha_or_mqa" and kv_heads not in (1, current):
+    if spec.kv_choices == "mha_or_mqa" and kv_heads not in (1, current):
         raise ConversionError(f"--kv-heads {kv_heads}: a {family} checkpoint in this layout can only become MHA "
                               f"(--kv-heads {current}) or MQA (--kv-heads 1); the architecture has no GQA form")
 
@@ -91,13 +96,13 @@ def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: dict) -> None:
 class _Roles:
     """Which source tensors play which attention role, found by matching the family's name templates."""
 
-    def __init__(self, spec: dict, dims: Dims, config: dict, names: list[str]):
+    def __init__(self, spec: Family, dims: Dims, config: dict, names: list[str]):
         self.spec, self.dims, self.config = spec, dims, config
-        attention = re.escape(spec["attention"]).replace(r"\{layer\}", r"(?P<layer>\d+)")
+        attention = re.escape(spec.attention).replace(r"\{layer\}", r"(?P<layer>\d+)")
         self.attention = re.compile(attention + r"\.(?P<rest>.+)$")
         self.patterns = {
             role: re.compile(re.escape(module).replace(r"\{head\}", r"(?P<head>\d+)") + r"\.(?P<param>weight|bias)$")
-            for role, module in spec["tensors"].items()
+            for role, module in spec.tensors.items()
         }
         self.of: dict[str, tuple[str, int, int | None, str]] = {}  # name -> (role, layer, head, param)
         for name in names:
@@ -114,18 +119,18 @@ class _Roles:
             if match:
                 head = int(match["head"]) if "head" in pattern.groupindex else None
                 return role, layer, head, match["param"]
-        raise ConversionError(f"unexpected attention tensor {name}: this {self.spec['architectures'][0]} table "
-                              f"knows {', '.join(self.spec['tensors'].values())}")
+        raise ConversionError(f"unexpected attention tensor {name}: this {self.spec.architectures[0]} table "
+                              f"knows {', '.join(self.spec.tensors.values())}")
 
     def _check_complete(self) -> None:
         found: dict[tuple[int, str, str], set] = {}
         for role, layer, head, param in self.of.values():
             found.setdefault((layer, role, param), set()).add(head)
-        needed = [r for r in self.spec["tensors"] if r in ("q", "k", "v", "o", "qkv")]
+        needed = [r for r in self.spec.tensors if r in LAYER_ROLES]
         for layer in range(self.dims.layers):
             for role in needed:
                 if (layer, role, "weight") not in found:
-                    name = self.spec["attention"].format(layer=layer) + "." + self.spec["tensors"][role] + ".weight"
+                    name = self.spec.attention.format(layer=layer) + "." + self.spec.tensors[role] + ".weight"
                     raise ConversionError(f"the checkpoint has no {name}")
         per_head = {"k_norm_per_head": self.dims.kv_heads, "q_norm_per_head": self.dims.heads}
         for (layer, role, _), heads in found.items():
@@ -136,36 +141,23 @@ class _Roles:
 
     def _check_biases(self, found: dict) -> None:
         for key, roles in (("qkv_bias", ("q", "k", "v", "qkv")), ("o_bias", ("o",))):
-            rule = self.spec[key]
-            for role in (r for r in roles if r in self.spec["tensors"]):
+            rule = getattr(self.spec, key)
+            for role in (r for r in roles if r in self.spec.tensors):
                 has = {layer for (layer, r, p) in found if r == role and p == "bias"}
                 expected = rule if isinstance(rule, bool) else self.config.get(rule)
                 if expected is not None and has != (set(range(self.dims.layers)) if expected else set()):
                     what = "has" if has else "lacks"
-                    raise ConversionError(f"the checkpoint {what} {self.spec['tensors'][role]} biases, but "
+                    raise ConversionError(f"the checkpoint {what} {self.spec.tensors[role]} biases, but "
                                           f"{'the family' if isinstance(rule, bool) else 'config.json ' + rule} "
                                           f"says {'they exist' if expected else 'there are none'}")
-
-    def expected_shape(self, role: str, param: str) -> tuple[int, ...] | None:
-        """The shape config.json implies for a role (None where only the element count is fixed)."""
-        d = self.dims
-        rows = {"q": d.heads * d.head_dim, "k": d.kv_heads * d.head_dim, "v": d.kv_heads * d.head_dim,
-                "qkv": (d.heads + 2 * d.kv_heads) * d.head_dim, "o": d.hidden,
-                "k_norm_per_head": d.head_dim, "q_norm_per_head": d.head_dim, "k_norm_shared": d.head_dim}.get(role)
-        if rows is None:
-            return None
-        if param == "bias" or role.endswith(("per_head", "shared")):
-            return (rows,)
-        return (rows, d.heads * d.head_dim) if role == "o" else (rows, d.hidden)
 
 
 def _check_shapes(roles: _Roles, shapes: dict[str, tuple[int, ...]]) -> None:
     d = roles.dims
     for name, (role, _, _, param) in roles.of.items():
         shape = shapes[name]
-        expected = roles.expected_shape(role, param)
-        ok = shape == expected if expected else math.prod(shape) in {
-            "k_norm": (d.kv_heads * d.head_dim,), "q_norm": (d.head_dim, d.heads * d.head_dim)}[role]
+        expected = expected_shape(role, param, d)
+        ok = shape == expected if expected else math.prod(shape) in expected_elements(role, d)
         if not ok:
             want = expected if expected else f"{d.kv_heads if role == 'k_norm' else d.heads} x {d.head_dim} elements"
             raise ConversionError(f"{name} has shape {tuple(shape)}, but config.json implies {want} "
@@ -178,59 +170,18 @@ def _out_dtype(src: str, requested: str | None) -> str:
 
 @dataclass
 class Change:
-    """A planned output tensor that is computed: ``surgery.<op>(*sources, **kwargs)``."""
+    """A planned output tensor that is computed: ``make(load)`` returns it, ``load(name)`` reading a source tensor."""
 
     target: str
     shape: tuple[int, ...]
-    op: str
-    sources: list[str]
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    make: Callable[[Callable[[str], Any]], Any]
 
 
-LAYER_ROLES = ("q", "k", "v", "o", "qkv")
-
-
-@dataclass
-class LayerRewrite:
-    """The settings of whole-layer rewrites (``convert.attention``), and the layers' results as made.
-
-    ``moments`` (per layer, from ``convert.calibrate``) is filled in after planning; ``modules``
-    names each layer's Q/QKV projection module in the source, where calibration hooks in.
-    """
-
-    method: str
-    grouping: str
-    kv_heads: int
-    dims: Dims
-    layout: str
-    out_layout: str
-    rotary: str
-    rotary_dim: int
-    k_normed: bool
-    seed: int
-    sources: dict[int, dict[tuple[str, str], str]]  # layer -> (role, param) -> tensor name
-    modules: list[str]
-    moments: list | None = None
-    orders: dict[int, list[int]] = field(default_factory=dict)
-    _cache: tuple[int, dict] | None = None
-
-    def tensor(self, load: Callable, layer: int, role: str, param: str):
-        """One converted tensor of ``layer``; the whole layer is computed once, on its first tensor."""
-        if self._cache is None or self._cache[0] != layer:
-            from convert import surgery
-
-            loaded = {key: load(name) for key, name in self.sources[layer].items()}
-            moment = None if self.moments is None else self.moments[layer]
-            result, self.orders[layer] = surgery.layer_tensors(loaded, self, moment, layer)
-            self._cache = (layer, result)
-        return self._cache[1][role, param]
-
-
-def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
+def _rotary_dim(spec: Family, config: dict, head_dim: int) -> int:
     """How many dimensions of a head RoPE rotates (the leading ones, for partial-rotary families)."""
-    if spec["rotary"] == "none":
+    if spec.rotary == "none":
         return 0
-    key = spec.get("partial_rotary")
+    key = spec.partial_rotary
     if not key:
         return head_dim
     # transformers 5 keeps the fraction in rope_parameters; older configs at the top level
@@ -240,105 +191,110 @@ def _rotary_dim(spec: dict, config: dict, head_dim: int) -> int:
     raise ConversionError(f"config.json does not say {key}, which this family's merges need")
 
 
-def _layer_changes(spec: dict, config: dict, dims: Dims, roles: _Roles, shapes: dict, kv_heads: int, method: str,
-                   grouping: str, seed: int, out_layout: str, rename: dict | None,
-                   canonical: dict[str, str]) -> tuple[dict[str, Change], LayerRewrite]:
-    """Every Q/K/V/O tensor becomes a Change computed from its whole layer (see ``LayerRewrite``)."""
-    if grouping == "similarity" and any(r in spec["tensors"] for r in ("k_norm", "k_norm_per_head")):
-        raise ConversionError("--grouping similarity cannot yet permute the per-head K norms of this family; "
+def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads: int, method: str, grouping: str,
+                seed: int, canonical: dict[str, str]) -> LayerPlan:
+    """The settings of the layer-wise rewrite, with each layer's source tensors of the roles that change."""
+    if GROUPINGS[grouping].permutes and any(r in spec.tensors for r in ("k_norm", "k_norm_per_head")):
+        raise ConversionError(f"--grouping {grouping} cannot yet permute the per-head K norms of this family; "
                               "use --grouping contiguous")
+    changed = changed_roles(method, grouping, "qkv" in spec.tensors)
     sources: dict[int, dict[tuple[str, str], str]] = {}
     for name, (role, layer, _, param) in roles.of.items():
-        if role in LAYER_ROLES and not (role == "o" and param == "bias"):
+        if role in changed and not (role == "o" and param == "bias"):
             sources.setdefault(layer, {})[role, param] = name
-    anchor = "qkv" if "qkv" in spec["tensors"] else "q"
-    modules = [canonical[sources[layer][anchor, "weight"]].removesuffix(".weight") for layer in range(dims.layers)]
-    rewrite = LayerRewrite(method, grouping, kv_heads, dims, spec["layout"], out_layout, spec["rotary"],
-                           _rotary_dim(spec, config, dims.head_dim), spec["k_normed"], seed, sources, modules)
-    d = dims.head_dim
-    rows = {"q": dims.heads * d, "k": kv_heads * d, "v": kv_heads * d, "qkv": (dims.heads + 2 * kv_heads) * d}
+    anchor = next(n for r, n in spec.tensors.items() if r in ("qkv", "q"))
+    # calibration hooks into the source model, named as the source names it (gpt2 lacks bigcode's prefix)
+    modules = [canonical[spec.attention.format(layer=layer) + "." + anchor + ".weight"].removesuffix(".weight")
+               for layer in range(dims.layers)]
+    return LayerPlan(method, grouping, kv_heads, dims, spec.layout, _out_layout(spec, dims, kv_heads), spec.rotary,
+                     _rotary_dim(spec, config, dims.head_dim), spec.k_normed, seed, sources, changed, modules)
+
+
+def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int,
+                   results: Callable[[], LayerResults]) -> dict[str, Change]:
+    """Every changed Q/K/V/O (or QKV/O) tensor, computed from its whole layer by ``LayerResults``."""
+    d, heads = plan.dims.head_dim, plan.dims.heads
+    rows = {"q": heads * d, "k": kv_heads * d, "v": kv_heads * d, "qkv": (heads + 2 * kv_heads) * d}
     changes = {}
-    for layer, members in sources.items():
+    for layer, members in plan.sources.items():
         for (role, param), name in members.items():
             shape = shapes[name] if role == "o" else (rows[role], *shapes[name][1:])
-            changes[name] = Change(name, shape, "layer_tensor", [], dict(layer=layer, role=role, param=param))
-    return changes, rewrite
-
-
-def _becomes_mqa(spec: dict, dims: Dims, kv_heads: int) -> bool:
-    """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
-    return spec["kv_choices"] == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
-
-
-def _out_layout(spec: dict, dims: Dims, kv_heads: int) -> str:
-    if _becomes_mqa(spec, dims, kv_heads):
-        return spec["mqa"]["layout"]
-    return spec.get("mha_layout", spec["layout"])
-
-
-def _plan_changes(spec: dict, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
-                  method: str, seed: int, layer_wise: bool = False) -> dict[str, Change | None]:
-    """Source name -> its Change, for every tensor the conversion rewrites (None: folded into another).
-
-    With ``layer_wise`` the K/V/Q/O tensors are left to ``_layer_changes``; only K norms are planned here.
-    """
-    d, group = dims.head_dim, dims.kv_heads // kv_heads
-    out_layout = _out_layout(spec, dims, kv_heads)
-    if kv_heads == dims.kv_heads and out_layout == spec["layout"] and not layer_wise:
-        return {}  # the identity: every tensor is a byte copy
-    if method not in ("first", "random"):
-        method = "mean"  # K norms (the only per-tensor merges left with svd) are mean-pooled
-    common = dict(kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method, seed=seed)
-    changes: dict[str, Change | None] = {}
-    for name, (role, layer, head, param) in roles.of.items():
-        shape = shapes[name]
-        if layer_wise and role in LAYER_ROLES:
-            continue
-        if role in ("k", "v"):
-            changes[name] = Change(name, (kv_heads * d, *shape[1:]), "kv_rows", [name],
-                                   dict(common, head_dim=d, name=name))
-        elif role == "qkv":
-            changes[name] = Change(name, ((dims.heads + 2 * kv_heads) * d, *shape[1:]), "fused_qkv", [name],
-                                   dict(common, layout=spec["layout"], out_layout=out_layout, heads=dims.heads,
-                                        head_dim=d, name=name))
-        elif role == "k_norm":
-            out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
-            changes[name] = Change(name, out_shape, "kv_norm", [name], dict(common, name=name))
-        elif role == "k_norm_per_head":
-            if head % group:
-                changes[name] = None  # pooled into its group's first head below
-                continue
-            template = spec["attention"] + "." + spec["tensors"][role] + "." + param
-            sources = [template.format(layer=layer, head=h) for h in range(head, head + group)]
-            target = template.format(layer=layer, head=head // group)
-            changes[name] = Change(target, shape, "norm_heads", sources, dict(method=method, seed=seed, name=name))
+            changes[name] = Change(name, shape, lambda load, key=(layer, role, param): results().take(*key))
     return changes
 
 
-def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims, kv_heads: int,
+def _becomes_mqa(spec: Family, dims: Dims, kv_heads: int) -> bool:
+    """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
+    return spec.kv_choices == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
+
+
+def _out_layout(spec: Family, dims: Dims, kv_heads: int) -> str:
+    if _becomes_mqa(spec, dims, kv_heads):
+        return spec.mqa.layout
+    return spec.mha_layout or spec.layout
+
+
+def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
+                  method: str) -> dict[str, Change | None]:
+    """Source name -> its Change for every K norm spanning the KV heads (None: folded into its group's first)."""
+    group = dims.kv_heads // kv_heads
+    changes: dict[str, Change | None] = {}
+    for name, (role, layer, head, param) in roles.of.items():
+        operation = ROLES[role].operation
+        if operation == "pool_norm":
+            shape = shapes[name]
+            out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
+            pool = partial(surgery.kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
+            changes[name] = Change(name, out_shape, lambda load, n=name, f=pool: f(load(n)))
+        elif operation == "pool_norm_heads":
+            if head % group:
+                changes[name] = None  # pooled into its group's first head below
+                continue
+            template = spec.attention + "." + spec.tensors[role] + "." + param
+            members = [template.format(layer=layer, head=h) for h in range(head, head + group)]
+            pool = partial(surgery.norm_heads, method=method)
+            changes[name] = Change(template.format(layer=layer, head=head // group), shapes[name],
+                                   lambda load, ms=members, f=pool: f(*map(load, ms)))
+    return changes
+
+
+def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dims, kv_heads: int,
                     method: str, dtype: str | None, seed: int, grouping: str = "contiguous") -> Plan:
     """Decide every output tensor (name, dtype, shape, how to make it) and the output config."""
-    rename = spec.get("rename")
-    canonical = renames.canonical_names(list(weights.tensors), rename)  # output name -> source name
-    transposed = renames.transposed(canonical, rename)
+    canonical = renames.canonical_names(list(weights.tensors), spec.rename)  # output name -> source name
+    transposed = renames.transposed(canonical, spec.rename)
     shapes = {}
     for name, src in canonical.items():
         shape = weights.tensors[src].shape
         shapes[name] = tuple(reversed(shape)) if name in transposed else shape
     roles = _Roles(spec, dims, config, list(canonical))
     _check_shapes(roles, shapes)
-    layer_wise = method == "svd" or grouping == "similarity"
-    changes = _plan_changes(spec, dims, roles, shapes, kv_heads, method, seed, layer_wise)
-    layers = None
-    if layer_wise:
-        layer_changes, layers = _layer_changes(spec, config, dims, roles, shapes, kv_heads, method, grouping, seed,
-                                               _out_layout(spec, dims, kv_heads), rename, canonical)
-        changes.update(layer_changes)
 
     def load(name: str):
         tensor = weights.read(canonical[name])
         return tensor.t() if name in transposed else tensor  # Conv1D (in, out) -> Linear (out, in)
 
+    changes: dict[str, Change | None] = {}
+    layers = None
+    if kv_heads != dims.kv_heads or _out_layout(spec, dims, kv_heads) != spec.layout:  # else: every tensor a copy
+        layers = _layer_plan(spec, config, dims, roles, kv_heads, method, grouping, seed, canonical)
+        planned = Counter({layer: len(members) for layer, members in layers.sources.items()})
+        results = _lazy(lambda: LayerResults(layers, planned, load))
+        changes = {**_norm_changes(spec, dims, roles, shapes, kv_heads, method),
+                   **_layer_changes(layers, shapes, kv_heads, results)}
+    tensors = _out_tensors(weights, canonical, transposed, shapes, changes, load, dtype)
+    return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers)
+
+
+def _lazy(make: Callable[[], Any]) -> Callable[[], Any]:
+    """``make()`` called once, on first use."""
+    held: list = []
+    return lambda: held[0] if held else held.append(make()) or held[0]
+
+
+def _out_tensors(weights: WeightSource, canonical: dict[str, str], transposed: set[str], shapes: dict,
+                 changes: dict[str, Change | None], load: Callable, dtype: str | None) -> list[OutTensor]:
+    """The output tensors in the source's file order: byte copies, and computed ones (changed, cast or transposed)."""
     def located(name: str) -> tuple[str, int]:
         info = weights.tensors[canonical[name]]
         return str(info.file), info.start
@@ -347,43 +303,37 @@ def plan_conversion(weights: WeightSource, config: dict, spec: dict, dims: Dims,
     for name in sorted(canonical, key=located):
         src_dtype = weights.tensors[canonical[name]].dtype
         target_dtype = _out_dtype(src_dtype, dtype)
-        change = changes.get(name, Change(name, shapes[name], "same", [name]))
+        change = changes.get(name, Change(name, shapes[name], lambda load, n=name: load(n)))
         if change is None:
             continue
-        if change.op == "same" and name not in transposed and target_dtype == src_dtype:
+        if name not in changes and name not in transposed and target_dtype == src_dtype:
             out.append(OutTensor(name, src_dtype, shapes[name], partial(weights.copy_raw, canonical[name])))
         else:
             out.append(OutTensor(change.target, target_dtype, change.shape,
-                                 partial(_write_computed, change, load, target_dtype, layers), computed=True))
-    return Plan(out, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers)
+                                 partial(_write_computed, change, load, target_dtype), computed=True))
+    return out
 
 
-def _write_computed(change: Change, load: Callable, dtype: str, layers: LayerRewrite | None, out) -> None:
-    from convert import surgery  # torch is needed from here on only
-
-    if change.op == "layer_tensor":
-        tensor = layers.tensor(load, **change.kwargs)
-    else:
-        tensor = getattr(surgery, change.op)(*(load(s) for s in change.sources), **change.kwargs)
-    tensor = tensor.to(torch_dtype(dtype))
+def _write_computed(change: Change, load: Callable, dtype: str, out) -> None:
+    tensor = change.make(load).to(torch_dtype(dtype))
     if tuple(tensor.shape) != change.shape:
-        raise RuntimeError(f"internal error: {change.op} made shape {tuple(tensor.shape)}, planned {change.shape}")
+        raise RuntimeError(f"internal error: {change.target} made shape {tuple(tensor.shape)}, planned {change.shape}")
     write_tensor_bytes(tensor, out)
 
 
-def output_config(config: dict, spec: dict, dims: Dims, kv_heads: int, dtype: str | None) -> dict:
+def output_config(config: dict, spec: Family, dims: Dims, kv_heads: int, dtype: str | None) -> dict:
     """The source's config.json with only the KV-head key(s) changed (and the dtype, when --dtype asks)."""
     new = copy.deepcopy(config)
-    if spec.get("rename"):
-        new = renames.derive_config(spec["rename"]["config"], new, kv_heads)
-    aliases = spec["config"]["kv_heads"]
+    if spec.rename:
+        new = renames.derive_config(spec.rename.config, new, kv_heads)
+    aliases = spec.config.kv_heads
     present = [k for k in aliases if k in new]
     for key in present:
         new[key] = kv_heads
-    if not present and aliases and kv_heads != dims.kv_heads and spec["kv_choices"] == "divisors":
+    if not present and aliases and kv_heads != dims.kv_heads and spec.kv_choices == "divisors":
         new[aliases[0]] = kv_heads
     if _becomes_mqa(spec, dims, kv_heads):
-        new.update(spec["mqa"]["config"])
+        new.update(spec.mqa.config)
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in new:

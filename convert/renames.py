@@ -9,17 +9,20 @@ GPT-2 has [Q | K | V].
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convert.errors import ConversionError
 
+if TYPE_CHECKING:
+    from convert.families import Rename
 
-def canonical_names(names: list[str], rename: dict | None) -> dict[str, str]:
+
+def canonical_names(names: list[str], rename: Rename | None) -> dict[str, str]:
     """Output name -> source name; tensors the target has no place for (GPT-2's mask buffers) are left out."""
     if not rename:
         return {name: name for name in names}
-    prefix = rename["prefix"]
-    drop = [re.compile(pattern) for pattern in rename["drop"]]
+    prefix = rename.prefix
+    drop = [re.compile(pattern) for pattern in rename.drop]
     mapping = {}
     for name in names:
         bare = name.removeprefix(prefix)
@@ -29,11 +32,11 @@ def canonical_names(names: list[str], rename: dict | None) -> dict[str, str]:
     return mapping
 
 
-def transposed(canonical: dict[str, str], rename: dict | None) -> set[str]:
+def transposed(canonical: dict[str, str], rename: Rename | None) -> set[str]:
     """Output names whose source tensor is a Conv1D weight (in, out) to be stored as (out, in)."""
     if not rename:
         return set()
-    suffixes = tuple("." + s for s in rename["transpose"])
+    suffixes = tuple("." + s for s in rename.transpose)
     return {name for name in canonical if name.endswith(suffixes)}
 
 

@@ -74,6 +74,17 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Path:
         ) from None
 
 
+def hub_id(source: str, directory: Path) -> str | None:
+    """The hub id a checkpoint came from: ``source`` itself when it was fetched, or the repository a hub-cache
+    snapshot directory names (``.../models--owner--name/snapshots/REV``); None for any other local path."""
+    if not Path(source).expanduser().exists():
+        return source
+    parts = directory.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/")
+    return None
+
+
 def read_config(directory: Path) -> dict:
     """config.json as plain JSON (never through a transformers config class)."""
     path = directory / "config.json"

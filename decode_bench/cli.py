@@ -39,8 +39,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from convert.errors import ConversionError, check_output_dir, os_error_line
+from convert.errors import ConversionError
 from convert.source import open_weights, read_config
+from kvshrink.errors import check_output_dir, run_cli
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -352,22 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.command = "python -m decode_bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    try:
+
+    def body() -> int:
         check_args(args)
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         report = run(args)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    print("\n".join(report))
-    print(f"\nwrote results.csv, fit.csv, decode.png, report.txt to {args.out}")
-    return 0
+        print("\n".join(report))
+        print(f"\nwrote results.csv, fit.csv, decode.png, report.txt to {args.out}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

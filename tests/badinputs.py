@@ -78,9 +78,9 @@ def _out_below_file(tmp: Path, good: Path) -> Path:
 
 
 CASES = [
-    BadInput("missing path", "model", lambda tmp, good: tmp / "nowhere", ("does not exist",)),
+    BadInput("missing path", "model", lambda tmp, good: tmp / "nowhere", ("does not exist", "no such directory")),
     BadInput("a file, not a directory", "model", _file, ("is a file",)),
-    BadInput("not a checkpoint (no config.json)", "model", _no_config, ("has no config.json",)),
+    BadInput("not a checkpoint (no config.json)", "model", _no_config, ("no config.json",)),
     BadInput("unreadable config.json", "model", _bad_config, ("cannot read",)),
     BadInput("no weights", "model", _no_weights, ("has no model.safetensors",)),
     BadInput("truncated safetensors", "model", _truncated, ("is truncated",)),

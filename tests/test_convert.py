@@ -54,7 +54,7 @@ def test_mean_matches_hand_computed_reference(llama_dir, tmp_path):
             expected = torch.cat([(w[0:d] + w[d:2 * d]) / 2, (w[2 * d:3 * d] + w[3 * d:4 * d]) / 2])
             assert torch.allclose(after[name], expected, atol=1e-7), name
     changed = {n for n in before if not torch.equal(before[n], after[n])} if before.keys() == after.keys() else None
-    assert changed == set(report["changed_tensors"])
+    assert changed == set(report.changed_tensors)
     assert all(".k_proj." in n or ".v_proj." in n for n in changed)
 
 
@@ -85,13 +85,14 @@ def test_config_changes_only_kv_heads_and_side_files_are_copied(llama_dir, tmp_p
         assert (out / name).read_bytes() == (llama_dir / name).read_bytes(), name
     card = (out / "README.md").read_text()
     assert str(llama_dir) in card and "4 -> 1" in card and "mean" in card
+    assert "base_model:" not in card  # a local path is not a hub id
     saved = json.loads((out / "conversion.json").read_text())
     assert saved["kv_heads_before"] == 4 and saved["kv_heads_after"] == 1
     # 2 (K and V) x 2 layers x heads x head_dim 8 x 4 bytes
-    assert report["kv_cache_bytes_per_token_before"] == 2 * 2 * 4 * 8 * 4
-    assert report["kv_cache_bytes_per_token_after"] == 2 * 2 * 1 * 8 * 4
-    assert report["kv_cache_bytes_4k_context_after"] == 4096 * 2 * 2 * 1 * 8 * 4
-    assert report["parameters_before"] - report["parameters_after"] == 2 * 2 * 3 * 8 * 64
+    assert report.kv_cache_bytes_per_token_before == 2 * 2 * 4 * 8 * 4
+    assert report.kv_cache_bytes_per_token_after == 2 * 2 * 1 * 8 * 4
+    assert report.kv_cache_bytes_4k_context_after == 4096 * 2 * 2 * 1 * 8 * 4
+    assert report.parameters_before - report.parameters_after == 2 * 2 * 3 * 8 * 64
     assert "lm_head.weight" in _tensors(out)
 
 
@@ -134,7 +135,7 @@ def test_sharded_in_sharded_out(tmp_path):
     out = tmp_path / "out"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
-    assert len(shards) == report["shards"] > 2
+    assert len(shards) == report.shards > 2
     assert all(s.name.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
     tensors = {}
     for shard in shards:
@@ -148,13 +149,16 @@ def test_sharded_in_sharded_out(tmp_path):
 
 
 def test_symlinked_hub_cache_layout(tmp_path):
-    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    """A hub-cache snapshot (files symlinked to blobs) converts; the card's base_model is the repository it names."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "models--org--tiny-llama" / "snapshots" / "0123abc"
     make_model("llama", 2).save_pretrained(blobs)
-    snapshot.mkdir()
+    snapshot.mkdir(parents=True)
     for f in blobs.iterdir():
         (snapshot / f.name).symlink_to(f)
-    convert_checkpoint(snapshot, tmp_path / "out", kv_heads=1)
+    report = convert_checkpoint(snapshot, tmp_path / "out", kv_heads=1)
     assert not (tmp_path / "out" / "config.json").is_symlink()
+    assert report.base_model == "org/tiny-llama"
+    assert "\nbase_model: org/tiny-llama\n" in (tmp_path / "out" / "README.md").read_text()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_key_value_heads == 1
 
 
@@ -171,7 +175,7 @@ def test_pickle_weights_with_allow_pickle(tmp_path):
 
 def test_dry_run_writes_nothing(llama_dir, tmp_path):
     report = convert_checkpoint(llama_dir, tmp_path / "out", kv_heads=1, dry_run=True)
-    assert report["dry_run"] and report["kv_heads_after"] == 1
+    assert report.dry_run and report.kv_heads_after == 1
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -219,7 +223,7 @@ def test_identity_is_bit_equal_for_every_layout(family, tmp_path):
     before, after = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
-    assert report["kv_heads_before"] == report["kv_heads_after"] == 4 and report["changed_tensors"] == []
+    assert report.kv_heads_before == report.kv_heads_after == 4 and report.changed_tensors == []
 
 
 @pytest.mark.parametrize("family", ["phi3", "falcon", "stablelm", "cohere"])
@@ -230,7 +234,7 @@ def test_every_method_on_fused_and_normed_layouts_loads(family, method, tmp_path
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
-    assert report["changed_tensors"]
+    assert report.changed_tensors
 
 
 def test_mixed_dtypes_keep_their_dtypes_and_values(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convert import ConversionError, convert_checkpoint
-from convert.attention import permute
+from convert.attention import LayerHeads, permute
 from convert.cli import main
 from textlm import train_tokenizer, write_corpus
 from tiny import FAMILIES, logits, make_model
@@ -149,7 +149,8 @@ def test_permutation_alone_keeps_the_function():
         k = torch.cat([state[p + "k_proj.weight"], state[p + "k_proj.bias"][:, None]], 1).reshape(4, d, -1)
         v = torch.cat([state[p + "v_proj.weight"], state[p + "v_proj.bias"][:, None]], 1).reshape(4, d, -1)
         o = state[p + "o_proj.weight"].reshape(64, 8, d)
-        q, k, v, o = permute(q, k, v, o, [2, 0, 3, 1])
+        layer = permute(LayerHeads(q, k, v, o), [2, 0, 3, 1])
+        q, k, v, o = layer.q, layer.k, layer.v, layer.o
         for name, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
             t = t.reshape(-1, t.shape[-1])
             state[p + name + ".weight"].copy_(t[:, :-1])
@@ -174,7 +175,7 @@ def test_svd_and_similarity_convert_every_family_to_a_loadable_model(family, cor
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.isfinite(logits(out)).all()
     if family in ("qwen3", "olmo2", "cohere", "stablelm"):
-        assert report["k_merge"].startswith("mean")
+        assert report.k_merge.startswith("mean")
 
 
 def test_bad_calibration_input_is_refused_before_writing(corpus, tmp_path, capsys):

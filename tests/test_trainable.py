@@ -17,7 +17,7 @@ def attention_parameter_names(model) -> set[str]:
     _, spec = resolve(model.config.to_dict())
     names = set()
     for layer in range(model.config.num_hidden_layers):
-        path = spec["attention"].format(layer=layer)
+        path = spec.attention.format(layer=layer)
         names |= {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
     return names
 

@@ -204,6 +204,24 @@ def test_convert_step_and_streaming_data(setup, tmp_path):
     assert summary["eval_ppl_after"] < summary["eval_ppl_before"]
 
 
+@pytest.mark.parametrize("given", [True, False])
+def test_convert_step_with_svd_calibrates_on_given_or_training_text(setup, tmp_path, given):
+    """The recipe's convert step takes the converter's options: svd with calibration_data given, or by default the
+    recipe's data.train files."""
+    train, held = setup[0], setup[1]
+    out = tmp_path / "svd"
+    convert = {"source": str(setup[2]), "kv_heads": 1, "method": "svd", "calibration_tokens": 1024,
+               "calibration_seq_len": 64, **({"calibration_data": [str(held)]} if given else {})}
+    recipe = write_recipe(tmp_path / "s.yaml", setup, out, model=None, convert=convert, train={"max_steps": 2},
+                          eval={"every_steps": 2, "max_tokens": 1024})
+    summary = run(load_recipe(recipe))
+    report = json.loads((out / "converted" / "conversion.json").read_text())
+    assert report["method"] == "svd" and report["kv_heads_after"] == 1
+    assert report["calibration"]["files"] == [str(held if given else train)]
+    assert report["calibration"]["tokens"] == 1024
+    assert summary["final"]
+
+
 @pytest.mark.parametrize("trainable, changes", [("kv", (".k_proj.", ".v_proj.")),
                                                 ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))])
 def test_trainable_subsets_leave_everything_else_bit_equal(setup, tmp_path, trainable, changes):

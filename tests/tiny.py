@@ -109,10 +109,10 @@ def expand_kv(family: str, state: dict[str, torch.Tensor], kv: int, heads: int =
     return out
 
 
-def mha_twin(family: str, kv: int, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def mha_twin(family: str, kv: int, seed: int = 0, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(model with `kv` KV heads, MHA model computing the same function)."""
-    small = make_model(family, kv, seed)
-    mha = make_model(family, HEADS, seed + 1)
+    small = make_model(family, kv, seed, **overrides)
+    mha = make_model(family, HEADS, seed + 1, **overrides)
     head_dim = small.config.head_dim if getattr(small.config, "head_dim", None) else 64 // HEADS
     mha.load_state_dict(expand_kv(family, small.state_dict(), kv, HEADS, head_dim), strict=True)
     return small, mha

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # read-only or full output filesystem, denied permission, a file that vanished
-        from convert.errors import os_error_line
+        from kvshrink.errors import os_error_line
 
         print(os_error_line(exc), file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from uptrain.recipe import RecipeError
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _local_files(entry: str) -> list[str] | None:
+def local_files(entry: str) -> list[str] | None:
     """The files an entry names (a glob, a file or a directory), or None when it is no local path."""
     if any(c in entry for c in "*?["):
         files = sorted(f for f in glob.glob(os.path.expanduser(entry), recursive=True) if os.path.isfile(f))
@@ -45,7 +45,7 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
 
     parts = []
     for entry in entries:
-        files = _local_files(entry)
+        files = local_files(entry)
         if files is None:
             try:
                 parts.append(datasets.load_dataset(entry, hub_config, split=hub_split, streaming=streaming))
@@ -71,7 +71,9 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
                 part = part.rename_column("text", text_field)
             parts.append(part)
     for part, entry in zip(parts, entries):
-        columns = part.column_names or []
+        columns = part.column_names
+        if columns is None:  # datasets 5 streams do not know their columns before the first row
+            columns = list(next(iter(part), {}))
         if text_field not in columns:
             raise RecipeError(f"data {entry} has no column {text_field!r} (columns: {', '.join(columns)}); "
                               "set data.text_field")

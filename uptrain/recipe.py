@@ -15,18 +15,24 @@ from typing import Any
 
 import yaml
 
+from convert.errors import ConversionError
+from kvshrink.errors import KvshrinkError
+from convert.merge import GROUPINGS, METHODS
+from convert.options import DTYPES, ConvertOptions
 
-class RecipeError(Exception):
+
+class RecipeError(KvshrinkError):
     """A recipe that cannot run: printed on one line, exit code 2."""
 
 
-@dataclass
-class ConvertStep:
-    """Convert ``source`` first (into OUTPUT_DIR/converted) and train the result."""
+@dataclass(kw_only=True)
+class ConvertStep(ConvertOptions):
+    """Convert ``source`` first (into OUTPUT_DIR/converted, with the converter's options and names) and train it.
+
+    ``calibration_data`` defaults to the recipe's ``data.train`` files when the method needs calibration text.
+    """
 
     source: str
-    kv_heads: int
-    method: str = "mean"
 
 
 @dataclass
@@ -103,7 +109,9 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.trainable": ("all", "attention", "kv"),
     "log.tracker": ("none", "tensorboard", "wandb"),
-    "convert.method": ("mean", "first", "random"),
+    "convert.method": tuple(METHODS),
+    "convert.grouping": tuple(GROUPINGS),
+    "convert.dtype": tuple(DTYPES),
 }
 
 
@@ -198,9 +206,21 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _check_convert(r: Recipe) -> None:
+    """The convert step's options, checked as the converter checks them (calibration text defaults to data.train)."""
+    c = r.convert
+    default = r.data.train if METHODS[c.method].calibrated and not c.calibration_data else c.calibration_data
+    try:
+        dataclasses.replace(c, calibration_data=default).validate()
+    except ConversionError as exc:
+        raise RecipeError(f"convert: {exc}") from None
+
+
 def _check_consistency(r: Recipe) -> None:
     if (r.model is None) == (r.convert is None):
         raise RecipeError("recipe needs exactly one of model (a converted checkpoint) or convert {source, kv_heads}")
+    if r.convert is not None:
+        _check_convert(r)
     t = r.train
     if (t.max_steps is None) == (t.max_tokens is None):
         raise RecipeError("set exactly one of train.max_steps or train.max_tokens (the other to null)")

@@ -19,13 +19,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvshrink.errors import KvshrinkError
 from uptrain import checkpoints, data
 from uptrain.loss import chunkable, chunked_loss
 from uptrain.recipe import Recipe, RecipeError
 
 
-class TrainingError(Exception):
+class TrainingError(KvshrinkError):
     """The run stopped (non-finite loss, out of memory): printed on one line, exit code 1."""
+
+    exit_code = 1
 
 
 def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -81,8 +84,7 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
     loss, tokens = accelerator.reduce(loss, "sum"), accelerator.reduce(tokens, "sum")
     model.train(was_training)
     mean = (loss / tokens).item()
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item()),
-            "eval_seq_len": ids.shape[1]}  # the setting, so that every perplexity shown can say it
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item())}
 
 
 def _precision(name: str) -> str:
@@ -99,13 +101,29 @@ def _model_path(recipe: Recipe, accelerator) -> str:
 
     target = Path(recipe.output_dir) / "converted"
     if accelerator.is_main_process and not (target / "conversion.json").exists():
-        c = recipe.convert
         try:
-            convert_checkpoint(c.source, target, kv_heads=c.kv_heads, method=c.method, overwrite=True)
+            convert_checkpoint(recipe.convert.source, target, convert_options(recipe), overwrite=True)
         except ConversionError as exc:
             raise RecipeError(f"convert: {exc}") from None
     accelerator.wait_for_everyone()
     return str(target)
+
+
+def convert_options(recipe: Recipe):
+    """The recipe's convert step as converter options; calibrated methods default to data.train's local files."""
+    from convert.merge import METHODS
+    from convert.options import ConvertOptions
+    from uptrain.data import local_files
+
+    c = recipe.convert
+    options = ConvertOptions(**{name: getattr(c, name) for name in ConvertOptions.fields()})
+    if METHODS[c.method].calibrated and not c.calibration_data:
+        files = [f for entry in recipe.data.train for f in (local_files(entry) or [])]
+        if not files:
+            raise RecipeError(f"convert.method {c.method} needs calibration text: set convert.calibration_data "
+                              "(data.train names no local files)")
+        options.calibration_data = files
+    return options
 
 
 def _load_model(path: str, what: str):
@@ -118,19 +136,19 @@ def _load_model(path: str, what: str):
 
 
 def _set_trainable(model, mode: str) -> int:
-    """Freeze all but the modules of ``mode`` (convert.families.SUBSETS); returns the trainable parameter count."""
+    """Freeze all but the modules of ``mode`` (convert.roles.SUBSETS); returns the trainable parameter count."""
     if mode != "all":
-        from convert.families import parameter_pattern, resolve
+        from convert.families import resolve
 
         try:
             _, spec = resolve(model.config.to_dict())
         except KeyError as exc:
             raise RecipeError(f"train.trainable: {mode} needs a family the converter knows; {exc.args[0]} is not "
                               f"one (use train.trainable: all)") from None
-        if mode == "kv" and "qkv" in spec["tensors"]:
+        if mode == "kv" and "qkv" in spec.tensors:
             raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
                               "(use attention)")
-        pattern = parameter_pattern(spec, mode)
+        pattern = spec.parameter_pattern(mode)
         for name, p in model.named_parameters():
             p.requires_grad_(pattern.fullmatch(name) is not None)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -271,7 +289,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if main:
         from uptrain.plot import plot_metrics
 
-        plot_metrics(metrics.read(), out / "training.png")
+        plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
         summary.update(final=str(final), plot=str(out / "training.png"))
     return summary
 
@@ -350,7 +368,7 @@ class _Loop:
         try:
             checkpoints.save(self.acc, out, self.step, self.r.save.keep_last)
         except OSError as exc:
-            from convert.errors import os_error_line
+            from kvshrink.errors import os_error_line
 
             last = checkpoints.newest(out)
             keep = f"the last complete checkpoint, {last}, is intact: rerun to resume from it" if last else \

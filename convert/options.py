@@ -1,0 +1,71 @@
+"""What a conversion produces: one options object for the CLI, the Python API, the recipe's convert step and the demo.
+
+How a run behaves (overwrite, dry run, progress, the command line for the model card) is given to
+``convert_checkpoint`` beside it, not stored in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
+from convert.errors import ConversionError
+from convert.merge import GROUPINGS, METHODS, calibrated_names
+
+DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
+
+
+@dataclass
+class ConvertOptions:
+    """The choices of a conversion (CLI flags with dashes: ``--kv-heads``, ``--calibration-data``, ...).
+
+    Attributes:
+        kv_heads: the KV-head count wanted; it must divide the source's.
+        method: a registered merge method (``convert.merge.METHODS``): mean, first, random, svd.
+        grouping: a registered grouping (``convert.merge.GROUPINGS``): contiguous or similarity.
+        calibration_data: text files (.txt, .md, .jsonl) the source model runs on, for calibrated methods and
+            permuting groupings.
+        calibration_tokens: how many calibration tokens to run.
+        calibration_seq_len: tokens per calibration forward pass.
+        dtype: ``auto`` (keep the source's) or bfloat16 / float16 / float32.
+        max_shard_size: bytes, or a size like ``5GB``.
+        seed: the random source of ``method="random"``.
+        allow_pickle: accept ``pytorch_model.bin`` (loaded with ``weights_only=True``).
+    """
+
+    kv_heads: int
+    method: str = "mean"
+    grouping: str = "contiguous"
+    calibration_data: list[str] | None = None
+    calibration_tokens: int = DEFAULT_TOKENS
+    calibration_seq_len: int = DEFAULT_SEQ_LEN
+    dtype: str = "auto"
+    max_shard_size: str | int = "5GB"
+    seed: int = 0
+    allow_pickle: bool = False
+
+    def validate(self) -> None:
+        """Refuse impossible combinations with one line naming the flag (ConversionError)."""
+        if self.method not in METHODS:
+            raise ConversionError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.grouping not in GROUPINGS:
+            raise ConversionError(f"--grouping {self.grouping!r} is not one of {', '.join(GROUPINGS)}")
+        if METHODS[self.method].calibrated and not self.calibration_data:
+            raise ConversionError(f"--method {self.method} needs --calibration-data FILE... (text the model runs on)")
+        if self.calibration_data and not self.uses_calibration:
+            raise ConversionError(f"--calibration-data is used by --method {'/'.join(calibrated_names())} or "
+                                  f"--grouping similarity, not by --method {self.method} with {self.grouping} groups")
+        if self.calibration_tokens < 1 or self.calibration_seq_len < 1:
+            raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
+        if self.dtype not in DTYPES:
+            raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Calibration text weighs this conversion (required by calibrated methods, optional for groupings)."""
+        return METHODS[self.method].calibrated or GROUPINGS[self.grouping].permutes
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
