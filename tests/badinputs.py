@@ -92,7 +92,7 @@ CASES = [
 
 @dataclass(frozen=True)
 class Command:
-    """A CLI under the sweep: ``argv(model, out)`` -> the arguments after ``python``."""
+    """A CLI under the sweep: ``argv(model, out, good)`` -> the arguments after ``python``."""
 
     name: str
     argv: Callable[[Path, Path, Path], list[str]]  # (model, out, good) -> argv

@@ -20,6 +20,7 @@ def tiny(tmp_path_factory):
     return train, held, make_lm(root / "tiny-llama", train_tokenizer(train), kv_heads=4)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     train, held, model = tiny
     out = tmp_path / "run"
