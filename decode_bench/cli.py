@@ -41,7 +41,7 @@ from pathlib import Path
 
 from convert.errors import ConversionError
 from convert.source import open_weights, read_config
-from kvshrink.errors import check_output_dir, run_cli
+from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -62,8 +62,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m decode_bench",
-                                description="KV-cache bytes and decode speed of a model and its conversions.")
+    p = OneLineParser(prog="python -m decode_bench",
+                      description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
     p.add_argument("--mha-twin", action="store_true",

@@ -216,10 +216,19 @@ def test_bad_input_is_one_line_and_exit_2(case, checkpoints, tmp_path, capsys):
         pytest.skip("this machine has CUDA")
     make_argv, expected = BAD[case]
     argv = [str(a) for a in make_argv(tmp_path, checkpoints)]
+    capsys.readouterr()  # save_pretrained's own progress bar, when building the bad checkpoint
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and expected in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--batch", "x"], ["--device", "tpu"], ["--dtype"]])
+def test_argument_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: argument --") and err.count("\n") == 1, err
 
 
 def test_module_entry_point_exit_code(tmp_path):
