@@ -80,6 +80,37 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
     return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
 
 
+def calibration_model(source: Path, documents: list[str], tokens: int, seq_len: int, progress: bool = False):
+    """The source model (float32 on CPU; its own dtype spread by accelerate over GPUs) and the calibration blocks."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say(progress, f"tokenizing up to {tokens:,} tokens of {len(documents)} document(s)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({exc})") from None
+    blocks = token_blocks(tokenizer, documents, tokens, seq_len)
+    cuda = torch.cuda.is_available()
+    say(progress, f"loading {source} ({'its dtype, device_map=auto' if cuda else 'float32, cpu'}) to run "
+                  f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens")
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None)
+    return model.eval(), blocks
+
+
+def moment_hook(moments: list, layer: int):
+    """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[layer]`` (float64)."""
+    import torch
+
+    def add(_module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
+        moment = x.T @ x
+        moments[layer] = moment if moments[layer] is None else moments[layer] + moment.to(moments[layer].device)
+    return add
+
+
 def attention_moments(source: Path, modules: list[str], documents: list[str], tokens: int = DEFAULT_TOKENS,
                       seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False) -> dict:
     """Per layer, C = Σ [x, 1][x, 1]ᵀ over the calibration tokens, x the input of ``modules[layer]``.
@@ -95,33 +126,11 @@ def attention_moments(source: Path, modules: list[str], documents: list[str], to
     Returns:
         {"moments": [float64 (in + 1, in + 1) per layer], "tokens": n, "seconds": s}.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.perf_counter()
-    say(progress, f"tokenizing up to {tokens:,} tokens of {len(documents)} document(s)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({exc})") from None
-    blocks = token_blocks(tokenizer, documents, tokens, seq_len)
-    cuda = torch.cuda.is_available()
-    say(progress, f"loading {source} ({'its dtype, device_map=auto' if cuda else 'float32, cpu'}) to run "
-                  f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens")
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None)
-    model.eval()
+    model, blocks = calibration_model(source, documents, tokens, seq_len, progress)
     moments: list = [None] * len(modules)
-
-    def hook(layer: int):
-        def add(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
-            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
-            moment = x.T @ x
-            moments[layer] = moment if moments[layer] is None else moments[layer] + moment.to(moments[layer].device)
-        return add
-
-    handles = [model.get_submodule(path).register_forward_pre_hook(hook(n)) for n, path in enumerate(modules)]
+    handles = [model.get_submodule(path).register_forward_pre_hook(moment_hook(moments, n))
+               for n, path in enumerate(modules)]
     try:
         _run_blocks(model, blocks, progress)
     finally:

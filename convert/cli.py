@@ -13,7 +13,7 @@ from convert.engine import convert_checkpoint
 from kvshrink.errors import run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
-from convert.options import DTYPES, ConvertOptions
+from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
 from convert.report import format_report
 
 
@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"calibration tokens to run (default: {DEFAULT_TOKENS})")
     parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                         help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default="parallel",
+                        help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
+                             "inputs the converted layers below give it (two passes' cost) (default: parallel)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")

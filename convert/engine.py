@@ -17,8 +17,10 @@ from convert.merge import GROUPINGS
 from convert.options import DTYPES, ConvertOptions
 from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
+from convert.sequential import sequential_moments
 from convert.source import hub_id, open_weights, read_config, resolve_source
-from convert.writer import AtomicDirectory, check_output, parse_size, shard_names, shard_plan, write_index, write_shard
+from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
+from kvshrink.atomic import AtomicDirectory
 
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
@@ -108,6 +110,10 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
     shards = shard_plan(plan.tensors, max_bytes)
     report = build_report(source, output, family, spec, dims, options, weights, plan, len(shards), dry_run)
     report.base_model = hub_id(source, src_dir)
+    if options.calibration_order == "sequential" and plan.layers and (spec.rename or plan.layers.pooled_norms):
+        raise ConversionError(f"--calibration-order sequential does not yet support {family} checkpoints "
+                              f"{'converted into another architecture' if spec.rename else 'with per-head K norms'}; "
+                              "use --calibration-order parallel")
     # unreadable or empty calibration text fails here, dry run included
     documents = read_text(options.calibration_data) if options.calibration_data else None
     return _Prepared(src_dir, plan, report, shards, documents)
@@ -116,10 +122,14 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
 def _calibrate(prepared: _Prepared, options: ConvertOptions, progress: bool) -> None:
     """Run the source on the calibration text: each rewritten layer's attention-input moment."""
     layers = prepared.plan.layers
-    found = attention_moments(prepared.src_dir, layers.modules, prepared.documents, options.calibration_tokens,
-                              options.calibration_seq_len, progress)
+    args = (prepared.documents, options.calibration_tokens, options.calibration_seq_len)
+    if options.calibration_order == "sequential":
+        found = sequential_moments(prepared.src_dir, layers, prepared.plan.load, *args)
+    else:
+        found = attention_moments(prepared.src_dir, layers.modules, *args, progress)
     layers.moments = found["moments"]
-    prepared.report.calibration.update(tokens=found["tokens"], seconds=found["seconds"])
+    prepared.report.calibration.update(order=options.calibration_order, tokens=found["tokens"],
+                                       seconds=found["seconds"])
 
 
 def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,

@@ -40,6 +40,8 @@ class LayerPlan:
     sources: dict[int, dict[tuple[str, str], str]]  # layer -> (role, param) -> source tensor name, those loaded
     changed: frozenset[str]  # the roles written
     modules: list[str]
+    decoders: list[str]  # each layer's decoder module in the source (sequential calibration runs them one by one)
+    pooled_norms: bool  # K norms pooled beside the projections (sequential calibration cannot expand them yet)
     moments: list | None = None
     orders: dict[int, list[int]] = field(default_factory=dict)
 
@@ -74,17 +76,25 @@ class LayerResults:
 
     def _compute(self, layer: int) -> dict:
         from convert import surgery
-        from convert.attention import Rotary, rewrite_layer
 
-        p, d = self.plan, self.plan.dims
-        loaded = {key: self.load(name) for key, name in p.sources[layer].items()}
-        heads, has_bias = surgery.to_heads(loaded, p.layout, d.heads, d.kv_heads, d.head_dim)
-        moment = None if p.moments is None else p.moments[layer]
-        if moment is not None and not has_bias:
-            moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
-        new, p.orders[layer] = rewrite_layer(
-            heads, kv_heads=p.kv_heads, method=p.method, grouping=p.grouping, rot=Rotary.of(p.rotary, d.head_dim,
-            p.rotary_dim), k_normed=p.k_normed, moment=moment, generator=surgery.layer_generator(p.method, p.seed,
-                                                                                                 layer))
-        fused = p.out_layout if "qkv" in p.changed else None
-        return surgery.from_heads(new, has_bias, fused, lambda role: role in p.changed)
+        new, has_bias = rewrite(self.plan, self.load, layer)
+        fused = self.plan.out_layout if "qkv" in self.plan.changed else None
+        return surgery.from_heads(new, has_bias, fused, lambda role: role in self.plan.changed)
+
+
+def rewrite(plan: LayerPlan, load: Callable[[str], Any], layer: int):
+    """One layer's changed projections, loaded and rewritten: (LayerHeads, whether biases are its last column)."""
+    from convert import surgery
+    from convert.attention import Rotary, rewrite_layer
+
+    d = plan.dims
+    loaded = {key: load(name) for key, name in plan.sources[layer].items()}
+    heads, has_bias = surgery.to_heads(loaded, plan.layout, d.heads, d.kv_heads, d.head_dim)
+    moment = None if plan.moments is None else plan.moments[layer]
+    if moment is not None and not has_bias:
+        moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
+    new, plan.orders[layer] = rewrite_layer(
+        heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
+        rot=Rotary.of(plan.rotary, d.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
+        generator=surgery.layer_generator(plan.method, plan.seed, layer))
+    return new, has_bias

@@ -13,6 +13,7 @@ from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
 
+CALIBRATION_ORDERS = ("parallel", "sequential")
 DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
 
 
@@ -28,6 +29,8 @@ class ConvertOptions:
             permuting groupings.
         calibration_tokens: how many calibration tokens to run.
         calibration_seq_len: tokens per calibration forward pass.
+        calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
+            layer's statistics taken with the layers below already converted; ``convert.sequential``).
         dtype: ``auto`` (keep the source's) or bfloat16 / float16 / float32.
         max_shard_size: bytes, or a size like ``5GB``.
         seed: the random source of ``method="random"``.
@@ -40,6 +43,7 @@ class ConvertOptions:
     calibration_data: list[str] | None = None
     calibration_tokens: int = DEFAULT_TOKENS
     calibration_seq_len: int = DEFAULT_SEQ_LEN
+    calibration_order: str = "parallel"
     dtype: str = "auto"
     max_shard_size: str | int = "5GB"
     seed: int = 0
@@ -58,6 +62,9 @@ class ConvertOptions:
                                   f"--grouping similarity, not by --method {self.method} with {self.grouping} groups")
         if self.calibration_tokens < 1 or self.calibration_seq_len < 1:
             raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
+        if self.calibration_order not in CALIBRATION_ORDERS:
+            raise ConversionError(f"--calibration-order {self.calibration_order!r} is not one of "
+                                  f"{', '.join(CALIBRATION_ORDERS)}")
         if self.dtype not in DTYPES:
             raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

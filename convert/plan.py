@@ -46,6 +46,7 @@ class Plan:
     config: dict[str, Any]
     changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
     layers: LayerPlan | None = None  # set when K and V change (the layer-wise path, convert.layers)
+    load: Callable[[str], Any] | None = None  # output name -> the source tensor, as the layer path reads it
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -206,8 +207,11 @@ def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads:
     # calibration hooks into the source model, named as the source names it (gpt2 lacks bigcode's prefix)
     modules = [canonical[spec.attention.format(layer=layer) + "." + anchor + ".weight"].removesuffix(".weight")
                for layer in range(dims.layers)]
+    decoders = [m.rsplit(".", 2)[0] for m in modules]  # ...layers.{l}.self_attn.q_proj -> ...layers.{l}
+    pooled = any(ROLES[r].operation in ("pool_norm", "pool_norm_heads") for r in spec.tensors)
     return LayerPlan(method, grouping, kv_heads, dims, spec.layout, _out_layout(spec, dims, kv_heads), spec.rotary,
-                     _rotary_dim(spec, config, dims.head_dim), spec.k_normed, seed, sources, changed, modules)
+                     _rotary_dim(spec, config, dims.head_dim), spec.k_normed, seed, sources, changed, modules,
+                     decoders, pooled)
 
 
 def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int,
@@ -283,7 +287,7 @@ def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dim
         changes = {**_norm_changes(spec, dims, roles, shapes, kv_heads, method),
                    **_layer_changes(layers, shapes, kv_heads, results)}
     tensors = _out_tensors(weights, canonical, transposed, shapes, changes, load, dtype)
-    return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers)
+    return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers, load)
 
 
 def _lazy(make: Callable[[], Any]) -> Callable[[], Any]:

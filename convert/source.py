@@ -85,6 +85,32 @@ def hub_id(source: str, directory: Path) -> str | None:
     return None
 
 
+def check_checkpoint(path: str) -> Path | None:
+    """Check a local checkpoint before another library loads it (uptrain, evaluate): the checks convert makes.
+
+    Returns:
+        The directory, or None when ``path`` names nothing local and may be a hub id (``org/name``), which
+        the caller's loader resolves.
+
+    Raises:
+        ConversionError: no such directory, a file, no config.json, or missing, truncated or corrupt
+            safetensors weights.
+    """
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+            raise ConversionError(f"{path}: no such directory")
+        return None
+    if not directory.is_dir():
+        raise ConversionError(f"{path} is a file; give the checkpoint's directory")
+    if not (directory / "config.json").is_file():
+        raise ConversionError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    read_config(directory)
+    if not any(directory.glob("pytorch_model*.bin")) or any(directory.glob("*.safetensors*")):
+        open_weights(directory)  # headers only: a truncated or corrupt file is named before any load
+    return directory
+
+
 def read_config(directory: Path) -> dict:
     """config.json as plain JSON (never through a transformers config class)."""
     path = directory / "config.json"

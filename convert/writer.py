@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import signal
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -123,42 +119,3 @@ def check_output(output: Path, source: Path, overwrite: bool) -> None:
         raise ConversionError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
     if not output.parent.exists():
         raise ConversionError(f"the parent directory of OUTPUT {output} does not exist")
-
-
-class AtomicDirectory:
-    """A temporary sibling of ``target`` that replaces it only when the block ends without error.
-
-    A failure, Ctrl-C or SIGTERM removes the temporary directory; a SIGKILL leaves only a
-    hidden ``.NAME.tmp-*`` sibling, never something that looks like the finished checkpoint.
-    """
-
-    def __init__(self, target: Path):
-        self.target = target
-        self.path: Path | None = None
-        self._old_handler = None
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        try:
-            self._old_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old_handler = None
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.rename(self.target, old)
-        os.rename(self.path, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from uptrain.recipe import RecipeError
 
@@ -43,8 +45,80 @@ def find_resume(out: Path, resume: str) -> Path | None:
     return path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_model(path: str, what: str = "") -> None:
+    """Refuse a model path that does not exist, is not a Hugging Face checkpoint, or has truncated or corrupt
+    weights (convert's checks: convert.source.check_checkpoint), before anything loads it. A hub id passes
+    when the hub can be asked or the offline cache holds it."""
+    from convert.errors import ConversionError
+    from convert.source import check_checkpoint
+
+    try:
+        directory = check_checkpoint(path)
+    except ConversionError as exc:
+        raise RecipeError(f"{what} {exc}".strip()) from None
+    if directory is None:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        try:
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except ValueError:  # not a valid repo id either
+            cached = False
+        if constants.HF_HUB_OFFLINE and not cached:
+            raise RecipeError(f"{what} {path}: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE "
+                              "is set)".strip())
+
+
+def tokenizer_error(path: str, exc: Exception) -> RecipeError:
+    """The one line for a tokenizer that would not load: a checkpoint saved without one is named as such."""
+    directory = Path(path).expanduser()
+    if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        return RecipeError(f"{path} has no tokenizer (no {', '.join(TOKENIZER_FILES[:4])}): save the tokenizer "
+                           "of the model it came from into it")
+    return RecipeError(f"the tokenizer of {path} does not load: {str(exc).splitlines()[0]}")
+
+
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE).read_text())
+
+
+@contextlib.contextmanager
+def removed_on_failure(out: Path) -> Iterator[None]:
+    """Remove what this run created for ``out`` (its first missing ancestor) if the body fails or is interrupted
+    before a complete checkpoint exists; a directory that existed before is never touched."""
+    chain = [*reversed(out.absolute().parents), out.absolute()]
+    created = next((p for p in chain if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        main = os.environ.get("RANK", "0") == "0"  # accelerate launch sets RANK; only process 0 removes
+        if created is not None and created.exists() and newest(out) is None and main:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
+    """accelerate ``save_state`` pre-hook: tied tensors (a tied ``lm_head.weight`` is the embedding) are saved
+    once, under their first name, as safetensors requires.
+
+    accelerate would drop the same names itself, but with a warning on every save; its ``load_state``
+    (safetensors ``load_model``) accepts the missing alias and the tie, a shared Parameter, is untouched.
+    """
+    from accelerate.utils import id_tensor_storage
+
+    for state in weights:
+        seen = set()
+        for name in list(state):
+            tensor = state[name]
+            if not hasattr(tensor, "untyped_storage"):
+                continue
+            storage = id_tensor_storage(tensor)
+            if storage in seen:
+                del state[name]
+            seen.add(storage)
 
 
 def save(accelerator, out: Path, step: int, keep_last: int) -> Path:

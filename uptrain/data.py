@@ -1,9 +1,9 @@
 """Text in, fixed-length token blocks out, through `datasets` (tokenized once, cached on disk).
 
-Documents are tokenized, each followed by EOS, joined, and cut into ``seq_len``
-blocks (the tail of each batch of 1000 documents that does not fill a block is
-dropped). Held-out eval documents are chosen by a hash of their index, so the
-split is the same in streaming and in-memory mode and for every run.
+Documents are tokenized, each followed by EOS, joined into one stream, and cut
+into ``seq_len`` blocks (only the stream's final remainder is dropped). Held-out
+eval documents are chosen by a hash of their index, so the split is the same in
+streaming and in-memory mode and for every run.
 """
 
 from __future__ import annotations
@@ -92,8 +92,14 @@ def split_documents(docs, fraction: float, seed: int):
     return train, held
 
 
-def pack(docs, tokenizer, text_field: str, seq_len: int):
-    """Documents -> ``input_ids`` blocks of exactly seq_len tokens, EOS after each document."""
+def pack(docs, tokenizer, text_field: str, seq_len: int, batch_size: int = 1000):
+    """Documents -> ``input_ids`` blocks of exactly seq_len tokens, EOS after each document.
+
+    The token stream is packed whole: what does not fill a block at the end of one map batch of
+    ``batch_size`` documents is carried into the next, so only the final remainder (< seq_len tokens) is
+    dropped. The carry restarts whenever a pass over the documents does (index 0), so a stream packs the
+    same way every epoch.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise RecipeError("the tokenizer has no EOS token to join documents with")
@@ -102,13 +108,18 @@ def pack(docs, tokenizer, text_field: str, seq_len: int):
         ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
         return {"ids": [x + [eos] for x in ids]}
 
-    def blocks(batch: dict[str, list]) -> dict[str, list]:
-        flat = list(itertools.chain.from_iterable(batch["ids"]))
+    carry: list[int] = []
+
+    def blocks(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if indices and indices[0] == 0:
+            carry.clear()
+        flat = carry + list(itertools.chain.from_iterable(batch["ids"]))
         usable = len(flat) // seq_len * seq_len
+        carry[:] = flat[usable:]
         return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
 
     tokenized = docs.map(tokenize, batched=True, remove_columns=[text_field])
-    return tokenized.map(blocks, batched=True, batch_size=1000, remove_columns=["ids"])
+    return tokenized.map(blocks, batched=True, batch_size=batch_size, with_indices=True, remove_columns=["ids"])
 
 
 def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:

@@ -16,16 +16,30 @@ from uptrain import data
 from uptrain.recipe import RecipeError
 
 
+def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions: int | None = None) -> None:
+    """Refuse an eval setting that cannot run: a non-positive size, or blocks beyond the model's positions."""
+    for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens), ("--batch-size", batch_size)):
+        if value <= 0:
+            raise RecipeError(f"{flag} must be positive, got {value}")
+    if positions is not None and seq_len > positions:
+        raise RecipeError(f"--seq-len {seq_len} is beyond the model's {positions} positions; use at most {positions}")
+
+
 def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000,
                batch_size: int = 4, text_field: str = "text", progress: str | None = None) -> dict[str, float]:
     """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`.
 
     `progress`, when given, is the label of a progress bar over the batches.
+
+    Raises:
+        RecipeError: a non-positive size, or too little text. Blocks beyond the model's positions are the
+            caller's to refuse (``check_setting`` with ``positions``): rotary models still run there.
     """
     from tqdm.auto import tqdm
 
     from uptrain.train import token_losses
 
+    check_setting(seq_len, max_tokens, batch_size)
     docs = data.load_documents(files, text_field)
     blocks = data.pack(docs, tokenizer, text_field, seq_len)
     blocks = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len)))).with_format("torch")
@@ -44,33 +58,56 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uptrain.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m uptrain.evaluate",
+        description="Held-out perplexity of any causal LM checkpoint: the text is packed as in training (documents "
+                    "joined with EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. "
+                    "The figure depends on both: compare models at the same setting.")
     parser.add_argument("model", help="checkpoint directory or hub id")
-    parser.add_argument("--data", nargs="+", required=True, help="text files (.txt/.jsonl/.json/.parquet/.csv)")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="text files (.txt/.jsonl/.json/.parquet/.csv)")
+    parser.add_argument("--seq-len", type=int, default=1024, metavar="N",
+                        help="tokens per block, at most the model's positions (default 1024)")
+    parser.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
+                        help="score the first N // seq-len blocks (at least one; default 200000)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward pass (default 4)")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="the text column of .jsonl/.json/.parquet/.csv files (default text)")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from uptrain.checkpoints import check_model, tokenizer_error
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot load {args.model}: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    if torch.cuda.is_available():
-        model.cuda()
-    try:
+        check_setting(args.seq_len, args.max_tokens, args.batch_size)
+        check_model(args.model)
+        try:
+            config = AutoConfig.from_pretrained(args.model)
+            check_setting(args.seq_len, args.max_tokens, args.batch_size,
+                          getattr(config, "max_position_embeddings", None))  # before the weights load
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            raise tokenizer_error(args.model, exc) from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
+        if torch.cuda.is_available():
+            model.cuda()
         result = perplexity(model, tokenizer, args.data, args.seq_len, args.max_tokens, args.batch_size,
                             args.text_field)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens")
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(f"{args.model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
+          f"({args.seq_len}-token blocks)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,8 @@ keys of its section, and every value must have the declared type.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import yaml
 from convert.errors import ConversionError
 from kvshrink.errors import KvshrinkError
 from convert.merge import GROUPINGS, METHODS
-from convert.options import DTYPES, ConvertOptions
+from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
 
 
 class RecipeError(KvshrinkError):
@@ -112,6 +114,7 @@ CHOICES = {
     "convert.method": tuple(METHODS),
     "convert.grouping": tuple(GROUPINGS),
     "convert.dtype": tuple(DTYPES),
+    "convert.calibration_order": CALIBRATION_ORDERS,
 }
 
 
@@ -202,6 +205,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raise RecipeError(f"override {item!r} is not key=value (for example train.lr=2e-4)")
         _set_dotted(raw, key.strip(), yaml.safe_load(text))
     recipe = _build(Recipe, raw, "")
+    _expand_paths(recipe)
     _check_consistency(recipe)
     return recipe
 
@@ -214,6 +218,62 @@ def _check_convert(r: Recipe) -> None:
         dataclasses.replace(c, calibration_data=default).validate()
     except ConversionError as exc:
         raise RecipeError(f"convert: {exc}") from None
+
+
+PATH_FIELDS = ("model", "teacher", "output_dir", "resume", "convert.source", "convert.calibration_data", "data.train",
+               "data.eval")
+_NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def expand_path(text: str, where: str) -> str:
+    """``~``, ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` (defaults may nest) expanded as a shell would.
+
+    Raises:
+        RecipeError: a variable without a default that is not set, or an unclosed ``${``.
+    """
+    value, _ = _expand(text, 0, where, in_default=False, used=True)
+    return os.path.expanduser(value)
+
+
+def _expand(text: str, i: int, where: str, in_default: bool, used: bool) -> tuple[str, int]:
+    """text[i:] expanded up to its end, or up to the ``}`` that closes a default; returns (value, end).
+    An unused default is only scanned (an unset variable there is no error, as in a shell)."""
+    out = []
+    while i < len(text) and not (in_default and text[i] == "}"):
+        braced = text.startswith("${", i)
+        name = _NAME.match(text, i + 1 + braced) if text[i] == "$" else None
+        if name is None:
+            out.append(text[i])
+            i += 1
+            continue
+        i, default = name.end(), None
+        if braced:
+            if text.startswith(":-", i):
+                default, i = _expand(text, i + 2, where, True, used and not os.environ.get(name[0]))
+            if not text.startswith("}", i):
+                raise RecipeError(f"{where}: unclosed ${{ in {text!r}")
+            i += 1
+        if default is not None:
+            out.append(os.environ.get(name[0]) or default)
+        elif name[0] in os.environ:
+            out.append(os.environ[name[0]])
+        elif used:
+            raise RecipeError(f"{where}: ${name[0]} in {text!r} is not set; set it or write the path out")
+    return "".join(out), i
+
+
+def _expand_paths(recipe: Recipe) -> None:
+    """Expand every path field of the recipe in place (PATH_FIELDS)."""
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = recipe
+        for part in parents:
+            node = getattr(node, part)
+        value = None if node is None else getattr(node, leaf)
+        if isinstance(value, str):
+            setattr(node, leaf, expand_path(value, dotted))
+        elif isinstance(value, list):
+            setattr(node, leaf, [expand_path(v, f"{dotted}[{k}]") for k, v in enumerate(value)])
 
 
 def _check_consistency(r: Recipe) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -72,7 +73,7 @@ def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict[str, float]:
-    """Mean next-token loss and perplexity over the eval blocks, summed across processes."""
+    """Mean next-token loss, perplexity and scored tokens over the eval blocks, summed across processes."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
@@ -194,7 +195,19 @@ class MetricsLog:
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
-    """Train as the recipe says; returns the summary (also printed by the CLI)."""
+    """Train as the recipe says; returns the summary (also printed by the CLI).
+
+    The model and teacher paths are checked before anything is written; a run that fails (or is interrupted)
+    before its first checkpoint removes the output directory it created.
+    """
+    for what, path in (("model", recipe.model), ("teacher", recipe.teacher)):
+        if path:
+            checkpoints.check_model(path, what)
+    with checkpoints.removed_on_failure(Path(recipe.output_dir)):
+        return _run(recipe)
+
+
+def _run(recipe: Recipe) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, set_seed
     from transformers import AutoTokenizer
@@ -225,7 +238,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"the model {model_path} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
+        raise checkpoints.tokenizer_error(model_path, exc) from None
     with accelerator.main_process_first():  # one process tokenizes, the others read the cache
         train_set, eval_set = data.build_datasets(recipe, tokenizer)
 
@@ -263,6 +276,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     # Prepare
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
+    accelerator.register_save_state_pre_hook(checkpoints.save_tied_once)
     start_step = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -390,6 +404,11 @@ class _Loop:
     def eval_now(self) -> dict[str, float]:
         result = evaluate(self.model, self.eval_loader, self.acc)
         self.log({"step": self.step, "tokens": self.step * self.tokens_per_step, **result})
+        if self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {self.step}: eval perplexity {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f}) "
+                       f"on {result['eval_tokens']:,} tokens in {self.r.data.seq_len}-token blocks", file=sys.stdout)
         return result
 
     def train(self, batches, start_step: int) -> dict[str, Any]:
@@ -401,8 +420,9 @@ class _Loop:
         if self.step == 0 or first_eval is None:
             first_eval = self.eval_now()
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process, desc="uptrain",
-                   unit="step")
+        lines = acc.is_main_process and not sys.stderr.isatty()  # logs get a line per log step, terminals a bar
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process or lines,
+                   desc="uptrain", unit="step")
         started, interval_start, interval_tokens = time.perf_counter(), time.perf_counter(), 0
         last_eval, trained_tokens = None, 0
         try:
@@ -422,6 +442,9 @@ class _Loop:
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                     tok_s=f"{record['tokens_per_s']:,.0f}")
+                    if lines:
+                        print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                              f"{record['tokens_per_s']:,.0f} tokens/s", flush=True)
                     interval_start, interval_tokens = now, 0
                 if self.step % r.eval.every_steps == 0 or self.step == self.total_steps:
                     last_eval = self.eval_now()
