@@ -9,6 +9,7 @@ else). Each command's expected behaviour is the same: exactly one stderr line st
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,20 +93,38 @@ CASES = [
 
 @dataclass(frozen=True)
 class Command:
-    """A CLI under the sweep: ``argv(model, out, good)`` -> the arguments after ``python``."""
+    """A CLI under the sweep: ``argv(model, out, good, files)`` -> the arguments after ``python``; ``files`` is a
+    folder for what the command reads besides (text, a recipe), written before the sweep looks for new files."""
 
     name: str
-    argv: Callable[[Path, Path, Path], list[str]]  # (model, out, good) -> argv
+    argv: Callable[[Path, Path, Path, Path], list[str]]
     roles: tuple[str, ...]  # which of the matrix's roles the command has
 
 
+def _text(files: Path) -> Path:
+    path = files / "text.txt"
+    path.write_text("Some text to score.\n\nAnd a second paragraph of it.\n")
+    return path
+
+
+def _recipe(model: Path, out: Path, files: Path) -> Path:
+    recipe = {"model": str(model), "output_dir": str(out), "data": {"train": [str(_text(files))], "seq_len": 16}}
+    path = files / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
 COMMANDS = [
-    Command("convert", lambda model, out, good: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
+    Command("convert", lambda model, out, good, files: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
             ("model", "out")),
-    Command("decode_bench", lambda model, out, good: ["-m", "decode_bench", str(model), str(good), "--out", str(out),
-                                                      "--device", "cpu"], ("model", "out")),
+    Command("decode_bench", lambda model, out, good, files: ["-m", "decode_bench", str(model), str(good), "--out",
+                                                             str(out), "--device", "cpu"], ("model", "out")),
     # The demo's model is the packaged SmolLM2 (its --model is a test hook): only --out is the user's.
-    Command("kvshrink_demo", lambda model, out, good: ["-m", "kvshrink_demo", "--out", str(out)], ("out",)),
+    Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink_demo", "--out", str(out)], ("out",)),
+    Command("uptrain.evaluate", lambda model, out, good, files: ["-m", "uptrain.evaluate", str(model), "--data",
+                                                                 str(_text(files))], ("model",)),
+    # output_dir a file: one line and exit 2, but "File exists" rather than "is a file": not yet in the sweep.
+    Command("uptrain", lambda model, out, good, files: ["-m", "uptrain", str(_recipe(model, out, files))], ("model",)),
 ]
 
 

@@ -30,10 +30,12 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(command, case, good, t
     cwd.mkdir()
     bad = case.make(scratch, good)
     model, out = (bad, scratch / "out") if case.role == "model" else (good, bad)
+    files = tmp_path / "files"
+    files.mkdir()
+    argv = command.argv(model, out, good, files)
     before = tree(tmp_path)
     env = dict(os.environ, HF_HUB_OFFLINE="1", KVSHRINK_CACHE=str(scratch / "cache"))
-    done = subprocess.run([sys.executable, *command.argv(model, out, good)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     err = done.stderr
     assert done.returncode == 2, (done.returncode, err)
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
