@@ -40,7 +40,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from convert.errors import ConversionError
-from kvshrink.errors import os_error_line
+from convert.source import open_weights, read_config
+from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -61,8 +62,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m decode_bench",
-                                description="KV-cache bytes and decode speed of a model and its conversions.")
+    p = OneLineParser(prog="python -m decode_bench",
+                      description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
     p.add_argument("--mha-twin", action="store_true",
@@ -95,10 +96,13 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.synthetic and len(args.models) + args.mha_twin < 2:
         raise ConversionError("give ORIGINAL and at least one CONVERTED directory (or --mha-twin, or --synthetic)")
     for path in map(Path, args.models):
+        if not path.exists():
+            raise ConversionError(f"{path} does not exist; give checkpoint directories (config.json + weights)")
         if not path.is_dir():
-            raise ConversionError(f"{path}: not a directory; give checkpoint directories (config.json + weights)")
-        if not (path / "config.json").is_file():
-            raise ConversionError(f"{path}: no config.json; is it a Hugging Face checkpoint directory?")
+            raise ConversionError(f"{path} is a file; give the checkpoint's directory (config.json + weights)")
+        read_config(path)  # the converter's checks: no or unreadable config.json,
+        open_weights(path, allow_pickle=True)  # no weights, a bad index, a truncated or corrupt safetensors file
+    check_output_dir(args.out, "--out")
     import torch
 
     if args.device is None:
@@ -313,6 +317,7 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = load_models(args)
+    args.out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out shows in seconds, not minutes
     dtype = str(next(models[0].model.parameters()).dtype).removeprefix("torch.")
     report = [args.command, f"device {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
               f"transformers {transformers.__version__}, {dtype}, {CACHE_NAMES[args.static_cache]}, attn_implementation=sdpa",
@@ -324,12 +329,15 @@ def run(args: argparse.Namespace) -> list[str]:
     for batch in args.batch:
         for context in args.context:
             print(f"measuring batch {batch} x context {context} ...", file=sys.stderr, flush=True)
-            cells += measure_cell(models, batch, context, args)
+            measured = measure_cell(models, batch, context, args)
+            for c in measured:
+                speed = f"{c.tokens_per_s:,.1f} tokens/s (median of {len(c.times)})" if c.status == "ok" else c.status
+                print(f"  {c.model}: batch {c.batch}, context {c.context}: {speed}", file=sys.stderr, flush=True)
+            cells += measured
     report[1] += f"; load average {load_before:.1f} before the grid, {os.getloadavg()[0]:.1f} after"
     fit = largest_batches(models, cells, args) if args.static_cache == "off" else []  # memory: the DynamicCache run
     report += ["", *table(cells, args.device), "", f"largest batch at context {args.fit_context}:",
                *fit_table(fit), "", *generations(models, args)]
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "results.csv", [{**asdict(c), "times": " ".join(f"{t:.6f}" for t in c.times),
                                           "device": args.device, "dtype": dtype, "new_tokens": args.new_tokens}
                                          for c in cells])
@@ -345,22 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.command = "python -m decode_bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    try:
+
+    def body() -> int:
         check_args(args)
         from transformers.utils import logging
 
         logging.set_verbosity_error()
         logging.disable_progress_bar()
         report = run(args)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    print("\n".join(report))
-    print(f"\nwrote results.csv, fit.csv, decode.png, report.txt to {args.out}")
-    return 0
+        print("\n".join(report))
+        print(f"\nwrote results.csv, fit.csv, decode.png, report.txt to {args.out}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

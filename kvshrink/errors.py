@@ -3,14 +3,17 @@
 Every CLI of the project runs its body through ``run_cli``: a ``KvshrinkError`` (bad input, an impossible
 request) prints ``error: ...`` and exits with its ``exit_code`` (2); an OSError (read-only or full filesystem,
 denied permission, a file that vanished) prints ``error: PATH: cause`` and exits with 2; Ctrl-C exits with 130.
-No traceback reaches a user.
+No traceback reaches a user. ``OneLineParser`` and ``positive_int`` give argument errors the same one line;
+``check_output_dir`` refuses an output directory that cannot be made before a command creates anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NoReturn
 
 
 class KvshrinkError(Exception):
@@ -49,3 +52,38 @@ def run_cli(body: Callable[[], int | None], interrupted: str | Callable[[], str 
         if line is not None:
             print(f"error: {line}", file=sys.stderr)
         return 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``error: ...``, exit code 2, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: 0, negatives and non-integers are refused at parsing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_output_dir(out: Path, flag: str) -> None:
+    """``out`` must be a directory, or a path where one can be made (parents included).
+
+    Commands call this before they create anything, so a bad ``--out`` leaves nothing behind.
+
+    Raises:
+        KvshrinkError: ``out`` is a file, lies below a file, or below a directory that cannot be written.
+    """
+    if out.exists() and not out.is_dir():
+        raise KvshrinkError(f"{flag} {out} is a file; give a directory")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise KvshrinkError(f"{flag} {out}: {existing} is a file, so no directory can be made below it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KvshrinkError(f"{flag} {out}: {existing} is not writable")

@@ -51,14 +51,18 @@ def header(step: int, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
-                                "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
+    """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
+    from kvshrink.errors import OneLineParser, positive_int
+
+    p = OneLineParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
+                      "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--max-steps", type=int, help="uptraining steps instead of the recipe's (or the GPU's)")
-    p.add_argument("--eval-tokens", type=int, help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
-    p.add_argument("--eval-seq-len", type=int, default=512, help="block length of the eval (default: 512)")
-    p.add_argument("--new-tokens", type=int, default=30, help="tokens generated per prompt (default: 30)")
-    p.add_argument("--calibration-tokens", type=int, default=16_384,
+    p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
+    p.add_argument("--eval-tokens", type=positive_int,
+                   help="tokens scored per model (default: 16,384 on CPU, 131,072 on GPU)")
+    p.add_argument("--eval-seq-len", type=positive_int, default=512, help="block length of the eval (default: 512)")
+    p.add_argument("--new-tokens", type=positive_int, default=30, help="tokens generated per prompt (default: 30)")
+    p.add_argument("--calibration-tokens", type=positive_int, default=16_384,
                    help="calibration tokens for the methods that need them (default: 16,384)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
     # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
@@ -72,46 +76,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from convert import ConversionError
-    from kvshrink.errors import os_error_line
-    from kvshrink_demo.assets import AssetError
-    from uptrain.recipe import RecipeError
-    from uptrain.train import TrainingError
+    from kvshrink.errors import run_cli
 
-    try:
-        run_demo(args)
-    except (AssetError, ConversionError, RecipeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run_demo(args) and 0)  # bad input: one line, exit 2; a failed training run: exit 1
+
+
+def check_eval_seq_len(model: Path, seq_len: int) -> None:
+    """--eval-seq-len within the model's positions (read from config.json), before any conversion."""
+    from convert import ConversionError
+    from convert.source import read_config
+
+    limit = read_config(model).get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConversionError(f"--eval-seq-len {seq_len} is beyond the model's {limit} positions; "
+                              f"give at most {limit}")
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """The six steps; returns what results.json holds."""
-    import datasets
-    import torch
-    import transformers
-
-    datasets.disable_progress_bars()  # the demo's own bars only: no per-file "Map" or "Loading weights" bars
-    transformers.utils.logging.disable_progress_bar()
+    """The six steps; returns what results.json holds. Everything is validated before OUT is created."""
     started = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = torch.cuda.is_available()
+    gpu = validate(args, out)
     eval_tokens = args.eval_tokens or (131_072 if gpu else 16_384)
 
     header(1, "model and text")
     original, train_text, eval_text, name = materialize(args)
-    link = out / "original"
-    if link.is_symlink() or not link.exists():
-        link.unlink(missing_ok=True)
-        link.symlink_to(original.resolve(), target_is_directory=True)
+    check_eval_seq_len(original, args.eval_seq_len)
+    start_run(out, original)
     print(f"model: {original}\ntrain: {train_text}\neval:  {eval_text}")
 
     header(2, f"convert to MQA ({KV_HEADS} KV head) with every method")
@@ -138,14 +129,44 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
-        "recipe": asdict(recipe), "training": summary, "machine": machine(),
+        "training_eval": training_eval(out, recipe.data.seq_len), "recipe": asdict(recipe), "training": summary,
+        "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
-    print(format_table(rows))
+    print(format_table(rows, args.eval_seq_len) + "\n\n" + eval_note(results))
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
           f"(demo took {results['demo_seconds'] / 60:.1f} min)")
     return results
+
+
+def validate(args: argparse.Namespace, out: Path) -> bool:
+    """--out, and the recipe with every override (a typo fails here, not after the conversions at step 4).
+
+    Returns:
+        Whether there is a GPU (the GPU overrides apply).
+    """
+    from kvshrink.errors import check_output_dir
+    from uptrain.recipe import load_recipe
+
+    check_output_dir(out, "--out")
+    gpu = _cuda_available()
+    load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
+    return gpu
+
+
+def start_run(out: Path, original: Path) -> None:
+    """Quiet the libraries' own bars, make OUT and link the original into it (as the recipe's teacher)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # the demo's own bars only: no per-file "Map" or "Loading weights" bars
+    transformers.utils.logging.disable_progress_bar()
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "original"
+    if link.is_symlink() or not link.exists():
+        link.unlink(missing_ok=True)
+        link.symlink_to(original.resolve(), target_is_directory=True)
 
 
 def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
@@ -220,6 +241,20 @@ def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: flo
             "eval_ppl": ppl["ppl"], "eval_tokens": ppl["tokens"], "tokens_trained": tokens, "seconds": seconds}
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
+    """The demo's own overrides of its recipe: the GPU's when there is a GPU, then --max-steps."""
+    overrides = list(GPU_OVERRIDES) if gpu else []
+    if args.max_steps is not None:
+        overrides += [f"train.max_steps={args.max_steps}", "train.max_tokens=null"]
+    return overrides
+
+
 def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_text: Path, eval_text: Path,
                 out: Path, gpu: bool) -> Recipe:
     """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
@@ -228,9 +263,7 @@ def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_te
     paths = {"model": str(student), "teacher": str(teacher), "output_dir": str(out),
              "data.train": [str(train_text)], "data.eval": [str(eval_text)]}
     overrides = [f"{key}={json.dumps(value)}" for key, value in paths.items()]  # JSON is YAML: any path is safe
-    overrides += GPU_OVERRIDES if gpu else []
-    if args.max_steps:
-        overrides += [f"train.max_steps={args.max_steps}", "train.max_tokens=null"]
+    overrides += recipe_overrides(args, gpu)
     recipe = load_recipe(args.recipe, overrides + list(args.overrides))
     print(f"recipe {args.recipe}" + (" with the GPU overrides" if gpu else "") + ":\n  "
           + "\n  ".join(overrides[5:] + list(args.overrides) or ["(as written)"]))
@@ -293,10 +326,10 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a Markdown table."""
-    lines = ["| model | KV heads | KV-cache bytes/token | eval ppl | tokens trained | time |",
-             "|---|---|---|---|---|---|"]
+def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
+    """The results as a Markdown table; the perplexity column says its eval setting."""
+    lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl ({rows[0]['eval_tokens']:,} tokens, blocks of "
+             f"{seq_len}) | tokens trained | time |", "|---|---|---|---|---|---|"]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
@@ -304,13 +337,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def training_eval(out: Path, seq_len: int) -> dict[str, int]:
+    """The in-loop eval's setting: {"tokens" scored, as the run's metrics.jsonl records it, "seq_len"}."""
+    from uptrain.train import MetricsLog
+
+    last = [r for r in MetricsLog(out / "metrics.jsonl", 0, False).read() if "eval_tokens" in r][-1]
+    return {"tokens": last["eval_tokens"], "seq_len": seq_len}
+
+
+def eval_note(results: dict[str, Any]) -> str:
+    """Why the table's perplexities differ from the training plot's (and from uptrain.evaluate's defaults)."""
+    e, t = results["eval"], results["training_eval"]
+    return (f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}`, scored in blocks of "
+            f"{e['seq_len']}. The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
+            f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
+            "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
+            "gets other perplexities (README: One model, three perplexities).")
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
     text = [f"# {results['model']}: MQA conversion and uptraining", "",
-            format_table(results["rows"]), "",
-            f"Eval: {e['tokens']:,} tokens of `{e['file']}` in blocks of {e['seq_len']}. Time: conversion, or "
+            format_table(results["rows"], e["seq_len"]), "", eval_note(results), "",
+            "Time: conversion, or "
             f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
             f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
             "", "![train loss and eval perplexity](training.png)", "",

@@ -137,8 +137,15 @@ def test_attention_path_is_observed(checkpoints, monkeypatch):
     assert "pack_gqa" in decoding.attention_path(gqa, "cpu")
 
 
-def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys):
+def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
+    real = decoding.measure_cell
+
+    def measure_cell(*args):
+        assert out.is_dir()  # --out exists before the first measurement: a bad one fails in seconds
+        return real(*args)
+
+    monkeypatch.setattr(decoding, "measure_cell", measure_cell)
     assert main([str(checkpoints[2]), str(checkpoints[1]), "--mha-twin", "--out", str(out),
                  "--memory-budget", "1", *ARGS]) == 0
     with (out / "results.csv").open() as f:
@@ -156,7 +163,13 @@ def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys):
     weights = [loaded(checkpoints[kv]).weight_bytes for kv in (8, 2, 1)]  # the twin has the MHA model's shapes
     assert [int(r["largest_batch"]) for r in fit] == [int((1e9 - w) // (per_seq * kv))
                                                       for w, kv in zip(weights, (8, 2, 1))]
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    cell_lines = [line for line in captured.err.splitlines() if line.startswith("  ") and "tokens/s" in line]
+    assert [line.split(":")[:2] for line in cell_lines] == [[f"  {name}", f" batch {b}, context {c}"]
+                                                           for b in (1, 2) for c in (6, 12) for name in names]
+    medians = [float(line.split(": ")[-1].split()[0].replace(",", "")) for line in cell_lines]
+    assert medians == [round(float(r["tokens_per_s"]), 1) for r in rows]  # the line says what the CSV holds
     texts = dict(map(str.strip, line.split(" | ", 1)) for line in printed.splitlines() if line.startswith("    kv"))
     assert list(texts) == names and texts["kv2 (MHA twin)"] == texts["kv2"]  # same function, same greedy text
     assert "K/V NOT expanded" in printed or "EXPANDS" in printed
@@ -174,8 +187,9 @@ def test_synthetic_variants_without_tokenizer(tmp_path, capsys):
 
 
 BAD = {  # case -> (argv from (tmp_path, checkpoints), what the error line says)
-    "missing": (lambda tmp, ck: [tmp / "nope", ck[1]], "not a directory"),
+    "missing": (lambda tmp, ck: [tmp / "nope", ck[1]], "does not exist"),
     "no config": (lambda tmp, ck: [tmp, ck[1]], "no config.json"),
+    "truncated": (lambda tmp, ck: [ck[2], truncated(ck[1], tmp / "cut")], "is truncated"),
     "vocab": (lambda tmp, ck: [ck[2], save(tmp / "vocab", 1, vocab_size=64)], "vocab_size"),
     "tokenizer": (lambda tmp, ck: [ck[2], save(tmp / "tok", 1, word_tokenizer("x"))], "another tokenizer"),
     "batch": (lambda tmp, ck: [ck[2], ck[1], "--batch", "4", "0"], "--batch must be positive"),
@@ -186,16 +200,35 @@ BAD = {  # case -> (argv from (tmp_path, checkpoints), what the error line says)
 }
 
 
+def truncated(checkpoint, copy):
+    """A copy of `checkpoint` whose model.safetensors lost its last 100 bytes (as an interrupted download)."""
+    import shutil
+
+    shutil.copytree(checkpoint, copy)
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[:-100])
+    return copy
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_and_exit_2(case, checkpoints, tmp_path, capsys):
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     make_argv, expected = BAD[case]
     argv = [str(a) for a in make_argv(tmp_path, checkpoints)]
+    capsys.readouterr()  # save_pretrained's own progress bar, when building the bad checkpoint
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.strip().count("\n") == 0 and expected in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--batch", "x"], ["--device", "tpu"], ["--dtype"]])
+def test_argument_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: argument --") and err.count("\n") == 1, err
 
 
 def test_module_entry_point_exit_code(tmp_path):

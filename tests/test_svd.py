@@ -209,3 +209,22 @@ def test_calibration_improves_held_out_loss_over_mean(corpus, tmp_path):
                          max_tokens=4096)["ppl"] for m in ("src", "svd", "mean")}
     assert all(math.isfinite(p) for p in ppl.values())
     assert abs(math.log(ppl["svd"] / ppl["src"])) < abs(math.log(ppl["mean"] / ppl["src"]))
+
+
+def test_calibration_prints_a_line_per_stage_and_per_tenth_in_a_log(corpus, tmp_path, capfd):
+    """Output redirected (no terminal): stages and progress lines on stderr, so a long calibration is never silent."""
+    from convert.calibrate import attention_moments
+
+    make_model("llama", 4, vocab_size=len(corpus["tokenizer"])).save_pretrained(tmp_path / "src")
+    corpus["tokenizer"].save_pretrained(tmp_path / "src")
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    documents = [corpus["train"].read_text()]
+    found = attention_moments(tmp_path / "src", modules, documents, tokens=20 * 32, seq_len=32, progress=True)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("calibration: ")]
+    assert found["tokens"] == 20 * 32
+    assert lines[0] == "calibration: tokenizing up to 640 tokens of 1 document(s)"
+    assert lines[1].startswith(f"calibration: loading {tmp_path / 'src'} (") and "20 sequences of 32 tokens" in lines[1]
+    assert [line.split(",")[0] for line in lines[2:-1]] == [f"calibration: {n}/20 sequences" for n in range(2, 21, 2)]
+    assert lines[-1].startswith("calibration: 640 tokens through 2 layers in ")
+    attention_moments(tmp_path / "src", modules, documents, tokens=64, seq_len=32)  # the library call: quiet
+    assert "calibration" not in capfd.readouterr().err

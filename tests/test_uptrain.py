@@ -53,9 +53,19 @@ def write_recipe(path: Path, setup, output: Path, **sections) -> Path:
     return path
 
 
-def test_loss_and_perplexity_fall_and_final_checkpoint_loads(setup, tmp_path):
-    out = tmp_path / "run"
-    summary = run(load_recipe(write_recipe(tmp_path / "r.yaml", setup, out)))
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """(output dir, summary) of one run of the default test recipe: 30 steps, checkpoints at 10, 20, 30 (keep 2).
+
+    Shared: the loss test reads it, and the kill-and-resume test compares its resumed run with it."""
+    root = tmp_path_factory.mktemp("trained")
+    out = root / "run"
+    return out, run(load_recipe(write_recipe(root / "r.yaml", setup, out)))
+
+
+@pytest.mark.slow
+def test_loss_and_perplexity_fall_and_final_checkpoint_loads(setup, trained):
+    out, summary = trained
     assert summary["eval_ppl_after"] < 0.6 * summary["eval_ppl_before"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -78,13 +88,12 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
-def test_kill_and_resume_matches_uninterrupted_run(setup, tmp_path):
-    """SIGKILL once step 20's checkpoint exists, resume: same final weights as a run never stopped."""
-    common = dict(train={"max_steps": 40}, save={"every_steps": 10, "keep_last": 5}, eval={"every_steps": 20})
-    straight = tmp_path / "straight"
-    run(load_recipe(write_recipe(tmp_path / "a.yaml", setup, straight, **common)))
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted_run(setup, trained, tmp_path):
+    """SIGKILL once step 20's checkpoint exists, resume: same final weights as the same recipe never stopped."""
+    straight = trained[0]
     killed = tmp_path / "killed"
-    recipe = write_recipe(tmp_path / "b.yaml", setup, killed, **common)
+    recipe = write_recipe(tmp_path / "b.yaml", setup, killed)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "uptrain", str(recipe)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -112,6 +121,7 @@ def test_kl_is_zero_for_identical_models_and_positive_otherwise():
     assert distill_kl(logits, torch.randn(2, 7, 11), 2.0).item() > 0.1
 
 
+@pytest.mark.slow
 def test_distillation_from_the_mha_original_trains(setup, tmp_path):
     out = tmp_path / "distill"
     recipe = write_recipe(tmp_path / "d.yaml", setup, out, teacher=str(setup[2]),
@@ -139,6 +149,7 @@ def _records(out: Path) -> list[dict]:
     return [r for r in records if "loss" in r]  # training steps, not evals
 
 
+@pytest.mark.slow
 def test_same_global_batch_three_ways_gives_the_same_weights(setup, tmp_path):
     """32 blocks per step as 1 process x 32, 1 process x 8 x accumulation 4, and 2 DDP processes (gloo,
     recipes/accelerate/ddp.yaml) x 8 x accumulation 2: the same blocks in every step, so the same weights,
@@ -192,6 +203,7 @@ def test_accelerate_backward_divides_by_the_accumulation_steps():
     assert backward_scale(accelerator) == 4
 
 
+@pytest.mark.slow
 def test_convert_step_and_streaming_data(setup, tmp_path):
     """`convert:` converts the MHA source first; `streaming: true` trains from a stream of the same files."""
     out = tmp_path / "stream"
@@ -222,6 +234,7 @@ def test_convert_step_with_svd_calibrates_on_given_or_training_text(setup, tmp_p
     assert summary["final"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainable, changes", [("kv", (".k_proj.", ".v_proj.")),
                                                 ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))])
 def test_trainable_subsets_leave_everything_else_bit_equal(setup, tmp_path, trainable, changes):
@@ -235,6 +248,7 @@ def test_trainable_subsets_leave_everything_else_bit_equal(setup, tmp_path, trai
         assert moved == any(c in name for c in changes), name
 
 
+@pytest.mark.slow
 def test_max_tokens_sets_the_step_count(setup, tmp_path):
     out = tmp_path / "tokens"
     recipe = write_recipe(tmp_path / "m.yaml", setup, out, train={"max_steps": None, "max_tokens": 5000})
@@ -242,6 +256,7 @@ def test_max_tokens_sets_the_step_count(setup, tmp_path):
     assert summary["steps"] == 5 and summary["tokens"] == 5 * 8 * 2 * 64  # ceil(5000 / 1024)
 
 
+@pytest.mark.slow
 def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(setup, tmp_path, monkeypatch):
     """save_state failing part-way (ENOSPC after writing a file, as a disk filling up does) ends the run with
     one error naming step-3; step-3 is byte-identical afterwards, no partial step-6 is left, and a rerun resumes
@@ -283,6 +298,7 @@ def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(se
     assert summary["steps"] == 9 and (out / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_chunked_and_full_logits_losses_train_the_same_weights(setup, tmp_path):
     """Three distillation steps with train.loss_chunk_tokens 0 (full logits) and 100 (chunks that straddle
     blocks) end with the same weights and logged losses."""
@@ -310,6 +326,7 @@ def _launch(recipe: Path, config: str, *overrides: str, port: int = 29541) -> su
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_fsdp_config_on_cpu_runs_as_data_parallel_trains_resumes_and_matches_one_process(setup, tmp_path):
     """recipes/accelerate/fsdp.yaml launched on 2 CPU processes. accelerate 1.15 does not shard there: its
     AcceleratorState switches to FSDP only from a multi-accelerator type (MULTI_GPU, MULTI_XPU, ...; state.py,

@@ -303,7 +303,7 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     if main:
         from uptrain.plot import plot_metrics
 
-        plot_metrics(metrics.read(), out / "training.png")
+        plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
         summary.update(final=str(final), plot=str(out / "training.png"))
     return summary
 
