@@ -10,7 +10,7 @@ import threading
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.engine import convert_checkpoint
-from kvshrink.errors import run_cli
+from kvshrink.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
 from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
@@ -18,7 +18,7 @@ from convert.report import format_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m convert",
         description="Stream a Hugging Face checkpoint into one with fewer KV heads (GQA/MQA). "
                     f"Families: {', '.join(supported())}.",

@@ -1,25 +1,26 @@
 """``python -m uptrain RECIPE.yaml [section.key=value ...]`` (also under ``accelerate launch -m uptrain``)."""
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from kvshrink.errors import OneLineParser
 from uptrain.recipe import load_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uptrain", description="Uptrain a converted checkpoint.")
+    parser = OneLineParser(prog="python -m uptrain", description="Uptrain a converted checkpoint.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
     args = parser.parse_args(argv)
-    from kvshrink.errors import run_cli
+    from kvshrink.errors import check_output_dir, run_cli
     from uptrain.train import format_summary, run
 
     loaded = []
 
     def body() -> int:
         loaded.append(load_recipe(args.recipe, args.overrides))
+        check_output_dir(Path(loaded[0].output_dir), "output_dir")
         summary = run(loaded[0])
         if summary.get("final"):
             print(format_summary(summary))
