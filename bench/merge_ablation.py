@@ -8,7 +8,7 @@ training plays, then is scored on two texts neither calibration nor training see
 (the calibration text's domain) and CPython's own documentation (``pydoc_data.topics``: modern technical
 English, another domain). Variants: svd (K and V fitted in the input's norm), + queries (K weighed by the
 queries that read it), + outputs (V in the norm of the O columns), aware (both), each also with sequential
-calibration. Writes bench/out/merge_ablation/{results.json,results.md}.
+calibration, and with O refitted by least squares. Writes bench/out/merge_ablation/{results.json,results.md}.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from pathlib import Path
 import pydoc_data.topics
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name -> (method, queries, outputs, calibration order)
-    "mean (GQA paper)": ("mean", False, False, "parallel"),
-    "svd": ("svd", False, False, "parallel"),
-    "svd + queries": ("svd", True, False, "parallel"),
-    "svd + outputs": ("svd", False, True, "parallel"),
-    "aware (queries + outputs)": ("aware", True, True, "parallel"),
-    "svd, sequential": ("svd", False, False, "sequential"),
-    "aware, sequential": ("aware", True, True, "sequential"),
+VARIANTS = {  # name -> (method, queries, outputs, calibration order, refit O)
+    "mean (GQA paper)": ("mean", False, False, "parallel", False),
+    "svd": ("svd", False, False, "parallel", False),
+    "svd + queries": ("svd", True, False, "parallel", False),
+    "svd + outputs": ("svd", False, True, "parallel", False),
+    "aware (queries + outputs)": ("aware", True, True, "parallel", False),
+    "svd, sequential": ("svd", False, False, "sequential", False),
+    "aware, sequential": ("aware", True, True, "sequential", False),
+    "aware, sequential, refit O": ("aware", True, True, "sequential", True),
 }
 
 
@@ -40,14 +41,14 @@ def convert_one(name: str, source: Path, train: Path, out: Path, tokens: int) ->
     from convert import convert_checkpoint
     from convert.merge import METHODS, Svd
 
-    method, queries, outputs, order = VARIANTS[name]
+    method, queries, outputs, order, refit = VARIANTS[name]
     if method == "svd" and (queries or outputs):
         variant = type("Variant", (Svd,), {"name": "variant", "uses_queries": queries, "queries": queries,
                                            "outputs": outputs})
         METHODS["variant"] = variant()
         method = "variant"
     extra = {} if method == "mean" else dict(calibration_data=[str(train)], calibration_tokens=tokens,
-                                             calibration_order=order)
+                                             calibration_order=order, refit_o=refit)
     report = convert_checkpoint(source, out, kv_heads=1, method=method, overwrite=True, **extra)
     (out / "bench.json").write_text(json.dumps({"calibration_seconds": (report.calibration or {}).get("seconds")}))
 
@@ -78,8 +79,8 @@ def perplexities(model_dir: Path, texts: dict[str, Path], tokens: int, seq_len: 
 
 def render(result: dict) -> str:
     s = result["settings"]
-    lines = [f"| variant | ppl, tragedies (in-domain) | ppl, CPython docs (off-domain) | calibration s | "
-             f"peak RSS GB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| variant | ppl, tragedies (in-domain) | ppl, CPython docs (off-domain) | calibration s | "
+             "peak RSS GB |", "|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['variant']} | {r['ppl']['in_domain']:,.2f} | {r['ppl']['off_domain']:,.2f} | "
                      f"{r.get('calibration_seconds') or '-'} | {r.get('peak_rss_gb', '-')} |")
@@ -100,7 +101,7 @@ def main() -> None:
     if args.child:
         name, source, train, out, tokens = args.child
         return convert_one(name, Path(source), Path(train), Path(out), int(tokens))
-    from kvshrink_demo import assets
+    from kvshrink import assets
 
     source, plays = assets.smollm2(), assets.shakespeare()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,17 +21,21 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from convert import convert_checkpoint
+from convert.merge import METHODS
+from kvshrink import assets
 
-from convert import convert_checkpoint  # noqa: E402
-from convert.merge import METHODS  # noqa: E402
-from kvshrink_demo import assets  # noqa: E402
-from kvshrink_demo.demo import eval_ppl  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def perplexity(model_dir: Path, eval_file: Path, tokens: int, seq_len: int) -> float:
-    return eval_ppl(model_dir, eval_file, seq_len, tokens)["ppl"]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uptrain.evaluate import perplexity as score
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return score(model, AutoTokenizer.from_pretrained(model_dir), [str(eval_file)], seq_len, tokens)["ppl"]
 
 
 def uptrain(model_dir: Path, out: Path, text: dict, args) -> list[dict]:
@@ -89,7 +93,7 @@ def main() -> None:
             ppl = perplexity(target, text["eval"], args.eval_tokens, 512)
             rows.append({"model": f"{method} / {grouping}", "method": method, "grouping": grouping,
                          "kv_heads": args.kv_heads, "ppl": ppl, "convert_seconds": round(seconds, 1),
-                         "kv_head_order": report.get("kv_head_order")})
+                         "kv_head_order": report.kv_head_order})
             print(f"{method:6} {grouping:10}: ppl {ppl:.2f} (converted in {seconds:.1f} s)", flush=True)
     trained = {}
     for method in args.train:

@@ -293,7 +293,8 @@ def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotar
 
 
 def rewrite_layer(layer: LayerHeads, *, kv_heads: int, method: str, grouping: str, rot: Rotary, k_normed: bool,
-                  moment: torch.Tensor | None, generator: torch.Generator | None = None) -> tuple[LayerHeads, list[int]]:
+                  moment: torch.Tensor | None,
+                  generator: torch.Generator | None = None) -> tuple[LayerHeads, list[int]]:
     """One layer's heads -> the converted ones and the KV-head order the grouping chose.
 
     The grouping strategy may first permute the heads so that similar ones share a group; then the merge method

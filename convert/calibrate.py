@@ -13,7 +13,6 @@ stderr is not a terminal (a log), one every tenth of the forward passes; on a te
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -35,27 +34,15 @@ def say(enabled: bool, text: str) -> None:
         sys.stderr.flush()
 
 
-def read_text(files: list[str]) -> list[str]:
-    """Documents from .txt files (one each) or .jsonl files (one per line, field ``text``)."""
-    documents = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise ConversionError(f"--calibration-data {name}: no such file")
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        documents.append(json.loads(line)["text"])
-                    except (ValueError, KeyError, TypeError):
-                        raise ConversionError(f"{name}:{n}: expected a JSON object with a 'text' field") from None
-        elif path.suffix in (".txt", ".md", ""):
-            documents.append(path.read_text(encoding="utf-8", errors="replace"))
-        else:
-            raise ConversionError(f"--calibration-data {name}: expected .txt or .jsonl")
-    if not any(d.strip() for d in documents):
-        raise ConversionError("--calibration-data holds no text")
-    return documents
+def read_text(files: list[str], tokens: int) -> list[str]:
+    """The calibration documents: the project's one text reader (``kvshrink.text``, the formats training takes),
+    read until a generous bound of characters for ``tokens`` tokens."""
+    from kvshrink.text import DataError, read_documents
+
+    try:
+        return read_documents(files, "text", max_chars=tokens * 16)
+    except DataError as exc:
+        raise ConversionError(f"--calibration-data: {exc}") from None
 
 
 def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):

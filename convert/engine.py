@@ -115,7 +115,7 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
                               f"{'converted into another architecture' if spec.rename else 'with per-head K norms'}; "
                               "use --calibration-order parallel")
     # unreadable or empty calibration text fails here, dry run included
-    documents = read_text(options.calibration_data) if options.calibration_data else None
+    documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
     return _Prepared(src_dir, plan, report, shards, documents)
 
 

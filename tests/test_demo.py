@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from convert.merge import METHODS
 from textlm import make_lm, train_tokenizer, write_corpus
-from kvshrink_demo import assets, demo
+from kvshrink import assets
+from kvshrink_demo import demo
 
 
 @pytest.fixture(scope="module")

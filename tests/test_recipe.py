@@ -26,15 +26,61 @@ def _write(tmp_path, text):
 BASE = "model: m\noutput_dir: out\ndata: {train: [a.txt]}\n"
 
 
-def test_every_recipe_validates():
-    found = [p for p in sorted(RECIPES.rglob("*.yaml")) if "accelerate" not in p.parts]
-    assert found, "no recipes found"
-    for path in found:
-        recipe = load_recipe(path)
-        assert isinstance(recipe, Recipe), path
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("#"), f"{path} needs a header comment with its command"
-        assert "python -m uptrain" in path.read_text() or "accelerate launch" in path.read_text(), path
+SHIPPED = [p for p in sorted(RECIPES.rglob("*.yaml")) if "accelerate" not in p.parts]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_recipe_validates(path):
+    """Each shipped recipe loads, says the command that runs it (naming this very file), trains a positive
+    budget, distils from the model it converts, and writes its own run directory."""
+    assert len(SHIPPED) >= 7
+    recipe, text = load_recipe(path), path.read_text()
+    assert text.startswith("#"), f"{path} needs a header comment with its command"
+    assert f"recipes/{path.name}" in text, f"{path}: its command names another file"
+    t = recipe.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+    steps = t.max_steps if t.max_steps is not None else t.max_tokens // max(tokens_per_step, 1)
+    assert tokens_per_step > 0 and steps >= 1, f"{path}: trains no full step"
+    assert t.warmup_steps < steps, f"{path}: warmup longer than the run"
+    assert recipe.eval.every_steps >= 1 and recipe.save.keep_last >= 1
+    if recipe.convert is not None and recipe.distill.weight > 0:
+        assert recipe.teacher == recipe.convert.source, f"{path}: distils from another model than it converts"
+    if path.name != "template.yaml":
+        others = {load_recipe(p).output_dir for p in SHIPPED if p != path}
+        assert recipe.output_dir not in others, f"{path}: output_dir shared with another recipe"
+
+
+def _defaults(cls) -> dict:
+    """A dataclass's defaults as plain data (sections recursively); fields without one are left out."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = _defaults(type(value)) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def test_template_holds_every_key_with_its_default():
+    """recipes/template.yaml lists every recipe key with the dataclass default (placeholders aside)."""
+    raw = yaml.safe_load((RECIPES / "template.yaml").read_text())
+    expected = _defaults(Recipe)
+    placeholders = {("model",), ("output_dir",), ("data", "train")}
+
+    def compare(have: dict, want: dict, where: tuple) -> None:
+        assert set(have) >= set(want), f"template lacks {sorted(set(want) - set(have))} in {where}"
+        for key, value in want.items():
+            if (*where, key) in placeholders:
+                continue
+            if isinstance(value, dict):
+                compare(have[key], value, (*where, key))
+            else:
+                assert have[key] == value, f"template {'.'.join((*where, key))} = {have[key]!r}, default {value!r}"
+
+    compare(raw, expected, ())
 
 
 def test_accelerate_configs_are_yaml_with_a_command():

@@ -90,7 +90,7 @@ def test_refit_o_brings_the_attention_output_closer_to_the_original(corpus, tmp_
     convert_checkpoint(src, tmp_path / "plain", **common)
     report = convert_checkpoint(src, tmp_path / "refit", refit_o=True, **common)
     assert report.calibration["refit_o"] is True
-    ids = token_blocks(tokenizer, read_text([str(train)]), 4096, SEQ)
+    ids = token_blocks(tokenizer, read_text([str(train)], 4096), 4096, SEQ)
     original = _layer0_attention_output(src, ids)
     plain = _relative(_layer0_attention_output(tmp_path / "plain", ids), original)
     refit = _relative(_layer0_attention_output(tmp_path / "refit", ids), original)

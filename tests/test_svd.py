@@ -184,7 +184,7 @@ def test_bad_calibration_input_is_refused_before_writing(corpus, tmp_path, capsy
         convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd")
     assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--kv-heads", "2", "--method", "svd",
                  "--calibration-data", str(tmp_path / "missing.txt")]) == 2
-    assert "missing.txt: no such file" in capsys.readouterr().err
+    assert "missing.txt does not exist" in capsys.readouterr().err
     assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--kv-heads", "2", "--method", "svd",
                  "--calibration-data", str(corpus["train"])]) == 2  # no tokenizer in src
     assert "tokenizer" in capsys.readouterr().err

@@ -255,7 +255,7 @@ def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys
                                  {"KVSHRINK_CACHE": "/data/kv", "XDG_CACHE_HOME": "/xdg"}])
 def test_demo_recipe_reads_the_demo_cache(monkeypatch, env):
     """recipes/demo-smollm2-mqa.yaml run alone reads the Shakespeare files where the demo writes them."""
-    from kvshrink_demo.assets import cache_dir
+    from kvshrink.assets import cache_dir
 
     for name in ("KVSHRINK_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)

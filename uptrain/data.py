@@ -8,78 +8,14 @@ streaming and in-memory mode and for every run.
 
 from __future__ import annotations
 
-import glob
 import itertools
-import os
-from pathlib import Path
+
 from typing import Any, Iterator
 
 import torch
 
+from kvshrink.text import load_documents
 from uptrain.recipe import RecipeError
-
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def local_files(entry: str) -> list[str] | None:
-    """The files an entry names (a glob, a file or a directory), or None when it is no local path."""
-    if any(c in entry for c in "*?["):
-        files = sorted(f for f in glob.glob(os.path.expanduser(entry), recursive=True) if os.path.isfile(f))
-        if not files:
-            raise RecipeError(f"data file pattern {entry} matches no files")
-        return files
-    path = Path(entry).expanduser()
-    if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
-    if path.is_file():
-        return [str(path)]
-    if path.suffix in BUILDERS or entry.startswith((".", "/", "~")):
-        raise RecipeError(f"data file {entry} does not exist")
-    return None  # a datasets hub name
-
-
-def load_documents(entries: list[str], text_field: str, streaming: bool = False, hub_config: str | None = None,
-                   hub_split: str = "train"):
-    """One dataset with a single ``text_field`` column, from local files and/or hub dataset names."""
-    import datasets
-
-    parts = []
-    for entry in entries:
-        files = local_files(entry)
-        if files is None:
-            try:
-                parts.append(datasets.load_dataset(entry, hub_config, split=hub_split, streaming=streaming))
-            except Exception as exc:
-                raise RecipeError(f"data {entry!r} is not a local file and could not be loaded from the hub "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-            continue
-        for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
-            if suffix not in BUILDERS:
-                raise RecipeError(f"data file {next(group)} has an unsupported type; use {', '.join(BUILDERS)}")
-            builder, group = BUILDERS[suffix], list(group)
-            empty = [f for f in group if os.path.getsize(f) == 0]
-            if empty:
-                raise RecipeError(f"data file {empty[0]} is empty")
-            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-            try:
-                part = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming, **kwargs)
-            except Exception as exc:  # a malformed json/csv/parquet file
-                cause = exc.__cause__ or exc
-                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-                raise RecipeError(f"cannot read data file(s) {', '.join(group)}: {reason}") from None
-            if builder == "text" and text_field != "text":
-                part = part.rename_column("text", text_field)
-            parts.append(part)
-    for part, entry in zip(parts, entries):
-        columns = part.column_names
-        if columns is None:  # datasets 5 streams do not know their columns before the first row
-            columns = list(next(iter(part), {}))
-        if text_field not in columns:
-            raise RecipeError(f"data {entry} has no column {text_field!r} (columns: {', '.join(columns)}); "
-                              "set data.text_field")
-    parts = [p.select_columns([text_field]) for p in parts]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
 
 def _is_eval(index: int, fraction: float, seed: int) -> bool:
     return ((index * 2654435761 + seed * 97) % 2**32) / 2**32 < fraction

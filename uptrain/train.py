@@ -114,7 +114,7 @@ def convert_options(recipe: Recipe):
     """The recipe's convert step as converter options; calibrated methods default to data.train's local files."""
     from convert.merge import METHODS
     from convert.options import ConvertOptions
-    from uptrain.data import local_files
+    from kvshrink.text import local_files
 
     c = recipe.convert
     options = ConvertOptions(**{name: getattr(c, name) for name in ConvertOptions.fields()})

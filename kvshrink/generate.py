@@ -1,0 +1,35 @@
+"""Greedy continuations of the same prompts by several models, shown side by side (the demo, the decode bench)."""
+
+from __future__ import annotations
+
+
+def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
+    """Each prompt's greedy continuation (``[end of text]`` appended where the model stopped by itself)."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        with torch.inference_mode():
+            ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        new = ids[0, inputs["input_ids"].shape[1]:]
+        ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
+        texts.append(tokenizer.decode(new, skip_special_tokens=True) + (" [end of text]" if ended else ""))
+    return texts
+
+
+def one_line(text: str) -> str:
+    """A continuation on one line: its lines joined with " / " (one made only of line breaks says so)."""
+    joined = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return joined or ("(line breaks only)" if text else "(nothing)")
+
+
+def side_by_side(prompts: list[str], outputs: dict[str, list[str]]) -> list[str]:
+    """Report lines: each prompt, then every model's continuation of it on one line."""
+    width = max(map(len, outputs))
+    lines = []
+    for i, prompt in enumerate(prompts):
+        lines.append(f"  prompt: {prompt!r}")
+        lines += [f"    {label:<{width}} | {one_line(texts[i])}" for label, texts in outputs.items()]
+    return lines
