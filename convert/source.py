@@ -281,58 +281,63 @@ def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
         ConversionError: no weights, a bad index, a missing, truncated or corrupt shard,
             or pickle weights without ``allow_pickle``.
     """
-    st_index = directory / "model.safetensors.index.json"
-    st_single = directory / "model.safetensors"
-    if st_index.is_file() or st_single.is_file():
-        if st_index.is_file():
-            weight_map = _index_map(st_index)
-            files = {_shard_path(directory, f, st_index) for f in weight_map.values()}
-            # A shard on disk that the index forgot would otherwise drop its tensors silently.
-            files = sorted(files | {p for p in directory.glob("model-*-of-*.safetensors") if _SHARD.fullmatch(p.name)})
-        else:
-            weight_map, files = None, [st_single]
-        tensors, found = {}, {}
-        for file in files:
-            for name, info in read_safetensors_header(file).items():
-                if name in tensors:
-                    raise ConversionError(f"tensor {name} is in both {tensors[name].file.name} and {file.name}")
-                tensors[name], found[name] = info, file.name
-        if weight_map is not None:
-            _check_against_index(weight_map, found, st_index)
-        if not tensors:
-            raise ConversionError(f"{directory} has weight files but no tensors in them")
-        return WeightSource(tensors, files, None)
-
-    bin_index = directory / "pytorch_model.bin.index.json"
-    bin_single = directory / "pytorch_model.bin"
-    if bin_index.is_file() or bin_single.is_file():
+    if (directory / "model.safetensors.index.json").is_file() or (directory / "model.safetensors").is_file():
+        return _open_safetensors(directory)
+    if (directory / "pytorch_model.bin.index.json").is_file() or (directory / "pytorch_model.bin").is_file():
         if not allow_pickle:
             raise ConversionError(
                 f"{directory} has only pickle weights (pytorch_model*.bin), which can run code when loaded; "
                 "pass --allow-pickle if you trust them"
             )
-        if bin_index.is_file():
-            weight_map = _index_map(bin_index)
-            files = sorted({_shard_path(directory, f, bin_index) for f in weight_map.values()})
-        else:
-            weight_map, files = None, [bin_single]
-        import torch
-
-        pickled = {}
-        tensors, found = {}, {}
-        for file in files:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:
-                raise ConversionError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
-            for name, tensor in state.items():
-                pickled[name], found[name] = tensor, file.name
-                tensors[name] = TensorInfo(file, dtype_name(tensor.dtype), tuple(tensor.shape), 0,
-                                           tensor.numel() * tensor.element_size())
-        if weight_map is not None:
-            _check_against_index(weight_map, found, bin_index)
-        return WeightSource(tensors, files, pickled)
-
+        return _open_pickle(directory)
     others = sorted(p.name for p in directory.iterdir() if re.search(r"\.(gguf|pt|pth|ckpt|h5|msgpack)$", p.name))
     hint = f" (found {', '.join(others)}, which this tool does not read)" if others else ""
     raise ConversionError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin{hint}")
+
+
+def _open_safetensors(directory: Path) -> WeightSource:
+    """model.safetensors, or the shards its index names (and any shard on disk the index forgot): headers only."""
+    st_index = directory / "model.safetensors.index.json"
+    if st_index.is_file():
+        weight_map = _index_map(st_index)
+        files = {_shard_path(directory, f, st_index) for f in weight_map.values()}
+        # A shard on disk that the index forgot would otherwise drop its tensors silently.
+        files = sorted(files | {p for p in directory.glob("model-*-of-*.safetensors") if _SHARD.fullmatch(p.name)})
+    else:
+        weight_map, files = None, [directory / "model.safetensors"]
+    tensors, found = {}, {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name in tensors:
+                raise ConversionError(f"tensor {name} is in both {tensors[name].file.name} and {file.name}")
+            tensors[name], found[name] = info, file.name
+    if weight_map is not None:
+        _check_against_index(weight_map, found, st_index)
+    if not tensors:
+        raise ConversionError(f"{directory} has weight files but no tensors in them")
+    return WeightSource(tensors, files, None)
+
+
+def _open_pickle(directory: Path) -> WeightSource:
+    """pytorch_model.bin or its shards, loaded with ``weights_only=True`` and memory-mapped."""
+    import torch
+
+    bin_index = directory / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        weight_map = _index_map(bin_index)
+        files = sorted({_shard_path(directory, f, bin_index) for f in weight_map.values()})
+    else:
+        weight_map, files = None, [directory / "pytorch_model.bin"]
+    pickled, tensors, found = {}, {}, {}
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise ConversionError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+        for name, tensor in state.items():
+            pickled[name], found[name] = tensor, file.name
+            tensors[name] = TensorInfo(file, dtype_name(tensor.dtype), tuple(tensor.shape), 0,
+                                       tensor.numel() * tensor.element_size())
+    if weight_map is not None:
+        _check_against_index(weight_map, found, bin_index)
+    return WeightSource(tensors, files, pickled)
