@@ -235,3 +235,18 @@ def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(
                       student.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     for ours, reference in zip(*grads):
         assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_benchmarks_import_nothing_from_the_tests():
+    import ast
+
+    root = Path(__file__).parents[1]
+    test_modules = {p.stem for p in (root / "tests").glob("*.py")}
+    for script in (root / "bench").glob("*.py"):
+        tree = ast.parse(script.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & (test_modules | {"tests"}), script.name
+        assert '"tests"' not in script.read_text(), script.name  # no sys.path entry into tests/
