@@ -215,12 +215,16 @@ def _reference_liger(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
 
 
-@pytest.mark.parametrize("weight, temperature", [(0.0, 1.0), (0.5, 2.0), (1.0, 0.7)])
-def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(monkeypatch, weight, temperature):
-    """Not Liger itself (Triton, CUDA): the wrapper's arithmetic (sum, x tokens, x T^2) against chunked_loss."""
+@pytest.mark.parametrize("family, weight, temperature",
+                         [("llama", 0.0, 1.0), ("llama", 0.5, 2.0), ("llama", 1.0, 0.7), ("phi", 0.0, 1.0)])
+def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(monkeypatch, family, weight,
+                                                                                temperature):
+    """Not Liger itself (Triton, CUDA): the wrapper's arithmetic (sum, x tokens, x T^2) against chunked_loss;
+    phi's lm_head has a bias (CE only: the JSD kernel takes none)."""
     _reference_liger(monkeypatch)
-    student = make_model("llama", kv_heads=1, seed=0)
-    teacher = make_model("llama", kv_heads=4, seed=1)
+    student = make_model(family, kv_heads=1, seed=0)
+    teacher = make_model(family, kv_heads=4, seed=1)
+    assert (student.lm_head.bias is not None) == (family == "phi")
     ids = torch.randint(0, student.config.vocab_size, (2, 9))
     grads = []
     for loss_fn in (lambda h, th: liger_loss(h, student.lm_head, ids, th, teacher.lm_head, weight, temperature),
@@ -232,7 +236,8 @@ def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(
         loss, ce = loss_fn(hidden, teacher_hidden)
         loss.backward()
         grads.append((loss.detach(), ce, student.lm_head.weight.grad.clone(),
-                      student.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+                      student.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                      *(() if student.lm_head.bias is None else (student.lm_head.bias.grad.clone(),))))
     for ours, reference in zip(*grads):
         assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
@@ -250,3 +255,13 @@ def test_benchmarks_import_nothing_from_the_tests():
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & (test_modules | {"tests"}), script.name
         assert '"tests"' not in script.read_text(), script.name  # no sys.path entry into tests/
+
+
+def test_template_lists_every_key_of_these_sections_with_its_default():
+    from dataclasses import asdict
+
+    from uptrain.recipe import Distill, Eval, Log, Save, Train
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "template.yaml").read_text())
+    for section, cls in (("train", Train), ("distill", Distill), ("eval", Eval), ("save", Save), ("log", Log)):
+        assert raw[section] == asdict(cls()), section

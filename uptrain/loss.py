@@ -143,8 +143,8 @@ def liger_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
     flat = hidden.flatten(0, 1)  # (B*T, H)
     head_weight = lm_head.weight.to(flat.dtype)
-    ce = liger_fused_linear_cross_entropy(flat, head_weight, labels, bias=lm_head.bias, ignore_index=-100,
-                                          reduction="sum")
+    bias = None if lm_head.bias is None else lm_head.bias.to(flat.dtype)
+    ce = liger_fused_linear_cross_entropy(flat, head_weight, labels, bias=bias, ignore_index=-100, reduction="sum")
     if weight == 0:
         return ce, ce.detach()
     t_flat = teacher_hidden.flatten(0, 1)
