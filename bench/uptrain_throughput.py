@@ -174,6 +174,7 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--one", which, str(work), str(model), *sys.argv[1:]],
                                  check=True, capture_output=True, text=True, env=env).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{name}: {results[name][-1]}", flush=True)  # as it comes: a long run cut short keeps these
     print_table(results, model, args)
 
 
