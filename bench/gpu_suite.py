@@ -41,7 +41,10 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
              "64", "--micro-batch", "2", "--grad-accum", "1", "--steps", "6", "--warmup", "2", "--repeats", "1"]
             if tiny else ["--hidden", "2048", "--layers", "16", "--heads", "32", "--kv-heads", "8", "--vocab", "32000",
                           "--seq-len", "2048", "--micro-batch", "4", "--grad-accum", "1", "--steps", "30",
-                          "--warmup", "5", "--repeats", "2"])
+                          "--warmup", "5", "--repeats", "1"])
+    # Rows of the uptrain loop with one compute option each (aot_eager: the CPU cannot afford inductor in tests).
+    variants = (["--variants", "default", "compile", "--compile-backend", "aot_eager"] if tiny else
+                ["--variants", "default", "compile", "chunked", "distill", "distill-inference"])
     decode = (["--synthetic", "llama-tiny", "--device", "cpu", "--batch", "1", "2", "--context", "16",
                "--new-tokens", "2", "--repeats", "2", "--warmup", "1"] if tiny else
               ["--synthetic", "llama-1b", "--device", "cuda", "--dtype", "bfloat16", "--repeats", "3"])
@@ -51,7 +54,7 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                                                        "--static-cache", "compile"]
     demo_out = out / "demo"
     demo = [PY, "-m", "kvshrink_demo", "--out", str(demo_out), *shlex.split(args.demo_args)]
-    return [("throughput", [PY, str(ROOT / "bench" / "uptrain_throughput.py"), *size, "--distill"]),
+    return [("throughput", [PY, str(ROOT / "bench" / "uptrain_throughput.py"), *size, *variants, "--distill"]),
             ("decode", [PY, "-m", "decode_bench", *decode, *grid, "--out", str(out / "decode")]),
             ("decode-static", [PY, "-m", "decode_bench", *decode, *static, "--out", str(out / "decode-static")]),
             ("demo", demo),

@@ -93,3 +93,62 @@ def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torc
     t_bias = None if teacher_head is None else teacher_head.bias
     return ChunkedLoss.apply(flat, lm_head.weight, lm_head.bias, labels, t_flat, t_weight, t_bias, weight,
                              temperature, chunk)
+
+
+def liger_available() -> bool:
+    """Whether Liger Kernel (``pip install liger-kernel``: Triton kernels, CUDA only) can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def select_fused_loss(option: str, device_type: str, biased_distill: bool, available: bool | None = None) -> str:
+    """``"liger"`` or ``"chunked"`` for ``train.fused_loss`` (auto | liger | off) on ``device_type``.
+
+    auto takes Liger where it can run (installed, CUDA, and no lm_head bias under distillation: its fused JSD
+    has no bias argument); liger insists and says in one line why it cannot run; off is the chunked loss.
+    """
+    from uptrain.recipe import RecipeError
+
+    available = liger_available() if available is None else available
+    if option == "liger":
+        if not available:
+            raise RecipeError("train.fused_loss: liger needs Liger Kernel: `pip install liger-kernel` (CUDA only), "
+                              "or set train.fused_loss=auto")
+        if device_type != "cuda":
+            raise RecipeError(f"train.fused_loss: liger runs on CUDA only; this run is on {device_type} "
+                              "(set train.fused_loss=auto)")
+        if biased_distill:
+            raise RecipeError("train.fused_loss: Liger's fused JSD has no lm_head bias and this model's lm_head "
+                              "has one (set train.fused_loss=auto)")
+        return "liger"
+    if option == "auto" and available and device_type == "cuda" and not biased_distill:
+        return "liger"
+    return "chunked"
+
+
+def liger_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
+               teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
+               weight: float = 0.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_loss`` through Liger Kernel's fused linear cross-entropy and fused linear JSD (NOT yet run on a GPU).
+
+    Semantics read from liger-kernel 0.8.2's source (ops/fused_linear_cross_entropy.py, ops/fused_linear_jsd.py,
+    ops/jsd.py): the CE takes ``reduction="sum"``; the JSD at ``jsd_beta=0`` is the forward KL(teacher ||
+    student) of the temperature-softened distributions, summed over the vocabulary and divided by the labelled
+    token count, without the T^2 factor. So the KL sum here is that value times the labelled tokens times T^2.
+    The student's lm_head matmul runs twice (once per kernel); the JSD kernel takes no bias.
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy, liger_fused_linear_jsd
+
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
+    flat = hidden.flatten(0, 1)  # (B*T, H)
+    head_weight = lm_head.weight.to(flat.dtype)
+    bias = None if lm_head.bias is None else lm_head.bias.to(flat.dtype)
+    ce = liger_fused_linear_cross_entropy(flat, head_weight, labels, bias=bias, ignore_index=-100, reduction="sum")
+    if weight == 0:
+        return ce, ce.detach()
+    t_flat = teacher_hidden.flatten(0, 1)
+    kl_mean = liger_fused_linear_jsd(flat, head_weight, t_flat, teacher_head.weight.to(t_flat.dtype),
+                                     shift_labels=labels, jsd_beta=0.0, ignore_index=-100, temperature=temperature)
+    kl = kl_mean * (labels != -100).sum() * temperature**2
+    return (1 - weight) * ce + weight * kl, ce.detach()

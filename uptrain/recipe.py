@@ -65,6 +65,9 @@ class Train:
     gradient_checkpointing: bool = False
     trainable: str = "all"
     loss_chunk_tokens: int = 512
+    fused_loss: str = "auto"  # auto | liger | off (uptrain.loss.select_fused_loss)
+    compile: bool = False  # torch.compile the student in place (uptrain.train.compile_student)
+    compile_backend: str = "inductor"
     seed: int = 0
 
 
@@ -72,6 +75,7 @@ class Train:
 class Distill:
     weight: float = 0.0
     temperature: float = 1.0
+    teacher_inference_mode: bool = False  # the teacher's forward under torch.inference_mode, not no_grad
 
 
 @dataclass
@@ -110,6 +114,8 @@ class Recipe:
 CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.trainable": ("all", "attention", "kv"),
+    "train.fused_loss": ("auto", "liger", "off"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "log.tracker": ("none", "tensorboard", "wandb"),
     "convert.method": tuple(METHODS),
     "convert.grouping": tuple(GROUPINGS),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from kvshrink.errors import KvshrinkError
 from uptrain import checkpoints, data
-from uptrain.loss import chunkable, chunked_loss
+from uptrain.loss import chunkable, chunked_loss, liger_loss, select_fused_loss
 from uptrain.recipe import Recipe, RecipeError
 
 
@@ -227,6 +227,7 @@ def _run(recipe: Recipe) -> dict[str, Any]:
         project_dir=str(out),
         step_scheduler_with_optimizer=False,
     )
+    select_fused_loss(t.fused_loss, accelerator.device.type, biased_distill=False)  # fail before loading anything
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +278,8 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
     accelerator.register_save_state_pre_hook(checkpoints.save_tied_once)
+    if t.compile:
+        compile_student(accelerator, model, t.compile_backend)
     start_step = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
@@ -308,6 +311,17 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     return summary
 
 
+def compile_student(accelerator, model, backend: str) -> None:
+    """torch.compile the prepared student in place (``nn.Module.compile``), after accelerate's wrappers.
+
+    Not accelerate's dynamo plugin, which wraps the model in an OptimizedModule: save_state then writes
+    ``_orig_mod.``-prefixed keys, and ``unwrap_model`` keeps the wrapper by default (so would the final
+    checkpoint). Compiling the inner module in place leaves the module tree, its state-dict keys, DDP's wrapper,
+    save_state/load_state and unwrap_model as they were; only its forward call runs compiled.
+    """
+    accelerator.unwrap_model(model).compile(backend=backend)
+
+
 def loss_chunk(recipe: Recipe, accelerator, model, teacher) -> int:
     """Tokens per loss chunk, or 0 for the full-logits path: when the recipe asks for it, under FSDP (whose
     sharded lm_head weight the chunked loss cannot read) and where logits are scaled after the lm_head."""
@@ -329,6 +343,9 @@ class _Loop:
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.step, self.grad_norm = 0, float("nan")
         self.chunk = loss_chunk(recipe, accelerator, model, teacher)
+        heads = [accelerator.unwrap_model(model)] + ([teacher] if teacher is not None else [])
+        biased = teacher is not None and any(m.get_output_embeddings().bias is not None for m in heads)
+        self.fused = select_fused_loss(recipe.train.fused_loss, accelerator.device.type, biased)
 
     def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
@@ -361,20 +378,29 @@ class _Loop:
             hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             teacher_hidden = None
             if w > 0:
-                with torch.no_grad(), acc.autocast():
-                    teacher_hidden = self.teacher(input_ids=ids, output_hidden_states=True,
-                                                  logits_to_keep=1).hidden_states[-1]
+                teacher_hidden = self.teacher_output(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                if teacher_hidden.is_inference():  # (B, T, H): a cheap copy out of inference mode for autograd
+                    teacher_hidden = teacher_hidden.clone()
             head = acc.unwrap_model(self.model).get_output_embeddings()
-            return chunked_loss(hidden, head, ids, teacher_hidden,
-                                None if w == 0 else self.teacher.get_output_embeddings(), w,
-                                r.distill.temperature, self.chunk)
+            teacher_head = None if w == 0 else self.teacher.get_output_embeddings()
+            if self.fused == "liger":
+                return liger_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature)
+            return chunked_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature,
+                                self.chunk)
         logits = self.model(input_ids=ids).logits
         ce = token_losses(logits, ids)
         if w == 0:
             return ce, ce.detach()
-        with torch.no_grad(), acc.autocast():
-            teacher_logits = self.teacher(input_ids=ids).logits
+        # Not copied out of inference mode: (B, T, vocab); distill_kl only reads it, never saves it for backward.
+        teacher_logits = self.teacher_output(ids).logits
         return (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature), ce.detach()
+
+    def teacher_output(self, ids: torch.Tensor, **kwargs):
+        """The teacher's forward in the compute dtype, under no_grad, or inference_mode where the recipe says
+        (distill.teacher_inference_mode: no version counters or autograd metadata on its tensors)."""
+        no_grad = torch.inference_mode() if self.r.distill.teacher_inference_mode else torch.no_grad()
+        with no_grad, self.acc.autocast():
+            return self.teacher(input_ids=ids, **kwargs)
 
     def save(self) -> None:
         """A checkpoint of this step; a full or read-only disk stops the run naming the last complete one."""
