@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from kvshrink.atomic import AtomicDirectory
 from uptrain.recipe import RecipeError
 
 _STEP = re.compile(r"step-(\d+)")
@@ -122,7 +123,11 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
 
 
 def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
-    """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last."""
+    """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last.
+
+    Every process writes its part of the state into the same temporary directory between barriers, and process
+    0 renames it: a collective write that ``kvshrink.atomic.AtomicDirectory`` (one writer) does not cover.
+    """
     root = out / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     if accelerator.is_main_process:
@@ -154,15 +159,12 @@ def save_final(accelerator, model, tokenizer, source: str, final: Path, dtype) -
     """
     state = accelerator.get_state_dict(model)  # gathered from every process (FSDP included)
     if accelerator.is_main_process:
-        tmp = final.parent / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        source_config = Path(source) / "config.json"
-        if source_config.exists():
-            shutil.copyfile(source_config, tmp / "config.json")
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
+        with AtomicDirectory(final, temp_name=f".tmp-{final.name}") as tmp:
+            unwrapped = accelerator.unwrap_model(model)
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            source_config = Path(source) / "config.json"
+            if source_config.exists():
+                shutil.copyfile(source_config, tmp / "config.json")
     accelerator.wait_for_everyone()

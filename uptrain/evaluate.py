@@ -37,23 +37,40 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
     """
     from tqdm.auto import tqdm
 
-    from uptrain.train import token_losses
-
     check_setting(seq_len, max_tokens, batch_size)
     docs = data.load_documents(files, text_field)
     blocks = data.pack(docs, tokenizer, text_field, seq_len)
     blocks = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len)))).with_format("torch")
     if len(blocks) == 0:
         raise RecipeError(f"the data gives no block of {seq_len} tokens; add text or lower --seq-len")
-    device = next(model.parameters()).device
-    loss, tokens = 0.0, 0
+    loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=data.collate)
+    batches = tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False)
+    loss, tokens = loss_sums(model, batches, next(model.parameters()).device)
+    return mean_loss(loss.item(), int(tokens.item()))
+
+
+def loss_sums(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ next-token loss, tokens scored) over batches of (B, T) ``input_ids``, float64 on ``device``.
+
+    The one eval loop: ``perplexity`` here and the uptrainer's in-loop eval (which sums it across processes).
+    """
+    from uptrain.train import token_losses
+
+    was_training = model.training
     model.eval()
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    tokens = torch.zeros((), device=device, dtype=torch.float64)
     with torch.no_grad():
-        loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=data.collate)
-        for batch in tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False):
+        for batch in batches:
             ids = batch["input_ids"].to(device)
-            loss += token_losses(model(input_ids=ids).logits, ids).item()
+            loss += token_losses(model(input_ids=ids).logits, ids).double()
             tokens += ids[:, 1:].numel()
+    model.train(was_training)
+    return loss, tokens
+
+
+def mean_loss(loss: float, tokens: int) -> dict[str, float]:
+    """{"loss": mean next-token loss, "ppl": its exp, "tokens": tokens scored}."""
     return {"loss": loss / tokens, "ppl": math.exp(min(loss / tokens, 700)), "tokens": tokens}
 
 

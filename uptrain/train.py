@@ -74,18 +74,12 @@ def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict[str, float]:
     """Mean next-token loss, perplexity and scored tokens over the eval blocks, summed across processes."""
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    for batch in loader:
-        ids = batch["input_ids"]
-        loss += token_losses(model(input_ids=ids).logits, ids).double()
-        tokens += ids[:, 1:].numel()
+    from uptrain.evaluate import loss_sums, mean_loss
+
+    loss, tokens = loss_sums(model, loader, accelerator.device)
     loss, tokens = accelerator.reduce(loss, "sum"), accelerator.reduce(tokens, "sum")
-    model.train(was_training)
-    mean = (loss / tokens).item()
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 700)), "eval_tokens": int(tokens.item())}
+    result = mean_loss(loss.item(), int(tokens.item()))
+    return {"eval_loss": result["loss"], "eval_ppl": result["ppl"], "eval_tokens": result["tokens"]}
 
 
 def _precision(name: str) -> str:
@@ -207,43 +201,31 @@ def run(recipe: Recipe) -> dict[str, Any]:
         return _run(recipe)
 
 
-def _run(recipe: Recipe) -> dict[str, Any]:
+def _accelerator(recipe: Recipe):
+    """The Accelerator of a run: CPU (gloo) without a GPU, the recipe's precision, exact accumulation windows."""
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
-    from transformers import AutoTokenizer
+    from accelerate.utils import GradientAccumulationPlugin
 
-    out = Path(recipe.output_dir)
     t = recipe.train
     if recipe.log.tracker != "none":
         try:
             __import__(recipe.log.tracker)  # tensorboard or wandb (validated by the recipe)
         except ImportError:
             raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
         mixed_precision=_precision(t.precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         log_with=None if recipe.log.tracker == "none" else recipe.log.tracker,
-        project_dir=str(out),
+        project_dir=str(recipe.output_dir),
         step_scheduler_with_optimizer=False,
     )
-    select_fused_loss(t.fused_loss, accelerator.device.type, biased_distill=False)  # fail before loading anything
-    main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    resume_from = checkpoints.find_resume(out, recipe.resume)
-    set_seed(t.seed)
 
-    # Data
-    model_path = _model_path(recipe, accelerator)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise checkpoints.tokenizer_error(model_path, exc) from None
-    with accelerator.main_process_first():  # one process tokenizes, the others read the cache
-        train_set, eval_set = data.build_datasets(recipe, tokenizer)
 
-    # Model (and teacher)
+def _models(recipe: Recipe, accelerator, model_path: str):
+    """(student in fp32 with its trainable subset, frozen teacher in the compute dtype or None, the student's
+    source dtype, the trainable parameter count)."""
+    t = recipe.train
     model = _load_model(model_path, "model")
     source_dtype = next(model.parameters()).dtype
     model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
@@ -266,6 +248,38 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     if teacher is not None:  # the student's compute dtype, on its device, frozen
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
         teacher.to(accelerator.device, compute).eval().requires_grad_(False)
+    return model, teacher, source_dtype, trainable
+
+
+def _data(recipe: Recipe, accelerator, model_path: str):
+    """(tokenizer, train blocks, eval blocks): one process tokenizes, the others read its cache."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise checkpoints.tokenizer_error(model_path, exc) from None
+    with accelerator.main_process_first():
+        train_set, eval_set = data.build_datasets(recipe, tokenizer)
+    return tokenizer, train_set, eval_set
+
+
+def _run(recipe: Recipe) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+
+    out = Path(recipe.output_dir)
+    t = recipe.train
+    accelerator = _accelerator(recipe)
+    select_fused_loss(t.fused_loss, accelerator.device.type, biased_distill=False)  # fail before loading anything
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoints.find_resume(out, recipe.resume)
+    set_seed(t.seed)
+
+    model_path = _model_path(recipe, accelerator)
+    tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
+    model, teacher, source_dtype, trainable = _models(recipe, accelerator, model_path)
 
     # Optimizer, scheduler
     tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
@@ -290,9 +304,8 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     if main:
         print(f"uptrain: {model_path} -> {out}: {total_steps} steps of {tokens_per_step:,} tokens, "
               f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
-              f"({accelerator.distributed_type.value}) on "
-              f"{accelerator.device.type}, precision {accelerator.mixed_precision}"
-              + (f", resuming from {resume_from.name}" if resume_from else ""))
+              f"({accelerator.distributed_type.value}) on {accelerator.device.type}, precision "
+              f"{accelerator.mixed_precision}" + (f", resuming from {resume_from.name}" if resume_from else ""))
 
     # Loop
     loop = _Loop(recipe, accelerator, model, teacher, optimizer, scheduler, eval_loader, metrics, total_steps,
@@ -356,7 +369,6 @@ class _Loop:
         total = torch.zeros((), device=acc.device, dtype=torch.float64)
         ce_total = torch.zeros_like(total)
         window_loss = None  # set at the sync, which the window's last micro-batch always is
-        w = r.distill.weight
         for batch in window:
             with acc.accumulate(self.model):
                 loss, ce = self.micro_batch_loss(batch["input_ids"])
