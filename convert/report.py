@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from convert.plan import Dims, Plan
+from convert.families import resolve
+from convert.plan import Dims, Plan, read_dims
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource
 
@@ -16,6 +17,19 @@ VERSION = "0.1.0"
 
 def _kv_bytes(dims: Dims, kv_heads: int, itemsize: int) -> int:
     return 2 * dims.layers * kv_heads * dims.head_dim * itemsize
+
+
+def kv_cache_bytes_per_token(config: dict[str, Any], itemsize: int) -> tuple[int, int]:
+    """(KV heads, KV-cache bytes per token) of a model: layers x 2 (K, V) x kv_heads x head_dim x itemsize.
+
+    Args:
+        config: the model's config.json as a dict.
+        itemsize: bytes per cached value (4 for float32, 2 for bfloat16/float16).
+
+    Raises KeyError for a family the converter does not know, ConversionError for an inconsistent config.
+    """
+    dims = read_dims(config, resolve(config)[1])
+    return dims.kv_heads, _kv_bytes(dims, dims.kv_heads, itemsize)
 
 
 def build_report(source: str, output: Path, family: str, spec: dict, dims: Dims, kv_heads: int, method: str,

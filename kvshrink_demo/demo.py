@@ -44,6 +44,7 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "But soft, what light through yonder window breaks?",
 ]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CLOZE_ITEMS_CPU = 100  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 
 
 def header(step: int, title: str) -> None:
@@ -131,6 +132,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     final = Path(summary["final"])
     rows.append(row("MQA, mean, uptrained", final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
                     summary["tokens"], summary["seconds"]))
+    cloze_task = add_cloze_column(rows, args, eval_text, out, gpu)
     generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0],
                                          "MQA, mean, uptrained": final}, PROMPTS, args.new_tokens)
 
@@ -138,6 +140,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
+        "cloze": cloze_task,
         "recipe": asdict(recipe), "training": summary, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
@@ -204,14 +207,40 @@ def eval_ppl(path: Path, eval_text: Path, seq_len: int, max_tokens: int) -> dict
 
 
 def kv_cache_bytes_per_token(path: Path) -> tuple[int, int]:
-    """(KV heads, KV-cache bytes per token) from config.json: layers x 2 x kv_heads x head_dim x itemsize."""
-    from convert.families import resolve
-    from convert.plan import read_dims
+    """(KV heads, KV-cache bytes per token) from config.json, in its dtype (convert.report's arithmetic)."""
+    from convert.report import kv_cache_bytes_per_token as kv_bytes
 
     config = json.loads((path / "config.json").read_text())
-    dims = read_dims(config, resolve(config)[1])
-    itemsize = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
-    return dims.kv_heads, dims.layers * 2 * dims.kv_heads * dims.head_dim * itemsize
+    return kv_bytes(config, DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4))
+
+
+def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path,
+                     gpu: bool) -> dict[str, Any] | None:
+    """Every row's accuracy on the verse cloze task (``kvshrink_demo.cloze``, through lm-evaluation-harness):
+    the held-out tragedies, or the substitute eval text. Skipped, with a note, without the eval extra."""
+    import importlib.util
+
+    from uptrain import downstream
+
+    if importlib.util.find_spec("lm_eval") is None:
+        print(f"verse cloze column skipped: lm-eval is not installed ({downstream.INSTALL})")
+        return None
+    from kvshrink_demo import cloze
+
+    if args.model:  # the tests' stand-ins: the substitute eval text, one document
+        items = cloze.make_items({eval_text.name: eval_text.read_text(encoding="utf-8")})
+        task = cloze.write_task(items, out / "verse_cloze")
+    else:
+        task = cloze.tragedies_task()
+    limit = None if gpu else CLOZE_ITEMS_CPU
+    tasks = downstream.load_tasks([str(task)], limit=limit, batch_size=16)
+    for r in rows:
+        model, tokenizer = load(Path(r["path"]))
+        score = downstream.evaluate(model, tokenizer, tasks)["verse_cloze"]
+        r.update(cloze_acc=score.value, cloze_stderr=score.stderr, cloze_items=score.samples)
+        print(f"{r['model']}: verse cloze accuracy {score.value:.3f} ± {score.stderr or 0:.3f} "
+              f"on {score.samples} items (chance 0.25)", flush=True)
+    return {"task": str(task), "items": rows[0]["cloze_items"], "chance": 1 / cloze.CHOICES}
 
 
 def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: float | None) -> dict[str, Any]:
@@ -295,12 +324,14 @@ def machine() -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
-    lines = ["| model | KV heads | KV-cache bytes/token | eval ppl | tokens trained | time |",
-             "|---|---|---|---|---|---|"]
+    cloze = any("cloze_acc" in r for r in rows)
+    lines = ["| model | KV heads | KV-cache bytes/token | eval ppl | " + ("verse cloze acc | " if cloze else "")
+             + "tokens trained | time |", "|---|---|---|---|---|---|" + ("---|" if cloze else "")]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
+        acc = f"{r['cloze_acc']:.3f} ± {r['cloze_stderr'] or 0:.3f} | " if "cloze_acc" in r else ("— | " if cloze else "")
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
-                     f"| {r['tokens_trained']:,} | {seconds} |")
+                     f"| {acc}{r['tokens_trained']:,} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -313,6 +344,9 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
             f"Eval: {e['tokens']:,} tokens of `{e['file']}` in blocks of {e['seq_len']}. Time: conversion, or "
             f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
             f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
+            *([f"Verse cloze: {c['items']} items of `{c['task']}` (the true next line among {round(1 / c['chance'])}"
+               f"; chance {c['chance']:.2f}), lm-evaluation-harness accuracy ± stderr."] if (c := results["cloze"])
+              else []),
             "", "![train loss and eval perplexity](training.png)", "",
             f"## Greedy continuations ({len(results['generations'])} prompts)", ""]
     for g in results["generations"]:

@@ -2,6 +2,8 @@
 
 The text goes through the same pipeline as training (documents joined with EOS,
 cut into --seq-len blocks); the first --max-tokens worth of blocks are scored.
+With ``--tasks`` (lm-evaluation-harness), several models or ``--out DIR``, the models are compared side by
+side in one table (``uptrain.compare``).
 """
 
 from __future__ import annotations
@@ -45,13 +47,31 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m uptrain.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="checkpoint directory or hub id")
-    parser.add_argument("--data", nargs="+", required=True, help="text files (.txt/.jsonl/.json/.parquet/.csv)")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint directories or hub ids (original first)")
+    parser.add_argument("--data", nargs="+", help="text files (.txt/.jsonl/.json/.parquet/.csv)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--text-field", default="text")
+    # Downstream tasks and the comparison report (uptrain.compare, uptrain.downstream).
+    parser.add_argument("--tasks", nargs="+", help="lm-eval task names or task YAML files (needs the eval extra)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: each task's own)")
+    parser.add_argument("--limit", type=float, help="documents per task (a fraction when below 1; default: all)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    parser.add_argument("--out", help="write report.md and report.png into this directory")
+    parser.add_argument("--decode", action="store_true", help="add the decode benchmark to the report (with --out)")
     args = parser.parse_args(argv)
+    if args.tasks or args.out or args.decode or len(args.models) > 1:
+        import shlex
+
+        from uptrain import compare
+
+        command = "python -m uptrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+        return compare.main(args, command)
+    args.model = args.models[0]
+    if not args.data:
+        print("error: give --data FILE... (perplexity) and/or --tasks TASK... (downstream)", file=sys.stderr)
+        return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

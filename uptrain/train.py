@@ -187,6 +187,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
             __import__(recipe.log.tracker)  # tensorboard or wandb (validated by the recipe)
         except ImportError:
             raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
+    tasks = _check_tasks(recipe)  # before anything runs: a bad task name stops here
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
         mixed_precision=_precision(t.precision),
@@ -209,6 +210,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         raise RecipeError(f"the model {model_path} has no usable tokenizer: {str(exc).splitlines()[0]}") from None
     with accelerator.main_process_first():  # one process tokenizes, the others read the cache
         train_set, eval_set = data.build_datasets(recipe, tokenizer)
+    before = downstream_scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
 
     # Model (and teacher)
     model = _load_model(model_path, "model")
@@ -251,6 +253,9 @@ def run(recipe: Recipe) -> dict[str, Any]:
     if recipe.log.tracker != "none":
         accelerator.init_trackers(out.name, config=json.loads(json.dumps(asdict(recipe))))
     metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
+    if before:
+        metrics.write({"step": 0, "tokens": 0, **before})
+        accelerator.log(before, step=0)
     if main:
         print(f"uptrain: {model_path} -> {out}: {total_steps} steps of {tokens_per_step:,} tokens, "
               f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
@@ -266,6 +271,11 @@ def run(recipe: Recipe) -> dict[str, Any]:
 
     final = out / "final"
     checkpoints.save_final(accelerator, model, tokenizer, model_path, final, source_dtype)
+    after = downstream_scores(tasks, str(final), accelerator)  # main process only; the others end meanwhile
+    if after:
+        metrics.write({"step": summary["steps"], "tokens": summary["tokens"], **after})
+        accelerator.log(after, step=summary["steps"])
+        summary.update(downstream_before=before, downstream=after)
     accelerator.end_training()
     if main:
         from uptrain.plot import plot_metrics
@@ -273,6 +283,38 @@ def run(recipe: Recipe) -> dict[str, Any]:
         plot_metrics(metrics.read(), out / "training.png")
         summary.update(final=str(final), plot=str(out / "training.png"))
     return summary
+
+
+def _check_tasks(recipe: Recipe):
+    """The recipe's downstream tasks (uptrain.downstream.Tasks), checked, or None when it names none."""
+    if not recipe.eval.tasks:
+        return None
+    from uptrain import downstream
+
+    e = recipe.eval
+    limit = None if e.tasks_limit is None else (int(e.tasks_limit) if e.tasks_limit >= 1 else e.tasks_limit)
+    return downstream.load_tasks(e.tasks, e.tasks_num_fewshot, limit, recipe.train.micro_batch_size)
+
+
+def downstream_scores(tasks, path: str, accelerator) -> dict[str, float]:
+    """The tasks on the checkpoint at `path`, on the main process, as flat metrics ``downstream/TASK/METRIC``
+    (and ``..._stderr``); {} without tasks or on the other processes."""
+    if tasks is None or not accelerator.is_main_process:
+        return {}
+    from transformers import AutoTokenizer
+
+    from uptrain import downstream
+
+    model = _load_model(path, "model").to(accelerator.device).eval()
+    scores = downstream.evaluate(model, AutoTokenizer.from_pretrained(path), tasks)
+    flat = {}
+    for name, score in scores.items():
+        flat[f"downstream/{name}/{score.metric}"] = score.value
+        if score.stderr is not None:
+            flat[f"downstream/{name}/{score.metric}_stderr"] = score.stderr
+    print("downstream " + ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in flat.items()
+                                    if not k.endswith("_stderr")), flush=True)
+    return flat
 
 
 def loss_chunk(recipe: Recipe, accelerator, model, teacher) -> int:
@@ -431,5 +473,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             ("steps", f"{summary['steps']:,}"), ("tokens trained", f"{summary['tokens']:,}"),
             ("time (this run)", f"{summary['seconds']:.1f} s"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
             ("final checkpoint", summary.get("final", "")), ("plot", summary.get("plot", ""))]
+    for when in ("downstream_before", "downstream"):
+        rows += [(f"{k.removeprefix('downstream/')}{' (before)' if when == 'downstream_before' else ''}",
+                  f"{v:.4f}") for k, v in summary.get(when, {}).items() if not k.endswith("_stderr")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
