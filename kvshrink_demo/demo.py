@@ -229,6 +229,9 @@ def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_
 
     if args.model:  # the tests' stand-ins: the substitute eval text, one document
         items = cloze.make_items({eval_text.name: eval_text.read_text(encoding="utf-8")})
+        if not items:
+            print(f"verse cloze column skipped: {eval_text} has no runs of verse-like lines")
+            return None
         task = cloze.write_task(items, out / "verse_cloze")
     else:
         task = cloze.tragedies_task()

@@ -43,12 +43,21 @@ def planted_items(model_dir, text: str, seed: int = 0) -> list[dict]:
     while len(items) < ITEMS:
         start = rng.randrange(len(words) - 8)
         context = " ".join(words[start:start + 6])
-        choices = [" ".join(rng.sample(words, 2)) for _ in range(4)]
-        lengths, scores = zip(*(continuation(model, tokenizer, context, " " + c) for c in choices))
+        choices = [rng.choice(words)]
+        while len(choices) < 4:  # same token count as the first (the tokenizer alone decides: cheap)
+            candidate = rng.choice(words)
+            if candidate not in choices and n_tokens(tokenizer, context, candidate) == n_tokens(tokenizer, context,
+                                                                                                  choices[0]):
+                choices.append(candidate)
+        scores = [continuation(model, tokenizer, context, " " + c)[1] for c in choices]
         best, second = sorted(scores, reverse=True)[:2]
-        if len(set(lengths)) == 1 and len(set(choices)) == 4 and best - second > 0.02:
+        if best - second > 0.02:
             items.append({"context": context, "choices": choices, "label": scores.index(best)})
     return items
+
+
+def n_tokens(tokenizer, context: str, choice: str) -> int:
+    return len(tokenizer(context + " " + choice)["input_ids"]) - len(tokenizer(context)["input_ids"])
 
 
 def task_yaml(directory, name: str, items: list[dict]):
@@ -217,3 +226,45 @@ def test_cloze_task_runs_through_lm_eval(models, tmp_path):
     assert score.metric == "acc" and score.samples == n > 0 and 0 <= score.value <= 1
     with pytest.raises(ValueError, match="no cloze item"):
         cloze.write_task(cloze.make_items({"prose": "one line only\n"}), tmp_path / "empty")
+
+
+def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_path):
+    """eval.tasks in a recipe: scored on the starting and the final model, in metrics.jsonl, the summary and the
+    tensorboard events (log.tracker: tensorboard, read back with tensorboard's own EventAccumulator)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from uptrain.recipe import load_recipe
+    from uptrain.train import format_summary, run
+
+    train, held, original, mqa, _, task = models
+    out = tmp_path / "run"
+    recipe = {"model": str(mqa), "output_dir": str(out),
+              "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "warmup_steps": 1},
+              "eval": {"every_steps": 2, "max_tokens": 512, "tasks": [str(task)], "tasks_before": True,
+                       "tasks_limit": 8},
+              "save": {"every_steps": 4}, "log": {"every_steps": 1, "tracker": "tensorboard"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    summary = run(load_recipe(tmp_path / "r.yaml"))
+    key = "downstream/planted/acc"
+    assert set(summary["downstream"]) == set(summary["downstream_before"]) == {key, key + "_stderr"}
+    assert 0 <= summary["downstream"][key] <= 1 and "planted/acc" in format_summary(summary)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if key in r]
+    assert [(r["step"], r[key]) for r in scored] == [(0, summary["downstream_before"][key]),
+                                                      (4, summary["downstream"][key])]
+
+    events = sorted(out.rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file"
+    scalars = {}
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert [s for s, _ in scalars["loss"]] == [s for s, _ in losses] == [1, 2, 3, 4]
+    assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(scalars["loss"], losses))
+    assert [s for s, _ in scalars["eval_ppl"]] == [0, 2, 4]
+    assert [(s, round(v, 6)) for s, v in scalars[key]] == [(r["step"], round(r[key], 6)) for r in scored]

@@ -50,8 +50,12 @@ def require_lm_eval() -> None:
 
 
 def quiet() -> None:
-    """lm-eval logs every step at INFO and warns about things we do on purpose (a loaded model object)."""
+    """lm-eval logs every step at INFO and warns about things we do on purpose (a loaded model object); datasets
+    draws a bar for every local file it reads."""
+    import datasets
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
 
 
 def is_task_file(spec: str) -> bool:
@@ -101,12 +105,10 @@ def _load_one(manager: Any, spec: str) -> str:
 
 def evaluate(model: Any, tokenizer: Any, tasks: Tasks) -> dict[str, Score]:
     """Run the tasks on a loaded transformers model; returns {task name: its main metric}."""
-    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     quiet()
-    datasets.disable_progress_bars()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=tasks.batch_size)
     results = simple_evaluate(model=lm, tasks=list(tasks.specs), num_fewshot=tasks.num_fewshot,
                               limit=tasks.limit, task_manager=tasks.manager, log_samples=False)
