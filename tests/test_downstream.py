@@ -255,6 +255,8 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
     assert [(r["step"], r[key]) for r in scored] == [(0, summary["downstream_before"][key]),
                                                       (4, summary["downstream"][key])]
 
+    hparams = yaml.safe_load(next(out.rglob("hparams.yml")).read_text())  # the recipe, flat (tracker_config)
+    assert hparams["train.lr"] == 1.0e-4 and hparams["eval.tasks"] == json.dumps([str(task)])
     events = sorted(out.rglob("events.out.tfevents.*"))
     assert events, "no tensorboard event file"
     scalars = {}

@@ -251,7 +251,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
         accelerator.load_state(str(resume_from))
         start_step = checkpoints.read_state(resume_from)["step"]
     if recipe.log.tracker != "none":
-        accelerator.init_trackers(out.name, config=json.loads(json.dumps(asdict(recipe))))
+        accelerator.init_trackers(out.name, config=tracker_config(asdict(recipe)))
     metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
     if before:
         metrics.write({"step": 0, "tokens": 0, **before})
@@ -283,6 +283,18 @@ def run(recipe: Recipe) -> dict[str, Any]:
         plot_metrics(metrics.read(), out / "training.png")
         summary.update(final=str(final), plot=str(out / "training.png"))
     return summary
+
+
+def tracker_config(values: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The recipe as a tracker's hyperparameters: dotted keys and scalar values, lists and None as JSON text
+    (tensorboard's ``add_hparams`` refuses anything else)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(tracker_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 def _check_tasks(recipe: Recipe):
