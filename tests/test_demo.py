@@ -51,6 +51,9 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 
     table = (out / "results.md").read_text()
     assert all(f"| {label} |" in table for label in rows)
+    if importlib.util.find_spec("lm_eval"):  # the verse cloze column (kvshrink_demo.cloze), from the eval text
+        assert "| verse cloze acc |" in table and results["cloze"]["items"] > 0
+        assert all(0 <= r["cloze_acc"] <= 1 and r["cloze_items"] == results["cloze"]["items"] for r in rows.values())
     assert (out / "training.png").stat().st_size > 10_000
     assert (out / "recipe.yaml").exists() and (out / "original").resolve() == model.resolve()
 
