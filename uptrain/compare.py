@@ -18,7 +18,6 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from uptrain.downstream import Score, Tasks
 from uptrain.recipe import RecipeError
