@@ -270,3 +270,16 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
     assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(scalars["loss"], losses))
     assert [s for s, _ in scalars["eval_ppl"]] == [0, 2, 4]
     assert [(s, round(v, 6)) for s, v in scalars[key]] == [(r["step"], round(r[key], 6)) for r in scored]
+
+
+def test_decode_adds_the_decode_benchmark_to_the_report(models, tmp_path, capsys):
+    _, held, original, mqa, _, _ = models
+    out = tmp_path / "report"
+    argv = [str(original), str(mqa), "--data", str(held), "--seq-len", "64", "--max-tokens", "512", "--decode",
+            "--out", str(out)]
+    assert evaluate_main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "## Decoding (decode_bench)" in report and f"python -m decode_bench {original} {mqa}" in report
+    assert (out / "decode" / "results.csv").stat().st_size > 0 and (out / "report.png").stat().st_size > 10_000
+    # the tiny models' 128 positions: decode_bench's CPU grid (contexts 256, 1024) is skipped, and says so
+    assert "skipped: beyond 128 positions" in report
