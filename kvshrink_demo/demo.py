@@ -43,6 +43,7 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "Tomorrow, and tomorrow, and tomorrow,",
     "But soft, what light through yonder window breaks?",
 ]
+CLOZE_ITEMS_CPU = 100  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 
 
 def header(step: int, title: str) -> None:
@@ -121,6 +122,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     final = Path(summary["final"])
     rows.append(row("MQA, mean, uptrained", final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
                     summary["tokens"], summary["seconds"]))
+    cloze_task = add_cloze_column(rows, args, eval_text, out, gpu)
     generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0],
                                          "MQA, mean, uptrained": final}, PROMPTS, args.new_tokens)
 
@@ -128,8 +130,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
-        "training_eval": training_eval(out, recipe.data.seq_len), "recipe": asdict(recipe), "training": summary,
-        "machine": machine(),
+        "training_eval": training_eval(out, recipe.data.seq_len), "cloze": cloze_task,
+        "recipe": asdict(recipe), "training": summary, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
@@ -225,6 +227,38 @@ def eval_ppl(path: Path, eval_text: Path, seq_len: int, max_tokens: int) -> dict
     return result
 
 
+def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path,
+                     gpu: bool) -> dict[str, Any] | None:
+    """Every row's accuracy on the verse cloze task (``kvshrink_demo.cloze``, through lm-evaluation-harness):
+    the held-out tragedies, or the substitute eval text. Skipped, with a note, without the eval extra."""
+    import importlib.util
+
+    from uptrain import downstream
+
+    if importlib.util.find_spec("lm_eval") is None:
+        print(f"verse cloze column skipped: lm-eval is not installed ({downstream.INSTALL})")
+        return None
+    from kvshrink_demo import cloze
+
+    if args.model:  # the tests' stand-ins: the substitute eval text, one document
+        items = cloze.make_items({eval_text.name: eval_text.read_text(encoding="utf-8")})
+        if not items:
+            print(f"verse cloze column skipped: {eval_text} has no runs of verse-like lines")
+            return None
+        task = cloze.write_task(items, out / "verse_cloze")
+    else:
+        task = cloze.tragedies_task()
+    limit = None if gpu else CLOZE_ITEMS_CPU
+    tasks = downstream.load_tasks([str(task)], limit=limit, batch_size=16)
+    for r in rows:
+        model, tokenizer = load(Path(r["path"]))
+        score = downstream.evaluate(model, tokenizer, tasks)["verse_cloze"]
+        r.update(cloze_acc=score.value, cloze_stderr=score.stderr, cloze_items=score.samples)
+        print(f"{r['model']}: verse cloze accuracy {score.value:.3f} ± {score.stderr or 0:.3f} "
+              f"on {score.samples} items (chance 0.25)", flush=True)
+    return {"task": str(task), "items": rows[0]["cloze_items"], "chance": 1 / cloze.CHOICES}
+
+
 def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: float | None) -> dict[str, Any]:
     from convert.report import checkpoint_kv_cache
 
@@ -300,12 +334,17 @@ def machine() -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
     """The results as a Markdown table; the perplexity column says its eval setting."""
+    cloze = any("cloze_acc" in r for r in rows)
     lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl ({rows[0]['eval_tokens']:,} tokens, blocks of "
-             f"{seq_len}) | tokens trained | time |", "|---|---|---|---|---|---|"]
+             f"{seq_len}) | " + ("verse cloze acc | " if cloze else "") + "tokens trained | time |",
+             "|---|---|---|---|---|---|" + ("---|" if cloze else "")]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
+        acc = "— | " if cloze else ""
+        if "cloze_acc" in r:
+            acc = f"{r['cloze_acc']:.3f} ± {r['cloze_stderr'] or 0:.3f} | "
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
-                     f"| {r['tokens_trained']:,} | {seconds} |")
+                     f"| {acc}{r['tokens_trained']:,} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -338,6 +377,9 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
             "Time: conversion, or "
             f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
             f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
+            *([f"Verse cloze: {c['items']} items of `{c['task']}` (the true next line among {round(1 / c['chance'])}"
+               f"; chance {c['chance']:.2f}), lm-evaluation-harness accuracy ± stderr."] if (c := results["cloze"])
+              else []),
             "", "![train loss and eval perplexity](training.png)", "",
             f"## Greedy continuations ({len(results['generations'])} prompts)", ""]
     for g in results["generations"]:

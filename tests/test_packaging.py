@@ -38,6 +38,11 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(tmp_path):
     assert trainable == "attention"
     fsdp = venv.glob("lib/python*/site-packages/kvshrink_recipes/accelerate/fsdp.yaml")
     assert next(fsdp).read_text() == (ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
+    template = subprocess.run([str(python), "-c", NO_EDITABLE + "import importlib.resources as r, kvshrink_demo; "
+                               "print(r.files(kvshrink_demo) / 'verse_cloze.yaml')"],
+                              cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)
+    shipped = Path(template.stdout.strip())  # the verse cloze task's template (kvshrink_demo.cloze)
+    assert shipped.is_relative_to(venv) and shipped.read_text() == (ROOT / "kvshrink_demo" / "verse_cloze.yaml").read_text()
     helped = subprocess.run([str(python), "-c", NO_EDITABLE + "import runpy, sys; sys.argv[1:] = ['--help']; "
                              "runpy.run_module('kvshrink_demo', run_name='__main__')"],
                             cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)

@@ -2,16 +2,18 @@
 
 The text goes through the same pipeline as training (documents joined with EOS,
 cut into --seq-len blocks); the first --max-tokens worth of blocks are scored.
+With ``--tasks`` (lm-evaluation-harness), several models or ``--out DIR``, the models are compared side by
+side in one table (``uptrain.compare``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import torch
 
+from kvshrink.errors import OneLineParser
 from uptrain import data
 from uptrain.recipe import RecipeError
 
@@ -75,14 +77,14 @@ def mean_loss(loss: float, tokens: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m uptrain.evaluate",
-        description="Held-out perplexity of any causal LM checkpoint: the text is packed as in training (documents "
-                    "joined with EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. "
-                    "The figure depends on both: compare models at the same setting.")
-    parser.add_argument("model", help="checkpoint directory or hub id")
-    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
-                        help="text files (.txt/.jsonl/.json/.parquet/.csv)")
+        description="Held-out perplexity of causal LM checkpoints, and downstream tasks through "
+                    "lm-evaluation-harness, side by side: the text is packed as in training (documents joined with "
+                    "EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. The figure "
+                    "depends on both: compare models at the same setting.")
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint directories or hub ids (original first)")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="text files (.txt/.md/.jsonl/.json/.parquet/.csv)")
     parser.add_argument("--seq-len", type=int, default=1024, metavar="N",
                         help="tokens per block, at most the model's positions (default 1024)")
     parser.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
@@ -90,7 +92,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward pass (default 4)")
     parser.add_argument("--text-field", default="text", metavar="NAME",
                         help="the text column of .jsonl/.json/.parquet/.csv files (default text)")
+    # Downstream tasks and the comparison report (uptrain.compare, uptrain.downstream).
+    parser.add_argument("--tasks", nargs="+", help="lm-eval task names or task YAML files (needs the eval extra)")
+    parser.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: each task's own)")
+    parser.add_argument("--limit", type=float, help="documents per task (a fraction when below 1; default: all)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    parser.add_argument("--out", help="write report.md and report.png into this directory")
+    parser.add_argument("--decode", action="store_true", help="add the decode benchmark to the report (with --out)")
     args = parser.parse_args(argv)
+    if args.tasks or args.out or args.decode or len(args.models) > 1:
+        import shlex
+
+        from uptrain import compare
+
+        command = "python -m uptrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+        return compare.main(args, command)
+    args.model = args.models[0]
+    if not args.data:
+        print("error: give --data FILE... (perplexity) and/or --tasks TASK... (downstream)", file=sys.stderr)
+        return 2
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from uptrain.checkpoints import check_model, tokenizer_error

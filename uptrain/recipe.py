@@ -82,6 +82,10 @@ class Distill:
 class Eval:
     every_steps: int = 200
     max_tokens: int = 200_000
+    tasks: list[str] = field(default_factory=list)  # downstream tasks (lm-eval names, task YAMLs) on the final model
+    tasks_before: bool = False  # ... and on the starting model
+    tasks_limit: float | None = None  # documents per task (a fraction below 1); None: all
+    tasks_num_fewshot: int | None = None  # None: each task's default
 
 
 @dataclass
@@ -312,3 +316,7 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"train.min_lr {t.min_lr} is above train.lr {t.lr}")
     if not r.data.train:
         raise RecipeError("data.train lists no files")
+    if r.eval.tasks_limit is not None and r.eval.tasks_limit <= 0:
+        raise RecipeError(f"eval.tasks_limit must be positive, got {r.eval.tasks_limit}")
+    if r.eval.tasks_num_fewshot is not None and r.eval.tasks_num_fewshot < 0:
+        raise RecipeError(f"eval.tasks_num_fewshot must be 0 or more, got {r.eval.tasks_num_fewshot}")

@@ -269,6 +269,7 @@ def _run(recipe: Recipe) -> dict[str, Any]:
 
     out = Path(recipe.output_dir)
     t = recipe.train
+    tasks = _check_tasks(recipe)  # before anything runs: a bad task name stops here
     accelerator = _accelerator(recipe)
     select_fused_loss(t.fused_loss, accelerator.device.type, biased_distill=False)  # fail before loading anything
     main = accelerator.is_main_process
@@ -279,6 +280,7 @@ def _run(recipe: Recipe) -> dict[str, Any]:
 
     model_path = _model_path(recipe, accelerator)
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
+    before = downstream_scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
     model, teacher, source_dtype, trainable = _models(recipe, accelerator, model_path)
 
     # Optimizer, scheduler
@@ -299,8 +301,11 @@ def _run(recipe: Recipe) -> dict[str, Any]:
         accelerator.load_state(str(resume_from))
         start_step = checkpoints.read_state(resume_from)["step"]
     if recipe.log.tracker != "none":
-        accelerator.init_trackers(out.name, config=json.loads(json.dumps(asdict(recipe))))
+        accelerator.init_trackers(out.name, config=tracker_config(asdict(recipe)))
     metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
+    if before:
+        metrics.write({"step": 0, "tokens": 0, **before})
+        accelerator.log(before, step=0)
     if main:
         print(f"uptrain: {model_path} -> {out}: {total_steps} steps of {tokens_per_step:,} tokens, "
               f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
@@ -315,13 +320,23 @@ def _run(recipe: Recipe) -> dict[str, Any]:
 
     final = out / "final"
     checkpoints.save_final(accelerator, model, tokenizer, model_path, final, source_dtype)
+    after = downstream_scores(tasks, str(final), accelerator)  # main process only; the others end meanwhile
+    if after:
+        metrics.write({"step": summary["steps"], "tokens": summary["tokens"], **after})
+        accelerator.log(after, step=summary["steps"])
+        summary.update(downstream_before=before, downstream=after)
     accelerator.end_training()
     if main:
-        from uptrain.plot import plot_metrics
-
-        plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
-        summary.update(final=str(final), plot=str(out / "training.png"))
+        _plot(recipe, metrics, summary, final)
     return summary
+
+
+def _plot(recipe: Recipe, metrics: MetricsLog, summary: dict[str, Any], final: Path) -> None:
+    from uptrain.plot import plot_metrics
+
+    out = Path(recipe.output_dir)
+    plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
+    summary.update(final=str(final), plot=str(out / "training.png"))
 
 
 def compile_student(accelerator, model, backend: str) -> None:
@@ -333,6 +348,50 @@ def compile_student(accelerator, model, backend: str) -> None:
     save_state/load_state and unwrap_model as they were; only its forward call runs compiled.
     """
     accelerator.unwrap_model(model).compile(backend=backend)
+
+
+def tracker_config(values: dict[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    """The recipe as a tracker's hyperparameters: dotted keys and scalar values, lists and None as JSON text
+    (tensorboard's ``add_hparams`` refuses anything else)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(tracker_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def _check_tasks(recipe: Recipe):
+    """The recipe's downstream tasks (uptrain.downstream.Tasks), checked, or None when it names none."""
+    if not recipe.eval.tasks:
+        return None
+    from uptrain import downstream
+
+    e = recipe.eval
+    limit = None if e.tasks_limit is None else (int(e.tasks_limit) if e.tasks_limit >= 1 else e.tasks_limit)
+    return downstream.load_tasks(e.tasks, e.tasks_num_fewshot, limit, recipe.train.micro_batch_size)
+
+
+def downstream_scores(tasks, path: str, accelerator) -> dict[str, float]:
+    """The tasks on the checkpoint at `path`, on the main process, as flat metrics ``downstream/TASK/METRIC``
+    (and ``..._stderr``); {} without tasks or on the other processes."""
+    if tasks is None or not accelerator.is_main_process:
+        return {}
+    from transformers import AutoTokenizer
+
+    from uptrain import downstream
+
+    model = _load_model(path, "model").to(accelerator.device).eval()
+    scores = downstream.evaluate(model, AutoTokenizer.from_pretrained(path), tasks)
+    flat = {}
+    for name, score in scores.items():
+        flat[f"downstream/{name}/{score.metric}"] = score.value
+        if score.stderr is not None:
+            flat[f"downstream/{name}/{score.metric}_stderr"] = score.stderr
+    print("downstream " + ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in flat.items()
+                                    if not k.endswith("_stderr")), flush=True)
+    return flat
 
 
 def loss_chunk(recipe: Recipe, accelerator, model, teacher) -> int:
@@ -511,5 +570,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             ("steps", f"{summary['steps']:,}"), ("tokens trained", f"{summary['tokens']:,}"),
             ("time (this run)", f"{summary['seconds']:.1f} s"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
             ("final checkpoint", summary.get("final", "")), ("plot", summary.get("plot", ""))]
+    for when in ("downstream_before", "downstream"):
+        rows += [(f"{k.removeprefix('downstream/')}{' (before)' if when == 'downstream_before' else ''}",
+                  f"{v:.4f}") for k, v in summary.get(when, {}).items() if not k.endswith("_stderr")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

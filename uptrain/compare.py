@@ -1,0 +1,259 @@
+"""Models side by side: downstream tasks, perplexity, KV cache and size in one table (``python -m uptrain.evaluate``).
+
+``python -m uptrain.evaluate ORIGINAL CONVERTED... --tasks TASK... [--data FILE...] [--out DIR] [--decode]``
+runs the same tasks with the same settings on every model, one model in memory at a time, and prints one
+Markdown table: a row per model; its conversion method (from ``conversion.json``), KV heads, KV-cache bytes
+per token and per 4k context (``convert.report``'s arithmetic), parameters, each task's main metric with its
+standard error (``uptrain.downstream``), and perplexity on ``--data`` (``uptrain.evaluate.perplexity``).
+``--out DIR`` writes the table as ``report.md`` and a bar chart per metric, original first, as ``report.png``;
+``--decode`` adds the decode benchmark (``decode_bench``) of the same checkpoints to the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uptrain.downstream import Score, Tasks
+from uptrain.recipe import RecipeError
+
+CONTEXT = 4096  # the "per 4k context" column, batch 1
+
+
+@dataclass
+class Row:
+    """One model of the comparison."""
+
+    model: str  # as given on the command line
+    method: str | None = None  # conversion.json's method, when the checkpoint has one
+    kv_heads: int | None = None  # None: a family the converter does not know
+    kv_bytes_per_token: int | None = None
+    parameters: int = 0
+    scores: dict[str, Score] = field(default_factory=dict)
+    ppl: float | None = None
+
+
+def check_args(args: argparse.Namespace) -> Tasks | None:
+    """Refuse bad input in one line before any model loads; returns the checked tasks (None without --tasks)."""
+    from uptrain import downstream
+
+    if not args.tasks and not args.data:
+        raise RecipeError("nothing to measure: give --tasks TASK... (downstream) and/or --data FILE... (perplexity)")
+    positive = {"--batch-size": args.batch_size, "--seq-len": args.seq_len, "--max-tokens": args.max_tokens,
+                "--limit": args.limit if args.limit is not None else 1}
+    for flag, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{flag} must be positive, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise RecipeError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
+    for model in args.models:
+        if not Path(model).is_dir() and (os.sep in model or model.startswith(".") or model.count("/") != 1):
+            raise RecipeError(f"model {model} is not a checkpoint directory (nor a hub id like org/name)")
+    if args.decode and len(args.models) < 2:
+        raise RecipeError("--decode compares models: give ORIGINAL and at least one CONVERTED checkpoint")
+    if args.decode and not args.out:
+        raise RecipeError("--decode writes its results into the report: give --out DIR")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise RecipeError(f"--out {args.out} is a file; give a directory")
+    if args.decode:
+        decode_args(args)  # its own checks: same vocabulary, width and tokenizer
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    return downstream.load_tasks(args.tasks, args.num_fewshot, limit, args.batch_size) if args.tasks else None
+
+
+def load(model: str, device: str | None):
+    """A checkpoint in stock transformers (its own dtype) on `device` (default: cuda when there is one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot load {model}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") \
+            from None
+    try:
+        return loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
+    except RuntimeError as exc:
+        raise RecipeError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+
+
+def describe(model_arg: str, model) -> Row:
+    """Method, KV heads, KV-cache bytes per token and parameters of a loaded model."""
+    from convert.errors import ConversionError
+    from convert.report import config_kv_cache
+
+    row = Row(model_arg, parameters=sum(p.numel() for p in model.parameters()))
+    conversion = Path(model_arg) / "conversion.json"
+    if conversion.is_file():
+        row.method = json.loads(conversion.read_text()).get("method")
+    itemsize = next(model.parameters()).element_size()
+    try:
+        row.kv_heads, row.kv_bytes_per_token = config_kv_cache(model.config.to_dict(), itemsize)
+    except ConversionError:
+        pass  # a family the converter does not know: the columns say "?"
+    return row
+
+
+def measure(args: argparse.Namespace, tasks: Tasks | None) -> list[Row]:
+    """Every model in turn: load, describe, perplexity on --data, the tasks."""
+    import gc
+
+    from uptrain import downstream
+    from uptrain.evaluate import perplexity
+
+    rows = []
+    for i, model_arg in enumerate(args.models):
+        print(f"[{i + 1}/{len(args.models)}] {model_arg}", file=sys.stderr, flush=True)
+        model, tokenizer = load(model_arg, args.device)
+        row = describe(model_arg, model)
+        if args.data:
+            row.ppl = perplexity(model, tokenizer, args.data, args.seq_len, args.max_tokens, args.batch_size,
+                                 args.text_field, progress=f"perplexity {Path(model_arg).name}")["ppl"]
+        if tasks is not None:
+            row.scores = downstream.evaluate(model, tokenizer, tasks)
+        rows.append(row)
+        del model
+        gc.collect()
+    return rows
+
+
+def metric_columns(rows: list[Row]) -> list[str]:
+    """The table's metric columns, in task order: "TASK METRIC", then "perplexity"."""
+    names = list(dict.fromkeys(f"{task} {s.metric}" for r in rows for task, s in r.scores.items()))
+    return names + (["perplexity"] if any(r.ppl is not None for r in rows) else [])
+
+
+def format_table(rows: list[Row]) -> str:
+    """The comparison as a Markdown table: a row per model, the original (first) at the top."""
+    columns = metric_columns(rows)
+    head = ["model", "method", "KV heads", "KV cache/token", f"KV cache, {CONTEXT // 1024}k context", "parameters",
+            *[c if c == "perplexity" else f"{c} ± stderr" for c in columns]]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        known = r.kv_bytes_per_token is not None
+        cells = [r.model, r.method or "—", str(r.kv_heads) if known else "?",
+                 f"{r.kv_bytes_per_token:,} B" if known else "?",
+                 f"{r.kv_bytes_per_token * CONTEXT / 2**20:,.1f} MiB" if known else "?", f"{r.parameters:,}"]
+        for column in columns:
+            cells.append(value_text(r, column))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metric_value(row: Row, column: str) -> tuple[float | None, float | None]:
+    """(value, stderr) of a table column for one model; (None, None) where it was not measured."""
+    if column == "perplexity":
+        return row.ppl, None
+    task, metric = column.rsplit(" ", 1)
+    score = row.scores.get(task)
+    return (score.value, score.stderr) if score and score.metric == metric else (None, None)
+
+
+def value_text(row: Row, column: str) -> str:
+    value, stderr = metric_value(row, column)
+    if value is None:
+        return "—"
+    if column == "perplexity":
+        return f"{value:,.2f}"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """A bar chart per metric column, one bar per model in table order (original first), stderr as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = metric_columns(rows)
+    width = max(3.5, 0.7 * len(rows) + 1.5)
+    fig, axes = plt.subplots(1, len(columns), figsize=(width * len(columns), 4.5), squeeze=False)
+    labels = [Path(r.model).name or r.model for r in rows]
+    for ax, column in zip(axes[0], columns):
+        values = [metric_value(r, column) for r in rows]
+        heights = [v if v is not None else 0.0 for v, _ in values]
+        errors = [e if e is not None else 0.0 for _, e in values]
+        ax.bar(range(len(rows)), heights, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(column, fontsize=9)
+        if column == "perplexity":
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, decode: list[str]) -> None:
+    """OUT/report.md and OUT/report.png, each written to a temporary name and renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = ["# Model comparison", "", f"`{command}`", "", format_table(rows), ""]
+    if tasks is not None:
+        shots = "each task's default" if tasks.num_fewshot is None else str(tasks.num_fewshot)
+        text.append(f"Downstream tasks through lm-evaluation-harness: few-shot {shots}, "
+                    f"{'all documents' if tasks.limit is None else f'limit {tasks.limit}'} per task; "
+                    "the main metric is the first of the task's metric_list.")
+    text += [f"KV cache: bytes per token of every layer's K and V in the model's dtype, and for one sequence of "
+             f"{CONTEXT:,} tokens.", "", "![metrics, original first](report.png)", ""]
+    if decode:
+        text += ["## Decoding (decode_bench)", "", *decode, ""]
+    for name, write in (("report.png", lambda p: plot(rows, p)),
+                        ("report.md", lambda p: p.write_text("\n".join(text)))):
+        tmp = out / f".{name}.tmp{Path(name).suffix}"
+        write(tmp)
+        os.replace(tmp, out / name)
+
+
+def decode_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The decode benchmark's arguments for the same checkpoints (its CPU or CUDA defaults), checked."""
+    from convert.errors import ConversionError
+    from decode_bench import cli
+
+    bench = cli.parse_args([*args.models, "--out", str(Path(args.out) / "decode")]
+                           + (["--device", args.device] if args.device in ("cpu", "cuda") else []))
+    bench.command = "python -m decode_bench " + " ".join(map(shlex.quote, args.models))
+    try:
+        cli.check_args(bench)
+        cli.check_checkpoints(bench.models)
+    except ConversionError as exc:
+        raise RecipeError(f"--decode: {exc}") from None
+    return bench
+
+
+def decode_report(args: argparse.Namespace) -> list[str]:
+    """Run the decode benchmark on the same checkpoints into OUT/decode; returns its report lines."""
+    from convert.errors import ConversionError
+    from decode_bench import cli
+
+    try:
+        return cli.run(decode_args(args))
+    except ConversionError as exc:
+        raise RecipeError(f"--decode: {exc}") from None
+
+
+def main(args: argparse.Namespace, command: str) -> int:
+    """The comparison path of ``python -m uptrain.evaluate``."""
+    from convert.errors import os_error_line
+
+    try:
+        tasks = check_args(args)
+        rows = measure(args, tasks)
+        decode = decode_report(args) if args.decode else []
+        if args.out:
+            write_report(Path(args.out), rows, tasks, command, decode)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(os_error_line(exc), file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.out:
+        print(f"\nwritten: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.png'}")
+    return 0
