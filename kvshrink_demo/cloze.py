@@ -47,7 +47,7 @@ class Run:
 
 
 def runs(text: str) -> list[Run]:
-    """The runs of a document's plain text (``kvshrink_demo.assets.plain_text``): blank-line separated blocks,
+    """The runs of a document's plain text (``kvshrink.assets.plain_text``): blank-line separated blocks,
     a block's short first line taken as its speaker, split at bracketed stage directions."""
     out = []
     for block in re.split(r"\n\s*\n", text):
@@ -119,7 +119,7 @@ def write_task(items: list[dict[str, Any]], out: Path) -> Path:
 
 def tragedies_task() -> Path:
     """The demo's task from the held-out tragedies (defaults), written once into the cache."""
-    from kvshrink_demo import assets
+    from kvshrink import assets
 
     out = assets.cache_dir() / "verse_cloze"
     if (out / "verse_cloze.yaml").is_file() and (out / "verse_cloze.jsonl").is_file():
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from convert.errors import os_error_line
-    from kvshrink_demo import assets
-    from kvshrink_demo.assets import AssetError
+    from kvshrink import assets
+    from kvshrink.assets import AssetError
 
     try:
         if args.per_document < 1:
