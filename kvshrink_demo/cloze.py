@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-document", type=int, default=PER_DOCUMENT, help=f"items per document ({PER_DOCUMENT})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from convert.errors import os_error_line
+    from kvshrink.errors import os_error_line
     from kvshrink import assets
     from kvshrink.assets import AssetError
 

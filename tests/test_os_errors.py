@@ -60,5 +60,5 @@ def test_uptrain_output_that_cannot_be_a_directory(source, tmp_path, capsys):
                                       "data": {"train": [str(recipe)], "seq_len": 16}}))
     assert uptrain_main([str(recipe)]) == 2
     line = one_line(capsys)
-    assert line.startswith(f"error: {blocker / 'run'}") and "Not a directory" in line
+    assert line.startswith(f"error: output_dir {blocker / 'run'}") and "is a file" in line  # refused before any write
     assert blocker.read_text() == "not a directory"

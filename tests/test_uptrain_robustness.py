@@ -68,7 +68,7 @@ def test_evaluate_help_is_plain_and_every_option_explained(capsys):
     assert "``" not in text
     lines = text.split("options:")[1].splitlines()
     options = [i for i, line in enumerate(lines) if line.startswith("  -")]
-    assert len(options) == 6  # -h and the five flags
+    assert len(options) == 12  # -h and the eleven flags (perplexity, downstream tasks, the report)
     for i in options:
         same_line = "  " in lines[i].strip()
         next_line = i + 1 < len(lines) and lines[i + 1].startswith(" " * 6)

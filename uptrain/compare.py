@@ -239,7 +239,7 @@ def decode_report(args: argparse.Namespace) -> list[str]:
 
 def main(args: argparse.Namespace, command: str) -> int:
     """The comparison path of ``python -m uptrain.evaluate``."""
-    from convert.errors import os_error_line
+    from kvshrink.errors import os_error_line
 
     try:
         tasks = check_args(args)
