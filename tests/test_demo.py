@@ -7,7 +7,6 @@ import math
 import pytest
 from transformers import AutoModelForCausalLM
 
-from convert.merge import METHODS
 from textlm import make_lm, train_tokenizer, write_corpus
 from kvshrink import assets
 from kvshrink_demo import demo
@@ -35,21 +34,23 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
-    assert list(rows) == ["original", *(f"MQA, {m}" for m in METHODS), "MQA, mean, uptrained"]
+    assert list(rows) == ["original", *(f"MQA, {m}" for m in demo.METHODS_SHOWN),
+                          *(f"MQA, {m}, uptrained" for m in demo.TRAINED)]
     assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in rows.values())
     assert rows["original"]["kv_heads"] == 4 and rows["MQA, mean"]["kv_heads"] == 1
     # 2 layers x (K, V) x kv_heads x head_dim 16 x 4 bytes (float32)
     assert rows["original"]["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
     assert rows["MQA, mean, uptrained"]["kv_cache_bytes_per_token"] == 2 * 2 * 1 * 16 * 4
-    assert rows["MQA, mean, uptrained"]["tokens_trained"] == 6 * 8 * 64 > 0
-    assert all(r["tokens_trained"] == 0 for label, r in rows.items() if label != "MQA, mean, uptrained")
+    trained = {f"MQA, {m}, uptrained" for m in demo.TRAINED}
+    assert all(rows[label]["tokens_trained"] == 6 * 8 * 64 for label in trained)  # the same budget for each
+    assert all(r["tokens_trained"] == 0 for label, r in rows.items() if label not in trained)
+    assert (out / "uptrain-aware" / "final" / "model.safetensors").exists()
 
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.num_key_value_heads == 1
     assert final.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
     assert [g["prompt"] for g in results["generations"]] == demo.PROMPTS
-    assert all(set(g["outputs"]) == {"original", "MQA, mean", "MQA, mean, uptrained"}
-               for g in results["generations"])
+    assert all(set(g["outputs"]) == {"original", "MQA, mean", *trained} for g in results["generations"])
 
     table = (out / "results.md").read_text()
     assert all(f"| {label} |" in table for label in rows)
