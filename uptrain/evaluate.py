@@ -76,7 +76,7 @@ def mean_loss(loss: float, tokens: int) -> dict[str, float]:
     return {"loss": loss / tokens, "ppl": math.exp(min(loss / tokens, 700)), "tokens": tokens}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = OneLineParser(
         prog="python -m uptrain.evaluate",
         description="Held-out perplexity of causal LM checkpoints, and downstream tasks through "
@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     parser.add_argument("--out", help="write report.md and report.png into this directory")
     parser.add_argument("--decode", action="store_true", help="add the decode benchmark to the report (with --out)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.tasks or args.out or args.decode or len(args.models) > 1:
         import shlex
 

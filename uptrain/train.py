@@ -264,6 +264,17 @@ def _data(recipe: Recipe, accelerator, model_path: str):
     return tokenizer, train_set, eval_set
 
 
+def _prepared(recipe: Recipe, accelerator, model, resume_from: Path | None) -> int:
+    """After accelerate's prepare: the tied-weights save hook, torch.compile, the resumed state; the start step."""
+    accelerator.register_save_state_pre_hook(checkpoints.save_tied_once)
+    if recipe.train.compile:
+        compile_student(accelerator, model, recipe.train.compile_backend)
+    if resume_from is None:
+        return 0
+    accelerator.load_state(str(resume_from))
+    return checkpoints.read_state(resume_from)["step"]
+
+
 def _run(recipe: Recipe) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
@@ -290,16 +301,9 @@ def _run(recipe: Recipe) -> dict[str, Any]:
                                   fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
 
-    # Prepare
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
-    accelerator.register_save_state_pre_hook(checkpoints.save_tied_once)
-    if t.compile:
-        compile_student(accelerator, model, t.compile_backend)
-    start_step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        start_step = checkpoints.read_state(resume_from)["step"]
+    start_step = _prepared(recipe, accelerator, model, resume_from)
     if recipe.log.tracker != "none":
         accelerator.init_trackers(out.name, config=tracker_config(asdict(recipe)))
     metrics = MetricsLog(out / "metrics.jsonl", start_step, main)
