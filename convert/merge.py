@@ -29,6 +29,7 @@ class Merge:
     changes: ClassVar[frozenset[str]] = frozenset({"k", "v"})  # the projections it rewrites
     k_normed_note: ClassVar[str | None] = None  # what it does to K where K is normalized before RoPE (reported)
     uses_queries: ClassVar[bool] = False  # its fit reads the whitened queries (Q L)
+    seeded: ClassVar[bool] = False  # draws random numbers (--seed): one generator per layer
 
     def pool(self, heads: torch.Tensor, kv_heads: int, generator: torch.Generator | None,
              is_norm: bool = False) -> torch.Tensor:
@@ -86,6 +87,7 @@ class First(Merge):
 class Random(Merge):
     name = "random"
     help = "a fresh normal init with the std of the group's heads (a baseline)"
+    seeded = True
 
     def pool(self, heads, kv_heads, generator, is_norm=False):
         grouped = _grouped(heads, kv_heads)

@@ -32,7 +32,7 @@ def norm_heads(*ts: torch.Tensor, method: str) -> torch.Tensor:
 
 def layer_generator(method: str, seed: int, layer: int) -> torch.Generator | None:
     """One reproducible random stream per layer (K drawn first, then V), whatever order tensors are written in."""
-    if method != "random":
+    if not METHODS[method].seeded:
         return None
     import torch
 
