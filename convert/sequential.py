@@ -6,7 +6,9 @@ calibration hidden states are held in memory and pushed through the decoder one 
 moment is collected, layer l is converted (``convert.layers.rewrite``) and written back into the running
 model with its merged K/V heads repeated (the same function at the source's head count), and only then does
 the layer turn its inputs into layer l + 1's. Each layer runs twice over the calibration tokens (once to
-measure, once converted to move on): the cost of two forward passes.
+measure, once converted to move on): the cost of two forward passes; with ``refit_o`` three (the converted
+heads' outputs are collected before the refitted O moves on), and the original heads' outputs of one layer
+(tokens x heads x head_dim x 4 bytes) are held meanwhile.
 
 Memory: the source model, one float64 (hidden + 1)² moment per layer, and the hidden states of every
 calibration token: tokens x hidden x 4 bytes in float32 (65,536 tokens of a 4,096-wide model: 1.07 GB).
