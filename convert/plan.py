@@ -214,8 +214,7 @@ def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads:
                      decoders, pooled)
 
 
-def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int,
-                   results: Callable[[], LayerResults]) -> dict[str, Change]:
+def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int, results: LayerResults) -> dict[str, Change]:
     """Every changed Q/K/V/O (or QKV/O) tensor, computed from its whole layer by ``LayerResults``."""
     d, heads = plan.dims.head_dim, plan.dims.heads
     rows = {"q": heads * d, "k": kv_heads * d, "v": kv_heads * d, "qkv": (heads + 2 * kv_heads) * d}
@@ -223,7 +222,7 @@ def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int,
     for layer, members in plan.sources.items():
         for (role, param), name in members.items():
             shape = shapes[name] if role == "o" else (rows[role], *shapes[name][1:])
-            changes[name] = Change(name, shape, lambda load, key=(layer, role, param): results().take(*key))
+            changes[name] = Change(name, shape, lambda load, key=(layer, role, param): results.take(*key))
     return changes
 
 
@@ -283,17 +282,11 @@ def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dim
     if kv_heads != dims.kv_heads or _out_layout(spec, dims, kv_heads) != spec.layout:  # else: every tensor a copy
         layers = _layer_plan(spec, config, dims, roles, kv_heads, method, grouping, seed, canonical)
         planned = Counter({layer: len(members) for layer, members in layers.sources.items()})
-        results = _lazy(lambda: LayerResults(layers, planned, load))
+        results = LayerResults(layers, planned, load)  # computes nothing until a tensor is taken
         changes = {**_norm_changes(spec, dims, roles, shapes, kv_heads, method),
                    **_layer_changes(layers, shapes, kv_heads, results)}
     tensors = _out_tensors(weights, canonical, transposed, shapes, changes, load, dtype)
     return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers, load)
-
-
-def _lazy(make: Callable[[], Any]) -> Callable[[], Any]:
-    """``make()`` called once, on first use."""
-    held: list = []
-    return lambda: held[0] if held else held.append(make()) or held[0]
 
 
 def _out_tensors(weights: WeightSource, canonical: dict[str, str], transposed: set[str], shapes: dict,

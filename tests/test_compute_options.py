@@ -13,23 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from convert import convert_checkpoint
-from textlm import make_lm, train_tokenizer, write_corpus
+from test_uptrain import setup  # noqa: F401  (the module fixture is shared)
 from tiny import make_model
 from uptrain import checkpoints, train
 from uptrain.loss import chunked_loss, liger_loss, select_fused_loss
 from uptrain.recipe import RecipeError, load_recipe
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(train.txt, eval.txt, MHA teacher dir, its MQA conversion)."""
-    root = tmp_path_factory.mktemp("compute")
-    text, held = write_corpus(root / "text")
-    tokenizer = train_tokenizer(text)
-    mha = make_lm(root / "mha", tokenizer, kv_heads=4)
-    convert_checkpoint(mha, root / "mqa", kv_heads=1)
-    return text, held, mha, root / "mqa"
 
 
 def recipe_at(tmp_path: Path, setup, name: str, **sections) -> Path:
