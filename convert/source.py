@@ -85,20 +85,22 @@ def hub_id(source: str, directory: Path) -> str | None:
     return None
 
 
-def check_checkpoint(path: str) -> Path | None:
-    """Check a local checkpoint before another library loads it (uptrain, evaluate): the checks convert makes.
+def check_checkpoint(path: str, *, hub: bool = True, allow_pickle: bool = False) -> Path | None:
+    """Check a local checkpoint before another library loads it (uptrain, evaluate, decode_bench): convert's checks.
+
+    Args:
+        hub: a missing ``org/name`` path may be a hub id (the caller's loader resolves it); False: always an error.
+        allow_pickle: also open ``pytorch_model*.bin`` weights (else only safetensors are checked).
 
     Returns:
-        The directory, or None when ``path`` names nothing local and may be a hub id (``org/name``), which
-        the caller's loader resolves.
+        The directory, or None when ``path`` names nothing local and may be a hub id (``org/name``).
 
     Raises:
-        ConversionError: no such directory, a file, no config.json, or missing, truncated or corrupt
-            safetensors weights.
+        ConversionError: no such directory, a file, no config.json, or missing, truncated or corrupt weights.
     """
     directory = Path(path).expanduser()
     if not directory.exists():
-        if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        if not hub or path.startswith((".", "/", "~")) or path.count("/") != 1:
             raise ConversionError(f"{path}: no such directory")
         return None
     if not directory.is_dir():
@@ -106,8 +108,8 @@ def check_checkpoint(path: str) -> Path | None:
     if not (directory / "config.json").is_file():
         raise ConversionError(f"{path} is not a Hugging Face checkpoint (no config.json)")
     read_config(directory)
-    if not any(directory.glob("pytorch_model*.bin")) or any(directory.glob("*.safetensors*")):
-        open_weights(directory)  # headers only: a truncated or corrupt file is named before any load
+    if allow_pickle or not any(directory.glob("pytorch_model*.bin")) or any(directory.glob("*.safetensors*")):
+        open_weights(directory, allow_pickle)  # headers only: a truncated or corrupt file is named before any load
     return directory
 
 

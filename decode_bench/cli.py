@@ -40,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from convert.errors import ConversionError
-from convert.source import open_weights, read_config
+from convert.source import check_checkpoint
 from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 
 DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
@@ -95,13 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConversionError("--synthetic builds its own models; give no checkpoint directories with it")
     if not args.synthetic and len(args.models) + args.mha_twin < 2:
         raise ConversionError("give ORIGINAL and at least one CONVERTED directory (or --mha-twin, or --synthetic)")
-    for path in map(Path, args.models):
-        if not path.exists():
-            raise ConversionError(f"{path} does not exist; give checkpoint directories (config.json + weights)")
-        if not path.is_dir():
-            raise ConversionError(f"{path} is a file; give the checkpoint's directory (config.json + weights)")
-        read_config(path)  # the converter's checks: no or unreadable config.json,
-        open_weights(path, allow_pickle=True)  # no weights, a bad index, a truncated or corrupt safetensors file
+    for path in args.models:  # the converter's checks: a directory with a readable config.json and sound weights
+        check_checkpoint(path, hub=False, allow_pickle=True)
     check_output_dir(args.out, "--out")
     import torch
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from uptrain.recipe import Recipe
+    from uptrain.summary import TrainingSummary
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
@@ -128,10 +129,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         summaries[method] = uptrain(recipe, target)
 
     header(5, "eval the uptrained models, generate side by side")
-    finals = {f"MQA, {m}, uptrained": Path(s["final"]) for m, s in summaries.items()}
+    finals = {f"MQA, {m}, uptrained": Path(s.final) for m, s in summaries.items()}
     for (label, final), summary in zip(finals.items(), summaries.values()):
         rows.append(row(label, final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
-                        summary["tokens"], summary["seconds"]))
+                        summary.tokens, summary.seconds))
     cloze_task = add_cloze_column(rows, args, eval_text, out, gpu)
     generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0], **finals},
                                         PROMPTS, args.new_tokens)
@@ -142,7 +143,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "model": name, "rows": rows, "generations": generations,
         "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
         "training_eval": training_eval(out, recipe.data.seq_len), "cloze": cloze_task,
-        "recipe": asdict(recipe), "training": summary, "trainings": summaries, "machine": machine(),
+        "recipe": asdict(recipe), "training": summary.to_dict(),
+        "trainings": {m: s.to_dict() for m, s in summaries.items()}, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
@@ -308,7 +310,7 @@ def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_te
     return recipe
 
 
-def uptrain(recipe: Recipe, out: Path) -> dict[str, Any]:
+def uptrain(recipe: Recipe, out: Path) -> TrainingSummary:
     """Run the recipe from scratch (the previous run's checkpoints are removed); the resolved recipe is kept."""
     import yaml
 

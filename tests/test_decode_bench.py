@@ -187,7 +187,7 @@ def test_synthetic_variants_without_tokenizer(tmp_path, capsys):
 
 
 BAD = {  # case -> (argv from (tmp_path, checkpoints), what the error line says)
-    "missing": (lambda tmp, ck: [tmp / "nope", ck[1]], "does not exist"),
+    "missing": (lambda tmp, ck: [tmp / "nope", ck[1]], "nope: no such directory"),
     "no config": (lambda tmp, ck: [tmp, ck[1]], "no config.json"),
     "truncated": (lambda tmp, ck: [ck[2], truncated(ck[1], tmp / "cut")], "is truncated"),
     "vocab": (lambda tmp, ck: [ck[2], save(tmp / "vocab", 1, vocab_size=64)], "vocab_size"),

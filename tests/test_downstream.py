@@ -235,7 +235,7 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from uptrain.recipe import load_recipe
-    from uptrain.train import format_summary, run
+    from uptrain.train import run
 
     train, held, original, mqa, _, task = models
     out = tmp_path / "run"
@@ -248,12 +248,12 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     summary = run(load_recipe(tmp_path / "r.yaml"))
     key = "downstream/planted/acc"
-    assert set(summary["downstream"]) == set(summary["downstream_before"]) == {key, key + "_stderr"}
-    assert 0 <= summary["downstream"][key] <= 1 and "planted/acc" in format_summary(summary)
+    assert set(summary.downstream) == set(summary.downstream_before) == {key, key + "_stderr"}
+    assert 0 <= summary.downstream[key] <= 1 and "planted/acc" in summary.format()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in records if key in r]
-    assert [(r["step"], r[key]) for r in scored] == [(0, summary["downstream_before"][key]),
-                                                      (4, summary["downstream"][key])]
+    assert [(r["step"], r[key]) for r in scored] == [(0, summary.downstream_before[key]),
+                                                      (4, summary.downstream[key])]
 
     hparams = yaml.safe_load(next(out.rglob("hparams.yml")).read_text())  # the recipe, flat (tracker_config)
     assert hparams["train.lr"] == 1.0e-4 and hparams["eval.tasks"] == json.dumps([str(task)])

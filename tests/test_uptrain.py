@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def trained(setup, tmp_path_factory):
 @pytest.mark.slow
 def test_loss_and_perplexity_fall_and_final_checkpoint_loads(setup, trained):
     out, summary = trained
-    assert summary["eval_ppl_after"] < 0.6 * summary["eval_ppl_before"]
+    assert summary.eval_ppl_after < 0.6 * summary.eval_ppl_before
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] - 0.3
@@ -131,7 +132,7 @@ def test_distillation_from_the_mha_original_trains(setup, tmp_path):
     logged = [r for r in records if "loss" in r]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in logged)
     assert any(abs(r["loss"] - 0.5 * r["ce"]) > 1e-3 for r in logged)  # the KL term is really in the loss
-    assert summary["eval_ppl_after"] < summary["eval_ppl_before"]
+    assert summary.eval_ppl_after < summary.eval_ppl_before
 
 
 def test_teacher_equal_to_student_adds_no_kl(setup, tmp_path):
@@ -213,7 +214,7 @@ def test_convert_step_and_streaming_data(setup, tmp_path):
     summary = run(load_recipe(recipe))
     assert (out / "converted" / "conversion.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_key_value_heads == 2
-    assert summary["eval_ppl_after"] < summary["eval_ppl_before"]
+    assert summary.eval_ppl_after < summary.eval_ppl_before
 
 
 @pytest.mark.parametrize("given", [True, False])
@@ -231,7 +232,7 @@ def test_convert_step_with_svd_calibrates_on_given_or_training_text(setup, tmp_p
     assert report["method"] == "svd" and report["kv_heads_after"] == 1
     assert report["calibration"]["files"] == [str(held if given else train)]
     assert report["calibration"]["tokens"] == 1024
-    assert summary["final"]
+    assert summary.final
 
 
 @pytest.mark.slow
@@ -253,7 +254,7 @@ def test_max_tokens_sets_the_step_count(setup, tmp_path):
     out = tmp_path / "tokens"
     recipe = write_recipe(tmp_path / "m.yaml", setup, out, train={"max_steps": None, "max_tokens": 5000})
     summary = run(load_recipe(recipe))
-    assert summary["steps"] == 5 and summary["tokens"] == 5 * 8 * 2 * 64  # ceil(5000 / 1024)
+    assert summary.steps == 5 and summary.tokens == 5 * 8 * 2 * 64  # ceil(5000 / 1024)
 
 
 @pytest.mark.slow
@@ -295,7 +296,7 @@ def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(se
     assert seen and digest(out / "checkpoints" / "step-3") == seen
     monkeypatch.setattr(Accelerator, "save_state", real_save)
     summary = run(load_recipe(recipe))
-    assert summary["steps"] == 9 and (out / "final" / "model.safetensors").exists()
+    assert summary.steps == 9 and (out / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -356,3 +357,20 @@ def test_fsdp_config_on_cpu_runs_as_data_parallel_trains_resumes_and_matches_one
         assert (fsdp[key] - tensor).norm() <= 1e-4 * tensor.norm(), key
         assert (resumed[key] - fsdp[key]).norm() <= 1e-4 * tensor.norm(), key
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").config.num_key_value_heads == 1
+
+
+def test_training_summary_prints_every_figure_and_round_trips_through_json():
+    """The CLI's table names each figure once, downstream scores without their stderr, and the dict the demo writes
+    to results.json rebuilds the same summary."""
+    from uptrain.summary import TrainingSummary
+
+    summary = TrainingSummary(eval_ppl_before=812.25, eval_ppl_after=31.5, steps=1200, tokens=4_915_200,
+                              seconds=95.04, tokens_per_s=51_718.0, final="/o/final", plot="/o/training.png",
+                              downstream_before={"downstream/arc/acc": 0.25, "downstream/arc/acc_stderr": 0.01},
+                              downstream={"downstream/arc/acc": 0.3125, "downstream/arc/acc_stderr": 0.01})
+    rows = [re.split(r"\s{2,}", line.strip())[-1] for line in summary.format().splitlines()]
+    assert rows == ["812.25", "31.50", "1,200", "4,915,200", "95.0 s", "51,718", "/o/final", "/o/training.png",
+                    "0.2500", "0.3125"]
+    assert "arc/acc (before)" in summary.format() and "stderr" not in summary.format()
+    assert TrainingSummary(**json.loads(json.dumps(summary.to_dict()))) == summary
+    assert re.search(r"final checkpoint +\n", TrainingSummary(1.0, 1.0, 1, 1, 1.0, 1.0).format())  # not main: empty

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
     args = parser.parse_args(argv)
     from kvshrink.errors import check_output_dir, run_cli
-    from uptrain.train import format_summary, run
+    from uptrain.train import run
 
     loaded = []
 
@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded.append(load_recipe(args.recipe, args.overrides))
         check_output_dir(Path(loaded[0].output_dir), "output_dir")
         summary = run(loaded[0])
-        if summary.get("final"):
-            print(format_summary(summary))
+        if summary.final:  # the main process
+            print(summary.format())
         return 0
 
     def interrupted() -> str | None:  # under accelerate launch every process gets Ctrl-C; process 0 says so

@@ -24,6 +24,7 @@ from kvshrink.errors import KvshrinkError
 from uptrain import checkpoints, data
 from uptrain.loss import chunkable, chunked_loss, liger_loss, select_fused_loss
 from uptrain.recipe import Recipe, RecipeError
+from uptrain.summary import TrainingSummary
 
 
 class TrainingError(KvshrinkError):
@@ -188,7 +189,7 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def run(recipe: Recipe) -> dict[str, Any]:
+def run(recipe: Recipe) -> TrainingSummary:
     """Train as the recipe says; returns the summary (also printed by the CLI).
 
     The model and teacher paths are checked before anything is written; a run that fails (or is interrupted)
@@ -275,7 +276,7 @@ def _prepared(recipe: Recipe, accelerator, model, resume_from: Path | None) -> i
     return checkpoints.read_state(resume_from)["step"]
 
 
-def _run(recipe: Recipe) -> dict[str, Any]:
+def _run(recipe: Recipe) -> TrainingSummary:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
@@ -326,21 +327,21 @@ def _run(recipe: Recipe) -> dict[str, Any]:
     checkpoints.save_final(accelerator, model, tokenizer, model_path, final, source_dtype)
     after = downstream_scores(tasks, str(final), accelerator)  # main process only; the others end meanwhile
     if after:
-        metrics.write({"step": summary["steps"], "tokens": summary["tokens"], **after})
-        accelerator.log(after, step=summary["steps"])
-        summary.update(downstream_before=before, downstream=after)
+        metrics.write({"step": summary.steps, "tokens": summary.tokens, **after})
+        accelerator.log(after, step=summary.steps)
+        summary.downstream_before, summary.downstream = before, after
     accelerator.end_training()
     if main:
         _plot(recipe, metrics, summary, final)
     return summary
 
 
-def _plot(recipe: Recipe, metrics: MetricsLog, summary: dict[str, Any], final: Path) -> None:
+def _plot(recipe: Recipe, metrics: MetricsLog, summary: TrainingSummary, final: Path) -> None:
     from uptrain.plot import plot_metrics
 
     out = Path(recipe.output_dir)
     plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
-    summary.update(final=str(final), plot=str(out / "training.png"))
+    summary.final, summary.plot = str(final), str(out / "training.png")
 
 
 def compile_student(accelerator, model, backend: str) -> None:
@@ -512,7 +513,7 @@ class _Loop:
                        f"on {result['eval_tokens']:,} tokens in {self.r.data.seq_len}-token blocks", file=sys.stdout)
         return result
 
-    def train(self, batches, start_step: int) -> dict[str, Any]:
+    def train(self, batches, start_step: int) -> TrainingSummary:
         from tqdm.auto import tqdm
 
         r, acc = self.r, self.acc
@@ -563,19 +564,6 @@ class _Loop:
         seconds = time.perf_counter() - started
         if last_eval is None:  # resumed a run that had already finished: its last eval is in the log
             last_eval = next((m for m in reversed(self.metrics.read()) if "eval_ppl" in m), first_eval)
-        return {"eval_ppl_before": first_eval["eval_ppl"], "eval_ppl_after": last_eval["eval_ppl"],
-                "steps": self.step, "tokens": self.step * self.tokens_per_step, "seconds": seconds,
-                "tokens_per_s": trained_tokens / seconds if seconds else 0.0}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    rows = [("eval perplexity before", f"{summary['eval_ppl_before']:.2f}"),
-            ("eval perplexity after", f"{summary['eval_ppl_after']:.2f}"),
-            ("steps", f"{summary['steps']:,}"), ("tokens trained", f"{summary['tokens']:,}"),
-            ("time (this run)", f"{summary['seconds']:.1f} s"), ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
-            ("final checkpoint", summary.get("final", "")), ("plot", summary.get("plot", ""))]
-    for when in ("downstream_before", "downstream"):
-        rows += [(f"{k.removeprefix('downstream/')}{' (before)' if when == 'downstream_before' else ''}",
-                  f"{v:.4f}") for k, v in summary.get(when, {}).items() if not k.endswith("_stderr")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+        return TrainingSummary(eval_ppl_before=first_eval["eval_ppl"], eval_ppl_after=last_eval["eval_ppl"],
+                               steps=self.step, tokens=self.step * self.tokens_per_step, seconds=seconds,
+                               tokens_per_s=trained_tokens / seconds if seconds else 0.0)
