@@ -24,15 +24,16 @@ from pathlib import Path
 import pydoc_data.topics
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {  # name -> (method, queries, outputs, calibration order, refit O)
-    "mean (GQA paper)": ("mean", False, False, "parallel", False),
-    "svd": ("svd", False, False, "parallel", False),
-    "svd + queries": ("svd", True, False, "parallel", False),
-    "svd + outputs": ("svd", False, True, "parallel", False),
-    "aware (queries + outputs)": ("aware", True, True, "parallel", False),
-    "svd, sequential": ("svd", False, False, "sequential", False),
-    "aware, sequential": ("aware", True, True, "sequential", False),
-    "aware, sequential, refit O": ("aware", True, True, "sequential", True),
+VARIANTS = {  # name -> (method, queries, outputs, calibration order, refit O, local steps)
+    "mean (GQA paper)": ("mean", False, False, "parallel", False, 0),
+    "svd": ("svd", False, False, "parallel", False, 0),
+    "svd + queries": ("svd", True, False, "parallel", False, 0),
+    "svd + outputs": ("svd", False, True, "parallel", False, 0),
+    "aware (queries + outputs)": ("aware", True, True, "parallel", False, 0),
+    "svd, sequential": ("svd", False, False, "sequential", False, 0),
+    "aware, sequential": ("aware", True, True, "sequential", False, 0),
+    "aware, sequential, refit O": ("aware", True, True, "sequential", True, 0),
+    "aware, sequential, refit O, local 100": ("aware", True, True, "sequential", True, 100),
 }
 
 
@@ -41,14 +42,14 @@ def convert_one(name: str, source: Path, train: Path, out: Path, tokens: int) ->
     from convert import convert_checkpoint
     from convert.merge import METHODS, Svd
 
-    method, queries, outputs, order, refit = VARIANTS[name]
+    method, queries, outputs, order, refit, local = VARIANTS[name]
     if method == "svd" and (queries or outputs):
         variant = type("Variant", (Svd,), {"name": "variant", "uses_queries": queries, "queries": queries,
                                            "outputs": outputs})
         METHODS["variant"] = variant()
         method = "variant"
     extra = {} if method == "mean" else dict(calibration_data=[str(train)], calibration_tokens=tokens,
-                                             calibration_order=order, refit_o=refit)
+                                             calibration_order=order, refit_o=refit, local_steps=local)
     report = convert_checkpoint(source, out, kv_heads=1, method=method, overwrite=True, **extra)
     (out / "bench.json").write_text(json.dumps({"calibration_seconds": (report.calibration or {}).get("seconds")}))
 

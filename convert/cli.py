@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--refit-o", action="store_true",
                         help="with --calibration-order sequential: refit each layer's output projection by least "
                              "squares to the original attention output on the calibration text")
+    parser.add_argument("--local-steps", type=int, default=0, metavar="N",
+                        help="with --calibration-order sequential: N Adam steps per layer on its Q, K, V and O "
+                             "against the original attention output on the calibration text (default 0: none)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")

@@ -124,12 +124,13 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, progress: bool) -> 
     layers = prepared.plan.layers
     args = (prepared.documents, options.calibration_tokens, options.calibration_seq_len)
     if options.calibration_order == "sequential":
-        layers.refit_o = options.refit_o
+        layers.refit_o, layers.local_steps = options.refit_o, options.local_steps
         found = sequential_moments(prepared.src_dir, layers, prepared.plan.load, *args)
     else:
         found = attention_moments(prepared.src_dir, layers.modules, *args, progress)
     layers.moments = found["moments"]
     prepared.report.calibration.update(order=options.calibration_order, refit_o=options.refit_o,
+                                       local_steps=options.local_steps,
                                        tokens=found["tokens"], seconds=found["seconds"])
 
 

@@ -45,7 +45,9 @@ class LayerPlan:
     moments: list | None = None
     orders: dict[int, list[int]] = field(default_factory=dict)
     refit_o: bool = False  # O refitted by least squares during sequential calibration (convert.sequential)
-    refits: dict = field(default_factory=dict)  # layer -> refitted O (out, H*d), float32
+    local_steps: int = 0  # Adam steps of local refinement per layer during sequential calibration
+    local_lr: float = 1e-4
+    refits: dict = field(default_factory=dict)  # layer -> its LayerHeads as sequential calibration left them
 
 
 def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:
@@ -99,6 +101,4 @@ def rewrite(plan: LayerPlan, load: Callable[[str], Any], layer: int):
         heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
         rot=Rotary.of(plan.rotary, d.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
         generator=surgery.layer_generator(plan.method, plan.seed, layer))
-    if layer in plan.refits:
-        new = new.replace(o=plan.refits[layer].to(new.o.dtype).reshape(new.o.shape))
-    return new, has_bias
+    return plan.refits.get(layer, new), has_bias

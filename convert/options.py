@@ -14,6 +14,7 @@ from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
+QKVO = frozenset("qkvo")
 DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
 
 
@@ -33,6 +34,9 @@ class ConvertOptions:
             layer's statistics taken with the layers below already converted; ``convert.sequential``).
         refit_o: after each layer's merge, refit its output projection by least squares so that the converted
             heads reproduce the original attention output on the calibration text (sequential order only).
+        local_steps: after each layer's merge (and O refit), this many Adam steps on its Q, merged K/V and O so
+            that its attention reproduces the original's output on the calibration text (sequential order only;
+            0: none).
         dtype: ``auto`` (keep the source's) or bfloat16 / float16 / float32.
         max_shard_size: bytes, or a size like ``5GB``.
         seed: the random source of ``method="random"``.
@@ -47,6 +51,7 @@ class ConvertOptions:
     calibration_seq_len: int = DEFAULT_SEQ_LEN
     calibration_order: str = "parallel"
     refit_o: bool = False
+    local_steps: int = 0
     dtype: str = "auto"
     max_shard_size: str | int = "5GB"
     seed: int = 0
@@ -71,6 +76,11 @@ class ConvertOptions:
         if self.refit_o and (self.calibration_order != "sequential" or "o" not in METHODS[self.method].changes):
             raise ConversionError("--refit-o needs --calibration-order sequential and a method that rewrites O "
                                   f"({', '.join(n for n, m in METHODS.items() if 'o' in m.changes)})")
+        if self.local_steps < 0:
+            raise ConversionError(f"--local-steps must be 0 or more, got {self.local_steps}")
+        if self.local_steps and (self.calibration_order != "sequential" or METHODS[self.method].changes != QKVO):
+            raise ConversionError("--local-steps needs --calibration-order sequential and a method that rewrites "
+                                  f"Q, K, V and O ({', '.join(n for n, m in METHODS.items() if m.changes == QKVO)})")
         if self.dtype not in DTYPES:
             raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 from convert.calibrate import calibration_model, moment_hook
 from convert.layers import LayerPlan, rewrite
 
+LOCAL_BLOCKS = 4  # calibration blocks per local refinement step
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the first decoder layer's inputs are captured."""
@@ -48,14 +50,22 @@ def sequential_moments(source: Path, plan: LayerPlan, load: Callable[[str], Any]
             heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit
             if plan.refit_o:
                 hooks[_o_module(plan, layer)] = lambda _m, args: heads_out.append(args[0].detach())
+            attention = _attention_io(model, plan, layer) if plan.local_steps else None
             _run(model, decoder, inputs, hooks)
+            if attention is not None:
+                attention.remove()  # the original layer's calls only
             plan.moments[layer] = plan.moments[layer].cpu()
             _load_converted(model, plan, load, layer)
             if plan.refit_o:
                 _refit_o(model, decoder, plan, load, layer, inputs, heads_out)
+            refined = ""
+            if attention is not None:
+                first, last = refine(model, plan, load, layer, attention.seen)
+                refined = f", local relative error {first:.4f} -> {last:.4f}"
+                _load_converted(model, plan, load, layer)
             inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             print(f"calibrating (sequential): layer {layer + 1}/{plan.dims.layers} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"({time.perf_counter() - started:.0f} s{refined})", flush=True)
     return {"moments": plan.moments, "tokens": blocks.numel(), "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -97,7 +107,8 @@ def _refit_o(model, decoder, plan: LayerPlan, load: Callable[[str], Any], layer:
     original = load(plan.sources[layer]["o", "weight"]).double()  # (out, H*d)
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
-    plan.refits[layer] = refit.float()
+    new, _ = rewrite(plan, load, layer)
+    plan.refits[layer] = new.replace(o=refit.to(new.o.dtype).reshape(new.o.shape))
     o.weight.copy_(refit.to(o.weight.dtype))
 
 
@@ -138,3 +149,103 @@ def _load_converted(model, plan: LayerPlan, load: Callable[[str], Any], layer: i
         if (role, param) in plan.sources[layer]:
             target = model.get_parameter(plan.sources[layer][role, param])
             target.copy_(tensor.to(target.dtype))
+
+
+class _AttentionIO:
+    """A forward hook on a layer's attention module keeping every call's inputs and output (the original's)."""
+
+    def __init__(self, module):
+        self.module, self.seen = module, []
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, _module, args, kwargs, output):
+        self.seen.append((args, dict(kwargs), _hidden(output).detach()))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _attention_path(plan: LayerPlan, layer: int) -> str:
+    """The module holding all of a layer's attention projections: the longest common prefix of their modules."""
+    import os
+
+    return ".".join(os.path.commonprefix([name.split(".")[:-2] for name in plan.sources[layer].values()]))
+
+
+def _normal(value):
+    """A copy of inference-mode tensors (nested in tuples, lists, dicts) that autograd may save."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_normal(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def _attention_io(model, plan: LayerPlan, layer: int) -> _AttentionIO:
+    return _AttentionIO(model.get_submodule(_attention_path(plan, layer)))
+
+
+def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen: list) -> tuple[float, float]:
+    """``plan.local_steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included)
+    so that its attention module reproduces the original's output on the calibration inputs (squared error,
+    ``LOCAL_BLOCKS`` blocks per step in a seeded shuffled order). The refined heads replace the layer's in
+    ``plan.refits`` only if their error on all the calibration blocks is lower (Adam near a zero loss wanders).
+
+    Returns:
+        The relative error ‖attention' − attention‖ / ‖attention‖ on the calibration blocks before and after.
+    """
+    import torch
+
+    fit = _LocalFit(model, plan, load, layer)
+    generator = torch.Generator().manual_seed(plan.seed + layer)
+    with torch.inference_mode(False), torch.enable_grad():
+        seen = [_normal(entry) for entry in seen]  # tensors made in inference mode cannot be saved for backward
+        trained = {role: getattr(fit.start, role).float().clone().requires_grad_(True) for role in "qkvo"}
+        before = fit.error(trained, seen)
+        optimizer = torch.optim.Adam(trained.values(), lr=plan.local_lr)
+        for _step in range(plan.local_steps):
+            optimizer.zero_grad(set_to_none=True)
+            for i in torch.randperm(len(seen), generator=generator)[:LOCAL_BLOCKS].tolist():
+                args, kwargs, target = seen[i]
+                (fit.output(trained, args, kwargs) - target.float()).pow(2).sum().backward()
+            optimizer.step()
+        after = fit.error(trained, seen)
+    if after < before:
+        plan.refits[layer] = fit.start.replace(**{r: t.detach().to(getattr(fit.start, r).dtype)
+                                                  for r, t in trained.items()})
+    return before, min(before, after)
+
+
+class _LocalFit:
+    """A layer's attention module called with its projections taken from trainable head-form tensors."""
+
+    def __init__(self, model, plan: LayerPlan, load: Callable[[str], Any], layer: int):
+        path = _attention_path(plan, layer)
+        self.module = model.get_submodule(path)
+        self.start, self.has_bias = rewrite(plan, load, layer)
+        self.repeat = plan.dims.kv_heads // plan.kv_heads
+        self.fused = plan.layout if "qkv" in plan.changed else None
+        self.names = {key: name.removeprefix(path + ".") for key, name in plan.sources[layer].items()}
+
+    def output(self, trained: dict, args: tuple, kwargs: dict):
+        """The attention module's output (float32) with ``trained``'s Q, K/V (each repeated for its group), O."""
+        from torch.func import functional_call
+
+        from convert import surgery
+
+        heads = self.start.replace(q=trained["q"], o=trained["o"], k=trained["k"].repeat_interleave(self.repeat, 0),
+                                   v=trained["v"].repeat_interleave(self.repeat, 0))
+        tensors = surgery.from_heads(heads, self.has_bias, self.fused, lambda role: True)
+        params = {self.names[key]: t for key, t in tensors.items() if key in self.names}
+        return _hidden(functional_call(self.module, params, args, kwargs)).float()
+
+    def error(self, trained: dict, seen: list) -> float:
+        import torch
+
+        with torch.no_grad():
+            wrong = sum((self.output(trained, a, k) - t.float()).pow(2).sum().item() for a, k, t in seen)
+        return (wrong / sum(t.float().pow(2).sum().item() for _a, _k, t in seen)) ** 0.5
