@@ -192,7 +192,8 @@ def _attention_io(model, plan: LayerPlan, layer: int) -> _AttentionIO:
 def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen: list) -> tuple[float, float]:
     """``plan.local_steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included)
     so that its attention module reproduces the original's output on the calibration inputs (squared error,
-    ``LOCAL_BLOCKS`` blocks per step in a seeded shuffled order). The refined heads replace the layer's in
+    ``LOCAL_BLOCKS`` blocks per step in a seeded shuffled order; each tensor's learning rate is ``plan.local_lr``
+    times its root mean square, so the steps are the same relative size in a model of any width). The refined heads replace the layer's in
     ``plan.refits`` only if their error on all the calibration blocks is lower (Adam near a zero loss wanders).
 
     Returns:
@@ -203,10 +204,12 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
     fit = _LocalFit(model, plan, load, layer)
     generator = torch.Generator().manual_seed(plan.seed + layer)
     with torch.inference_mode(False), torch.enable_grad():
-        seen = [_normal(entry) for entry in seen]  # tensors made in inference mode cannot be saved for backward
+        for i, entry in enumerate(seen):  # inference-mode tensors cannot be saved for backward: copied one by one
+            seen[i] = _normal(entry)
         trained = {role: getattr(fit.start, role).float().clone().requires_grad_(True) for role in "qkvo"}
         before = fit.error(trained, seen)
-        optimizer = torch.optim.Adam(trained.values(), lr=plan.local_lr)
+        optimizer = torch.optim.Adam([{"params": [t], "lr": plan.local_lr * t.detach().pow(2).mean().sqrt().item()}
+                                      for t in trained.values()])  # steps in proportion to each tensor's scale
         for _step in range(plan.local_steps):
             optimizer.zero_grad(set_to_none=True)
             for i in torch.randperm(len(seen), generator=generator)[:LOCAL_BLOCKS].tolist():
