@@ -15,6 +15,8 @@ from convert.merge import GROUPINGS, METHODS, calibrated_names
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")
+# The conversion README recommends and the demo runs (README: Conversion quality); add calibration_data.
+RECOMMENDED = {"method": "aware", "calibration_order": "sequential", "refit_o": True, "local_steps": 100}
 DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
 
 

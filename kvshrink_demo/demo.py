@@ -49,7 +49,6 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "svd", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
-BEST_OPTIONS = {"aware": {"calibration_order": "sequential", "refit_o": True}}  # README: Conversion quality
 
 
 def header(step: int, title: str) -> None:
@@ -199,14 +198,16 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
     """OUT/mqa-METHOD for every method; calibrated methods get the training text as calibration data."""
     from convert import convert_checkpoint
     from convert.merge import METHODS
+    from convert.options import RECOMMENDED
 
     methods = args.methods.split(",") if args.methods else list(METHODS_SHOWN)
     converted = {}
     for method in ["mean"] + [m for m in methods if m != "mean"]:
         extra = {}
         if METHODS[method].calibrated:
-            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens,
-                         **BEST_OPTIONS.get(method, {}))
+            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
+            if method == RECOMMENDED["method"]:  # the recommended conversion's other options
+                extra.update({key: value for key, value in RECOMMENDED.items() if key != "method"})
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)
