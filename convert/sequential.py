@@ -103,6 +103,7 @@ def _refit_o(model, decoder, plan: LayerPlan, load: Callable[[str], Any], layer:
         cross = z_old.T @ z_new if cross is None else cross + z_old.T @ z_new
 
     _run(model, decoder, inputs, {_o_module(plan, layer): add})
+    gram, cross = gram.cpu(), cross.cpu()  # summed where the layer runs (a GPU), solved here
     o = model.get_submodule(_o_module(plan, layer))
     original = load(plan.sources[layer]["o", "weight"]).double()  # (out, H*d)
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
@@ -206,7 +207,8 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
     with torch.inference_mode(False), torch.enable_grad():
         for i, entry in enumerate(seen):  # inference-mode tensors cannot be saved for backward: copied one by one
             seen[i] = _normal(entry)
-        trained = {role: getattr(fit.start, role).float().clone().requires_grad_(True) for role in "qkvo"}
+        trained = {role: getattr(fit.start, role).to(fit.device, torch.float32).requires_grad_(True)
+                   for role in "qkvo"}
         before = fit.error(trained, seen)
         optimizer = torch.optim.Adam([{"params": [t], "lr": plan.local_lr * t.detach().pow(2).mean().sqrt().item()}
                                       for t in trained.values()])  # steps in proportion to each tensor's scale
@@ -218,7 +220,7 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
             optimizer.step()
         after = fit.error(trained, seen)
     if after < before:
-        plan.refits[layer] = fit.start.replace(**{r: t.detach().to(getattr(fit.start, r).dtype)
+        plan.refits[layer] = fit.start.replace(**{r: t.detach().to("cpu", getattr(fit.start, r).dtype)
                                                   for r, t in trained.items()})
     return before, min(before, after)
 
@@ -233,6 +235,8 @@ class _LocalFit:
         self.repeat = plan.dims.kv_heads // plan.kv_heads
         self.fused = plan.layout if "qkv" in plan.changed else None
         self.names = {key: name.removeprefix(path + ".") for key, name in plan.sources[layer].items()}
+        weight = model.get_parameter(next(iter(plan.sources[layer].values())))
+        self.device, self.dtype = weight.device, weight.dtype  # a GPU runs the layer in the model's dtype
 
     def output(self, trained: dict, args: tuple, kwargs: dict):
         """The attention module's output (float32) with ``trained``'s Q, K/V (each repeated for its group), O."""
@@ -243,7 +247,7 @@ class _LocalFit:
         heads = self.start.replace(q=trained["q"], o=trained["o"], k=trained["k"].repeat_interleave(self.repeat, 0),
                                    v=trained["v"].repeat_interleave(self.repeat, 0))
         tensors = surgery.from_heads(heads, self.has_bias, self.fused, lambda role: True)
-        params = {self.names[key]: t for key, t in tensors.items() if key in self.names}
+        params = {self.names[key]: t.to(self.dtype) for key, t in tensors.items() if key in self.names}
         return _hidden(functional_call(self.module, params, args, kwargs)).float()
 
     def error(self, trained: dict, seen: list) -> float:
