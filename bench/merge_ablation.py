@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import pydoc_data.topics
-
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (method, queries, outputs, calibration order, refit O, local steps)
     "mean (GQA paper)": ("mean", False, False, "parallel", False, 0),
@@ -66,18 +64,6 @@ def measured_conversion(name: str, source: Path, train: Path, out: Path, tokens:
             "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
 
 
-def perplexities(model_dir: Path, texts: dict[str, Path], tokens: int, seq_len: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from uptrain.evaluate import perplexity
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {name: round(perplexity(model, tokenizer, [str(f)], seq_len, tokens)["ppl"], 2)
-            for name, f in texts.items()}
-
-
 def render(result: dict) -> str:
     s = result["settings"]
     lines = ["| variant | ppl, tragedies (in-domain) | ppl, CPython docs (off-domain) | calibration s | "
@@ -103,18 +89,17 @@ def main() -> None:
         name, source, train, out, tokens = args.child
         return convert_one(name, Path(source), Path(train), Path(out), int(tokens))
     from kvshrink import assets
+    from uptrain.evaluate import perplexities
 
     source, plays = assets.smollm2(), assets.shakespeare()
     args.out.mkdir(parents=True, exist_ok=True)
-    docs = args.out / "cpython-docs.txt"
-    docs.write_text("\n\n".join(text for _, text in sorted(pydoc_data.topics.topics.items())))
-    texts = {"in_domain": plays["eval"], "off_domain": docs}
-    rows = [{"variant": "original (3 KV heads)", "ppl": perplexities(source, texts, args.eval_tokens, args.seq_len)}]
+    texts = {"in_domain": plays["eval"], "off_domain": assets.cpython_docs()}
+    rows = [{"variant": "original (3 KV heads)", "ppl": perplexities(source, texts, args.seq_len, args.eval_tokens)}]
     print(rows[0], flush=True)
     for name in args.variants:
         target = args.out / name.split(" (")[0].replace(" + ", "+").replace(", ", "-").replace(" ", "-")
         facts = measured_conversion(name, source, plays["train"], target, args.calibration_tokens)
-        rows.append({"variant": name, **facts, "ppl": perplexities(target, texts, args.eval_tokens, args.seq_len)})
+        rows.append({"variant": name, **facts, "ppl": perplexities(target, texts, args.seq_len, args.eval_tokens)})
         print(rows[-1], flush=True)
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

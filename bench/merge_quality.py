@@ -24,27 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-import pydoc_data.topics
-
 from convert import convert_checkpoint
 from convert.merge import METHODS
 from convert.options import RECOMMENDED
 from kvshrink import assets
+from uptrain.evaluate import perplexities
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))
 BEST = "best: " + " + ".join(f"{k}={v}" for k, v in RECOMMENDED.items())
-
-
-def perplexities(model_dir: Path, texts: dict[str, Path], tokens: int) -> dict[str, float]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from uptrain.evaluate import perplexity
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {name: round(perplexity(model, tokenizer, [str(f)], 512, tokens)["ppl"], 2) for name, f in texts.items()}
 
 
 def convert(source: Path, target: Path, name: str, train: Path, tokens: int) -> float:
@@ -82,23 +70,21 @@ def main() -> None:
         return
     source, plays = assets.smollm2(), assets.shakespeare()
     args.out.mkdir(parents=True, exist_ok=True)
-    docs = args.out / "cpython-docs.txt"
-    docs.write_text("\n\n".join(text for _, text in sorted(pydoc_data.topics.topics.items())))
-    texts = {"in_domain": plays["eval"], "off_domain": docs}
-    rows = [{"model": "original (3 KV heads)", "ppl": perplexities(source, texts, args.eval_tokens)}]
+    texts = {"in_domain": plays["eval"], "off_domain": assets.cpython_docs()}
+    rows = [{"model": "original (3 KV heads)", "ppl": perplexities(source, texts, 512, args.eval_tokens)}]
     print(rows[-1], flush=True)
     targets = {}
     for name in args.methods:
         targets[name] = args.out / ("best" if name == BEST else name)
         seconds = convert(source, targets[name], name, plays["train"], args.calibration_tokens)
         rows.append({"model": name, "convert_seconds": seconds,
-                     "ppl": perplexities(targets[name], texts, args.eval_tokens)})
+                     "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
     for name in args.train:
         init = BEST if name == "best" else name
         trained = uptrain(targets[init], source, args.out / f"train-{name}", args.max_steps)
         rows.append({"model": f"{init}, uptrained", **trained,
-                     "ppl": perplexities(args.out / f"train-{name}" / "final", texts, args.eval_tokens)})
+                     "ppl": perplexities(args.out / f"train-{name}" / "final", texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

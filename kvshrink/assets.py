@@ -102,6 +102,18 @@ def plays(group: str) -> dict[str, str]:
     return {f.stem: plain_text(f.read_text(encoding="utf-8")) for f in files}
 
 
+def cpython_docs(cache: Path | None = None) -> Path:
+    """CPython's own documentation text (``pydoc_data.topics``, shipped with Python: modern technical English),
+    the benches' off-domain eval text, written once into the cache."""
+    import pydoc_data.topics
+
+    path = (cache or cache_dir()) / "cpython-docs" / "topics.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, "\n\n".join(text for _, text in sorted(pydoc_data.topics.topics.items())))
+    return path
+
+
 def shakespeare(cache: Path | None = None) -> dict[str, Path]:
     """Plain-text Shakespeare: {"train": other plays, "eval": the tragedies}, written once into the cache."""
     out = (cache or cache_dir()) / "shakespeare"

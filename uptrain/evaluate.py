@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,6 +50,17 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
     batches = tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False)
     loss, tokens = loss_sums(model, batches, next(model.parameters()).device)
     return mean_loss(loss.item(), int(tokens.item()))
+
+
+def perplexities(model_dir: str | Path, texts: dict[str, Path], seq_len: int, max_tokens: int) -> dict[str, float]:
+    """{name: perplexity} of the checkpoint at ``model_dir`` (float32, CPU) on each named text file, rounded to
+    0.01: the benches' scoring of a model on several texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return {name: round(perplexity(model, tokenizer, [str(f)], seq_len, max_tokens)["ppl"], 2)
+            for name, f in texts.items()}
 
 
 def loss_sums(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
