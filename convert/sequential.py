@@ -194,8 +194,9 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
     """``plan.local_steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included)
     so that its attention module reproduces the original's output on the calibration inputs (squared error,
     ``LOCAL_BLOCKS`` blocks per step in a seeded shuffled order; each tensor's learning rate is ``plan.local_lr``
-    times its root mean square, so the steps are the same relative size in a model of any width). The refined heads replace the layer's in
-    ``plan.refits`` only if their error on all the calibration blocks is lower (Adam near a zero loss wanders).
+    times its root mean square, so the steps are the same relative size in a model of any width). The refined
+    heads replace the layer's in ``plan.refits`` only if their error on all the calibration blocks is lower
+    (Adam near a zero loss wanders).
 
     Returns:
         The relative error ‖attention' − attention‖ / ‖attention‖ on the calibration blocks before and after.

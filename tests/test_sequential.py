@@ -138,5 +138,6 @@ def test_refinements_run_in_the_calibration_models_dtype(corpus, tmp_path, monke
     convert_checkpoint(src, tmp_path / "bfloat16", **common)
     ids = token_blocks(tokenizer, read_text([str(train)], 4096), 4096, SEQ)
     original = _layer0_attention_output(src, ids)
-    f32, bf16 = (_relative(_layer0_attention_output(tmp_path / name, ids), original) for name in ("float32", "bfloat16"))
+    f32, bf16 = (_relative(_layer0_attention_output(tmp_path / name, ids), original)
+                 for name in ("float32", "bfloat16"))
     assert abs(bf16 - f32) < 0.02 * f32, (f32, bf16)
