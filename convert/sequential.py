@@ -8,7 +8,9 @@ model with its merged K/V heads repeated (the same function at the source's head
 the layer turn its inputs into layer l + 1's. Each layer runs twice over the calibration tokens (once to
 measure, once converted to move on): the cost of two forward passes; with ``refit_o`` three (the converted
 heads' outputs are collected before the refitted O moves on), and the original heads' outputs of one layer
-(tokens x heads x head_dim x 4 bytes) are held meanwhile.
+(tokens x heads x head_dim x 4 bytes) are held meanwhile. With ``local_steps`` (``refine``) the original
+attention module's inputs and outputs of one layer are kept from the measuring pass (2 x tokens x hidden x 4
+bytes) and the layer's Q, merged K/V and O take that many Adam steps towards them.
 
 Memory: the source model, one float64 (hidden + 1)² moment per layer, and the hidden states of every
 calibration token: tokens x hidden x 4 bytes in float32 (65,536 tokens of a 4,096-wide model: 1.07 GB).
