@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--train", nargs="*", default=["mean", "best"], help="inits uptrained ('best': BEST)")
     parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's 40")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge_quality")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the conversions already in --out instead of converting again")
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only print the tables of a past run")
     args = parser.parse_args()
     if args.render:
@@ -76,7 +78,8 @@ def main() -> None:
     targets = {}
     for name in args.methods:
         targets[name] = args.out / ("best" if name == BEST else name)
-        seconds = convert(source, targets[name], name, plays["train"], args.calibration_tokens)
+        reused = args.reuse and (targets[name] / "conversion.json").exists()
+        seconds = None if reused else convert(source, targets[name], name, plays["train"], args.calibration_tokens)
         rows.append({"model": name, "convert_seconds": seconds,
                      "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
