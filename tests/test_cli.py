@@ -178,12 +178,13 @@ def test_module_entry_point_exit_code(tmp_path):
 
 
 _SLOW_CONVERT = """
-import sys, time
+import os, pathlib, sys, time
 import convert.plan as plan
 real = plan.write_tensor_bytes
-def slow(tensor, out):
-    time.sleep(0.2)
+def slow(tensor, out):  # after the first tensor: say so, then stall (the conversion cannot end on its own)
     real(tensor, out)
+    pathlib.Path(os.environ["KVSHRINK_TEST_MARKER"]).touch()
+    time.sleep(60)
 plan.write_tensor_bytes = slow
 from convert.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -195,13 +196,15 @@ def test_killed_conversion_leaves_no_checkpoint_looking_output(good, tmp_path, s
     import signal
     import time
 
-    out = tmp_path / "out"
+    out, marker = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-first-tensor-written"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(good), str(out), "--kv-heads", "1",
-                             "--dtype", "bfloat16"], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                             "--dtype", "bfloat16"], env=dict(os.environ, HF_HUB_OFFLINE="1",
+                                                              KVSHRINK_TEST_MARKER=str(marker)),
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.tmp-*/model.safetensors")) and time.time() < deadline:
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert list(tmp_path.glob(".out.tmp-*/model.safetensors")), "no temporary output being written"
     assert proc.poll() is None, "conversion ended before it could be interrupted"
     proc.send_signal(getattr(signal, sig))
     proc.wait(timeout=60)

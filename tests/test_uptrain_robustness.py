@@ -153,13 +153,29 @@ def test_template_recipe_as_shipped_names_its_placeholder(tmp_path, capsys, monk
 # 3. Ctrl-C
 
 
+_STALL_AFTER_STEP_4 = """
+import sys, time
+from uptrain import train
+real = train._Loop.save
+def save(self):
+    real(self)
+    if self.step >= 4:
+        time.sleep(60)
+train._Loop.save = save
+from uptrain.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_path):  # noqa: F811
     """A real SIGINT once step-4 is saved: one line naming the newest complete checkpoint and the command,
     exit 130, no traceback; that command resumes from it and finishes."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", setup, out, train={"max_steps": 16}, eval={"every_steps": 16},
                           save={"every_steps": 4, "keep_last": 5})
-    proc = subprocess.Popen([sys.executable, "-m", "uptrain", str(recipe), "log.every_steps=1"],
+    # python -m uptrain whose saves from step 4 on stall, so that the signal lands mid-run however loaded the
+    # machine (the printed command is built from the arguments, so it is the plain one)
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_STEP_4, str(recipe), "log.every_steps=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-4" / "trainer_state.json").exists():
