@@ -46,7 +46,11 @@ def convert(source: Path, target: Path, name: str, train: Path, tokens: int) -> 
 
 
 def uptrain(model_dir: Path, teacher: Path, out: Path, steps: int | None) -> dict:
-    """python -m uptrain with the demo's recipe, this model and teacher; returns its last in-loop eval."""
+    """python -m uptrain with the demo's recipe, this model and teacher, into a fresh ``out``; returns the steps,
+    tokens and in-loop eval perplexities."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
     overrides = [f"model={model_dir}", f"teacher={teacher}", f"output_dir={out}", "resume=never"]
     overrides += [f"train.max_steps={steps}"] if steps else []
     subprocess.run([sys.executable, "-m", "uptrain", str(RECIPE), *overrides], check=True, cwd=ROOT)
