@@ -131,3 +131,11 @@ COMMANDS = [
 def sweep() -> list[tuple[Command, BadInput]]:
     """Every (command, case) pair that applies, for ``pytest.mark.parametrize``."""
     return [(command, case) for command in COMMANDS for case in CASES if case.role in command.roles]
+
+
+def default_sigint() -> None:
+    """In the child before it starts: SIGINT back to its default, for a suite launched in the background
+    (``cmd &`` starts with SIGINT ignored, which Python then keeps: Ctrl-C would not interrupt it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from badinputs import default_sigint
 from convert.cli import main
 from tiny import make_model
 
@@ -200,7 +201,7 @@ def test_killed_conversion_leaves_no_checkpoint_looking_output(good, tmp_path, s
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(good), str(out), "--kv-heads", "1",
                              "--dtype", "bfloat16"], env=dict(os.environ, HF_HUB_OFFLINE="1",
                                                               KVSHRINK_TEST_MARKER=str(marker)),
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

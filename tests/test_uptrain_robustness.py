@@ -21,6 +21,7 @@ import yaml
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from badinputs import default_sigint
 from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture is shared)
 from uptrain.__main__ import main as uptrain_main
 from uptrain.data import pack
@@ -176,7 +177,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_pat
     # python -m uptrain whose saves from step 4 on stall, so that the signal lands mid-run however loaded the
     # machine (the printed command is built from the arguments, so it is the plain one)
     proc = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_STEP_4, str(recipe), "log.every_steps=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-4" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before step 4"
