@@ -47,7 +47,7 @@ class LayerPlan:
     refit_o: bool = False  # O refitted by least squares during sequential calibration (convert.sequential)
     local_steps: int = 0  # Adam steps of local refinement per layer during sequential calibration
     local_lr: float = 5e-3  # relative to each tensor's root mean square (tuned on SmolLM2-135M: README)
-    refits: dict = field(default_factory=dict)  # layer -> its LayerHeads as sequential calibration left them
+    refits: dict = field(default_factory=dict)  # layer -> its LayerHeads (float32) as sequential calibration left them
 
 
 def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:

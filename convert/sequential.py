@@ -57,14 +57,16 @@ def sequential_moments(source: Path, plan: LayerPlan, load: Callable[[str], Any]
             if attention is not None:
                 attention.remove()  # the original layer's calls only
             plan.moments[layer] = plan.moments[layer].cpu()
-            _load_converted(model, plan, load, layer)
+            heads, has_bias = rewrite(plan, load, layer)  # the layer's merge, computed once here
+            _load_converted(model, plan, layer, heads, has_bias)
             if plan.refit_o:
-                _refit_o(model, decoder, plan, load, layer, inputs, heads_out)
+                heads = _refit_o(model, decoder, plan, load, layer, inputs, heads_out, heads)
             refined = ""
             if attention is not None:
-                first, last = refine(model, plan, load, layer, attention.seen)
+                first, last, better = refine(model, plan, layer, attention.seen, heads, has_bias)
                 refined = f", local relative error {first:.4f} -> {last:.4f}"
-                _load_converted(model, plan, load, layer)
+                if better is not None:
+                    _load_converted(model, plan, layer, better, has_bias)
             inputs = [(_hidden(decoder(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             print(f"calibrating (sequential): layer {layer + 1}/{plan.dims.layers} "
                   f"({time.perf_counter() - started:.0f} s{refined})", flush=True)
@@ -87,11 +89,14 @@ def _o_module(plan: LayerPlan, layer: int) -> str:
 
 
 def _refit_o(model, decoder, plan: LayerPlan, load: Callable[[str], Any], layer: int, inputs: list,
-             heads_out: list) -> None:
+             heads_out: list, heads):
     """O' = argmin Σ ‖O' z' − O z‖² + ridge: the converted heads' outputs z' mapped onto the original attention
     output (float64 moments, closed form); written into the model and kept in ``plan.refits`` for the writer.
 
     The cross moment Σ z zᵀ' pairs each block's original heads' outputs with the converted ones, in order.
+
+    Returns:
+        ``heads`` with the refitted O.
     """
     import torch
 
@@ -110,9 +115,10 @@ def _refit_o(model, decoder, plan: LayerPlan, load: Callable[[str], Any], layer:
     original = load(plan.sources[layer]["o", "weight"]).double()  # (out, H*d)
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
-    new, _ = rewrite(plan, load, layer)
-    plan.refits[layer] = new.replace(o=refit.to(new.o.dtype).reshape(new.o.shape))
+    heads = heads.replace(o=refit.reshape(heads.o.shape))
+    plan.refits[layer] = _kept(heads)
     o.weight.copy_(refit.to(o.weight.dtype))
+    return heads
 
 
 def _first_layer_inputs(model, first, blocks) -> list[tuple[Any, dict]]:
@@ -140,11 +146,15 @@ def _hidden(output) -> Any:
     return output[0] if isinstance(output, tuple) else output  # older transformers return (hidden, ...)
 
 
-def _load_converted(model, plan: LayerPlan, load: Callable[[str], Any], layer: int) -> None:
+def _kept(heads):
+    """What ``plan.refits`` holds until the writer takes it: float32 (the merge computes in float64)."""
+    return heads.replace(**{role: getattr(heads, role).float() for role in "qkvo"})
+
+
+def _load_converted(model, plan: LayerPlan, layer: int, new, has_bias: bool) -> None:
     """Write the converted layer into the running source model, each merged K/V head repeated for its group."""
     from convert import surgery
 
-    new, has_bias = rewrite(plan, load, layer)
     repeat = plan.dims.kv_heads // plan.kv_heads
     expanded = new.replace(k=new.k.repeat_interleave(repeat, 0), v=new.v.repeat_interleave(repeat, 0))
     fused = plan.layout if "qkv" in plan.changed else None
@@ -192,7 +202,7 @@ def _attention_io(model, plan: LayerPlan, layer: int) -> _AttentionIO:
     return _AttentionIO(model.get_submodule(_attention_path(plan, layer)))
 
 
-def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen: list) -> tuple[float, float]:
+def refine(model, plan: LayerPlan, layer: int, seen: list, heads, has_bias: bool) -> tuple[float, float, Any]:
     """``plan.local_steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included)
     so that its attention module reproduces the original's output on the calibration inputs (squared error,
     ``LOCAL_BLOCKS`` blocks per step in a seeded shuffled order; each tensor's learning rate is ``plan.local_lr``
@@ -201,16 +211,17 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
     (Adam near a zero loss wanders).
 
     Returns:
-        The relative error ‖attention' − attention‖ / ‖attention‖ on the calibration blocks before and after.
+        The relative error ‖attention' − attention‖ / ‖attention‖ on the calibration blocks before and after,
+        and the refined heads (None where they were not better than ``heads``).
     """
     import torch
 
-    fit = _LocalFit(model, plan, load, layer)
+    fit = _LocalFit(model, plan, layer, heads, has_bias)
     generator = torch.Generator().manual_seed(plan.seed + layer)
     with torch.inference_mode(False), torch.enable_grad():
         for i, entry in enumerate(seen):  # inference-mode tensors cannot be saved for backward: copied one by one
             seen[i] = _normal(entry)
-        trained = {role: getattr(fit.start, role).to(fit.device, torch.float32).requires_grad_(True)
+        trained = {role: getattr(fit.start, role).to(fit.device, torch.float32, copy=True).requires_grad_(True)
                    for role in "qkvo"}
         before = fit.error(trained, seen)
         optimizer = torch.optim.Adam([{"params": [t], "lr": plan.local_lr * t.detach().pow(2).mean().sqrt().item()}
@@ -222,19 +233,19 @@ def refine(model, plan: LayerPlan, load: Callable[[str], Any], layer: int, seen:
                 (fit.output(trained, args, kwargs) - target.float()).pow(2).sum().backward()
             optimizer.step()
         after = fit.error(trained, seen)
-    if after < before:
-        plan.refits[layer] = fit.start.replace(**{r: t.detach().to("cpu", getattr(fit.start, r).dtype)
-                                                  for r, t in trained.items()})
-    return before, min(before, after)
+    if after >= before:
+        return before, before, None
+    plan.refits[layer] = fit.start.replace(**{role: t.detach().cpu() for role, t in trained.items()})
+    return before, after, plan.refits[layer]
 
 
 class _LocalFit:
     """A layer's attention module called with its projections taken from trainable head-form tensors."""
 
-    def __init__(self, model, plan: LayerPlan, load: Callable[[str], Any], layer: int):
+    def __init__(self, model, plan: LayerPlan, layer: int, start, has_bias: bool):
         path = _attention_path(plan, layer)
         self.module = model.get_submodule(path)
-        self.start, self.has_bias = rewrite(plan, load, layer)
+        self.start, self.has_bias = start, has_bias
         self.repeat = plan.dims.kv_heads // plan.kv_heads
         self.fused = plan.layout if "qkv" in plan.changed else None
         self.names = {key: name.removeprefix(path + ".") for key, name in plan.sources[layer].items()}
