@@ -1,0 +1,131 @@
+"""``python -m uptrain.sample``: text sampled from the original model, written whole, usable as training data."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from textlm import make_lm, train_tokenizer, write_corpus
+from uptrain.recipe import RecipeError
+from uptrain.sample import MIN_TOKENS, Sampling, main, samples
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    train, _ = write_corpus(root / "text")
+    return make_lm(root / "lm", train_tokenizer(train), kv_heads=2)
+
+
+def _documents(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
+
+
+def test_writes_at_least_the_tokens_asked_for_as_jsonl_documents_reproducibly(lm, tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    assert main([str(lm), str(out), "--tokens", "300", "--batch-size", "4", "--length", "40"]) == 0
+    reported = capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    rows = list(samples(model, tokenizer, Sampling(tokens=300, batch_size=4, length=40)))
+    assert _documents(out) == [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+    assert all(MIN_TOKENS <= len(r) <= 40 and tokenizer.eos_token_id not in r for r in rows)
+    tokens = sum(map(len, rows))
+    assert 300 <= tokens < 300 + 4 * 40  # the last batch may overshoot, by less than one batch
+    assert f"{len(rows):,} documents, {tokens:,} tokens" in reported
+
+    again = tmp_path / "b.jsonl"
+    main([str(lm), str(again), "--tokens", "300", "--batch-size", "4", "--length", "40"])
+    assert again.read_bytes() == out.read_bytes()
+    other = tmp_path / "c.jsonl"
+    main([str(lm), str(other), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1"])
+    assert other.read_bytes() != out.read_bytes()
+
+
+def _planted(lm: Path, probabilities: dict[int, float]):
+    """The tiny model with zero embeddings (tied with lm_head), so its every next-token distribution is
+    softmax(lm_head bias): ``probabilities`` exactly, whatever came before."""
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32).eval()
+    bias = torch.full((model.config.vocab_size,), -1e4)
+    for token, p in probabilities.items():
+        bias[token] = torch.log(torch.tensor(p))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    return model
+
+
+def test_samples_follow_the_model_distribution_at_the_temperature_without_truncation(lm):
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    eos = tokenizer.eos_token_id
+    a, b = [t for t in range(10) if t != eos][:2]
+    model = _planted(lm, {a: 0.8, b: 0.2})
+    for temperature, expected in [(1.0, 0.8), (0.5, 0.8**2 / (0.8**2 + 0.2**2))]:  # softmax(log p / T)
+        rows = list(samples(model, tokenizer, Sampling(tokens=4000, batch_size=8, length=500,
+                                                          temperature=temperature)))
+        drawn = torch.tensor([t for r in rows for t in r])
+        assert set(drawn.tolist()) == {a, b}
+        assert abs((drawn == a).float().mean().item() - expected) < 0.03  # stderr about 0.006
+
+    # uniform over 100 tokens: no top-k (transformers' default is 50) or top-p cuts the tail
+    uniform = _planted(lm, {t: 0.01 for t in range(101) if t != eos})
+    rows = list(samples(uniform, tokenizer, Sampling(tokens=2000, batch_size=4, length=500)))
+    assert len({t for r in rows for t in r}) == 100
+
+
+def test_samples_stop_at_eos_and_a_model_that_ends_at_once_is_refused(lm):
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    eos = tokenizer.eos_token_id
+    other = next(t for t in range(10) if t != eos)
+    model = _planted(lm, {other: 0.97, eos: 0.03})  # mean sample length about 32 tokens
+    rows = list(samples(model, tokenizer, Sampling(tokens=2000, batch_size=8, length=200)))
+    assert all(MIN_TOKENS <= len(r) <= 200 and set(r) == {other} for r in rows)
+    assert 0.02 < len(rows) / sum(map(len, rows)) < 0.045  # one sample ended per about 33 tokens
+
+    # no sample reaches MIN_TOKENS: without a limit the loop would never end
+    with pytest.raises(RecipeError, match="shorter than"):
+        list(samples(_planted(lm, {eos: 1.0}), tokenizer, Sampling(tokens=10, batch_size=2, length=8)))
+
+
+def test_samples_are_training_data(lm, tmp_path):
+    from uptrain.data import build_datasets
+    from uptrain.recipe import load_recipe
+
+    out = tmp_path / "s.jsonl"
+    main([str(lm), str(out), "--tokens", "600", "--batch-size", "8", "--length", "64"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {lm}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{train: [{out}], eval: [{out}], seq_len: 32}}\n")
+    train, _ = build_datasets(load_recipe(recipe), AutoTokenizer.from_pretrained(lm))
+    # documents joined with EOS and cut into 32-token blocks: every sampled token but the last remainder
+    tokens = sum(len(AutoTokenizer.from_pretrained(lm)(d, add_special_tokens=False)["input_ids"]) + 1
+                 for d in _documents(out))
+    assert len(train) == tokens // 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["OUT.txt"], "give a .jsonl file name"),
+    (["missing/x.jsonl"], "does not exist"),
+    (["x.jsonl", "--tokens", "0"], "must be a positive integer"),
+    (["x.jsonl", "--temperature", "0"], "--temperature must be above 0"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(lm, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(lm), *args] + ([] if "--tokens" in args else ["--tokens", "10"])
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_model_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nothing"), str(tmp_path / "x.jsonl"), "--tokens", "10"]) == 2
+    assert "nothing: no such directory" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
+

@@ -1,0 +1,142 @@
+"""``python -m uptrain.sample MODEL OUT.jsonl --tokens N``: training text written by the original model itself.
+
+Uptraining distils the converted model back to the original; the text it trains on decides where the two are
+made to agree. A user's own text recovers that domain (the demo's plays recover Shakespeare), but the model
+also has to keep working on everything else. Text sampled from the original model (from its BOS token, at
+temperature 1, no top-k or top-p) is a draw from the very distribution that is to be preserved, and needs no
+dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples shorter than
+``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document each), and
+appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+MIN_TOKENS = 16
+
+
+@dataclass
+class Sampling:
+    """How much to write and how: ``tokens`` at least (the last batch may overshoot), ``batch_size`` samples of
+    at most ``length`` new tokens drawn at once, at ``temperature``, from ``seed``."""
+
+    tokens: int
+    batch_size: int = 64
+    length: int = 320
+    temperature: float = 1.0
+    seed: int = 0
+
+
+def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
+    """Token ids of one sample after another (EOS removed) until ``how.tokens`` have been written."""
+    import torch
+
+    from uptrain.recipe import RecipeError
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    generator_state = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with generator_state, torch.inference_mode():
+        torch.manual_seed(how.seed)
+        written, barren = 0, 0
+        while written < how.tokens:
+            ids = torch.full((how.batch_size, 1), start, device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=how.temperature, top_k=0, top_p=1.0, max_new_tokens=how.length,
+                                 pad_token_id=tokenizer.eos_token_id)
+            kept = 0
+            for row in out[:, 1:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[:row.index(tokenizer.eos_token_id)]
+                if len(row) >= MIN_TOKENS:
+                    written, kept = written + len(row), kept + 1
+                    yield row
+            barren = 0 if kept else barren + 1
+            if barren == 3:
+                raise RecipeError(f"three batches of samples in a row all ended shorter than {MIN_TOKENS} tokens: "
+                                  "the model ends its text at once (raise --temperature, or check the model)")
+            if progress:
+                progress(written)
+
+
+def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
+    """Sample from ``model_dir`` into ``out`` (.jsonl); returns {"tokens", "documents", "seconds"}."""
+    from kvshrink.atomic import write_text
+    from uptrain.checkpoints import check_model
+    from uptrain.compare import load
+
+    check_model(model_dir)
+    model, tokenizer = load(model_dir, None)
+    started = time.perf_counter()
+
+    def progress(written: int) -> None:
+        print(f"sample: {written:,} of {how.tokens:,} tokens, {time.perf_counter() - started:.0f} s",
+              file=sys.stderr, flush=True)
+
+    rows = list(samples(model, tokenizer, how, progress))
+    documents = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    tokens = sum(map(len, rows))  # as sampled; the text may tokenize a little differently
+    write_text(out, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents))
+    return {"tokens": tokens, "documents": len(documents), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def parse_args(argv: list[str] | None):
+    from kvshrink.errors import OneLineParser, positive_int
+
+    p = OneLineParser(prog="python -m uptrain.sample",
+                      description="Write training text sampled from a model (its own distribution: uptraining "
+                                  "on it keeps the converted model close to the original everywhere, with no "
+                                  "dataset). One JSON object per line, {\"text\": ...}.")
+    p.add_argument("model", help="the original checkpoint (directory or hub id)")
+    p.add_argument("out", help="the .jsonl file to write (replaced whole when done)")
+    p.add_argument("--tokens", type=positive_int, required=True, help="tokens to write, at least")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples drawn at once (default 64)")
+    p.add_argument("--length", type=positive_int, default=320, help="new tokens per sample, at most (default 320)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return p.parse_args(argv)
+
+
+def check_out(out: Path) -> None:
+    """A .jsonl path whose directory exists and can be written, before the model loads."""
+    import os
+
+    from uptrain.recipe import RecipeError
+
+    if out.suffix != ".jsonl":
+        raise RecipeError(f"{out}: give a .jsonl file name (one JSON document per line)")
+    if out.is_dir():
+        raise RecipeError(f"{out} is a directory; give a .jsonl file name")
+    if not out.parent.is_dir():
+        raise RecipeError(f"{out}: the directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise RecipeError(f"{out}: the directory {out.parent} is not writable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from kvshrink.errors import run_cli
+
+    def body() -> int:
+        from uptrain.recipe import RecipeError
+
+        out = Path(args.out).expanduser()
+        if not args.temperature > 0:
+            raise RecipeError(f"--temperature must be above 0, got {args.temperature}")
+        check_out(out)
+        how = Sampling(args.tokens, args.batch_size, args.length, args.temperature, args.seed)
+        done = write_samples(args.model, out, how)
+        print(f"{out}: {done['documents']:,} documents, {done['tokens']:,} tokens, {done['seconds']} s")
+        return 0
+
+    return run_cli(body, "interrupted; nothing was written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
