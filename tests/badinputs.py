@@ -123,6 +123,9 @@ COMMANDS = [
     Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink_demo", "--out", str(out)], ("out",)),
     Command("uptrain.evaluate", lambda model, out, good, files: ["-m", "uptrain.evaluate", str(model), "--data",
                                                                  str(_text(files))], ("model",)),
+    Command("uptrain.sample", lambda model, out, good, files: ["-m", "uptrain.sample", str(model),
+                                                               str(files / "samples.jsonl"), "--tokens", "8"],
+            ("model",)),
     Command("uptrain", lambda model, out, good, files: ["-m", "uptrain", str(_recipe(model, out, files))],
             ("model", "out")),
 ]

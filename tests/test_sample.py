@@ -39,9 +39,9 @@ def test_writes_at_least_the_tokens_asked_for_as_jsonl_documents_reproducibly(lm
     again = tmp_path / "b.jsonl"
     main([str(lm), str(again), "--tokens", "300", "--batch-size", "4", "--length", "40"])
     assert again.read_bytes() == out.read_bytes()
-    other = tmp_path / "c.jsonl"
-    main([str(lm), str(other), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1"])
-    assert other.read_bytes() != out.read_bytes()
+    assert main([str(lm), str(out), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1",
+                 "--overwrite"]) == 0
+    assert out.read_bytes() != again.read_bytes()  # replaced, by another seed's samples
 
 
 def _planted(lm: Path, probabilities: dict[int, float]):
@@ -110,9 +110,11 @@ def test_samples_are_training_data(lm, tmp_path):
     (["missing/x.jsonl"], "does not exist"),
     (["x.jsonl", "--tokens", "0"], "must be a positive integer"),
     (["x.jsonl", "--temperature", "0"], "--temperature must be above 0"),
+    (["kept.jsonl"], "exists; give --overwrite"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(lm, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "kept.jsonl").write_text("the user's")
     argv = [str(lm), *args] + ([] if "--tokens" in args else ["--tokens", "10"])
     try:
         code = main(argv)
@@ -121,7 +123,8 @@ def test_bad_input_is_one_line_and_writes_nothing(lm, tmp_path, capsys, monkeypa
     assert code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.jsonl"]
+    assert (tmp_path / "kept.jsonl").read_text() == "the user's"
 
 
 def test_a_missing_model_is_one_line(tmp_path, capsys):
