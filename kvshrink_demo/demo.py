@@ -27,7 +27,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,7 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "Tomorrow, and tomorrow, and tomorrow,",
     "But soft, what light through yonder window breaks?",
 ]
+EVAL_TOKENS_CPU = 16_384  # per text, on a CPU
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--train-text", help=argparse.SUPPRESS)
     p.add_argument("--eval-text", help=argparse.SUPPRESS)
+    p.add_argument("--off-domain-text", help=argparse.SUPPRESS)
     p.add_argument("--methods", help=argparse.SUPPRESS)
     p.add_argument("--recipe", default=str(RECIPE), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -102,38 +104,38 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The six steps; returns what results.json holds. Everything is validated before OUT is created."""
     started = time.perf_counter()
     out = Path(args.out)
-    gpu = validate(args, out)
-    eval_tokens = args.eval_tokens or (131_072 if gpu else 16_384)
+    gpu, budget = validate(args, out)
+    scoring = Scoring(args.eval_tokens or (131_072 if gpu else EVAL_TOKENS_CPU), args.eval_seq_len)
 
-    header(1, "model and text")
-    original, train_text, eval_text, name = materialize(args)
+    header(1, "model, text, and the original's own samples")
+    original, texts, name = materialize(args)
     check_eval_seq_len(original, args.eval_seq_len)
     start_run(out, original)
-    print(f"model: {original}\ntrain: {train_text}\neval:  {eval_text}")
+    texts.samples = sample_original(original, out, budget, args, gpu)
+    print(f"model: {original}\n" + "\n".join(f"{k + ':':<11} {v}" for k, v in asdict(texts).items()))
 
     header(2, f"convert to MQA ({KV_HEADS} KV head): the GQA paper's mean and this project's methods")
-    converted = convert_all(original, out, train_text, args)
+    converted = convert_all(original, out, texts.plays, args)
 
-    header(3, f"eval perplexity on {eval_tokens:,} tokens of {eval_text.name} (blocks of {args.eval_seq_len})")
-    rows = [row("original", original, eval_ppl(original, eval_text, args.eval_seq_len, eval_tokens), 0, None)]
+    header(3, f"eval perplexity on {scoring.tokens:,} tokens of {texts.eval.name} and of {texts.off_domain.name} "
+              f"(blocks of {args.eval_seq_len})")
+    rows = [row("original", original, scoring.both(original, texts), 0, None)]
     for method, (path, report) in converted.items():
-        rows.append(row(f"MQA, {method}", path, eval_ppl(path, eval_text, args.eval_seq_len, eval_tokens), 0,
-                        report.seconds))
+        rows.append(row(f"MQA, {method}", path, scoring.both(path, texts), 0, report.seconds))
 
     trained = [m for m in TRAINED if m in converted]
     header(4, f"uptrain {' and '.join(trained)} the same way, distilling from the original")
     summaries = {}
     for method in trained:  # mean trains into OUT itself, the others into OUT/uptrain-METHOD
         target = out if method == "mean" else out / f"uptrain-{method}"
-        recipe = demo_recipe(args, converted[method][0], original, train_text, eval_text, target, gpu)
+        recipe = demo_recipe(args, converted[method][0], original, texts, target, gpu)
         summaries[method] = uptrain(recipe, target)
 
     header(5, "eval the uptrained models, generate side by side")
     finals = {f"MQA, {m}, uptrained": Path(s.final) for m, s in summaries.items()}
     for (label, final), summary in zip(finals.items(), summaries.values()):
-        rows.append(row(label, final, eval_ppl(final, eval_text, args.eval_seq_len, eval_tokens),
-                        summary.tokens, summary.seconds))
-    cloze_task = add_cloze_column(rows, args, eval_text, out, gpu)
+        rows.append(row(label, final, scoring.both(final, texts), summary.tokens, summary.seconds))
+    cloze_task = add_cloze_column(rows, args, texts.eval, out, gpu)
     generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0], **finals},
                                         PROMPTS, args.new_tokens)
     summary = summaries["mean"]
@@ -141,32 +143,35 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     header(6, "results")
     results = {
         "model": name, "rows": rows, "generations": generations,
-        "eval": {"file": str(eval_text), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len},
+        "eval": {"file": str(texts.eval), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len,
+                 "off_domain_file": str(texts.off_domain), "off_domain_tokens": rows[0]["off_domain_tokens"]},
+        "texts": {k: str(v) for k, v in asdict(texts).items()},
         "training_eval": training_eval(out, recipe.data.seq_len), "cloze": cloze_task,
         "recipe": asdict(recipe), "training": summary.to_dict(),
         "trainings": {m: s.to_dict() for m, s in summaries.items()}, "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
-    print(format_table(rows, args.eval_seq_len) + "\n\n" + eval_note(results))
+    print(format_table(rows, results["eval"]) + "\n\n" + eval_note(results))
     print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
           f"(demo took {results['demo_seconds'] / 60:.1f} min)")
     return results
 
 
-def validate(args: argparse.Namespace, out: Path) -> bool:
+def validate(args: argparse.Namespace, out: Path) -> tuple[bool, int]:
     """--out, and the recipe with every override (a typo fails here, not after the conversions at step 4).
 
     Returns:
-        Whether there is a GPU (the GPU overrides apply).
+        Whether there is a GPU (the GPU overrides apply), and the tokens each model trains on (one process).
     """
     from kvshrink.errors import check_output_dir
     from uptrain.recipe import load_recipe
 
     check_output_dir(out, "--out")
     gpu = _cuda_available()
-    load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
-    return gpu
+    recipe = load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
+    t = recipe.train
+    return gpu, t.max_tokens or t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
 
 
 def start_run(out: Path, original: Path) -> None:
@@ -183,15 +188,38 @@ def start_run(out: Path, original: Path) -> None:
         link.symlink_to(original.resolve(), target_is_directory=True)
 
 
-def materialize(args: argparse.Namespace) -> tuple[Path, Path, Path, str]:
-    """(model dir, train text, eval text, model name): the packaged assets, or the substitutes given."""
-    if args.model:
-        return Path(args.model), Path(args.train_text), Path(args.eval_text), Path(args.model).name
+@dataclass
+class Texts:
+    """What the demo reads: ``plays`` (the training plays: calibration), ``eval`` (the held-out tragedies:
+    in-domain), ``off_domain`` (CPython's documentation) and ``samples`` (the original's own samples: uptraining;
+    made at step 1)."""
+
+    plays: Path
+    eval: Path
+    off_domain: Path
+    samples: Path | None = None
+
+
+def materialize(args: argparse.Namespace) -> tuple[Path, Texts, str]:
+    """(model dir, texts, model name): the packaged assets, or the substitutes given."""
     from kvshrink import assets
 
-    model = assets.smollm2()
-    text = assets.shakespeare()
-    return model, text["train"], text["eval"], "SmolLM2-135M-Instruct"
+    if args.model:
+        model, name, plays, held = Path(args.model), Path(args.model).name, Path(args.train_text), Path(args.eval_text)
+    else:
+        model, name = assets.smollm2(), "SmolLM2-135M-Instruct"
+        plays, held = assets.shakespeare().values()
+    return model, Texts(plays, held, Path(args.off_domain_text or assets.cpython_docs())), name
+
+
+def sample_original(original: Path, out: Path, budget: int, args: argparse.Namespace, gpu: bool) -> Path:
+    """The training text: ``budget`` tokens sampled from the original (uptrain.sample), so that each model
+    trains on each sampled token once; cached (OUT/samples for the tests' substitute model)."""
+    from kvshrink import assets
+    from uptrain.sample import Sampling, cached_samples
+
+    directory = out / "samples" if args.model else assets.cache_dir() / "smollm2-135m-instruct-samples"
+    return cached_samples(original, directory, Sampling(tokens=budget, batch_size=256 if gpu else 64))
 
 
 def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Namespace
@@ -229,18 +257,28 @@ def load(path: Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def eval_ppl(path: Path, eval_text: Path, seq_len: int, max_tokens: int) -> dict[str, float]:
-    from uptrain.evaluate import perplexity
+@dataclass
+class Scoring:
+    """Eval perplexity: the first ``tokens`` of a text in blocks of ``seq_len``."""
 
-    model, tokenizer = load(path)
-    started = time.perf_counter()
-    result = perplexity(model, tokenizer, [str(eval_text)], seq_len, max_tokens, progress=f"eval {path.name}")
-    from convert.report import checkpoint_kv_cache
+    tokens: int
+    seq_len: int
 
-    kv_heads = checkpoint_kv_cache(path)[0]
-    print(f"{path}: {type(model).__name__}, {kv_heads} KV head(s): perplexity {result['ppl']:,.2f} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
-    return result
+    def both(self, path: Path, texts: Texts) -> dict[str, dict[str, float]]:
+        """{"eval": ..., "off_domain": ...}: ``uptrain.evaluate.perplexity`` on the tragedies and on the
+        off-domain text, one line printed."""
+        from convert.report import checkpoint_kv_cache
+        from uptrain.evaluate import perplexity
+
+        model, tokenizer = load(path)
+        started = time.perf_counter()
+        result = {key: perplexity(model, tokenizer, [str(text)], self.seq_len, self.tokens,
+                                  progress=f"eval {path.name} on {text.name}")
+                  for key, text in (("eval", texts.eval), ("off_domain", texts.off_domain))}
+        print(f"{path}: {type(model).__name__}, {checkpoint_kv_cache(path)[0]} KV head(s): perplexity "
+              f"{result['eval']['ppl']:,.2f} on {texts.eval.name}, {result['off_domain']['ppl']:,.2f} on "
+              f"{texts.off_domain.name} ({time.perf_counter() - started:.0f} s)", flush=True)
+        return result
 
 
 def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path,
@@ -275,12 +313,15 @@ def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_
     return {"task": str(task), "items": rows[0]["cloze_items"], "chance": 1 / cloze.CHOICES}
 
 
-def row(label: str, path: Path, ppl: dict[str, float], tokens: int, seconds: float | None) -> dict[str, Any]:
+def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, seconds: float | None
+        ) -> dict[str, Any]:
     from convert.report import checkpoint_kv_cache
 
     kv_heads, kv_bytes = checkpoint_kv_cache(path)
     return {"model": label, "path": str(path), "kv_heads": kv_heads, "kv_cache_bytes_per_token": kv_bytes,
-            "eval_ppl": ppl["ppl"], "eval_tokens": ppl["tokens"], "tokens_trained": tokens, "seconds": seconds}
+            "eval_ppl": ppl["eval"]["ppl"], "eval_tokens": ppl["eval"]["tokens"],
+            "off_domain_ppl": ppl["off_domain"]["ppl"], "off_domain_tokens": ppl["off_domain"]["tokens"],
+            "tokens_trained": tokens, "seconds": seconds}
 
 
 def _cuda_available() -> bool:
@@ -297,13 +338,13 @@ def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
     return overrides
 
 
-def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, train_text: Path, eval_text: Path,
-                out: Path, gpu: bool) -> Recipe:
+def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, texts: Texts, out: Path, gpu: bool
+                ) -> Recipe:
     """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
     from uptrain.recipe import load_recipe
 
     paths = {"model": str(student), "teacher": str(teacher), "output_dir": str(out),
-             "data.train": [str(train_text)], "data.eval": [str(eval_text)]}
+             "data.train": [str(texts.samples)], "data.eval": [str(texts.eval)]}
     overrides = [f"{key}={json.dumps(value)}" for key, value in paths.items()]  # JSON is YAML: any path is safe
     overrides += recipe_overrides(args, gpu)
     recipe = load_recipe(args.recipe, overrides + list(args.overrides))
@@ -349,19 +390,21 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
-def format_table(rows: list[dict[str, Any]], seq_len: int) -> str:
-    """The results as a Markdown table; the perplexity column says its eval setting."""
+def format_table(rows: list[dict[str, Any]], e: dict[str, Any]) -> str:
+    """The results as a Markdown table; the perplexity columns say their text and setting (``e``: results.json's
+    "eval")."""
     cloze = any("cloze_acc" in r for r in rows)
-    lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl ({rows[0]['eval_tokens']:,} tokens, blocks of "
-             f"{seq_len}) | " + ("verse cloze acc | " if cloze else "") + "tokens trained | time |",
-             "|---|---|---|---|---|---|" + ("---|" if cloze else "")]
+    lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl, {Path(e['file']).name} ({e['tokens']:,} tokens, "
+             f"blocks of {e['seq_len']}) | off-domain ppl, {Path(e['off_domain_file']).name} "
+             f"({e['off_domain_tokens']:,} tokens) | " + ("verse cloze acc | " if cloze else "")
+             + "tokens trained | time |", "|---|---|---|---|---|---|---|" + ("---|" if cloze else "")]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
         acc = "— | " if cloze else ""
         if "cloze_acc" in r:
             acc = f"{r['cloze_acc']:.3f} ± {r['cloze_stderr'] or 0:.3f} | "
         lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
-                     f"| {acc}{r['tokens_trained']:,} | {seconds} |")
+                     f"| {r['off_domain_ppl']:,.2f} | {acc}{r['tokens_trained']:,} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -376,8 +419,10 @@ def training_eval(out: Path, seq_len: int) -> dict[str, int]:
 def eval_note(results: dict[str, Any]) -> str:
     """Why the table's perplexities differ from the training plot's (and from uptrain.evaluate's defaults)."""
     e, t = results["eval"], results["training_eval"]
-    return (f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}`, scored in blocks of "
-            f"{e['seq_len']}. The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
+    return (f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}` (in-domain) and "
+            f"of `{e['off_domain_file']}`, scored in blocks of {e['seq_len']}; the "
+            f"uptraining text is the original's own samples (`{results['texts']['samples']}`), neither of these. "
+            f"The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
             f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
             "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
             "gets other perplexities (README: One model, three perplexities).")
@@ -390,7 +435,7 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
     text = [f"# {results['model']}: MQA conversion and uptraining", "",
-            format_table(results["rows"], e["seq_len"]), "", eval_note(results), "",
+            format_table(results["rows"], e), "", eval_note(results), "",
             "Time: conversion, or "
             f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
             f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",

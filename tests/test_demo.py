@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
 from textlm import make_lm, train_tokenizer, write_corpus
@@ -24,8 +26,10 @@ def tiny(tmp_path_factory):
 def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     train, held, model = tiny
     out = tmp_path / "run"
+    docs = tmp_path / "docs.txt"  # the off-domain stand-in
+    docs.write_text("\n\n".join(f"Paragraph {i}: functions return values; modules import names." for i in range(200)))
     argv = ["--out", str(out), "--model", str(model), "--train-text", str(train), "--eval-text", str(held),
-            "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
+            "--off-domain-text", str(docs), "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
             "--calibration-tokens", "2048", "data.seq_len=64", "train.micro_batch_size=8",
             "train.warmup_steps=2", "train.lr=3.0e-3", "eval.every_steps=3", "eval.max_tokens=1024"]
     assert demo.main(argv) == 0
@@ -36,7 +40,8 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     rows = {r["model"]: r for r in results["rows"]}
     assert list(rows) == ["original", *(f"MQA, {m}" for m in demo.METHODS_SHOWN),
                           *(f"MQA, {m}, uptrained" for m in demo.TRAINED)]
-    assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in rows.values())
+    assert all(math.isfinite(r[k]) and r[k] > 1 for r in rows.values() for k in ("eval_ppl", "off_domain_ppl"))
+    assert all(r["eval_ppl"] != r["off_domain_ppl"] for r in rows.values())  # two texts, scored apart
     assert rows["original"]["kv_heads"] == 4 and rows["MQA, mean"]["kv_heads"] == 1
     # 2 layers x (K, V) x kv_heads x head_dim 16 x 4 bytes (float32)
     assert rows["original"]["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
@@ -45,6 +50,12 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     assert all(rows[label]["tokens_trained"] == 6 * 8 * 64 for label in trained)  # the same budget for each
     assert all(r["tokens_trained"] == 0 for label, r in rows.items() if label not in trained)
     assert (out / "uptrain-aware" / "final" / "model.safetensors").exists()
+    # Both trained on the original's own samples: at least the 6 x 8 x 64 tokens each trains on, from the model.
+    samples = Path(results["texts"]["samples"])
+    assert samples.parent == out / "samples" and samples.suffix == ".jsonl"
+    assert sum(len(json.loads(line)["text"]) for line in samples.read_text().splitlines()) > 6 * 8 * 64
+    for recipe in (out / "recipe.yaml", out / "uptrain-aware" / "recipe.yaml"):
+        assert yaml.safe_load(recipe.read_text().split("\n", 1)[1])["data"]["train"] == [str(samples)]
 
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.num_key_value_heads == 1
@@ -56,7 +67,8 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     assert all(f"| {label} |" in table for label in rows)
     # Each perplexity says its setting: the table 32 blocks of 64 (2,048 tokens asked), the in-loop eval 16 of 64.
     assert all(r["eval_tokens"] == 32 * 63 for r in rows.values())
-    assert "| eval ppl (2,016 tokens, blocks of 64) |" in table and "| eval ppl (2,016 tokens" in printed
+    assert f"| eval ppl, {held.name} (2,016 tokens, blocks of 64) | off-domain ppl, docs.txt (2,016 tokens) |" in table
+    assert f"| eval ppl, {held.name} (2,016 tokens" in printed
     assert results["training_eval"] == {"tokens": 16 * 63, "seq_len": 64}
     assert "The training plot's eval perplexity scores 1,008 tokens in blocks of 64" in table
     if importlib.util.find_spec("lm_eval"):  # the verse cloze column (kvshrink_demo.cloze), from the eval text
@@ -69,10 +81,13 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 def test_rerun_starts_training_over(tiny, tmp_path):
     train, held, model = tiny
     argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--train-text", str(train), "--eval-text",
-            str(held), "--max-steps", "2", "--eval-tokens", "512", "--eval-seq-len", "64", "--new-tokens", "2",
-            "--methods", "mean", "data.seq_len=64", "eval.max_tokens=512"]
+            str(held), "--off-domain-text", str(train), "--max-steps", "2", "--eval-tokens", "512",
+            "--eval-seq-len", "64", "--new-tokens", "2", "--methods", "mean", "data.seq_len=64", "eval.max_tokens=512"]
     assert demo.main(argv) == 0
+    samples = Path(json.loads((tmp_path / "run" / "results.json").read_text())["texts"]["samples"])
+    written = samples.stat().st_mtime_ns
     assert demo.main(argv) == 0  # the first run's checkpoints are removed, not resumed
+    assert samples.stat().st_mtime_ns == written  # the samples are reused
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == ["original", "MQA, mean", "MQA, mean, uptrained"]
     assert results["training"]["steps"] == 2 and results["training"]["tokens"] > 0

@@ -86,6 +86,19 @@ def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
     return {"tokens": tokens, "documents": len(documents), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def cached_samples(model_dir: str | Path, directory: Path, how: Sampling) -> Path:
+    """The samples of ``model_dir`` made as ``how`` says, written into ``directory`` the first time (the demo's
+    cache: a rerun reuses them). The file name records every setting, so another setting writes another file."""
+    path = directory / (f"samples-{how.tokens}-b{how.batch_size}-l{how.length}-t{how.temperature:g}-"
+                        f"seed{how.seed}.jsonl")
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        done = write_samples(str(model_dir), path, how)
+        print(f"sampled {done['tokens']:,} tokens ({done['documents']:,} documents) from {model_dir} in "
+              f"{done['seconds']:,.0f} s: {path}", flush=True)
+    return path
+
+
 def parse_args(argv: list[str] | None):
     from kvshrink.errors import OneLineParser, positive_int
 
