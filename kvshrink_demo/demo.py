@@ -51,6 +51,7 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "Tomorrow, and tomorrow, and tomorrow,",
     "But soft, what light through yonder window breaks?",
 ]
+SAMPLES_DIR = "smollm2-135m-instruct-samples"  # in the cache: the original's samples, one file per setting
 EVAL_TOKENS_CPU = 16_384  # per text, on a CPU
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
@@ -222,7 +223,7 @@ def sample_original(original: Path, out: Path, budget: int, args: argparse.Names
     from kvshrink import assets
     from uptrain.sample import cached_samples
 
-    directory = out / "samples" if args.model else assets.cache_dir() / "smollm2-135m-instruct-samples"
+    directory = out / "samples" if args.model else assets.cache_dir() / SAMPLES_DIR
     return cached_samples(original, directory, demo_sampling(budget, gpu))
 
 
