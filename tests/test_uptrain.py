@@ -235,6 +235,29 @@ def test_convert_step_with_svd_calibrates_on_given_or_training_text(setup, tmp_p
     assert summary.final
 
 
+def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text_is_a_hub_stream(setup, tmp_path):
+    """data.train a hub name (no local files): the convert step samples convert.calibration_tokens from the
+    source once (OUTPUT_DIR/calibration-samples) and calibrates on them."""
+    from convert import convert_checkpoint
+    from uptrain.train import convert_options
+
+    out = tmp_path / "hub"
+    convert = {"source": str(setup[2]), "kv_heads": 1, "method": "svd", "calibration_tokens": 512,
+               "calibration_seq_len": 64}
+    recipe = load_recipe(write_recipe(tmp_path / "h.yaml", setup, out, model=None, convert=convert,
+                                      data={"train": ["someone/a-hub-dataset"], "streaming": True}))
+    options = convert_options(recipe)
+    [samples] = options.calibration_data
+    assert Path(samples).parent == out / "calibration-samples"
+    docs = [json.loads(line)["text"] for line in Path(samples).read_text().splitlines()]
+    assert len(docs) > 1 and all(docs)
+    written = Path(samples).stat().st_mtime_ns
+    assert convert_options(recipe).calibration_data == [samples]  # sampled once
+    assert Path(samples).stat().st_mtime_ns == written
+    report = convert_checkpoint(setup[2], tmp_path / "mqa", options)
+    assert report.calibration["files"] == [samples] and report.calibration["tokens"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("trainable, changes", [("kv", (".k_proj.", ".v_proj.")),
                                                 ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))])

@@ -31,7 +31,8 @@ class RecipeError(KvshrinkError):
 class ConvertStep(ConvertOptions):
     """Convert ``source`` first (into OUTPUT_DIR/converted, with the converter's options and names) and train it.
 
-    ``calibration_data`` defaults to the recipe's ``data.train`` files when the method needs calibration text.
+    ``calibration_data`` defaults to the recipe's ``data.train`` files when the method needs calibration text,
+    or, when those are no local files (a hub stream), to ``calibration_tokens`` sampled from ``source``.
     """
 
     source: str

@@ -106,7 +106,9 @@ def _model_path(recipe: Recipe, accelerator) -> str:
 
 
 def convert_options(recipe: Recipe):
-    """The recipe's convert step as converter options; calibrated methods default to data.train's local files."""
+    """The recipe's convert step as converter options. Calibrated methods without convert.calibration_data
+    calibrate on data.train's local files, or, when it names none (a hub stream), on
+    ``convert.calibration_tokens`` sampled from the source (uptrain.sample, into OUTPUT_DIR/calibration-samples)."""
     from convert.merge import METHODS
     from convert.options import ConvertOptions
     from kvshrink.text import local_files
@@ -116,8 +118,10 @@ def convert_options(recipe: Recipe):
     if METHODS[c.method].calibrated and not c.calibration_data:
         files = [f for entry in recipe.data.train for f in (local_files(entry) or [])]
         if not files:
-            raise RecipeError(f"convert.method {c.method} needs calibration text: set convert.calibration_data "
-                              "(data.train names no local files)")
+            from uptrain.sample import Sampling, cached_samples
+
+            directory = Path(recipe.output_dir) / "calibration-samples"
+            files = [str(cached_samples(c.source, directory, Sampling(tokens=c.calibration_tokens)))]
         options.calibration_data = files
     return options
 
