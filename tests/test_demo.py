@@ -28,7 +28,7 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     docs = tmp_path / "docs.txt"  # the off-domain stand-in
     docs.write_text("\n\n".join(f"Paragraph {i}: functions return values; modules import names." for i in range(200)))
-    argv = ["--out", str(out), "--model", str(model), "--train-text", str(train), "--eval-text", str(held),
+    argv = ["--out", str(out), "--model", str(model), "--eval-text", str(held),
             "--off-domain-text", str(docs), "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
             "--calibration-tokens", "2048", "data.seq_len=64", "train.micro_batch_size=8",
             "train.warmup_steps=2", "train.lr=3.0e-3", "eval.every_steps=3", "eval.max_tokens=1024"]
@@ -54,6 +54,8 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     samples = Path(results["texts"]["samples"])
     assert samples.parent == out / "samples" and samples.suffix == ".jsonl"
     assert sum(len(json.loads(line)["text"]) for line in samples.read_text().splitlines()) > 6 * 8 * 64
+    calibration = json.loads((out / "mqa-aware" / "conversion.json").read_text())["calibration"]
+    assert calibration["files"] == [str(samples)]  # calibrated on them too
     for recipe in (out / "recipe.yaml", out / "uptrain-aware" / "recipe.yaml"):
         assert yaml.safe_load(recipe.read_text().split("\n", 1)[1])["data"]["train"] == [str(samples)]
 
@@ -91,7 +93,7 @@ def test_the_recipe_trains_on_the_samples_the_demo_writes(monkeypatch):
 
 def test_rerun_starts_training_over(tiny, tmp_path):
     train, held, model = tiny
-    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--train-text", str(train), "--eval-text",
+    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text",
             str(held), "--off-domain-text", str(train), "--max-steps", "2", "--eval-tokens", "512",
             "--eval-seq-len", "64", "--new-tokens", "2", "--methods", "mean", "data.seq_len=64", "eval.max_tokens=512"]
     assert demo.main(argv) == 0
@@ -164,7 +166,7 @@ def test_eval_seq_len_beyond_the_models_positions(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
-    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--train-text", "t", "--eval-text", "e",
+    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text", "e",
             "--eval-seq-len", "256"]
     assert demo.main(argv) == 2
     assert "--eval-seq-len 256 is beyond the model's 128 positions" in one_error_line(capsys)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 def test_tiny_suite_runs_every_step(tmp_path):
     train, held = write_corpus(tmp_path / "text")
     model = make_lm(tmp_path / "tiny-llama", train_tokenizer(train), kv_heads=4)
-    demo = ["--model", str(model), "--train-text", str(train), "--eval-text", str(held), "--max-steps", "2",
+    demo = ["--model", str(model), "--eval-text", str(held), "--off-domain-text", str(train), "--max-steps", "2",
             "--eval-tokens", "512", "--eval-seq-len", "64", "--new-tokens", "3", "--calibration-tokens", "512",
             "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1", "eval.max_tokens=256"]
     out = tmp_path / "suite"
