@@ -6,7 +6,8 @@
 
 SmolLM2-135M-Instruct (9 query heads, 3 KV heads) -> MQA by every registered method (contiguous groups: with
 3 KV heads becoming 1 every head is in the one group) and by the recommended conversion
-(``convert.options.RECOMMENDED``); calibrated methods run on the training plays. Every model is scored on two
+(``convert.options.RECOMMENDED``); calibrated methods run on the training plays (--calibration-text samples:
+on the original's samples, as the demo does). Every model is scored on two
 texts that neither calibration nor training sees: the held-out tragedies (the plays' domain) and CPython's own
 documentation (``pydoc_data.topics``: modern technical English, another domain). Then the inits named in
 --train are uptrained identically with the demo's CPU recipe (recipes/demo-smollm2-mqa.yaml: distillation from
@@ -81,6 +82,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=[*METHODS, BEST], help="inits converted and scored")
     parser.add_argument("--train", nargs="*", default=["mean", "best"], help="inits uptrained ('best': BEST)")
     parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's 40")
+    parser.add_argument("--calibration-text", choices=["plays", "samples"], default="plays",
+                        help="what the calibrated methods run on: the training plays, or the original's samples "
+                             "(the demo's)")
     parser.add_argument("--train-text", nargs="*", choices=["samples", "plays"], default=["samples"],
                         help="what the inits uptrain on: the original's samples (the demo's), the plays, or both")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge_quality")
@@ -100,7 +104,8 @@ def main() -> None:
     for name in args.methods:
         targets[name] = args.out / ("best" if name == BEST else name)
         reused = args.reuse and (targets[name] / "conversion.json").exists()
-        seconds = None if reused else convert(source, targets[name], name, plays["train"], args.calibration_tokens)
+        calibration = samples(source, args.max_steps) if args.calibration_text == "samples" else plays["train"]
+        seconds = None if reused else convert(source, targets[name], name, calibration, args.calibration_tokens)
         rows.append({"model": name, "convert_seconds": seconds,
                      "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
@@ -130,8 +135,9 @@ def render(result: dict) -> str:
         lines.append(f"| {r['model']} | {r.get('tokens', 0):,} | {ppl['in_domain']:,.2f} | "
                      f"{ppl['in_domain'] / original['in_domain']:,.2f} | {ppl['off_domain']:,.2f} | "
                      f"{ppl['off_domain'] / original['off_domain']:,.2f} |")
+    text = {"plays": "the training plays", "samples": "the original's samples"}[s.get("calibration_text", "plays")]
     lines.append(f"\n{s['eval_tokens']:,} eval tokens per text in blocks of 512; {s['calibration_tokens']:,} "
-                 "calibration tokens of the training plays; uptraining: the demo's CPU recipe, on the text "
+                 f"calibration tokens of {text}; uptraining: the demo's CPU recipe, on the text "
                  "each row names (the samples: the original's own, as the demo trains).")
     return "\n".join(lines)
 
