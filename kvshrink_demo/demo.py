@@ -230,9 +230,9 @@ def demo_sampling(budget: int, gpu: bool) -> Sampling:
     return Sampling(tokens=budget, batch_size=512 if gpu else 64)
 
 
-def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Namespace
+def convert_all(original: Path, out: Path, calibration_text: Path, args: argparse.Namespace
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``train_text`` (the samples)."""
+    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples)."""
     from convert import convert_checkpoint
     from convert.merge import METHODS
     from convert.options import RECOMMENDED
@@ -242,7 +242,7 @@ def convert_all(original: Path, out: Path, train_text: Path, args: argparse.Name
     for method in ["mean"] + [m for m in methods if m != "mean"]:
         extra = {}
         if METHODS[method].calibrated:
-            extra = dict(calibration_data=[str(train_text)], calibration_tokens=args.calibration_tokens)
+            extra = dict(calibration_data=[str(calibration_text)], calibration_tokens=args.calibration_tokens)
             if method == RECOMMENDED["method"]:  # the recommended conversion's other options
                 extra.update({key: value for key, value in RECOMMENDED.items() if key != "method"})
         target = out / f"mqa-{method}"
