@@ -69,8 +69,11 @@ def test_samples_follow_the_model_distribution_at_the_temperature_without_trunca
         assert set(drawn.tolist()) == {a, b}
         assert abs((drawn == a).float().mean().item() - expected) < 0.03  # stderr about 0.006
 
-    # uniform over 100 tokens: no top-k (transformers' default is 50) or top-p cuts the tail
+    # uniform over 100 tokens: no top-k (transformers' default is 50) or top-p cuts the tail, not even where the
+    # model's generation_config.json asks for them (generate() fills what it is not given from there)
     uniform = _planted(lm, {t: 0.01 for t in range(101) if t != eos})
+    uniform.generation_config.update(top_k=5, top_p=0.5, min_p=0.5, typical_p=0.5, repetition_penalty=3.0,
+                                     no_repeat_ngram_size=1, epsilon_cutoff=0.5, eta_cutoff=0.5)
     rows = list(samples(uniform, tokenizer, Sampling(tokens=2000, batch_size=4, length=500)))
     assert len({t for r in rows for t in r}) == 100
 

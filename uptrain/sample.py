@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Iterator
 
 MIN_TOKENS = 16
+# The model's own distribution: every transformers option that would reshape it set to its no-op, since
+# generate() fills what is not given from the model's generation_config.json (Llama 2's has top_p 0.9).
+RAW_SAMPLING = dict(do_sample=True, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
 
 
 @dataclass
@@ -51,9 +55,8 @@ def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int
         written, barren = 0, 0
         while written < how.tokens:
             ids = torch.full((how.batch_size, 1), start, device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                 temperature=how.temperature, top_k=0, top_p=1.0, max_new_tokens=how.length,
-                                 pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=how.length,
+                                 pad_token_id=tokenizer.eos_token_id, **RAW_SAMPLING, temperature=how.temperature)
             kept = 0
             for row in out[:, 1:].tolist():
                 if tokenizer.eos_token_id in row:
