@@ -80,17 +80,6 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     assert (out / "recipe.yaml").exists() and (out / "original").resolve() == model.resolve()
 
 
-def test_the_recipe_trains_on_the_samples_the_demo_writes(monkeypatch):
-    """recipes/demo-smollm2-mqa.yaml run alone (after the demo) reads the file the demo's CPU branch samples."""
-    from uptrain.recipe import load_recipe
-
-    monkeypatch.setenv("KVSHRINK_CACHE", "/cache")
-    recipe = load_recipe(demo.RECIPE)
-    t = recipe.train
-    budget = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
-    assert recipe.data.train == [f"/cache/smollm2-135m-instruct-samples/{demo.demo_sampling(budget, False).file_name()}"]
-
-
 def test_rerun_starts_training_over(tiny, tmp_path):
     train, held, model = tiny
     argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text",

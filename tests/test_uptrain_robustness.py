@@ -271,15 +271,19 @@ def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys
 @pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "/xdg"}, {"KVSHRINK_CACHE": "/data/kv"},
                                  {"KVSHRINK_CACHE": "/data/kv", "XDG_CACHE_HOME": "/xdg"}])
 def test_demo_recipe_reads_the_demo_cache(monkeypatch, env):
-    """recipes/demo-smollm2-mqa.yaml run alone reads the Shakespeare files where the demo writes them."""
+    """recipes/demo-smollm2-mqa.yaml run alone reads the samples and the tragedies where the demo's CPU branch
+    writes them."""
     from kvshrink.assets import cache_dir
+    from kvshrink_demo import demo
 
     for name in ("KVSHRINK_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     recipe = load_recipe(RECIPES / "demo-smollm2-mqa.yaml")
-    assert recipe.data.train == [str(cache_dir() / "shakespeare" / "train.txt")]
+    t = recipe.train
+    budget = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+    assert recipe.data.train == [str(cache_dir() / demo.SAMPLES_DIR / demo.demo_sampling(budget, False).file_name())]
     assert recipe.data.eval == [str(cache_dir() / "shakespeare" / "eval.txt")]
 
 
