@@ -64,15 +64,14 @@ def uptrain(model_dir: Path, teacher: Path, text: Path, out: Path, steps: int | 
 
 
 def samples(source: Path, steps: int | None) -> Path:
-    """The demo's training text: the original's own samples, as many tokens as the recipe trains on (cached)."""
-    from kvshrink_demo import demo
-    from uptrain.recipe import load_recipe
-    from uptrain.sample import cached_samples
+    """The demo's training text: the original's own samples, as many tokens as the recipe trains on, in the
+    folder the recipe reads them from (the demo's cache), sampled there the first time."""
+    from uptrain.recipe import load_recipe, schedule
+    from uptrain.sample import Sampling, cached_samples
 
     recipe = load_recipe(RECIPE, [f"train.max_steps={steps}"] if steps else [])
-    t = recipe.train
-    budget = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
-    return cached_samples(source, assets.cache_dir() / demo.SAMPLES_DIR, demo.demo_sampling(budget, False))
+    tokens_per_step, total_steps = schedule(recipe)
+    return cached_samples(source, Path(recipe.data.train[0]).parent, Sampling(tokens=tokens_per_step * total_steps))
 
 
 def main() -> None:
@@ -100,17 +99,18 @@ def main() -> None:
     texts = {"in_domain": plays["eval"], "off_domain": assets.cpython_docs()}
     rows = [{"model": "original (3 KV heads)", "ppl": perplexities(source, texts, 512, args.eval_tokens)}]
     print(rows[-1], flush=True)
+    sampled = samples(source, args.max_steps) if "samples" in [args.calibration_text, *args.train_text] else None
+    calibration = sampled if args.calibration_text == "samples" else plays["train"]
     targets = {}
     for name in args.methods:
         targets[name] = args.out / ("best" if name == BEST else name)
         reused = args.reuse and (targets[name] / "conversion.json").exists()
-        calibration = samples(source, args.max_steps) if args.calibration_text == "samples" else plays["train"]
         seconds = None if reused else convert(source, targets[name], name, calibration, args.calibration_tokens)
         rows.append({"model": name, "convert_seconds": seconds,
                      "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
         print(rows[-1], flush=True)
     for text in args.train_text:
-        path = samples(source, args.max_steps) if text == "samples" else plays["train"]
+        path = sampled if text == "samples" else plays["train"]
         for name in args.train:
             init, run = BEST if name == "best" else name, args.out / f"train-{name}-{text}"
             trained = uptrain(targets[init], source, path, run, args.max_steps)

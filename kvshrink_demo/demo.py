@@ -169,13 +169,12 @@ def validate(args: argparse.Namespace, out: Path) -> tuple[bool, int]:
         Whether there is a GPU (the GPU overrides apply), and the tokens each model trains on (one process).
     """
     from kvshrink.errors import check_output_dir
-    from uptrain.recipe import load_recipe
+    from uptrain.recipe import load_recipe, schedule
 
     check_output_dir(out, "--out")
     gpu = _cuda_available()
-    recipe = load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides))
-    t = recipe.train
-    return gpu, t.max_tokens or t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+    tokens_per_step, steps = schedule(load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides)))
+    return gpu, tokens_per_step * steps
 
 
 def start_run(out: Path, original: Path) -> None:

@@ -28,8 +28,8 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     docs = tmp_path / "docs.txt"  # the off-domain stand-in
     docs.write_text("\n\n".join(f"Paragraph {i}: functions return values; modules import names." for i in range(200)))
-    argv = ["--out", str(out), "--model", str(model), "--eval-text", str(held),
-            "--off-domain-text", str(docs), "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
+    argv = ["--out", str(out), "--model", str(model), "--eval-text", str(held), "--off-domain-text", str(docs),
+            "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
             "--calibration-tokens", "2048", "data.seq_len=64", "train.micro_batch_size=8",
             "train.warmup_steps=2", "train.lr=3.0e-3", "eval.every_steps=3", "eval.max_tokens=1024"]
     assert demo.main(argv) == 0

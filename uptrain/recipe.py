@@ -7,6 +7,7 @@ keys of its section, and every value must have the declared type.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -285,6 +286,14 @@ def _expand_paths(recipe: Recipe) -> None:
             setattr(node, leaf, expand_path(value, dotted))
         elif isinstance(value, list):
             setattr(node, leaf, [expand_path(v, f"{dotted}[{k}]") for k, v in enumerate(value)])
+
+
+def schedule(recipe: Recipe, processes: int = 1) -> tuple[int, int]:
+    """(tokens per optimizer step, optimizer steps) of a run on ``processes`` processes: ``train.max_steps``, or
+    as many steps as ``train.max_tokens`` needs."""
+    t = recipe.train
+    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * processes
+    return tokens_per_step, t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
 
 
 def _check_consistency(r: Recipe) -> None:

@@ -2,11 +2,11 @@
 
 Uptraining distils the converted model back to the original; the text it trains on decides where the two are
 made to agree. A user's own text recovers that domain (Shakespeare's plays recover Shakespeare, README: Merge
-quality), but the model also has to keep working on everything else. Text sampled from the original model (from its BOS token, at
-temperature 1, no top-k or top-p) is a draw from the very distribution that is to be preserved, and needs no
-dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples shorter than
-``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document each), and
-appears whole or not at all.
+quality), but the model also has to keep working on everything else. Text sampled from the original model
+(from its BOS token, at temperature 1, no top-k or top-p) is a draw from the very distribution that is to be
+preserved, and needs no dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples
+shorter than ``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document
+each), and appears whole or not at all.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kvshrink.errors import KvshrinkError
 from uptrain import checkpoints, data
 from uptrain.loss import chunkable, chunked_loss, liger_loss, select_fused_loss
-from uptrain.recipe import Recipe, RecipeError
+from uptrain.recipe import Recipe, RecipeError, schedule
 from uptrain.summary import TrainingSummary
 
 
@@ -300,8 +300,7 @@ def _run(recipe: Recipe) -> TrainingSummary:
     model, teacher, source_dtype, trainable = _models(recipe, accelerator, model_path)
 
     # Optimizer, scheduler
-    tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * accelerator.num_processes
-    total_steps = t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
+    tokens_per_step, total_steps = schedule(recipe, accelerator.num_processes)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
