@@ -1,7 +1,7 @@
 """Decoding measured in stock transformers: cache bytes, time per token, attention path, largest batch.
 
 Every model runs as transformers ships it: ``DynamicCache``, ``attn_implementation="sdpa"``, a manual greedy
-loop (one token per forward through ``past_key_values``) under ``torch.inference_mode``. Running out of
+loop (one token per forward through the KV cache) under ``torch.inference_mode``. Running out of
 memory marks a cell "OOM" instead of ending the run.
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from kvshrink.generate import with_cache
 
 GB = 1e9
 MAX_FIT_BATCH = 1 << 16
@@ -121,7 +123,7 @@ def prefill(model: torch.nn.Module, batch: int, context: int, prefill_tokens: in
     ids = torch.randint(0, model.config.vocab_size, (rows, context), device=device)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (rows, 1, V)
+        logits = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (rows, 1, V)
     if batch > rows:
         cache.batch_repeat_interleave(batch // rows)  # (rows, kv, T, d) -> (batch, kv, T, d) in every layer
     return cache, logits[:, -1:].argmax(-1).repeat_interleave(batch // rows, dim=0)  # (batch, 1)
@@ -129,10 +131,11 @@ def prefill(model: torch.nn.Module, batch: int, context: int, prefill_tokens: in
 
 def decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` greedy decode steps through the cache, one token each; returns the last ids (batch, 1)."""
+    through = with_cache(model, cache)
     with torch.inference_mode():
         for _ in range(steps):
             torch.compiler.cudagraph_mark_step_begin()  # a compiled step's outputs may be overwritten next step
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits  # (batch, 1, vocab)
+            logits = model(input_ids=ids, **through, use_cache=True).logits  # (batch, 1, vocab)
             ids = logits[:, -1:].argmax(-1)  # (batch, 1)
     return ids
 

@@ -1,4 +1,5 @@
-"""Greedy continuations of the same prompts by several models, shown side by side (the demo, the decode bench)."""
+"""Greedy continuations of the same prompts by several models, shown side by side (the demo, the decode bench),
+and the one way to hand a forward its KV cache (``with_cache``: the decode bench, ``uptrain.sample``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
         ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
         texts.append(tokenizer.decode(new, skip_special_tokens=True) + (" [end of text]" if ended else ""))
     return texts
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword argument that hands ``cache`` (a KV cache) to ``model``'s forward: ``cache`` where the
+    forward has it (transformers 5.24 renamed it and deprecates ``past_key_values`` until 5.40), else
+    ``past_key_values``."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def one_line(text: str) -> str:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain.recipe import RecipeError
-from uptrain.sample import MIN_TOKENS, Sampling, main, samples
+from uptrain.sample import MIN_TOKENS, Sampling, batch_rows, draw, main, samples
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,15 @@ def test_writes_at_least_the_tokens_asked_for_as_jsonl_documents_reproducibly(lm
     assert main([str(lm), str(out), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1",
                  "--overwrite"]) == 0
     assert out.read_bytes() != again.read_bytes()  # replaced, by another seed's samples
+
+
+def test_the_last_batches_draw_only_about_what_is_still_needed():
+    how = Sampling(tokens=1000, batch_size=8, length=100)
+    assert batch_rows(how, 0, 0) == 8  # nothing known yet: a whole batch
+    assert batch_rows(how, 450, 8) == 8  # 56.25 tokens a sample: 550 more need 9.8 samples, + 25%: capped at 8
+    assert batch_rows(how, 900, 16) == 3  # 100 more tokens: 1.78 samples, + 25% -> 3
+    assert batch_rows(how, 999, 16) == 1
+    assert batch_rows(how, 40, 8) == 8  # most samples were dropped as too short: still a whole batch
 
 
 def _planted(lm: Path, probabilities: dict[int, float]):
@@ -83,9 +92,11 @@ def test_samples_stop_at_eos_and_a_model_that_ends_at_once_is_refused(lm):
     eos = tokenizer.eos_token_id
     other = next(t for t in range(10) if t != eos)
     model = _planted(lm, {other: 0.97, eos: 0.03})  # mean sample length about 32 tokens
-    rows = list(samples(model, tokenizer, Sampling(tokens=2000, batch_size=8, length=200)))
-    assert all(MIN_TOKENS <= len(r) <= 200 and set(r) == {other} for r in rows)
-    assert 0.02 < len(rows) / sum(map(len, rows)) < 0.045  # one sample ended per about 33 tokens
+    rows = list(samples(model, tokenizer, Sampling(tokens=6000, batch_size=16, length=400)))
+    assert all(MIN_TOKENS <= len(r) <= 400 and set(r) == {other} for r in rows)
+    # tokens before EOS: geometric, mean 0.97 / 0.03; those kept (at least MIN_TOKENS) average MIN_TOKENS more;
+    # about 125 samples, standard deviation about 33: the standard error is about 3
+    assert abs(sum(map(len, rows)) / len(rows) - (MIN_TOKENS + 0.97 / 0.03)) < 10
 
     # no sample reaches MIN_TOKENS: without a limit the loop would never end
     with pytest.raises(RecipeError, match="shorter than"):
@@ -135,3 +146,34 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert "nothing: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
 
+
+
+def test_samples_that_end_leave_the_batch_and_the_cache_without_changing_the_others(lm, monkeypatch):
+    """A model whose samples end at different steps (EOS made likely, its odds depending on the context): the
+    ended samples pruned out of the batch and the KV cache give exactly the samples drawn with them kept."""
+    from transformers import DynamicCache
+
+    tokenizer = AutoTokenizer.from_pretrained(lm)
+    eos = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(lm, dtype=torch.float32).eval()
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 2.0
+    model.lm_head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    how = Sampling(tokens=1, batch_size=8, length=60)
+    pruned = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, i: pruned.append(len(i)) or select(self, i))
+
+    def eight():
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            return draw(model, tokenizer.bos_token_id, 8, how, eos)
+
+    with_pruning = eight()
+    lengths = [len(d) for d in with_pruning]
+    assert len(set(lengths)) >= 4 and min(lengths) < 60 and max(lengths) == 60, lengths  # ends at different steps
+    assert all(d[-1] == eos for d in with_pruning if len(d) < 60) and pruned and pruned[-1] < 8
+    for cls in DynamicCache.__mro__:  # a cache that cannot drop rows: every sample stays in the batch
+        if "batch_select_indices" in vars(cls):
+            monkeypatch.delattr(cls, "batch_select_indices")
+    assert eight() == with_pruning

@@ -12,6 +12,7 @@ each), and appears whole or not at all.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -19,16 +20,10 @@ from pathlib import Path
 from typing import Iterator
 
 MIN_TOKENS = 16
-# The model's own distribution: every transformers option that would reshape it set to its no-op, since
-# generate() fills what is not given from the model's generation_config.json (Llama 2's has top_p 0.9).
-RAW_SAMPLING = dict(do_sample=True, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0,
-                    eta_cutoff=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0)
-
-
 @dataclass
 class Sampling:
-    """How much to write and how: ``tokens`` at least (the last batch may overshoot), ``batch_size`` samples of
-    at most ``length`` new tokens drawn at once, at ``temperature``, from ``seed``."""
+    """How much to write and how: ``tokens`` at least, ``batch_size`` samples of at most ``length`` new tokens
+    drawn at once (the last batches fewer: ``batch_rows``), at ``temperature``, from ``seed``."""
 
     tokens: int
     batch_size: int = 64
@@ -52,13 +47,12 @@ def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int
     generator_state = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with generator_state, torch.inference_mode():
         torch.manual_seed(how.seed)
-        written, barren = 0, 0
+        written, drawn, barren = 0, 0, 0
         while written < how.tokens:
-            ids = torch.full((how.batch_size, 1), start, device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=how.length,
-                                 pad_token_id=tokenizer.eos_token_id, **RAW_SAMPLING, temperature=how.temperature)
+            rows = batch_rows(how, written, drawn)
+            drawn += rows
             kept = 0
-            for row in out[:, 1:].tolist():
+            for row in draw(model, start, rows, how, tokenizer.eos_token_id):
                 if tokenizer.eos_token_id in row:
                     row = row[:row.index(tokenizer.eos_token_id)]
                 if len(row) >= MIN_TOKENS:
@@ -70,6 +64,54 @@ def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int
                                   "the model ends its text at once (raise --temperature, or check the model)")
             if progress:
                 progress(written)
+
+
+def draw(model, start: int, rows: int, how: Sampling, eos: int | None) -> list[list[int]]:
+    """``rows`` samples of at most ``how.length`` tokens after ``start``, each ending at its first ``eos``
+    (kept). Not ``generate()``, which reshapes the distribution with whatever the model's generation_config.json
+    asks for (Llama 2's top_p 0.9) and draws with ``multinomial`` (an exponential variate for every vocabulary
+    entry: a third of the time on a CPU): each token here is one uniform variate through the cumulative
+    distribution of softmax(logits / T), each sample's variates the same whoever else is in the batch. A
+    sample that ends leaves the batch, and its rows leave the KV cache where the cache can drop them
+    (``batch_select_indices``), so the compute goes to the tokens written."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvshrink.generate import with_cache
+
+    device = next(model.parameters()).device
+    cache, going, drawn = DynamicCache(config=model.config), list(range(rows)), [[] for _ in range(rows)]
+    through = with_cache(model, cache)
+    out = model(input_ids=torch.full((rows, 1), start, device=device), **through, use_cache=True)
+    prunable = hasattr(cache, "batch_select_indices")
+    for step in range(how.length):
+        logits = out.logits[:, -1].float()
+        cumulative = torch.softmax(logits if how.temperature == 1 else logits / how.temperature, dim=-1).double()
+        cumulative = cumulative.cumsum_(-1)  # in float64: a token of probability 1e-9 keeps its chance
+        uniform = torch.rand(rows, 1, dtype=torch.float64, device=device)[going] * cumulative[:, -1:]
+        tokens = torch.searchsorted(cumulative, uniform, right=True).clamp_(max=cumulative.shape[-1] - 1)
+        for sample, token in zip(going, tokens[:, 0].tolist()):
+            if not drawn[sample] or drawn[sample][-1] != eos:  # a sample that ended (unpruned cache) stays ended
+                drawn[sample].append(token)
+        alive = [i for i, sample in enumerate(going) if drawn[sample][-1] != eos]
+        if not alive or step == how.length - 1:
+            break
+        if prunable and len(alive) < len(going):
+            index = torch.tensor(alive, device=device)
+            cache.batch_select_indices(index)
+            going, tokens = [going[i] for i in alive], tokens[index]
+        out = model(input_ids=tokens, **through, use_cache=True)
+    return drawn
+
+
+def batch_rows(how: Sampling, written: int, drawn: int) -> int:
+    """Samples to draw next: ``how.batch_size``, or fewer once the tokens written per sample drawn so far say
+    fewer will do (with a quarter to spare; a batch that still falls short is followed by another), so the last
+    batch does not overshoot by most of a batch."""
+    if not written:
+        return how.batch_size
+    needed = (how.tokens - written) / (written / drawn)
+    return max(1, min(how.batch_size, math.ceil(needed * 1.25)))
 
 
 def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
