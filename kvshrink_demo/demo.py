@@ -16,8 +16,10 @@
 6. a table (KV heads, KV-cache bytes per token, eval perplexity on both texts, cloze accuracy, tokens trained,
    time), printed and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
 
-The recipe is sized for a 2-core CPU (about 5 minutes of training per model). With a GPU, ``GPU_OVERRIDES``
-train every weight in bf16 on longer blocks, on 2M sampled tokens (sampled 512 at a time; not yet run on a GPU).
+The recipe is sized for a 2-core CPU (about 4 minutes of training per model), and on a CPU the recommended
+conversion takes ``CPU_LOCAL_STEPS`` local steps and the evals ``EVAL_TOKENS_CPU`` tokens, so that the whole demo
+takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M
+sampled tokens (sampled 512 at a time; not yet run on a GPU), with RECOMMENDED's local steps.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "But soft, what light through yonder window breaks?",
 ]
 SAMPLES_DIR = "smollm2-135m-instruct-samples"  # in the cache: the original's samples, one file per setting
-EVAL_TOKENS_CPU = 8_192  # per text (two texts), on a CPU
+EVAL_TOKENS_CPU = 4_096  # per text (two texts), on a CPU (README: the whole demo in about 20 minutes)
+CPU_LOCAL_STEPS = 25  # the recommended conversion's local steps on a CPU (RECOMMENDED's 100 on a GPU)
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
@@ -119,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model: {original}\n" + "\n".join(f"{k + ':':<11} {v}" for k, v in asdict(texts).items()))
 
     header(2, f"convert to MQA ({KV_HEADS} KV head): the GQA paper's mean and this project's methods")
-    converted = convert_all(original, out, texts.samples, args)
+    converted = convert_all(original, out, texts.samples, args, gpu)
 
     header(3, f"eval perplexity on {scoring.tokens:,} tokens of {texts.eval.name} and of {texts.off_domain.name} "
               f"(blocks of {args.eval_seq_len})")
@@ -229,9 +232,10 @@ def demo_sampling(budget: int, gpu: bool) -> Sampling:
     return Sampling(tokens=budget, batch_size=512 if gpu else 64)
 
 
-def convert_all(original: Path, out: Path, calibration_text: Path, args: argparse.Namespace
+def convert_all(original: Path, out: Path, calibration_text: Path, args: argparse.Namespace, gpu: bool
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples)."""
+    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples); the
+    recommended conversion takes ``CPU_LOCAL_STEPS`` local steps per layer on a CPU."""
     from convert import convert_checkpoint
     from convert.merge import METHODS
     from convert.options import RECOMMENDED
@@ -244,6 +248,7 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
             extra = dict(calibration_data=[str(calibration_text)], calibration_tokens=args.calibration_tokens)
             if method == RECOMMENDED["method"]:  # the recommended conversion's other options
                 extra.update({key: value for key, value in RECOMMENDED.items() if key != "method"})
+                extra["local_steps"] = RECOMMENDED["local_steps"] if gpu else CPU_LOCAL_STEPS
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 MIN_TOKENS = 16
+SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other text): in cached file names
 @dataclass
 class Sampling:
     """How much to write and how: ``tokens`` at least, ``batch_size`` samples of at most ``length`` new tokens
@@ -32,8 +33,10 @@ class Sampling:
     seed: int = 0
 
     def file_name(self) -> str:
-        """``samples-TOKENS-bBATCH-lLENGTH-tTEMPERATURE-seedSEED.jsonl``: every setting that shapes the text."""
-        return f"samples-{self.tokens}-b{self.batch_size}-l{self.length}-t{self.temperature:g}-seed{self.seed}.jsonl"
+        """``samples-TOKENS-bBATCH-lLENGTH-tTEMPERATURE-seedSEED-vSAMPLER.jsonl``: every setting that shapes the
+        text, and the version of the sampler (``SAMPLER``) that drew it."""
+        return (f"samples-{self.tokens}-b{self.batch_size}-l{self.length}-t{self.temperature:g}-seed{self.seed}"
+                f"-v{SAMPLER}.jsonl")
 
 
 def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
