@@ -21,6 +21,8 @@ from typing import Iterator
 
 MIN_TOKENS = 16
 SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other text): in cached file names
+
+
 @dataclass
 class Sampling:
     """How much to write and how: ``tokens`` at least, ``batch_size`` samples of at most ``length`` new tokens
