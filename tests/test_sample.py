@@ -51,6 +51,9 @@ def test_the_last_batches_draw_only_about_what_is_still_needed():
     assert batch_rows(how, 900, 16) == 3  # 100 more tokens: 1.78 samples, + 25% -> 3
     assert batch_rows(how, 999, 16) == 1
     assert batch_rows(how, 40, 8) == 8  # most samples were dropped as too short: still a whole batch
+    few = Sampling(tokens=200, batch_size=64, length=40)
+    assert batch_rows(few, 0, 0) == 5  # 200 tokens are 5 full-length samples: not a batch of 64
+    assert batch_rows(few, 0, 5) == 5  # all 5 dropped: as many again
 
 
 def _planted(lm: Path, probabilities: dict[int, float]):

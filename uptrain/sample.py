@@ -110,11 +110,12 @@ def draw(model, start: int, rows: int, how: Sampling, eos: int | None) -> list[l
 
 
 def batch_rows(how: Sampling, written: int, drawn: int) -> int:
-    """Samples to draw next: ``how.batch_size``, or fewer once the tokens written per sample drawn so far say
-    fewer will do (with a quarter to spare; a batch that still falls short is followed by another), so the last
-    batch does not overshoot by most of a batch."""
+    """Samples to draw next: ``how.batch_size``, or fewer where fewer will do: before any are kept, as many as
+    would be needed if each ran its full ``length``; then as many as the tokens written per sample drawn so far
+    say (with a quarter to spare). A batch that still falls short is followed by another; none overshoots by
+    most of a batch."""
     if not written:
-        return how.batch_size
+        return max(1, min(how.batch_size, math.ceil(how.tokens / how.length)))
     needed = (how.tokens - written) / (written / drawn)
     return max(1, min(how.batch_size, math.ceil(needed * 1.25)))
 
