@@ -123,7 +123,8 @@ def prefill(model: torch.nn.Module, batch: int, context: int, prefill_tokens: in
     ids = torch.randint(0, model.config.vocab_size, (rows, context), device=device)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        logits = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1).logits  # (rows, 1, V)
+        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        logits = out.logits  # (rows, 1, V)
     if batch > rows:
         cache.batch_repeat_interleave(batch // rows)  # (rows, kv, T, d) -> (batch, kv, T, d) in every layer
     return cache, logits[:, -1:].argmax(-1).repeat_interleave(batch // rows, dim=0)  # (batch, 1)
