@@ -11,7 +11,7 @@ on the original's samples, as the demo does). Every model is scored on two
 texts that neither calibration nor training sees: the held-out tragedies (the plays' domain) and CPython's own
 documentation (``pydoc_data.topics``: modern technical English, another domain). Then the inits named in
 --train are uptrained identically with the demo's CPU recipe (recipes/demo-smollm2-mqa.yaml: distillation from
-the original, attention projections, 40 steps x 1,024 tokens; python -m uptrain) on each --train-text: the
+the original, attention projections, 30 steps x 1,024 tokens; python -m uptrain) on each --train-text: the
 original's own samples (uptrain.sample, the demo's training text, cached where the demo caches it) and/or the
 plays, and scored again on both texts: the off-domain column asks whether the model recovered, not whether it
 learned a domain. Writes bench/out/merge_quality/{results.json,results.md}.
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--methods", nargs="*", default=[*METHODS, BEST], help="inits converted and scored")
     parser.add_argument("--train", nargs="*", default=["mean", "best"], help="inits uptrained ('best': BEST)")
-    parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's 40")
+    parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's train.max_steps")
     parser.add_argument("--calibration-text", choices=["plays", "samples"], default="plays",
                         help="what the calibrated methods run on: the training plays, or the original's samples "
                              "(the demo's)")

@@ -26,7 +26,7 @@ from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture 
 from uptrain.__main__ import main as uptrain_main
 from uptrain.data import pack
 from uptrain.evaluate import main as evaluate_main
-from uptrain.recipe import RecipeError, Save, load_recipe
+from uptrain.recipe import RecipeError, Save, load_recipe, schedule
 from uptrain.train import run
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -281,9 +281,9 @@ def test_demo_recipe_reads_the_demo_cache(monkeypatch, env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     recipe = load_recipe(RECIPES / "demo-smollm2-mqa.yaml")
-    t = recipe.train
-    budget = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
-    assert recipe.data.train == [str(cache_dir() / demo.SAMPLES_DIR / demo.demo_sampling(budget, False).file_name())]
+    tokens_per_step, steps = schedule(recipe)
+    name = demo.demo_sampling(tokens_per_step * steps, False).file_name()
+    assert recipe.data.train == [str(cache_dir() / demo.SAMPLES_DIR / name)]
     assert recipe.data.eval == [str(cache_dir() / "shakespeare" / "eval.txt")]
 
 
