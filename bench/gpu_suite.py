@@ -7,10 +7,10 @@ Steps, in order (each a subprocess; a failing step is recorded and the next one 
 
 1. throughput: ``bench/uptrain_throughput.py`` on a 1B-class Llama (hidden 2048, 16 layers, 32 heads, GQA-8,
    seq 2048), the uptrain loop vs transformers' Trainer, and the loop distilling from the MHA original.
-2. decode: ``python -m decode_bench --synthetic llama-1b`` over batch 1/8/32/64/128 x context
+2. decode: ``python -m kvshrink.decode_bench --synthetic llama-1b`` over batch 1/8/32/64/128 x context
    512/2048/8192, the largest batch at context 2048 in 70 GB (stock DynamicCache).
 3. decode-static: the same model at batch 1 and 64 x context 2048 through a StaticCache + torch.compile.
-4. demo: ``python -m kvshrink_demo`` end to end (its GPU branch on a GPU).
+4. demo: ``python -m kvshrink.demo`` end to end (its GPU branch on a GPU).
 5. fsdp: the demo's recipe under ``accelerate launch --config_file recipes/accelerate/fsdp.yaml
    --num_processes 1``: half the steps, then a second launch that resumes to the end, then the final
    checkpoint loaded with AutoModelForCausalLM.
@@ -53,10 +53,11 @@ def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     static = ["--static-cache", "eager"] if tiny else ["--batch", "1", "64", "--context", "2048",
                                                        "--static-cache", "compile"]
     demo_out = out / "demo"
-    demo = [PY, "-m", "kvshrink_demo", "--out", str(demo_out), *shlex.split(args.demo_args)]
+    demo = [PY, "-m", "kvshrink.demo", "--out", str(demo_out), *shlex.split(args.demo_args)]
     return [("throughput", [PY, str(ROOT / "bench" / "uptrain_throughput.py"), *size, *variants, "--distill"]),
-            ("decode", [PY, "-m", "decode_bench", *decode, *grid, "--out", str(out / "decode")]),
-            ("decode-static", [PY, "-m", "decode_bench", *decode, *static, "--out", str(out / "decode-static")]),
+            ("decode", [PY, "-m", "kvshrink.decode_bench", *decode, *grid, "--out", str(out / "decode")]),
+            ("decode-static", [PY, "-m", "kvshrink.decode_bench", *decode, *static,
+                               "--out", str(out / "decode-static")]),
             ("demo", demo),
             *fsdp_steps(args, demo_out)]
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-suite"))
     parser.add_argument("--tiny", action="store_true", help="tiny sizes on the CPU (what the tests run)")
-    parser.add_argument("--demo-args", default="", help="extra arguments for python -m kvshrink_demo (quoted)")
+    parser.add_argument("--demo-args", default="", help="extra arguments for python -m kvshrink.demo (quoted)")
     parser.add_argument("--fsdp-steps", type=int, default=30, help="FSDP smoke run length (half, then resumed)")
     parser.add_argument("--only", nargs="+", help="run only these steps (names as in suite.md)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per step")

@@ -3,5 +3,5 @@
 SmolLM2 model and Shakespeare text the demo and the benches use (``assets``).
 
 The commands themselves live in ``convert`` (checkpoint in, checkpoint out), ``uptrain`` (recipe in, trained
-checkpoint out), ``decode_bench`` (what a conversion buys at decoding time) and ``kvshrink_demo``.
+checkpoint out), and here: ``decode_bench`` (what a conversion buys at decoding time) and ``demo``.
 """

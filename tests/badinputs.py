@@ -117,10 +117,10 @@ def _recipe(model: Path, out: Path, files: Path) -> Path:
 COMMANDS = [
     Command("convert", lambda model, out, good, files: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
             ("model", "out")),
-    Command("decode_bench", lambda model, out, good, files: ["-m", "decode_bench", str(model), str(good), "--out",
-                                                             str(out), "--device", "cpu"], ("model", "out")),
+    Command("decode_bench", lambda model, out, good, files: ["-m", "kvshrink.decode_bench", str(model), str(good),
+                                                             "--out", str(out), "--device", "cpu"], ("model", "out")),
     # The demo's model is the packaged SmolLM2 (its --model is a test hook): only --out is the user's.
-    Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink_demo", "--out", str(out)], ("out",)),
+    Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink.demo", "--out", str(out)], ("out",)),
     Command("uptrain.evaluate", lambda model, out, good, files: ["-m", "uptrain.evaluate", str(model), "--data",
                                                                  str(_text(files))], ("model",)),
     Command("uptrain.sample", lambda model, out, good, files: ["-m", "uptrain.sample", str(model),

@@ -15,10 +15,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from decode_bench import decoding
-from decode_bench.cli import main
+from kvshrink.decode_bench import decoding
+from kvshrink.decode_bench.cli import main
 from convert.errors import ConversionError
-from decode_bench.mha_twin import mha_twin, repeat_heads, save_mha_twin
+from kvshrink.decode_bench.mha_twin import mha_twin, repeat_heads, save_mha_twin
 from tiny import HEADS, logits, make_model
 
 LAYERS, HEAD_DIM = 2, 8
@@ -232,7 +232,7 @@ def test_argument_errors_are_one_line(argv, capsys):
 
 
 def test_module_entry_point_exit_code(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "decode_bench", str(tmp_path / "a"), str(tmp_path / "b")],
+    done = subprocess.run([sys.executable, "-m", "kvshrink.decode_bench", str(tmp_path / "a"), str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
@@ -242,7 +242,7 @@ def test_synthetic_1b_shapes_on_meta():
     """The GPU run's synthetic model: 0.83B (MQA) to 0.95B (MHA) parameters, head_dim 128, 16 / 8 / 1 KV heads."""
     from transformers import LlamaConfig
 
-    from decode_bench.cli import SYNTHETIC
+    from kvshrink.decode_bench.cli import SYNTHETIC
 
     shape, variants = SYNTHETIC["llama-1b"]
     assert variants == {"mha": 16, "gqa8": 8, "mqa": 1}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from textlm import make_lm, train_tokenizer, write_corpus
 from convert.options import RECOMMENDED
 from kvshrink import assets
-from kvshrink_demo import demo
+from kvshrink.demo import demo
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     assert f"| eval ppl, {held.name} (2,016 tokens" in printed
     assert results["training_eval"] == {"tokens": 16 * 63, "seq_len": 64}
     assert "The training plot's eval perplexity scores 1,008 tokens in blocks of 64" in table
-    if importlib.util.find_spec("lm_eval"):  # the verse cloze column (kvshrink_demo.cloze), from the eval text
+    if importlib.util.find_spec("lm_eval"):  # the verse cloze column (kvshrink.demo.cloze), from the eval text
         assert "| verse cloze acc |" in table and results["cloze"]["items"] > 0
         assert all(0 <= r["cloze_acc"] <= 1 and r["cloze_items"] == results["cloze"]["items"] for r in rows.values())
     assert (out / "training.png").stat().st_size > 10_000

@@ -13,7 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from convert import convert_checkpoint
-from kvshrink_demo import cloze
+from kvshrink.demo import cloze
 from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain import downstream
 from uptrain.evaluate import main as evaluate_main
@@ -279,7 +279,7 @@ def test_decode_adds_the_decode_benchmark_to_the_report(models, tmp_path, capsys
             "--out", str(out)]
     assert evaluate_main(argv) == 0
     report = (out / "report.md").read_text()
-    assert "## Decoding (decode_bench)" in report and f"python -m decode_bench {original} {mqa}" in report
+    assert "## Decoding (decode_bench)" in report and f"python -m kvshrink.decode_bench {original} {mqa}" in report
     assert (out / "decode" / "results.csv").stat().st_size > 0 and (out / "report.png").stat().st_size > 10_000
     # the tiny models' 128 positions: decode_bench's CPU grid (contexts 256, 1024) is skipped, and says so
     assert "skipped: beyond 128 positions" in report

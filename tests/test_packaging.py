@@ -28,7 +28,7 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = (NO_EDITABLE + "import kvshrink_demo.demo as d, yaml; print(d.RECIPE); "
+    probe = (NO_EDITABLE + "import kvshrink.demo.demo as d, yaml; print(d.RECIPE); "
              "print(yaml.safe_load(d.RECIPE.read_text())['train']['trainable'])")
     found = subprocess.run([str(python), "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=300,
                            env=ENV)
@@ -38,12 +38,12 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(tmp_path):
     assert trainable == "attention"
     fsdp = venv.glob("lib/python*/site-packages/kvshrink_recipes/accelerate/fsdp.yaml")
     assert next(fsdp).read_text() == (ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
-    template = subprocess.run([str(python), "-c", NO_EDITABLE + "import importlib.resources as r, kvshrink_demo; "
-                               "print(r.files(kvshrink_demo) / 'verse_cloze.yaml')"],
+    template = subprocess.run([str(python), "-c", NO_EDITABLE + "import importlib.resources as r, kvshrink.demo; "
+                               "print(r.files(kvshrink.demo) / 'verse_cloze.yaml')"],
                               cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)
-    shipped = Path(template.stdout.strip())  # the verse cloze task's template (kvshrink_demo.cloze)
-    assert shipped.is_relative_to(venv) and shipped.read_text() == (ROOT / "kvshrink_demo" / "verse_cloze.yaml").read_text()
+    shipped = Path(template.stdout.strip())  # the verse cloze task's template (kvshrink.demo.cloze)
+    assert shipped.is_relative_to(venv) and shipped.read_text() == (ROOT / "kvshrink" / "demo" / "verse_cloze.yaml").read_text()
     helped = subprocess.run([str(python), "-c", NO_EDITABLE + "import runpy, sys; sys.argv[1:] = ['--help']; "
-                             "runpy.run_module('kvshrink_demo', run_name='__main__')"],
+                             "runpy.run_module('kvshrink.demo', run_name='__main__')"],
                             cwd=elsewhere, capture_output=True, text=True, timeout=300, env=ENV)
     assert helped.returncode == 0 and "usage" in helped.stdout

@@ -274,7 +274,7 @@ def test_demo_recipe_reads_the_demo_cache(monkeypatch, env):
     """recipes/demo-smollm2-mqa.yaml run alone reads the samples and the tragedies where the demo's CPU branch
     writes them."""
     from kvshrink.assets import cache_dir
-    from kvshrink_demo import demo
+    from kvshrink.demo import demo
 
     for name in ("KVSHRINK_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)

@@ -213,11 +213,11 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
 def decode_args(args: argparse.Namespace) -> argparse.Namespace:
     """The decode benchmark's arguments for the same checkpoints (its CPU or CUDA defaults), checked."""
     from convert.errors import ConversionError
-    from decode_bench import cli
+    from kvshrink.decode_bench import cli
 
     bench = cli.parse_args([*args.models, "--out", str(Path(args.out) / "decode")]
                            + (["--device", args.device] if args.device in ("cpu", "cuda") else []))
-    bench.command = "python -m decode_bench " + " ".join(map(shlex.quote, args.models))
+    bench.command = "python -m kvshrink.decode_bench " + " ".join(map(shlex.quote, args.models))
     try:
         cli.check_args(bench)
         cli.check_checkpoints(bench.models)
@@ -229,7 +229,7 @@ def decode_args(args: argparse.Namespace) -> argparse.Namespace:
 def decode_report(args: argparse.Namespace) -> list[str]:
     """Run the decode benchmark on the same checkpoints into OUT/decode; returns its report lines."""
     from convert.errors import ConversionError
-    from decode_bench import cli
+    from kvshrink.decode_bench import cli
 
     try:
         return cli.run(decode_args(args))

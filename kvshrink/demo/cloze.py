@@ -10,8 +10,8 @@ Written as JSONL plus an lm-eval task YAML (the template ``verse_cloze.yaml``, s
 with the data file's absolute path filled in), for ``python -m uptrain.evaluate MODEL --tasks
 DIR/verse_cloze.yaml``. The same documents and seed give the same items, byte for byte::
 
-    python -m kvshrink_demo.cloze                      # the tragedies -> ~/.cache/kvshrink/verse_cloze
-    python -m kvshrink_demo.cloze --text my.txt --out DIR    # any held-out text, one document per file
+    python -m kvshrink.demo.cloze                      # the tragedies -> ~/.cache/kvshrink/verse_cloze
+    python -m kvshrink.demo.cloze --text my.txt --out DIR    # any held-out text, one document per file
 """
 
 from __future__ import annotations
@@ -105,10 +105,10 @@ def write_task(items: list[dict[str, Any]], out: Path) -> Path:
         raise ValueError("the text gives no cloze item: it needs runs of 3 or more lines of 20 to 80 characters")
     out.mkdir(parents=True, exist_ok=True)
     data, task = out / "verse_cloze.jsonl", out / "verse_cloze.yaml"
-    template = (importlib.resources.files("kvshrink_demo") / TEMPLATE).read_text()
+    template = (importlib.resources.files("kvshrink.demo") / TEMPLATE).read_text()
     placeholder = f"test: {data.name}\n"
     assert template.count(placeholder) == 1, f"{TEMPLATE} lost its data_files placeholder"
-    header = f"# Written by kvshrink_demo.cloze from {TEMPLATE}: {len(items)} items in {data.name}.\n"
+    header = f"# Written by kvshrink.demo.cloze from {TEMPLATE}: {len(items)} items in {data.name}.\n"
     config = header + template.replace(placeholder, f"test: {json.dumps(str(data.resolve()))}\n")
     for path, text in ((data, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)), (task, config)):
         tmp = path.with_name(f".{path.name}.tmp")
@@ -128,7 +128,7 @@ def tragedies_task() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvshrink_demo.cloze", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m kvshrink.demo.cloze", description=__doc__.splitlines()[0])
     p.add_argument("--text", nargs="+", help="plain-text files, one document each (default: the tragedies)")
     p.add_argument("--out", type=Path, help="output directory (default: the cache's verse_cloze)")
     p.add_argument("--per-document", type=int, default=PER_DOCUMENT, help=f"items per document ({PER_DOCUMENT})")

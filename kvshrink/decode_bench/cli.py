@@ -1,4 +1,4 @@
-"""``python -m decode_bench ORIGINAL CONVERTED [...]``: KV-cache bytes and decoding speed, measured.
+"""``python -m kvshrink.decode_bench ORIGINAL CONVERTED [...]``: KV-cache bytes and decoding speed, measured.
 
 What a conversion buys at inference, in stock transformers (``DynamicCache``, ``attn_implementation="sdpa"``),
 on the user's own checkpoints::
@@ -8,7 +8,7 @@ on the user's own checkpoints::
          k0 k1 k2 k3 k4 k5           k0    k1    k2                  k0
     cache per layer and token:  6 heads            3 heads                   1 head
 
-For each model and each (batch, context) cell of the grid (``decode_bench.decoding`` does the measuring):
+For each model and each (batch, context) cell of the grid (``kvshrink.decode_bench.decoding`` does the measuring):
 
 - prefill: random token ids of length ``context`` into a fresh DynamicCache, not timed. At most
   ``--prefill-tokens`` go through at once: a divisor of the batch is prefilled and the cache repeated to the
@@ -24,8 +24,8 @@ bisection under that cap; CPU: computed from the measured cache bytes), the atte
 really runs and whether K/V reach it expanded, and greedy generations from the same prompts side by side.
 Written to ``--out``: results.csv, fit.csv, decode.png (tokens/s against context), report.txt.
 
-    python -m decode_bench ORIGINAL CONVERTED --mha-twin          # CPU: small grid
-    python -m decode_bench --synthetic llama-1b --device cuda --dtype bfloat16
+    python -m kvshrink.decode_bench ORIGINAL CONVERTED --mha-twin          # CPU: small grid
+    python -m kvshrink.decode_bench --synthetic llama-1b --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m decode_bench",
+    p = OneLineParser(prog="python -m kvshrink.decode_bench",
                       description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
@@ -165,7 +165,7 @@ def load_checkpoint(path: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from decode_bench.decoding import describe
+    from kvshrink.decode_bench.decoding import describe
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
@@ -180,7 +180,7 @@ def synthetic_models(name: str, dtype: str, device: str) -> list:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from decode_bench.decoding import describe
+    from kvshrink.decode_bench.decoding import describe
 
     shape, variants = SYNTHETIC[name]
     if dtype == "auto":
@@ -196,8 +196,8 @@ def synthetic_models(name: str, dtype: str, device: str) -> list:
 
 def load_models(args: argparse.Namespace) -> list:
     """The models in table order: [MHA twin], ORIGINAL, CONVERTED... (or the synthetic variants)."""
-    from decode_bench.decoding import describe
-    from decode_bench.mha_twin import mha_twin
+    from kvshrink.decode_bench.decoding import describe
+    from kvshrink.decode_bench.mha_twin import mha_twin
 
     if args.synthetic:
         return synthetic_models(args.synthetic, args.dtype, args.device)
@@ -216,7 +216,7 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
     """Greedy continuations of the same prompts by every model, side by side, as report lines."""
     from transformers import AutoTokenizer
 
-    from decode_bench.decoding import on_device
+    from kvshrink.decode_bench.decoding import on_device
     from kvshrink.generate import greedy, side_by_side
 
     if any(m.path is None or tokenizer_vocab(m.path) is None for m in models):
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> list[str]:
     import torch
     import transformers
 
-    from decode_bench.decoding import attention_path, largest_batches, measure_cell
+    from kvshrink.decode_bench.decoding import attention_path, largest_batches, measure_cell
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.command = "python -m decode_bench " + " ".join(
+    args.command = "python -m kvshrink.decode_bench " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     def body() -> int:

@@ -1,5 +1,0 @@
-import sys
-
-from decode_bench.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from kvshrink.demo.demo import main
+
+sys.exit(main())

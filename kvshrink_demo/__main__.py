@@ -1,5 +1,0 @@
-import sys
-
-from kvshrink_demo.demo import main
-
-sys.exit(main())
