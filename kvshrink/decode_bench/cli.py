@@ -61,9 +61,8 @@ CACHE_NAMES = {"off": "DynamicCache", "eager": "StaticCache",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m kvshrink.decode_bench",
-                      description="KV-cache bytes and decode speed of a model and its conversions.")
+def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.decode_bench") -> argparse.Namespace:
+    p = OneLineParser(prog=prog, description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
     p.add_argument("--mha-twin", action="store_true",
@@ -332,9 +331,9 @@ def run(args: argparse.Namespace) -> list[str]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.command = "python -m kvshrink.decode_bench " + " ".join(
+def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.decode_bench") -> int:
+    args = parse_args(argv, prog)
+    args.command = prog + " " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     def body() -> int:

@@ -65,11 +65,11 @@ def header(step: int, title: str) -> None:
     print(f"\n=== [{step}/6] {title}", flush=True)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") -> argparse.Namespace:
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
     from kvshrink.errors import OneLineParser, positive_int
 
-    p = OneLineParser(prog="python -m kvshrink.demo", description="SmolLM2-135M-Instruct converted to "
+    p = OneLineParser(prog=prog, description="SmolLM2-135M-Instruct converted to "
                       "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.demo") -> int:
+    args = parse_args(argv, prog)
     from kvshrink.errors import run_cli
 
     return run_cli(lambda: run_demo(args) and 0)  # bad input: one line, exit 2; a failed training run: exit 1
