@@ -104,3 +104,13 @@ def test_the_console_script_refuses_an_unknown_or_missing_subcommand(venv, tmp_p
     assert len(unknown.stderr.splitlines()) == 1 and "invalid choice: 'frobnicate'" in unknown.stderr
     bare = kvshrink_script(venv, [], tmp_path)
     assert bare.returncode == 2 and bare.stderr.startswith("usage: kvshrink ")
+
+
+def test_every_subcommand_names_a_module_with_a_main():
+    """A moved or renamed command module breaks ``kvshrink NAME`` here, not at a user's prompt."""
+    import importlib
+
+    from kvshrink.cli import SUBCOMMANDS
+
+    for command in SUBCOMMANDS:
+        assert callable(getattr(importlib.import_module(command.module), "main", None)), command
