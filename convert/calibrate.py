@@ -1,48 +1,80 @@
-"""Calibration for ``--method svd``: the second moment of every layer's attention input on real text.
+"""Calibration: the source runs on real text one decoder layer at a time, and each layer is converted as it goes.
 
-The source model runs in transformers on the calibration text; a forward pre-hook on each layer's
-Q (or fused QKV) projection adds xxᵀ of its input, for x = [attention input, 1], in float64.
+The text is the user's (``--calibration-data``) or, without it, sampled from the source itself
+(``sampled_documents``: the whole model runs, so it must fit in memory; else one line says to give text).
+The source model is a skeleton whose layers are read from its checkpoint one at a time
+(``convert.onload.LayerLoader``). The walk (``calibrate_layers``) starts from the embeddings' output for every
+calibration block and, for each layer l:
 
-Memory: the model itself (on CPU in float32; on a GPU in its own dtype, with accelerate's
-``device_map="auto"`` placing what does not fit on CPU, then disk), plus one (hidden + 1)² float64
-matrix per layer: 8 * layers * (hidden + 1)² bytes (10 MB for SmolLM2-135M, 4.3 GB for Llama-2-7B).
+- measures C = Σ [x, 1][x, 1]ᵀ (float64) of the input x of layer l's Q (or fused QKV) projection;
+- rewrites layer l with it (``convert.layers.rewrite``) and spills the final tensors, in the output dtype,
+  to a file beside the output (``convert.layers.Spill``), where the writer takes them;
+- passes the blocks on to layer l + 1: through the original layer (``parallel`` order: every layer is fitted
+  to the original model's activations) or through the converted one (``sequential``: as GPTQ does, layer l + 1
+  is fitted to the inputs the converted model will give it; each layer then runs twice, three times with the
+  O refit; ``convert.refine`` holds the refinements).
 
-Progress (with ``progress=True``): a line on stderr per stage (tokenizing, loading, running, done) and, when
-stderr is not a terminal (a log), one every tenth of the forward passes; on a terminal a bar instead.
+Memory: one decoder layer, the embeddings and the hidden states (``convert.device``: the formula), whatever
+the depth of the model. Progress (``progress=True``): a line on stderr per stage and per layer.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from convert.device import estimate, hidden_on_device, pick_device, run_dtype, available_ram, free_bytes
 from convert.errors import ConversionError
+from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
+from convert.onload import LayerLoader, first_layer_inputs
+from convert.refine import AttentionIO, refine, refit_o
+from convert.source import WeightSource, torch_dtype
+from convert.walk import HiddenStates, Walk
+from kvshrink.text import DataError, read_documents
 
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 512
-PROGRESS_LINES = 10  # lines per calibration run in a log, besides the stages
+SAMPLE_LENGTH = 320  # tokens per sample drawn from the source (uptrain.sample's default)
+
+
+@dataclass
+class Calibration:
+    """How calibration runs (``convert.options.ConvertOptions`` gives these)."""
+
+    tokens: int = DEFAULT_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    order: str = "parallel"
+    refit_o: bool = False
+    local_steps: int = 0
+    device: str = "auto"
+    hidden_limit: int | None = None  # bytes; replaces the free memory measured (tests force the offload)
 
 
 def say(enabled: bool, text: str) -> None:
-    """One progress line on stderr, through tqdm so that a bar on the terminal stays intact."""
+    """One progress line on stderr."""
     if enabled:
-        from tqdm.auto import tqdm
-
-        tqdm.write(f"calibration: {text}", file=sys.stderr)
-        sys.stderr.flush()
+        print(f"calibration: {text}", file=sys.stderr, flush=True)
 
 
 def read_text(files: list[str], tokens: int) -> list[str]:
     """The calibration documents: the project's one text reader (``kvshrink.text``, the formats training takes),
     read until a generous bound of characters for ``tokens`` tokens."""
-    from kvshrink.text import DataError, read_documents
-
     try:
         return read_documents(files, "text", max_chars=tokens * 16)
     except DataError as exc:
         raise ConversionError(f"--calibration-data: {exc}") from None
+
+
+def load_tokenizer(source: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({reason})") from None
 
 
 def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
@@ -61,87 +93,142 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
         if len(ids) >= tokens:
             break
     seq_len = min(seq_len, len(ids))
-    n = min(len(ids), tokens) // seq_len
+    n = min(len(ids), tokens) // seq_len if seq_len else 0
     if n == 0:
         raise ConversionError("--calibration-data is shorter than one token")
     return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
 
 
-def calibration_model(source: Path, documents: list[str], tokens: int, seq_len: int, progress: bool = False):
-    """The source model (float32 on CPU; its own dtype spread by accelerate over GPUs) and the calibration blocks."""
+def check_model_fits(weights: WeightSource, device) -> None:
+    """Sampling runs the whole source model: refuse, before any work, where it cannot fit."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    say(progress, f"tokenizing up to {tokens:,} tokens of {len(documents)} document(s)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({exc})") from None
-    blocks = token_blocks(tokenizer, documents, tokens, seq_len)
-    cuda = torch.cuda.is_available()
-    say(progress, f"loading {source} ({'its dtype, device_map=auto' if cuda else 'float32, cpu'}) to run "
-                  f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens")
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype="auto" if cuda else torch.float32, device_map="auto" if cuda else None)
-    return model.eval(), blocks
+    elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
+    dtype = run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
+    needed = elements * dtype.itemsize * 1.2
+    free = free_bytes(device) if device.type != "cpu" else available_ram()
+    if needed > free:
+        raise ConversionError(f"sampling calibration text runs the whole source model ({needed / 1e9:.1f} GB in "
+                              f"{str(dtype).removeprefix('torch.')} on {device}), more than the "
+                              f"{free / 1e9:.1f} GB free; give text with --calibration-data FILE")
 
 
-def moment_hook(moments: list, layer: int):
-    """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[layer]`` (float64)."""
+def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool):
+    """Text sampled from the source itself (``uptrain.sample``, from BOS at temperature 1): ``tokens`` of it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.sample import Sampling, samples
+
+    device = pick_device(device_name)
+    check_model_fits(weights, device)
+    tokenizer = load_tokenizer(source)
+    dtype = run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
+    say(progress, f"sampling {tokens:,} tokens of calibration text from {source} on {device}")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    documents = [tokenizer.decode(ids) for ids in samples(model, tokenizer, Sampling(tokens, length=SAMPLE_LENGTH))]
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return documents
+
+
+def moment_hook(moments: list, index: int):
+    """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[index]`` (float64)."""
     import torch
 
     def add(_module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        x = x.double() if x.device.type not in ("mps",) else x.cpu().double()  # (tokens, in); MPS has no float64
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
         moment = x.T @ x
-        moments[layer] = moment if moments[layer] is None else moments[layer] + moment.to(moments[layer].device)
+        moments[index] = moment if moments[index] is None else moments[index] + moment
     return add
 
 
-def attention_moments(source: Path, modules: list[str], documents: list[str], tokens: int = DEFAULT_TOKENS,
-                      seq_len: int = DEFAULT_SEQ_LEN, progress: bool = False) -> dict:
-    """Per layer, C = Σ [x, 1][x, 1]ᵀ over the calibration tokens, x the input of ``modules[layer]``.
-
-    Args:
-        source: the source checkpoint directory (with its tokenizer).
-        modules: per layer, the module path of its Q or fused QKV projection.
-        documents: calibration text, as ``read_text`` gives it.
-        tokens: how many tokens to run.
-        seq_len: the length of each forward pass.
-        progress: a line on stderr per stage, and a bar on a terminal or a line per tenth of the passes.
+def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, state: LayerState, load, blocks,
+                     how: Calibration, progress: bool = False) -> dict:
+    """Walk the decoder layers over the calibration blocks, converting and spilling each (``state.spill``).
 
     Returns:
-        {"moments": [float64 (in + 1, in + 1) per layer], "tokens": n, "seconds": s}.
+        {"tokens": n, "seconds": s, "device": ..., "peak_layers": the most layers ever materialized at once}.
     """
-    started = time.perf_counter()
-    model, blocks = calibration_model(source, documents, tokens, seq_len, progress)
-    moments: list = [None] * len(modules)
-    handles = [model.get_submodule(path).register_forward_pre_hook(moment_hook(moments, n))
-               for n, path in enumerate(modules)]
-    try:
-        _run_blocks(model, blocks, progress)
-    finally:
-        for handle in handles:
-            handle.remove()
-    seconds = round(time.perf_counter() - started, 2)
-    say(progress, f"{blocks.numel():,} tokens through {len(modules)} layers in {seconds:.1f} s")
-    return {"moments": [m.cpu() for m in moments], "tokens": blocks.numel(), "seconds": seconds}
-
-
-def _run_blocks(model, blocks, progress: bool) -> None:
-    """Forward every block (one sequence at a time); a bar on a terminal, a line per tenth in a log."""
     import torch
-    from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    every = math.ceil(len(blocks) / PROGRESS_LINES)
-    lines = progress and not sys.stderr.isatty()
     started = time.perf_counter()
+    device = pick_device(how.device)
+    loader, walk = open_walk(src_dir, weights, plan, state, load, blocks, how, device)
+    say(progress, f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens through {plan.dims.layers} layers "
+                  f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
+                  f"{'on the device' if walk.states.on_device else 'in CPU memory'}")
+    step = _sequential_layer if how.order == "sequential" else _parallel_layer
     with torch.inference_mode():
-        for n, block in enumerate(tqdm(blocks, desc="calibrating", unit="seq", disable=not progress or None,
-                                       leave=False), 1):
-            model(block.unsqueeze(0).to(device), use_cache=False)
-            if lines and (n % every == 0 or n == len(blocks)):
-                spent = time.perf_counter() - started
-                left = spent / n * (len(blocks) - n)
-                say(True, f"{n}/{len(blocks)} sequences, {spent:.0f} s, about {left:.0f} s left")
+        for layer in range(plan.dims.layers):
+            decoder = loader.onload(layer)
+            new, has_bias, note = step(walk, layer, decoder, how)
+            state.spill.put(layer, output_tensors(plan, layer, new, has_bias))
+            loader.offload(layer)
+            say(progress, f"layer {layer + 1}/{plan.dims.layers} ({time.perf_counter() - started:.0f} s{note})")
+    seconds = round(time.perf_counter() - started, 2)
+    return {"tokens": blocks.numel(), "seconds": seconds, "device": str(device), "peak_layers": loader.peak_layers}
+
+
+def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, device):
+    """The loader with its skeleton, and the walk holding the first layer's inputs for every block."""
+    dtype = run_dtype(device, torch_dtype(weights.tensors[plan.source_names[plan.anchors[0]]].dtype))
+    loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
+    first = loader.model.get_submodule(loader.decoders[0])
+    states, kwargs = first_layer_inputs(loader.model, first, blocks, device)
+    memory = memory_estimate(loader, plan, blocks.numel(), how, device)
+    on_device = True  # on the CPU the device is CPU memory; a limit (tests) forces the offload path there too
+    if device.type != "cpu" or how.hidden_limit is not None:
+        on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
+    walk = Walk(loader, plan, state, load, HiddenStates(states, device, on_device), kwargs, seed=plan.seed)
+    return loader, walk
+
+
+def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device):
+    """``convert.device.estimate`` for this model: its largest decoder layer and its resident parameters."""
+    layer = max(loader.elements(names) for names in loader.layer_tensors)
+    return estimate(layer, loader.elements(loader.resident), tokens, plan.dims, device, loader.dtype,
+                    refit_o=how.refit_o, local_steps=how.local_steps)
+
+
+def _q_path(walk: Walk, layer: int) -> str:
+    return walk.path(walk.plan.anchors[layer])
+
+
+def _parallel_layer(walk: Walk, layer: int, decoder, how: Calibration):
+    """Measure the layer's moment on the original model's activations, pass them on through the original layer."""
+    moments = [None]
+    outputs = walk.run(decoder, {_q_path(walk, layer): moment_hook(moments, 0)}, keep=True)
+    walk.states.replace(outputs)
+    new, has_bias = rewrite(walk.plan, walk.state, walk.load, layer, moments[0].cpu())
+    return new, has_bias, ""
+
+
+def _sequential_layer(walk: Walk, layer: int, decoder, how: Calibration):
+    """Measure, convert, refine the layer on the converted layers' outputs; pass them on through the converted one."""
+    plan = walk.plan
+    moments: list = [None]
+    hooks = {_q_path(walk, layer): moment_hook(moments, 0)}
+    heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit
+    if how.refit_o:
+        hooks[walk.path(plan.sources[layer]["o", "weight"])] = lambda _m, args: heads_out.append(args[0].detach())
+    attention = AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer))) if how.local_steps else None
+    walk.run(decoder, hooks, keep=False)
+    if attention is not None:
+        attention.remove()  # the original layer's calls only
+    new, has_bias = rewrite(plan, walk.state, walk.load, layer, moments[0].cpu())
+    walk.write_converted(layer, new, has_bias)
+    if how.refit_o:
+        new = refit_o(walk, layer, decoder, heads_out, new)
+    note = ""
+    if attention is not None:
+        first, last, better = refine(walk, layer, how.local_steps, attention.seen, new, has_bias)
+        note = f", local relative error {first:.4f} -> {last:.4f}"
+        if better is not None:
+            new = better
+            walk.write_converted(layer, new, has_bias)
+    walk.states.replace(walk.run(decoder, {}, keep=True))
+    return new, has_bias, note

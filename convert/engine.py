@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from convert import families
-from convert.calibrate import attention_moments, read_text
+from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, load_tokenizer, memory_estimate,
+                               read_text, sampled_documents, token_blocks)
+from convert.device import pick_device
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS
 from convert.options import DTYPES, ConvertOptions
 from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
-from convert.sequential import sequential_moments
-from convert.source import hub_id, open_weights, read_config, resolve_source
+from convert.layers import Spill
+from convert.onload import LayerLoader
+from convert.source import WeightSource, hub_id, open_weights, read_config, resolve_source
 from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
 from kvshrink.atomic import AtomicDirectory
 
@@ -46,7 +50,8 @@ class _Prepared:
     plan: Plan
     report: ConversionReport
     shards: list
-    documents: list[str] | None
+    weights: WeightSource
+    blocks: object | None  # the calibration token blocks (n, seq_len), None until sampled or when not calibrating
 
 
 def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertOptions | None = None, *,
@@ -82,12 +87,19 @@ def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertO
     report = prepared.report
     if not dry_run:
         check_free_space(Path(output), report.tensor_bytes_after)
-        if prepared.documents is not None and prepared.plan.layers:
-            _calibrate(prepared, options, progress)
         command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, {options!r})"
-        _write(prepared, Path(output), options, progress, command, started)
+        with _work_directory(Path(output)) as work:
+            if options.calibrates and prepared.plan.layers:
+                _calibrate(prepared, options, work, progress)
+            _write(prepared, Path(output), options, progress, command, started)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _work_directory(output: Path):
+    """A hidden temporary directory beside OUTPUT (the calibrated layers' spill), removed however the run ends."""
+    parent = output.absolute().parent
+    return tempfile.TemporaryDirectory(prefix=f".{output.name}.kvshrink-", dir=parent)
 
 
 def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool, dry_run: bool) -> _Prepared:
@@ -110,28 +122,60 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
     shards = shard_plan(plan.tensors, max_bytes)
     report = build_report(source, output, family, spec, dims, options, weights, plan, len(shards), dry_run)
     report.base_model = hub_id(source, src_dir)
-    if options.calibration_order == "sequential" and plan.layers and (spec.rename or plan.layers.pooled_norms):
-        raise ConversionError(f"--calibration-order sequential does not yet support {family} checkpoints "
-                              f"{'converted into another architecture' if spec.rename else 'with per-head K norms'}; "
-                              "use --calibration-order parallel")
-    # unreadable or empty calibration text fails here, dry run included
-    documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
-    return _Prepared(src_dir, plan, report, shards, documents)
+    blocks = _check_calibration(src_dir, weights, plan, report, options) if plan.layers else None
+    return _Prepared(src_dir, plan, report, shards, weights, blocks)
 
 
-def _calibrate(prepared: _Prepared, options: ConvertOptions, progress: bool) -> None:
-    """Run the source on the calibration text: each rewritten layer's attention-input moment."""
-    layers = prepared.plan.layers
-    args = (prepared.documents, options.calibration_tokens, options.calibration_seq_len)
-    if options.calibration_order == "sequential":
-        layers.refit_o, layers.local_steps = options.refit_o, options.local_steps
-        found = sequential_moments(prepared.src_dir, layers, prepared.plan.load, *args)
+def _calibration(options: ConvertOptions) -> Calibration:
+    return Calibration(options.calibration_tokens, options.calibration_seq_len, options.calibration_order,
+                       options.refit_o, options.local_steps, options.device)
+
+
+def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report: ConversionReport,
+                       options: ConvertOptions):
+    """Everything calibration needs, checked before any work (dry run included): the device, the tokenizer, the
+    text (tokenized here) or room to sample it, and the skeleton's layer names; the memory estimate goes in the
+    report. Returns the token blocks (None where they are still to be sampled)."""
+    if not options.calibrates:
+        return None
+    device = pick_device(options.device)
+    tokenizer = load_tokenizer(src_dir)
+    blocks = None
+    if options.calibration_data:  # unreadable, empty or too short text fails here
+        documents = read_text(options.calibration_data, options.calibration_tokens)
+        blocks = token_blocks(tokenizer, documents, options.calibration_tokens, options.calibration_seq_len)
     else:
-        found = attention_moments(prepared.src_dir, layers.modules, *args, progress)
-    layers.moments = found["moments"]
+        check_model_fits(weights, device)
+    layers = plan.layers
+    dtype = _run_dtype(weights, layers, device)
+    loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device, dtype,
+                         materialize=False)
+    tokens = blocks.numel() if blocks is not None else options.calibration_tokens
+    report.calibration["memory"] = memory_estimate(loader, layers, tokens, _calibration(options), device).line()
+    return blocks
+
+
+def _run_dtype(weights: WeightSource, layers, device):
+    from convert.device import run_dtype
+    from convert.source import torch_dtype
+
+    return run_dtype(device, torch_dtype(weights.tensors[layers.source_names[layers.anchors[0]]].dtype))
+
+
+def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress: bool) -> None:
+    """Run the source on the calibration text layer by layer; every rewritten layer lands in the spill."""
+    plan, blocks = prepared.plan, prepared.blocks
+    if blocks is None:
+        documents = sampled_documents(prepared.src_dir, prepared.weights, options.calibration_tokens,
+                                      options.device, progress)
+        blocks = token_blocks(load_tokenizer(prepared.src_dir), documents, options.calibration_tokens,
+                              options.calibration_seq_len)
+    plan.state.spill = Spill(Path(work))
+    found = calibrate_layers(prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks,
+                             _calibration(options), progress)
     prepared.report.calibration.update(order=options.calibration_order, refit_o=options.refit_o,
-                                       local_steps=options.local_steps,
-                                       tokens=found["tokens"], seconds=found["seconds"])
+                                       local_steps=options.local_steps, tokens=found["tokens"],
+                                       seconds=found["seconds"], device=found["device"])
 
 
 def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,
@@ -148,7 +192,7 @@ def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress:
             write_index(tmp, prepared.shards, names)
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
         if plan.layers and GROUPINGS[options.grouping].permutes:
-            report.kv_head_order = [plan.layers.orders[n] for n in sorted(plan.layers.orders)]
+            report.kv_head_order = [plan.state.orders[n] for n in sorted(plan.state.orders)]
         report.copied_files = copy_side_files(prepared.src_dir, tmp)
         report.output_bytes = sum(p.stat().st_size for p in tmp.iterdir())
         report.seconds = round(time.perf_counter() - started, 3)

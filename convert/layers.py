@@ -1,53 +1,79 @@
 """The one layer-wise path of a conversion: which of a layer's tensors are loaded, rewritten and written.
 
 Every conversion that changes K and V goes through here, whatever the method: a layer's Q/K/V/O (or fused QKV
-and O) go to head form (``convert.surgery.to_heads``), the grouping strategy and the merge method rewrite them
-(``convert.attention.rewrite_layer``), and the changed tensors come back. Pooling methods with contiguous
-groups change K and V alone, so Q and O are neither loaded nor written (they stay byte copies).
+and O) go to head form (``convert.heads.to_heads``), the grouping strategy and the merge method rewrite them
+(``rewrite_layer``), and the changed tensors come back. Pooling methods with contiguous groups change K and V
+alone, so Q and O are neither loaded nor written (they stay byte copies).
 
-Contract with the writer: a layer is computed once, when the first of its planned tensors is taken, and
-released when the last one is; tensors may be taken in any order (a layer whose tensors straddle two output
-shards stays held in between). ``LayerResults.computed`` counts the computations (tested).
+A calibrated conversion computes each layer once, while calibration walks the model (``convert.calibrate``),
+and leaves the layer's final tensors, already in the output dtype, in a ``Spill`` file beside the output;
+the writer takes them from there. An uncalibrated one computes each layer when the writer first asks.
+
+Contract with the writer: a layer is computed (or read back from the spill) once, when the first of its planned
+tensors is taken, and released when the last one is; tensors may be taken in any order (a layer whose tensors
+straddle two output shards stays held in between). ``LayerResults.computed`` counts the computations (tested).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from convert.heads import from_heads, layer_generator, to_heads
 from convert.merge import GROUPINGS, METHODS
+from convert.roles import Dims
+from convert.source import torch_dtype
 
 
-@dataclass
+@dataclass(frozen=True)
+class NormTensor:
+    """A K norm tensor pooled beside the projections: its output name, how it pools, and its head (per-head norms)."""
+
+    name: str
+    operation: str  # pool_norm or pool_norm_heads (convert.roles)
+    head: int | None
+
+
+@dataclass(frozen=True)
 class LayerPlan:
-    """How whole layers are rewritten, and which of their tensors change.
+    """How whole layers are rewritten, and which of their tensors change (settings only; run state: ``LayerState``).
 
-    ``moments`` (per layer, from ``convert.calibrate``) is filled in after planning; ``modules`` names each
-    layer's Q/QKV projection module in the source, where calibration hooks in.
+    Names are the output checkpoint's; ``source_names`` maps them to the source checkpoint's (gpt2 lacks
+    bigcode's prefix), and the tensors named in ``transposed`` are stored (in, out) in the source (Conv1D).
     """
 
     method: str
     grouping: str
     kv_heads: int
-    dims: Any  # convert.plan.Dims
-    layout: str
-    out_layout: str
+    dims: Dims
+    layout: str  # the source's QKV row order
+    out_layout: str  # the output's
     rotary: str
     rotary_dim: int
     k_normed: bool
     seed: int
-    sources: dict[int, dict[tuple[str, str], str]]  # layer -> (role, param) -> source tensor name, those loaded
+    sources: dict[int, dict[tuple[str, str], str]]  # layer -> (role, param) -> tensor name, those loaded
     changed: frozenset[str]  # the roles written
-    modules: list[str]
-    decoders: list[str]  # each layer's decoder module in the source (sequential calibration runs them one by one)
-    pooled_norms: bool  # K norms pooled beside the projections (sequential calibration cannot expand them yet)
-    moments: list | None = None
+    anchors: list[str]  # each layer's Q or fused QKV weight (calibration measures its input)
+    norms: dict[int, list[NormTensor]]  # layer -> its pooled K norms
+    source_names: dict[str, str]
+    transposed: frozenset[str]
+    out_dtypes: dict[str, str]  # each changed tensor's output dtype (safetensors name)
+
+    @property
+    def fused_out(self) -> str | None:
+        """The output's QKV layout where Q, K and V are fused, else None."""
+        return self.out_layout if "qkv" in self.changed else None
+
+
+@dataclass
+class LayerState:
+    """What a conversion learns while it runs: each layer's KV-head order, and the spill of calibrated layers."""
+
     orders: dict[int, list[int]] = field(default_factory=dict)
-    refit_o: bool = False  # O refitted by least squares during sequential calibration (convert.sequential)
-    local_steps: int = 0  # Adam steps of local refinement per layer during sequential calibration
-    local_lr: float = 5e-3  # relative to each tensor's root mean square (tuned on SmolLM2-135M: README)
-    refits: dict = field(default_factory=dict)  # layer -> its LayerHeads (float32) as sequential calibration left them
+    spill: Spill | None = None
 
 
 def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:
@@ -58,17 +84,94 @@ def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:
     return frozenset({"k", "v"} | ({"q", "o"} if with_qo else set()))
 
 
-class LayerResults:
-    """Each layer's converted tensors: computed on the first request, released after the last planned one."""
+def source_heads(plan: LayerPlan, load: Callable[[str], Any], layer: int):
+    """One layer's source projections in head form: (LayerHeads, whether biases are its last input column)."""
+    d = plan.dims
+    loaded = {key: load(name) for key, name in plan.sources[layer].items()}
+    return to_heads(loaded, plan.layout, d.heads, d.kv_heads, d.head_dim)
 
-    def __init__(self, plan: LayerPlan, planned: Counter, load: Callable[[str], Any]):
-        self.plan, self.load = plan, load
+
+def rewrite(plan: LayerPlan, state: LayerState, load: Callable[[str], Any], layer: int, moment=None):
+    """One layer's changed projections, loaded and rewritten: (LayerHeads, whether biases are its last column).
+
+    ``moment``: the layer's calibration moment Σ [x, 1][x, 1]ᵀ (float64), or None for an uncalibrated rewrite.
+    """
+    from convert.fits import Rotary
+
+    heads, has_bias = source_heads(plan, load, layer)
+    if moment is not None and not has_bias:
+        moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
+    new, state.orders[layer] = rewrite_layer(
+        heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
+        rot=Rotary.of(plan.rotary, plan.dims.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
+        generator=layer_generator(plan.method, plan.seed, layer))
+    return new, has_bias
+
+
+def rewrite_layer(layer, *, kv_heads: int, method: str, grouping: str, rot, k_normed: bool, moment,
+                  generator=None):
+    """One layer's heads (``convert.fits.LayerHeads``) -> the converted ones and the KV-head order the grouping chose.
+
+    The grouping strategy may first permute the heads so that similar ones share a group; then the merge method
+    fits each group. Calibrated methods and groupings work in float64, the pooling ones in float32.
+    """
+    from convert.fits import LayerHeads, permute, whitener
+
+    merge, strategy = METHODS[method], GROUPINGS[grouping]
+    precise = merge.calibrated or strategy.permutes or moment is not None
+    layer = LayerHeads(*(None if t is None else (t.double() if precise else t.float())
+                         for t in (layer.q, layer.k, layer.v, layer.o)))
+    white = whitener(moment)
+    whitened = layer
+    if white is not None:
+        q_white = layer.q @ white if merge.uses_queries else layer.q
+        whitened = layer.replace(q=q_white, k=layer.k @ white, v=layer.v @ white)
+    order = strategy.order(whitened, kv_heads, merge, rot, k_normed)
+    if order != sorted(order):
+        layer, whitened = permute(layer, order), permute(whitened, order)
+    return merge.fit(layer, whitened, kv_heads, rot, k_normed, generator), order
+
+
+def output_tensors(plan: LayerPlan, layer: int, new, has_bias: bool) -> dict[tuple[str, str], Any]:
+    """A converted layer's written tensors, (role, param) -> tensor in the output dtype."""
+    tensors = from_heads(new, has_bias, plan.fused_out, lambda role: role in plan.changed)
+    names = plan.sources[layer]
+    return {key: t.to(torch_dtype(plan.out_dtypes[names[key]])) for key, t in tensors.items()}
+
+
+class Spill:
+    """Calibrated layers' final tensors, one safetensors file per layer in a directory the caller removes."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.layers: set[int] = set()
+
+    def _file(self, layer: int) -> Path:
+        return self.directory / f"layer-{layer:05d}.safetensors"
+
+    def put(self, layer: int, tensors: dict[tuple[str, str], Any]) -> None:
+        from safetensors.torch import save_file
+
+        save_file({f"{role}.{param}": t.contiguous() for (role, param), t in tensors.items()}, self._file(layer))
+        self.layers.add(layer)
+
+    def take(self, layer: int) -> dict[tuple[str, str], Any]:
+        from safetensors.torch import load_file
+
+        return {tuple(key.split(".")): t for key, t in load_file(self._file(layer)).items()}
+
+
+class LayerResults:
+    """Each layer's converted tensors: made (or read from the spill) on the first request, released after the last."""
+
+    def __init__(self, plan: LayerPlan, state: LayerState, planned: Counter, load: Callable[[str], Any]):
+        self.plan, self.state, self.load = plan, state, load
         self._left = Counter(planned)  # layer -> planned tensors not yet taken
         self._held: dict[int, dict] = {}
         self.computed: Counter = Counter()
 
     def take(self, layer: int, role: str, param: str):
-        """One converted tensor of ``layer`` (float32)."""
+        """One converted tensor of ``layer`` (in the output dtype)."""
         if layer not in self._held:
             self._held[layer] = self._compute(layer)
             self.computed[layer] += 1
@@ -79,26 +182,8 @@ class LayerResults:
         return tensor
 
     def _compute(self, layer: int) -> dict:
-        from convert import surgery
-
-        new, has_bias = rewrite(self.plan, self.load, layer)
-        fused = self.plan.out_layout if "qkv" in self.plan.changed else None
-        return surgery.from_heads(new, has_bias, fused, lambda role: role in self.plan.changed)
-
-
-def rewrite(plan: LayerPlan, load: Callable[[str], Any], layer: int):
-    """One layer's changed projections, loaded and rewritten: (LayerHeads, whether biases are its last column)."""
-    from convert import surgery
-    from convert.attention import Rotary, rewrite_layer
-
-    d = plan.dims
-    loaded = {key: load(name) for key, name in plan.sources[layer].items()}
-    heads, has_bias = surgery.to_heads(loaded, plan.layout, d.heads, d.kv_heads, d.head_dim)
-    moment = None if plan.moments is None else plan.moments[layer]
-    if moment is not None and not has_bias:
-        moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
-    new, plan.orders[layer] = rewrite_layer(
-        heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
-        rot=Rotary.of(plan.rotary, d.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
-        generator=surgery.layer_generator(plan.method, plan.seed, layer))
-    return plan.refits.get(layer, new), has_bias
+        spill = self.state.spill
+        if spill is not None and layer in spill.layers:
+            return spill.take(layer)
+        new, has_bias = rewrite(self.plan, self.state, self.load, layer)
+        return output_tensors(self.plan, layer, new, has_bias)

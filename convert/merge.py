@@ -7,7 +7,7 @@ that read them and their O columns), which keeps the function.
 
 Adding a method is one ``Merge`` subclass decorated with ``@register``: the CLI's and the recipe's choices,
 the help text and the report read ``METHODS``. Every method works on a whole layer in head form
-(``convert.attention.LayerHeads``); the pooling methods change K and V alone.
+(``convert.fits.LayerHeads``); the pooling methods change K and V alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:  # torch is imported lazily: the converter plans without it
     import torch
 
-    from convert.attention import LayerHeads, Rotary
+    from convert.fits import LayerHeads, Rotary
 
 
 class Merge:
@@ -115,12 +115,12 @@ class Svd(Merge):
         return _grouped(heads, kv_heads).mean(dim=1)
 
     def fit(self, layer, whitened, kv_heads, rot, k_normed, generator):
-        from convert.attention import svd_merge
+        from convert.fits import svd_merge
 
         return svd_merge(layer, whitened, kv_heads, rot, k_normed, queries=self.queries, outputs=self.outputs)
 
     def lost_energy(self, heads, which, rot, k_normed):
-        from convert.attention import svd_lost_energy
+        from convert.fits import svd_lost_energy
 
         return svd_lost_energy(heads, which, rot, k_normed)
 
@@ -159,7 +159,7 @@ class Similarity(Grouping):
     permutes = True
 
     def order(self, whitened, kv_heads, merge, rot, k_normed):
-        from convert.attention import similarity_groups
+        from convert.fits import similarity_groups
 
         return similarity_groups(whitened, kv_heads, merge, rot, k_normed)
 

@@ -7,6 +7,7 @@ How a run behaves (overwrite, dry run, progress, the command line for the model 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
@@ -15,8 +16,10 @@ from convert.merge import GROUPINGS, METHODS, calibrated_names
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")
-# The conversion README recommends and the demo runs (README: Conversion quality); add calibration_data.
+# ``--recommended``: the conversion docs/convert.md recommends and the demo runs. Local steps cost the most time:
+# 100 on an accelerator, 25 on a CPU (both measured on SmolLM2-135M: docs/benchmarks.md).
 RECOMMENDED = {"method": "aware", "calibration_order": "sequential", "refit_o": True, "local_steps": 100}
+RECOMMENDED_CPU_LOCAL_STEPS = 25
 DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
 
 
@@ -26,10 +29,10 @@ class ConvertOptions:
 
     Attributes:
         kv_heads: the KV-head count wanted; it must divide the source's.
-        method: a registered merge method (``convert.merge.METHODS``): mean, first, random, svd.
+        method: a registered merge method (``convert.merge.METHODS``): mean, first, random, svd, aware.
         grouping: a registered grouping (``convert.merge.GROUPINGS``): contiguous or similarity.
         calibration_data: text files (.txt, .md, .jsonl) the source model runs on, for calibrated methods and
-            permuting groupings.
+            permuting groupings; without it a calibrated method runs on text sampled from the source itself.
         calibration_tokens: how many calibration tokens to run.
         calibration_seq_len: tokens per calibration forward pass.
         calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
@@ -42,6 +45,7 @@ class ConvertOptions:
         dtype: ``auto`` (keep the source's) or bfloat16 / float16 / float32.
         max_shard_size: bytes, or a size like ``5GB``.
         seed: the random source of ``method="random"``.
+        device: where calibration runs: ``auto`` (CUDA, then MPS, then the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
         allow_pickle: accept ``pytorch_model.bin`` (loaded with ``weights_only=True``).
     """
 
@@ -58,6 +62,13 @@ class ConvertOptions:
     max_shard_size: str | int = "5GB"
     seed: int = 0
     allow_pickle: bool = False
+    device: str = "auto"
+
+    @classmethod
+    def recommended(cls, kv_heads: int, on_cpu: bool, **overrides) -> ConvertOptions:
+        """The recommended conversion (``RECOMMENDED``; fewer local steps on a CPU), with ``overrides`` on top."""
+        preset = dict(RECOMMENDED, local_steps=RECOMMENDED_CPU_LOCAL_STEPS if on_cpu else RECOMMENDED["local_steps"])
+        return cls(kv_heads=kv_heads, **{**preset, **overrides})
 
     def validate(self) -> None:
         """Refuse impossible combinations with one line naming the flag (ConversionError)."""
@@ -65,8 +76,6 @@ class ConvertOptions:
             raise ConversionError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.grouping not in GROUPINGS:
             raise ConversionError(f"--grouping {self.grouping!r} is not one of {', '.join(GROUPINGS)}")
-        if METHODS[self.method].calibrated and not self.calibration_data:
-            raise ConversionError(f"--method {self.method} needs --calibration-data FILE... (text the model runs on)")
         if self.calibration_data and not self.uses_calibration:
             raise ConversionError(f"--calibration-data is used by --method {'/'.join(calibrated_names())} or "
                                   f"--grouping similarity, not by --method {self.method} with {self.grouping} groups")
@@ -83,13 +92,21 @@ class ConvertOptions:
         if self.local_steps and (self.calibration_order != "sequential" or METHODS[self.method].changes != QKVO):
             raise ConversionError("--local-steps needs --calibration-order sequential and a method that rewrites "
                                   f"Q, K, V and O ({', '.join(n for n, m in METHODS.items() if m.changes == QKVO)})")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConversionError(f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
         if self.dtype not in DTYPES:
             raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
     @property
     def uses_calibration(self) -> bool:
-        """Calibration text weighs this conversion (required by calibrated methods, optional for groupings)."""
+        """Calibration text may weigh this conversion (calibrated methods, permuting groupings)."""
         return METHODS[self.method].calibrated or GROUPINGS[self.grouping].permutes
+
+    @property
+    def calibrates(self) -> bool:
+        """The source runs on calibration text: a calibrated method (on sampled text when none is given), or a
+        permuting grouping given text."""
+        return METHODS[self.method].calibrated or bool(self.calibration_data and self.uses_calibration)
 
     @classmethod
     def fields(cls) -> list[str]:

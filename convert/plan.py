@@ -3,7 +3,7 @@
 Planning works on names, dtypes and shapes alone: shard cuts, the report and
 all validation are settled before any byte is written, ``--dry-run`` reads no
 tensor data, and torch is first needed when the first K/V tensor is pooled
-(``convert.surgery``), so the CLI imports it while unchanged tensors are copied.
+(``convert.heads``), so the CLI imports it while unchanged tensors are copied.
 """
 
 from __future__ import annotations
@@ -11,31 +11,20 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
-from convert import renames, surgery
+from convert import heads, renames
 from convert.errors import ConversionError
 from convert.families import Family
-from convert.layers import LayerPlan, LayerResults, changed_roles
+from convert.layers import LayerPlan, LayerResults, LayerState, NormTensor, changed_roles
 from convert.merge import GROUPINGS
-from convert.roles import LAYER_ROLES, ROLES, expected_elements, expected_shape
+from convert.roles import LAYER_ROLES, ROLES, Dims, expected_elements, expected_shape
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor
-
-
-@dataclass
-class Dims:
-    """Attention sizes read from config.json."""
-
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
 
 
 @dataclass
@@ -47,6 +36,7 @@ class Plan:
     changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
     layers: LayerPlan | None = None  # set when K and V change (the layer-wise path, convert.layers)
     load: Callable[[str], Any] | None = None  # output name -> the source tensor, as the layer path reads it
+    state: LayerState = field(default_factory=LayerState)  # KV-head orders and the spill, filled in as it runs
 
 
 def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
@@ -193,25 +183,28 @@ def _rotary_dim(spec: Family, config: dict, head_dim: int) -> int:
 
 
 def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads: int, method: str, grouping: str,
-                seed: int, canonical: dict[str, str]) -> LayerPlan:
+                seed: int, canonical: dict[str, str], transposed: set[str], out_dtypes: dict[str, str]) -> LayerPlan:
     """The settings of the layer-wise rewrite, with each layer's source tensors of the roles that change."""
     if GROUPINGS[grouping].permutes and any(r in spec.tensors for r in ("k_norm", "k_norm_per_head")):
         raise ConversionError(f"--grouping {grouping} cannot yet permute the per-head K norms of this family; "
                               "use --grouping contiguous")
     changed = changed_roles(method, grouping, "qkv" in spec.tensors)
     sources: dict[int, dict[tuple[str, str], str]] = {}
-    for name, (role, layer, _, param) in roles.of.items():
+    norms: dict[int, list[NormTensor]] = {}
+    for name, (role, layer, head, param) in roles.of.items():
         if role in changed and not (role == "o" and param == "bias"):
             sources.setdefault(layer, {})[role, param] = name
+        if ROLES[role].operation in ("pool_norm", "pool_norm_heads"):
+            norms.setdefault(layer, []).append(NormTensor(name, ROLES[role].operation, head))
     anchor = next(n for r, n in spec.tensors.items() if r in ("qkv", "q"))
-    # calibration hooks into the source model, named as the source names it (gpt2 lacks bigcode's prefix)
-    modules = [canonical[spec.attention.format(layer=layer) + "." + anchor + ".weight"].removesuffix(".weight")
-               for layer in range(dims.layers)]
-    decoders = [m.rsplit(".", 2)[0] for m in modules]  # ...layers.{l}.self_attn.q_proj -> ...layers.{l}
-    pooled = any(ROLES[r].operation in ("pool_norm", "pool_norm_heads") for r in spec.tensors)
-    return LayerPlan(method, grouping, kv_heads, dims, spec.layout, _out_layout(spec, dims, kv_heads), spec.rotary,
-                     _rotary_dim(spec, config, dims.head_dim), spec.k_normed, seed, sources, changed, modules,
-                     decoders, pooled)
+    return LayerPlan(
+        method=method, grouping=grouping, kv_heads=kv_heads, dims=dims, layout=spec.layout,
+        out_layout=_out_layout(spec, dims, kv_heads), rotary=spec.rotary,
+        rotary_dim=_rotary_dim(spec, config, dims.head_dim), k_normed=spec.k_normed, seed=seed, sources=sources,
+        changed=changed, anchors=[spec.attention.format(layer=layer) + "." + anchor + ".weight"
+                                  for layer in range(dims.layers)],
+        norms=norms, source_names=canonical, transposed=frozenset(transposed),
+        out_dtypes={n: out_dtypes[n] for members in sources.values() for n in members.values()})
 
 
 def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int, results: LayerResults) -> dict[str, Change]:
@@ -247,7 +240,7 @@ def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tup
         if operation == "pool_norm":
             shape = shapes[name]
             out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
-            pool = partial(surgery.kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
+            pool = partial(heads.kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
             changes[name] = Change(name, out_shape, lambda load, n=name, f=pool: f(load(n)))
         elif operation == "pool_norm_heads":
             if head % group:
@@ -255,7 +248,7 @@ def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tup
                 continue
             template = spec.attention + "." + spec.tensors[role] + "." + param
             members = [template.format(layer=layer, head=h) for h in range(head, head + group)]
-            pool = partial(surgery.norm_heads, method=method)
+            pool = partial(heads.norm_heads, method=method)
             changes[name] = Change(template.format(layer=layer, head=head // group), shapes[name],
                                    lambda load, ms=members, f=pool: f(*map(load, ms)))
     return changes
@@ -278,15 +271,17 @@ def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dim
         return tensor.t() if name in transposed else tensor  # Conv1D (in, out) -> Linear (out, in)
 
     changes: dict[str, Change | None] = {}
-    layers = None
+    layers, state = None, LayerState()
     if kv_heads != dims.kv_heads or _out_layout(spec, dims, kv_heads) != spec.layout:  # else: every tensor a copy
-        layers = _layer_plan(spec, config, dims, roles, kv_heads, method, grouping, seed, canonical)
+        out_dtypes = {n: _out_dtype(weights.tensors[src].dtype, dtype) for n, src in canonical.items()}
+        layers = _layer_plan(spec, config, dims, roles, kv_heads, method, grouping, seed, canonical, transposed,
+                             out_dtypes)
         planned = Counter({layer: len(members) for layer, members in layers.sources.items()})
-        results = LayerResults(layers, planned, load)  # computes nothing until a tensor is taken
+        results = LayerResults(layers, state, planned, load)  # computes nothing until a tensor is taken
         changes = {**_norm_changes(spec, dims, roles, shapes, kv_heads, method),
                    **_layer_changes(layers, shapes, kv_heads, results)}
     tensors = _out_tensors(weights, canonical, transposed, shapes, changes, load, dtype)
-    return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers, load)
+    return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers, load, state)
 
 
 def _out_tensors(weights: WeightSource, canonical: dict[str, str], transposed: set[str], shapes: dict,

@@ -112,8 +112,9 @@ def build_report(source: str, output: Path, family: str, spec: Family, dims: Dim
     after = kv_cache_bytes_per_token(dims.layers, kv_heads, dims.head_dim, TENSOR_DTYPES[out_dtype][0])
     merge = METHODS[options.method]
     calibration = None
-    if options.calibration_data:
-        calibration = {"files": [str(f) for f in options.calibration_data], "tokens_wanted": options.calibration_tokens}
+    if options.calibrates:
+        calibration = {"files": [str(f) for f in options.calibration_data or []],
+                       "sampled": not options.calibration_data, "tokens_wanted": options.calibration_tokens}
     return ConversionReport(
         tool=f"kvshrink {VERSION}",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -192,7 +193,10 @@ def format_report(report: ConversionReport) -> str:
     if r.calibration:
         c = r.calibration
         ran = f"{c['tokens']:,} tokens in {c['seconds']:.1f} s" if "tokens" in c else f"{c['tokens_wanted']:,} tokens"
-        lines.append(f"  calibration       {ran} of {', '.join(Path(f).name for f in c['files'])}")
+        text = "text sampled from the source" if c.get("sampled") else ", ".join(Path(f).name for f in c["files"])
+        lines.append(f"  calibration       {ran} of {text}")
+        if c.get("memory"):
+            lines.append(f"  calibration peak  {c['memory']}")
     if r.k_merge:
         lines.append(f"  K merge           {r.k_merge}")
     if r.dry_run:

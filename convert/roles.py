@@ -7,13 +7,22 @@ uptrainer's trainable subsets (``Family.modules``) both ask this module what a r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
-
-if TYPE_CHECKING:
-    from convert.plan import Dims
+from typing import Literal, get_args
 
 Role = Literal["q", "k", "v", "o", "qkv", "k_norm", "k_norm_per_head", "k_norm_shared", "q_norm", "q_norm_per_head"]
 Operation = Literal["layer", "pool_norm", "pool_norm_heads", "copy"]
+
+
+@dataclass
+class Dims:
+    """Attention sizes read from config.json (``convert.plan.read_dims``)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Whole-layer rewrites of attention: similarity grouping and activation-aware (``svd``) merging.
+"""The fits of one layer's attention heads: similarity grouping and activation-aware (``svd``, ``aware``) merging.
 
 Mean pooling touches K and V alone. The rewrites here also change Q and O, so they
 work on one layer's projections at once, in head form (biases, where the family
@@ -39,7 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from convert.merge import GROUPINGS, METHODS, Merge
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from convert.merge import Merge
 
 
 @dataclass(frozen=True)
@@ -290,26 +293,3 @@ def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotar
         metric = None if energy is None else (energy[part], gram[part])
         new_k[n] = _fit_k(q, k[part], whitened.k[part], members, reads, rot, metric)
     return LayerHeads(q, new_k, new_v, o)
-
-
-def rewrite_layer(layer: LayerHeads, *, kv_heads: int, method: str, grouping: str, rot: Rotary, k_normed: bool,
-                  moment: torch.Tensor | None,
-                  generator: torch.Generator | None = None) -> tuple[LayerHeads, list[int]]:
-    """One layer's heads -> the converted ones and the KV-head order the grouping chose.
-
-    The grouping strategy may first permute the heads so that similar ones share a group; then the merge method
-    fits each group. Calibrated methods and groupings work in float64, the pooling ones in float32.
-    """
-    merge, strategy = METHODS[method], GROUPINGS[grouping]
-    precise = merge.calibrated or strategy.permutes or moment is not None
-    layer = LayerHeads(*(None if t is None else (t.double() if precise else t.float())
-                         for t in (layer.q, layer.k, layer.v, layer.o)))
-    white = whitener(moment)
-    whitened = layer
-    if white is not None:
-        q_white = layer.q @ white if merge.uses_queries else layer.q
-        whitened = layer.replace(q=q_white, k=layer.k @ white, v=layer.v @ white)
-    order = strategy.order(whitened, kv_heads, merge, rot, k_normed)
-    if order != sorted(order):
-        layer, whitened = permute(layer, order), permute(whitened, order)
-    return merge.fit(layer, whitened, kv_heads, rot, k_normed, generator), order

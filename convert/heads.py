@@ -14,7 +14,7 @@ from convert.merge import METHODS
 if TYPE_CHECKING:
     import torch
 
-    from convert.attention import LayerHeads
+    from convert.fits import LayerHeads
 
 
 def kv_norm(t: torch.Tensor, *, kv_heads_in: int, kv_heads: int, method: str) -> torch.Tensor:
@@ -47,7 +47,7 @@ def to_heads(loaded: dict[tuple[str, str], torch.Tensor], layout: str, heads: in
     """
     import torch
 
-    from convert.attention import LayerHeads
+    from convert.fits import LayerHeads
 
     fused = ("qkv", "weight") in loaded
 

@@ -1,0 +1,121 @@
+"""Where calibration runs, in which dtype, where its hidden states live, and how much memory it needs.
+
+The fastest device present is chosen (CUDA, then Apple's MPS, else the CPU) unless ``--device`` names one.
+On an accelerator a decoder layer runs in the source's dtype; on the CPU in float32. Moments and the
+least-squares solves are float64 on the CPU either way (MPS has no float64).
+
+Memory, whatever the depth of the model (``estimate``):
+
+    one decoder layer + the embeddings + tokens x hidden x bytes x k + 2 x (hidden + 1)² x 8
+
+with ``bytes`` those of the run dtype and k the copies of the calibration hidden states held at once: 2 (a
+layer's inputs and outputs), plus 2 with local steps (the original attention module's inputs and outputs),
+plus heads x head_dim / hidden with the O refit (the original heads' outputs). The hidden states stay on the
+accelerator while they fit in half its free memory; else they wait in (pinned) CPU memory and move a block at
+a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from convert.errors import ConversionError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+
+
+def pick_device(name: str = "auto"):
+    """``auto``: CUDA, then MPS, then the CPU; a named device must be present (one line otherwise)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConversionError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}.get(device.type, False)
+    if device.type == "cuda" and present and device.index is not None:
+        present = device.index < torch.cuda.device_count()
+    if not present:
+        raise ConversionError(f"--device {name}: no such device here; use --device auto (the fastest present) or cpu")
+    return device
+
+
+def run_dtype(device, source_dtype):
+    """The dtype a layer runs in: the source's floating dtype on an accelerator, float32 on the CPU."""
+    import torch
+
+    if device.type == "cpu" or not source_dtype.is_floating_point:
+        return torch.float32
+    if device.type == "mps" and source_dtype == torch.bfloat16 and not torch.backends.mps.is_macos_or_newer(14, 0):
+        return torch.float16
+    return source_dtype
+
+
+def free_bytes(device) -> int:
+    """Free memory where tensors of ``device`` live (the accelerator's, or the machine's available RAM)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return available_ram()
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def hidden_on_device(device, needed: int, limit: int | None = None) -> bool:
+    """Whether the calibration hidden states stay on ``device`` (else they wait on the CPU, moved per block).
+
+    ``limit`` replaces the free memory measured (tests force the offload with a tiny one).
+    """
+    free = free_bytes(device) if limit is None else limit
+    return needed <= free // 2
+
+
+@dataclass
+class MemoryEstimate:
+    """Calibration's peak memory, by part (bytes)."""
+
+    device: str
+    dtype: str
+    layer: int
+    resident: int
+    hidden: int
+    copies: float
+    moments: int
+
+    @property
+    def total(self) -> int:
+        return int(self.layer + self.resident + self.hidden * self.copies + self.moments)
+
+    def line(self) -> str:
+        gb = 1e9
+        return (f"{self.total / gb:.2f} GB on {self.device} ({self.dtype}): one layer {self.layer / gb:.2f} + "
+                f"embeddings {self.resident / gb:.2f} + hidden states {self.hidden / gb:.3f} x {self.copies:g} + "
+                f"moments {self.moments / gb:.3f}")
+
+
+def estimate(layer_elements: int, resident_elements: int, tokens: int, dims, device, dtype, *, refit_o: bool,
+             local_steps: int) -> MemoryEstimate:
+    """The formula in this module's docstring for a model's sizes and the calibration settings."""
+    size = dtype.itemsize
+    copies = 2 + (2 if local_steps else 0) + (dims.heads * dims.head_dim / dims.hidden if refit_o else 0)
+    return MemoryEstimate(str(device), str(dtype).removeprefix("torch."), layer_elements * size,
+                          resident_elements * size, tokens * dims.hidden * size, copies, 2 * (dims.hidden + 1) ** 2 * 8)

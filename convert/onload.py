@@ -1,0 +1,199 @@
+"""The source model with one decoder layer in memory at a time, read straight from its checkpoint.
+
+The model is built by transformers from its config with every parameter on the ``meta`` device (accelerate's
+``init_empty_weights``; buffers such as RoPE's frequencies are real), so the family's own layer code runs:
+RoPE, masks and every family's quirks stay exact. The embeddings and other parameters outside the decoder
+layers (the output head aside, which calibration never runs) are read once; a decoder layer's parameters are
+read from the source's safetensors shards with the converter's own reader (``convert.source.WeightSource``,
+which has checked every header) when calibration reaches it, and put back on ``meta`` when it is done.
+
+    skeleton (meta)         layer l onloaded          layer l offloaded, l + 1 onloaded
+    [emb] [0] [1] [2] ...   [emb] [0] [1] [2] ...     [emb] [0] [1] [2] ...
+     real  -   -   -         real  -   X   -           real  -   -   X
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from convert.errors import ConversionError
+from convert.source import WeightSource
+
+
+def build_skeleton(src_dir: Path, dtype):
+    """The source's model class from its config, every parameter on ``meta``, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(src_dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConversionError(f"transformers cannot build the model of {src_dir} "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return model.eval()
+
+
+def _output_head(model) -> str | None:
+    """The module path of the output embeddings (never run by calibration, never read)."""
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def _transformers_loader():
+    """transformers' own state-dict loader (renames, fused experts, dtype casts), where this version has one."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:
+        return None
+    return get_model_conversion_mapping, convert_and_load_state_dict_in_model, LoadStateDictConfig
+
+
+class LayerLoader:
+    """A model skeleton whose decoder layers are materialized one at a time from the source checkpoint.
+
+    Tensors are read with the converter's reader and handed to transformers' own loader (where it has one:
+    it renames and fuses as ``from_pretrained`` does, e.g. Mixtral's experts); else matched by name.
+
+    Args:
+        src_dir: the source checkpoint directory (its config.json builds the model).
+        weights: the source's tensors (already checked).
+        anchors: per layer, the checkpoint name of a tensor inside that decoder layer (its Q or QKV weight).
+        device: where layers run.
+        dtype: the dtype they run in.
+        materialize: read the resident parameters (embeddings) now; False: names and sizes only (a dry run).
+    """
+
+    def __init__(self, src_dir: Path, weights: WeightSource, anchors: list[str], device, dtype,
+                 materialize: bool = True):
+        self.weights, self.device, self.dtype = weights, device, dtype
+        self.model = build_skeleton(src_dir, dtype)
+        self.model_name = self._model_names(weights)  # checkpoint tensor name -> model parameter name
+        self.decoders = [self._decoder_of(anchor) for anchor in anchors]
+        prefixes = [anchor.rsplit(".", 3)[0] + "." for anchor in anchors]  # the layer, as the checkpoint names it
+        self.layer_tensors = [[n for n in weights.tensors if n.startswith(p)] for p in prefixes]
+        in_layers = {n for names in self.layer_tensors for n in names}
+        head = _output_head(self.model)
+        self.resident = [n for n in weights.tensors if n not in in_layers and not (head and n.startswith(head + "."))]
+        self.layer_params = [[n for n, _ in self.model.named_parameters() if n.startswith(d + ".")]
+                             for d in self.decoders]
+        self.peak_layers = 0  # the most decoder layers ever materialized at once (tests read it)
+        self.use_transformers = _transformers_loader() is not None
+        if materialize:
+            self._materialize(self.resident)
+            for name, buffer in list(self.model.named_buffers()):
+                self._set(name, buffer.to(device))
+            self._check_loaded([n for n, _ in self.model.named_parameters()
+                                if not any(n in names for names in self.layer_params)
+                                and not (head and n.startswith(head + "."))])
+
+    def _model_names(self, weights: WeightSource) -> dict[str, str]:
+        """Checkpoint names of the model's parameters, with or without the base model's prefix."""
+        prefix = self.model.base_model_prefix + "."
+        found = {}
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            for candidate in (name, name.removeprefix(prefix), prefix + name):
+                if candidate in weights.tensors:
+                    found[candidate] = name
+                    break
+        return found
+
+    def _decoder_of(self, anchor: str) -> str:
+        """The decoder layer module holding a layer's Q/QKV weight: ``...layers.3.self_attn.q_proj.weight``
+        -> ``...layers.3``."""
+        name = self.model_name.get(anchor)
+        if name is None:
+            raise ConversionError(f"the source model has no parameter for {anchor}")
+        return name.rsplit(".", 3)[0]
+
+    def _set(self, name: str, value) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        set_module_tensor_to_device(self.model, name, value.device, value=value)
+
+    def _materialize(self, names: list[str]) -> None:
+        """Read the named checkpoint tensors into the model, on the device, in the run dtype."""
+        import torch
+
+        with torch.inference_mode(False), torch.no_grad():  # parameters autograd may use (local steps)
+            tensors = {name: self.weights.read(name) for name in names}
+            if self.use_transformers:
+                mapping, load, config = _transformers_loader()
+                load(self.model, tensors, config(weight_mapping=mapping(self.model), dtype=self.dtype,
+                                                 device_map={"": str(self.device)}))
+                return
+            for name, tensor in tensors.items():
+                if name in self.model_name:
+                    self._set(self.model_name[name], tensor.to(self.device, self.dtype))
+
+    def _check_loaded(self, params: list[str]) -> None:
+        missing = [n for n in params if self.model.get_parameter(n).is_meta]
+        if missing:
+            raise ConversionError(f"calibration runs the source one layer at a time, but its checkpoint gave no "
+                                  f"tensor for the model's {missing[0]}; use an uncalibrated method (--method mean)")
+
+    def onload(self, layer: int):
+        """Read decoder layer ``layer`` from the checkpoint onto the device; returns its module."""
+        self._materialize(self.layer_tensors[layer])
+        self._check_loaded(self.layer_params[layer])
+        self.peak_layers = max(self.peak_layers, self.materialized_layers())
+        return self.model.get_submodule(self.decoders[layer])
+
+    def offload(self, layer: int) -> None:
+        """Put the layer's parameters back on ``meta`` (their memory is freed)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self.layer_params[layer]:
+            set_module_tensor_to_device(self.model, name, "meta")
+
+    def materialized_layers(self) -> int:
+        """How many decoder layers have any parameter that is not on ``meta`` (counted from the tensors)."""
+        return sum(any(not self.model.get_parameter(n).is_meta for n in names) for names in self.layer_params)
+
+    def parameter(self, checkpoint_name: str):
+        """The model's parameter for a checkpoint tensor name."""
+        return self.model.get_parameter(self.model_name[checkpoint_name])
+
+    def module_path(self, checkpoint_name: str) -> str:
+        """The module holding a checkpoint tensor, as the model names it."""
+        return self.model_name[checkpoint_name].rsplit(".", 1)[0]
+
+    def elements(self, names: list[str]) -> int:
+        """Elements of the named checkpoint tensors, from their headers."""
+        return sum(math.prod(self.weights.tensors[n].shape) for n in names)
+
+
+def first_layer_inputs(model, first, blocks, device) -> tuple[list[Any], dict]:
+    """The hidden states with which the model calls its first decoder layer, per block, and the keyword arguments
+    of that call (positions, RoPE's cos/sin, the mask: the same for every block of one length)."""
+    import torch
+
+    captured: list = []
+    kwargs_seen: list[dict] = []
+
+    class _Stop(Exception):
+        pass
+
+    def grab(_module, args, kwargs):
+        captured.append(args[0] if args else kwargs.pop("hidden_states"))
+        kwargs_seen.append(dict(kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for block in blocks:
+                try:
+                    model(block.unsqueeze(0).to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    kwargs = kwargs_seen[0]
+    kwargs.pop("hidden_states", None)
+    return captured, kwargs

@@ -1,0 +1,142 @@
+"""The refinements of sequential calibration: the O refit and the local steps, one layer at a time.
+
+With ``--refit-o`` the converted heads' outputs are collected in a third pass over the layer and O is refitted
+by least squares onto the original attention output (the original heads' outputs of one layer, tokens x heads x
+head_dim, are held meanwhile). With ``--local-steps`` the original attention module's inputs and outputs of the
+layer are kept from the measuring pass (2 x tokens x hidden) and the layer's Q, merged K/V and O take that many
+Adam steps towards them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from convert.heads import from_heads
+from convert.walk import Walk, hidden
+
+LOCAL_BLOCKS = 4  # calibration blocks per local refinement step
+LOCAL_LR = 5e-3  # relative to each tensor's root mean square (tuned on SmolLM2-135M: docs/convert.md)
+
+
+def refit_o(walk: Walk, layer: int, decoder, heads_out: list, heads):
+    """O' = argmin Σ ‖O' z' − O z‖² + ridge: the converted heads' outputs z' mapped onto the original attention
+    output (float64 moments on the CPU, closed form); written into the running model.
+
+    The cross moment Σ z zᵀ' pairs each block's original heads' outputs with the converted ones, in order.
+
+    Returns:
+        ``heads`` with the refitted O.
+    """
+    import torch
+
+    gram, cross, seen = None, None, iter(heads_out)
+
+    def add(_module, args):
+        nonlocal gram, cross
+        z_new = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()  # (tokens, H*d)
+        z_old = next(seen).reshape(-1, args[0].shape[-1]).double().cpu()
+        gram = z_new.T @ z_new if gram is None else gram + z_new.T @ z_new
+        cross = z_old.T @ z_new if cross is None else cross + z_old.T @ z_new
+
+    o_name = walk.plan.sources[layer]["o", "weight"]
+    walk.run(decoder, {walk.path(o_name): add}, keep=False)
+    original = walk.load(o_name).double()  # (out, H*d)
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
+    walk.write(o_name, refit)
+    return heads.replace(o=refit.reshape(heads.o.shape))
+
+
+class AttentionIO:
+    """A forward hook on a layer's attention module keeping every call's inputs and output (the original's)."""
+
+    def __init__(self, module):
+        self.module, self.seen = module, []
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, _module, args, kwargs, output):
+        self.seen.append((args, dict(kwargs), hidden(output).detach()))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _normal(value):
+    """A copy of inference-mode tensors (nested in tuples, lists, dicts) that autograd may save."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_normal(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
+def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool) -> tuple[float, float, Any]:
+    """``steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included) so that its
+    attention module reproduces the original's output on the calibration inputs (squared error, ``LOCAL_BLOCKS``
+    blocks per step in a seeded shuffled order; each tensor's learning rate is ``LOCAL_LR`` times its root mean
+    square, so the steps are the same relative size in a model of any width). The refined heads are kept only if
+    their error on all the calibration blocks is lower (Adam near a zero loss wanders).
+
+    Returns:
+        The relative error ‖attention' − attention‖ / ‖attention‖ on the calibration blocks before and after,
+        and the refined heads (None where they were not better than ``heads``).
+    """
+    import torch
+
+    fit = _LocalFit(walk, layer, heads, has_bias)
+    generator = torch.Generator().manual_seed(walk.seed + layer)
+    with torch.inference_mode(False), torch.enable_grad():
+        for i, entry in enumerate(seen):  # inference-mode tensors cannot be saved for backward: copied one by one
+            seen[i] = _normal(entry)
+        trained = {role: getattr(heads, role).to(fit.device, torch.float32, copy=True).requires_grad_(True)
+                   for role in "qkvo"}
+        before = fit.error(trained, seen)
+        optimizer = torch.optim.Adam([{"params": [t], "lr": LOCAL_LR * t.detach().pow(2).mean().sqrt().item()}
+                                      for t in trained.values()])  # steps in proportion to each tensor's scale
+        for _step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            for i in torch.randperm(len(seen), generator=generator)[:LOCAL_BLOCKS].tolist():
+                args, kwargs, target = seen[i]
+                (fit.output(trained, args, kwargs) - target.float()).pow(2).sum().backward()
+            optimizer.step()
+        after = fit.error(trained, seen)
+    if after >= before:
+        return before, before, None
+    return before, after, heads.replace(**{role: t.detach().cpu() for role, t in trained.items()})
+
+
+class _LocalFit:
+    """A layer's attention module called with its projections taken from trainable head-form tensors."""
+
+    def __init__(self, walk: Walk, layer: int, start, has_bias: bool):
+        plan = walk.plan
+        self.walk, self.path = walk, walk.attention_path(layer)
+        self.module = walk.loader.model.get_submodule(self.path)
+        self.start, self.has_bias = start, has_bias
+        self.repeat = plan.dims.kv_heads // plan.kv_heads
+        self.fused = plan.layout if "qkv" in plan.changed else None
+        self.names = plan.sources[layer]
+        weight = walk.loader.parameter(plan.source_names[next(iter(self.names.values()))])
+        self.device, self.dtype = weight.device, weight.dtype  # an accelerator runs the layer in the source dtype
+
+    def output(self, trained: dict, args: tuple, kwargs: dict):
+        """The attention module's output (float32) with ``trained``'s Q, K/V (each repeated for its group), O."""
+        from torch.func import functional_call
+
+        heads = self.start.replace(q=trained["q"], o=trained["o"], k=trained["k"].repeat_interleave(self.repeat, 0),
+                                   v=trained["v"].repeat_interleave(self.repeat, 0))
+        tensors = from_heads(heads, self.has_bias, self.fused, lambda role: True)
+        params = {self.walk.relative(self.names[key], self.path): self.walk.source_layout(self.names[key], t)
+                  .to(self.dtype) for key, t in tensors.items() if key in self.names}
+        return hidden(functional_call(self.module, params, args, kwargs)).float()
+
+    def error(self, trained: dict, seen: list) -> float:
+        import torch
+
+        with torch.no_grad():
+            wrong = sum((self.output(trained, a, k) - t.float()).pow(2).sum().item() for a, k, t in seen)
+        return (wrong / sum(t.float().pow(2).sum().item() for _a, _k, t in seen)) ** 0.5
