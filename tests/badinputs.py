@@ -3,13 +3,15 @@
 The cases are those ``python -m convert`` is tested on (``tests/test_cli.py``): a model path that is missing, a
 file, not a checkpoint, with an unreadable config or no weights, a truncated or corrupt safetensors file; an
 output that is an existing file or lies below one (the OS refuses that even to root, who may write anywhere
-else). Each command's expected behaviour is the same: exactly one stderr line starting ``error: ``, exit code
+else); a data file (text to train, score or calibrate on) that is missing, empty, unreadable, a directory or
+binary. Each command's expected behaviour is the same: exactly one stderr line starting ``error: ``, exit code
 2, no traceback, nothing created. A command joins by adding an entry to ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ class BadInput:
     """One bad argument: ``make(tmp, good)`` builds it from a scratch folder and a good checkpoint."""
 
     name: str
-    role: str  # "model" (a checkpoint argument) or "out" (an output directory argument)
+    role: str  # "model" (a checkpoint argument), "out" (an output directory argument) or "data" (a text file)
     make: Callable[[Path, Path], Path]
     says: tuple[str, ...]  # the error line holds one of these
 
@@ -68,6 +70,37 @@ def _corrupt(tmp: Path, good: Path) -> Path:
     return model
 
 
+def _empty_text(tmp: Path, _good: Path) -> Path:
+    path = tmp / "empty.txt"
+    path.write_text("")
+    return path
+
+
+def _unreadable_text(tmp: Path, _good: Path) -> Path:
+    """Mode 000: root reads it anyway (``needs_reader``), so the sweep skips it there."""
+    path = tmp / "locked.txt"
+    path.write_text("Some text nobody may read.\n")
+    path.chmod(0)
+    return path
+
+
+def _text_directory(tmp: Path, _good: Path) -> Path:
+    (tmp / "corpus").mkdir()
+    (tmp / "corpus" / "cover.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # no file of a text type in it
+    return tmp / "corpus"
+
+
+def _binary_text(tmp: Path, _good: Path) -> Path:
+    path = tmp / "text.txt"
+    path.write_bytes(bytes(range(256)) * 64)  # a binary file under a text name
+    return path
+
+
+def needs_reader(case: BadInput) -> bool:
+    """Whether the case relies on file permissions, which root ignores."""
+    return case.make is _unreadable_text and os.geteuid() == 0
+
+
 def _out_file(tmp: Path, _good: Path) -> Path:
     path = tmp / "results.txt"
     path.write_text("the user's file")
@@ -88,6 +121,11 @@ CASES = [
     BadInput("corrupt safetensors header", "model", _corrupt, ("is corrupt",)),
     BadInput("output is an existing file", "out", _out_file, ("is a file", "is not a directory")),
     BadInput("output below a file", "out", _out_below_file, ("is a file", "Not a directory")),
+    BadInput("missing data file", "data", lambda tmp, good: tmp / "nowhere.txt", ("does not exist",)),
+    BadInput("empty data file", "data", _empty_text, ("is empty",)),
+    BadInput("unreadable data file", "data", _unreadable_text, ("Permission denied",)),
+    BadInput("data file is a directory", "data", _text_directory, ("is a directory",)),
+    BadInput("binary data file", "data", _binary_text, ("not UTF-8 text",)),
 ]
 
 
@@ -107,27 +145,46 @@ def _text(files: Path) -> Path:
     return path
 
 
-def _recipe(model: Path, out: Path, files: Path) -> Path:
-    recipe = {"model": str(model), "output_dir": str(out), "data": {"train": [str(_text(files))], "seq_len": 16}}
+def _recipe(model: Path, out: Path, files: Path, data: Path) -> Path:
+    recipe = {"model": str(model), "output_dir": str(out), "data": {"train": [str(data)], "seq_len": 16}}
     path = files / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
 
 
+@dataclass(frozen=True)
+class Command:
+    """A CLI under the sweep: ``argv(model, out, good, files, data)`` -> the arguments after ``python``; ``files``
+    is a folder for what the command reads besides (text, a recipe), written before the sweep looks for new
+    files; ``data`` is the text file to read (None: a good one the command writes into ``files``)."""
+
+    name: str
+    argv: Callable[[Path, Path, Path, Path, Path | None], list[str]]
+    roles: tuple[str, ...]  # which of the matrix's roles the command has
+
+
 COMMANDS = [
-    Command("convert", lambda model, out, good, files: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
+    Command("convert", lambda model, out, good, files, data: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
             ("model", "out")),
-    Command("decode_bench", lambda model, out, good, files: ["-m", "kvshrink.decode_bench", str(model), str(good),
-                                                             "--out", str(out), "--device", "cpu"], ("model", "out")),
+    Command("convert --calibration-data",
+            lambda model, out, good, files, data: ["-m", "convert", str(model), str(out), "--kv-heads", "1",
+                                                   "--method", "svd", "--calibration-data", str(data or _text(files))],
+            ("data",)),
+    Command("decode_bench", lambda model, out, good, files, data: ["-m", "kvshrink.decode_bench", str(model), str(good),
+                                                                   "--out", str(out), "--device", "cpu"],
+            ("model", "out")),
     # The demo's model is the packaged SmolLM2 (its --model is a test hook): only --out is the user's.
-    Command("kvshrink_demo", lambda model, out, good, files: ["-m", "kvshrink.demo", "--out", str(out)], ("out",)),
-    Command("uptrain.evaluate", lambda model, out, good, files: ["-m", "uptrain.evaluate", str(model), "--data",
-                                                                 str(_text(files))], ("model",)),
-    Command("uptrain.sample", lambda model, out, good, files: ["-m", "uptrain.sample", str(model),
-                                                               str(files / "samples.jsonl"), "--tokens", "8"],
+    Command("kvshrink_demo", lambda model, out, good, files, data: ["-m", "kvshrink.demo", "--out", str(out)],
+            ("out",)),
+    Command("uptrain.evaluate", lambda model, out, good, files, data: ["-m", "uptrain.evaluate", str(model), "--data",
+                                                                       str(data or _text(files)), "--seq-len", "16"],
+            ("model", "data")),
+    Command("uptrain.sample", lambda model, out, good, files, data: ["-m", "uptrain.sample", str(model),
+                                                                     str(files / "samples.jsonl"), "--tokens", "8"],
             ("model",)),
-    Command("uptrain", lambda model, out, good, files: ["-m", "uptrain", str(_recipe(model, out, files))],
-            ("model", "out")),
+    Command("uptrain", lambda model, out, good, files, data: ["-m", "uptrain",
+                                                              str(_recipe(model, out, files, data or _text(files)))],
+            ("model", "out", "data")),
 ]
 
 

@@ -7,13 +7,13 @@ from accelerate import Accelerator
 
 from tiny import make_model
 from uptrain.plot import eval_title, plot_metrics
-from uptrain.train import evaluate
+from uptrain.perplexity import eval_metrics
 
 
 def test_in_loop_eval_records_the_tokens_it_scored():
     blocks = [{"input_ids": torch.randint(0, 64, (48,))} for _ in range(5)]
     loader = torch.utils.data.DataLoader(blocks, batch_size=2)
-    result = evaluate(make_model("llama", 2), loader, Accelerator(cpu=True))
+    result = eval_metrics(make_model("llama", 2), loader, Accelerator(cpu=True))
     assert result["eval_tokens"] == 5 * 47  # 47 predicted tokens per block of 48
 
 

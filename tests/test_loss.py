@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from tiny import make_model
-from uptrain.loss import chunkable, chunked_loss
-from uptrain.train import distill_kl, token_losses
+from uptrain.loss import chunkable, chunked_loss, distill_kl, token_losses
 
 
 def full_and_chunked(family: str, w: float, temperature: float, chunk: int):

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain.recipe import RecipeError
-from uptrain.sample import MIN_TOKENS, Sampling, batch_rows, draw, main, samples
+from uptrain.sample import MIN_TOKENS, Sampling, batch_rows, draw, samples
+from uptrain.sample.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from convert import convert_checkpoint
 from convert.families import resolve
 from tiny import FAMILIES, make_model
 from uptrain.recipe import RecipeError
-from uptrain.train import _set_trainable
+from uptrain.student import param_groups, set_trainable
 
 
 def attention_parameter_names(model) -> set[str]:
@@ -24,7 +24,7 @@ def attention_parameter_names(model) -> set[str]:
 
 def step_and_compare(model, trainable: str) -> set[str]:
     """One AdamW step on a random batch with the subset trainable; returns the names of the parameters moved."""
-    _set_trainable(model, trainable)
+    set_trainable(model, trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -65,15 +65,13 @@ def test_unknown_family_is_a_recipe_error():
     model = make_model("llama", kv_heads=2)
     model.config.to_dict = lambda: {"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}
     with pytest.raises(RecipeError, match="mystery is not one"):
-        _set_trainable(model, "attention")
+        set_trainable(model, "attention")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_bigcode", "granite"])
 def test_weight_decay_spares_norms_biases_and_embeddings(family):
     """One AdamW step with zero gradients moves only what decays: every matrix but the embedding shrinks by
     (1 - lr * wd); norms, biases and the (tied) embedding stay bit-equal."""
-    from uptrain.train import param_groups
-
     model = make_model(family, kv_heads=2 if family != "gpt_bigcode" else 1)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=0.5)

@@ -239,7 +239,7 @@ def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text
     """data.train a hub name (no local files): the convert step samples convert.calibration_tokens from the
     source once (OUTPUT_DIR/calibration-samples) and calibrates on them."""
     from convert import convert_checkpoint
-    from uptrain.train import convert_options
+    from uptrain.student import convert_options
 
     out = tmp_path / "hub"
     convert = {"source": str(setup[2]), "kv_heads": 1, "method": "svd", "calibration_tokens": 512,

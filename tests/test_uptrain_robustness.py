@@ -253,12 +253,12 @@ def test_failed_run_leaves_no_output_directory(setup, tmp_path, capsys):  # noqa
 ])
 def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys, monkeypatch, override,  # noqa: F811
                                                           message):
-    import uptrain.train
+    import uptrain.student
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(uptrain.train, "_load_model", no_load)
+    monkeypatch.setattr(uptrain.student, "load_model", no_load)
     recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out")
     assert uptrain_main([str(recipe), override]) == 2
     assert one_line(capsys).startswith(message)

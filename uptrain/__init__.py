@@ -2,8 +2,21 @@
 
 The GQA paper (Ainslie et al. 2023) uptrains mean-pooled checkpoints for about 5% of the
 original pretraining steps; this is that loop, driven by accelerate.
+
+Nothing is imported here: ``import uptrain.sample`` (which the converter uses) must not pull in the recipe's
+converter tables. The modules:
+
+    recipe      the YAML recipe as validated dataclasses; the step count and learning-rate schedule
+    errors      RecipeError, TrainingError
+    data        text -> token blocks; the training batches
+    loss        per-token losses: cross-entropy, distillation KL, the chunked and Liger losses
+    perplexity  the one eval loop: perplexity of a model on text, in and out of training
+    student     the models of a run: the convert step, loading, the trainable subset, AdamW groups, compile
+    metrics     metrics.jsonl and the tracker's hyperparameters
+    checkpoints accelerate state, resume, the final checkpoint
+    train       the loop (``python -m uptrain``)
+    evaluate    ``python -m uptrain.evaluate``: perplexity, or a comparison (``compare``)
+    compare     models side by side: tasks, perplexity, KV cache, decode speed
+    downstream  lm-evaluation-harness tasks
+    sample      text sampled from the original model (``python -m uptrain.sample``)
 """
-
-from uptrain.recipe import Recipe, RecipeError, load_recipe
-
-__all__ = ["Recipe", "RecipeError", "load_recipe"]

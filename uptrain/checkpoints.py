@@ -10,8 +10,10 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from convert.errors import ConversionError
+from convert.source import check_checkpoint
 from kvshrink.atomic import AtomicDirectory
-from uptrain.recipe import RecipeError
+from uptrain.errors import RecipeError
 
 _STEP = re.compile(r"step-(\d+)")
 STATE = "trainer_state.json"
@@ -46,17 +48,10 @@ def find_resume(out: Path, resume: str) -> Path | None:
     return path
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
-
-
 def check_model(path: str, what: str = "") -> None:
     """Refuse a model path that does not exist, is not a Hugging Face checkpoint, or has truncated or corrupt
     weights (convert's checks: convert.source.check_checkpoint), before anything loads it. A hub id passes
     when the hub can be asked or the offline cache holds it."""
-    from convert.errors import ConversionError
-    from convert.source import check_checkpoint
-
     try:
         directory = check_checkpoint(path)
     except ConversionError as exc:
@@ -71,15 +66,6 @@ def check_model(path: str, what: str = "") -> None:
         if constants.HF_HUB_OFFLINE and not cached:
             raise RecipeError(f"{what} {path}: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE "
                               "is set)".strip())
-
-
-def tokenizer_error(path: str, exc: Exception) -> RecipeError:
-    """The one line for a tokenizer that would not load: a checkpoint saved without one is named as such."""
-    directory = Path(path).expanduser()
-    if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        return RecipeError(f"{path} has no tokenizer (no {', '.join(TOKENIZER_FILES[:4])}): save the tokenizer "
-                           "of the model it came from into it")
-    return RecipeError(f"the tokenizer of {path} does not load: {str(exc).splitlines()[0]}")
 
 
 def read_state(path: Path) -> dict:

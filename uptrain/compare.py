@@ -7,20 +7,29 @@ per token and per 4k context (``convert.report``'s arithmetic), parameters, each
 standard error (``uptrain.downstream``), and perplexity on ``--data`` (``uptrain.evaluate.perplexity``).
 ``--out DIR`` writes the table as ``report.md`` and a bar chart per metric, original first, as ``report.png``;
 ``--decode`` adds the decode benchmark (``decode_bench``) of the same checkpoints to the report.
+
+``compare(Comparison(...), command)`` is the library call; the command line only fills a ``Comparison``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convert.errors import ConversionError
+from convert.report import config_kv_cache
+from kvshrink.decode_bench import cli as decode_bench
+from kvshrink.models import default_device, load_model_and_tokenizer
+from kvshrink.text import check_entries
+from uptrain import downstream
 from uptrain.downstream import Score, Tasks
-from uptrain.recipe import RecipeError
+from uptrain.errors import RecipeError
+from uptrain.perplexity import perplexity
 
 CONTEXT = 4096  # the "per 4k context" column, batch 1
 
@@ -38,56 +47,56 @@ class Row:
     ppl: float | None = None
 
 
-def check_args(args: argparse.Namespace) -> Tasks | None:
-    """Refuse bad input in one line before any model loads; returns the checked tasks (None without --tasks)."""
-    from uptrain import downstream
+@dataclass
+class Comparison:
+    """What to compare and how: the models (original first), perplexity on ``data``, downstream ``tasks``, and
+    where the report goes (``out``; ``decode`` adds the decode benchmark). The options of
+    ``python -m uptrain.evaluate``."""
 
-    if not args.tasks and not args.data:
+    models: list[str]
+    data: list[str] | None = None
+    seq_len: int = 1024
+    max_tokens: int = 200_000
+    batch_size: int = 4
+    text_field: str = "text"
+    tasks: list[str] | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None
+    device: str | None = None  # None: cuda when there is one
+    out: str | None = None
+    decode: bool = False
+
+
+def check(c: Comparison) -> tuple[Tasks | None, argparse.Namespace | None]:
+    """Refuse bad input in one line before any model loads; returns the checked tasks (None without tasks) and
+    the decode benchmark's checked options (None without ``decode``)."""
+    if not c.tasks and not c.data:
         raise RecipeError("nothing to measure: give --tasks TASK... (downstream) and/or --data FILE... (perplexity)")
-    positive = {"--batch-size": args.batch_size, "--seq-len": args.seq_len, "--max-tokens": args.max_tokens,
-                "--limit": args.limit if args.limit is not None else 1}
+    positive = {"--batch-size": c.batch_size, "--seq-len": c.seq_len, "--max-tokens": c.max_tokens,
+                "--limit": c.limit if c.limit is not None else 1}
     for flag, value in positive.items():
         if value <= 0:
             raise RecipeError(f"{flag} must be positive, got {value}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise RecipeError(f"--num-fewshot must be 0 or more, got {args.num_fewshot}")
-    for model in args.models:
+    if c.num_fewshot is not None and c.num_fewshot < 0:
+        raise RecipeError(f"--num-fewshot must be 0 or more, got {c.num_fewshot}")
+    for model in c.models:
         if not Path(model).is_dir() and (os.sep in model or model.startswith(".") or model.count("/") != 1):
             raise RecipeError(f"model {model} is not a checkpoint directory (nor a hub id like org/name)")
-    if args.decode and len(args.models) < 2:
+    if c.decode and len(c.models) < 2:
         raise RecipeError("--decode compares models: give ORIGINAL and at least one CONVERTED checkpoint")
-    if args.decode and not args.out:
+    if c.decode and not c.out:
         raise RecipeError("--decode writes its results into the report: give --out DIR")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise RecipeError(f"--out {args.out} is a file; give a directory")
-    if args.decode:
-        decode_args(args)  # its own checks: same vocabulary, width and tokenizer
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-    return downstream.load_tasks(args.tasks, args.num_fewshot, limit, args.batch_size) if args.tasks else None
-
-
-def load(model: str, device: str | None):
-    """A checkpoint in stock transformers (its own dtype) on `device` (default: cuda when there is one)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
-    except (OSError, ValueError) as exc:
-        raise RecipeError(f"cannot load {model}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") \
-            from None
-    try:
-        return loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tokenizer
-    except RuntimeError as exc:
-        raise RecipeError(f"--device {device}: {str(exc).splitlines()[0]}") from None
+    if c.out and Path(c.out).exists() and not Path(c.out).is_dir():
+        raise RecipeError(f"--out {c.out} is a file; give a directory")
+    check_entries(c.data or [])
+    bench = decode_options(c) if c.decode else None  # its own checks: same vocabulary, width and tokenizer
+    tasks = downstream.load_tasks(c.tasks, c.num_fewshot, downstream.task_limit(c.limit), c.batch_size) \
+        if c.tasks else None
+    return tasks, bench
 
 
 def describe(model_arg: str, model) -> Row:
     """Method, KV heads, KV-cache bytes per token and parameters of a loaded model."""
-    from convert.errors import ConversionError
-    from convert.report import config_kv_cache
-
     row = Row(model_arg, parameters=sum(p.numel() for p in model.parameters()))
     conversion = Path(model_arg) / "conversion.json"
     if conversion.is_file():
@@ -100,21 +109,16 @@ def describe(model_arg: str, model) -> Row:
     return row
 
 
-def measure(args: argparse.Namespace, tasks: Tasks | None) -> list[Row]:
-    """Every model in turn: load, describe, perplexity on --data, the tasks."""
-    import gc
-
-    from uptrain import downstream
-    from uptrain.evaluate import perplexity
-
+def measure(c: Comparison, tasks: Tasks | None) -> list[Row]:
+    """Every model in turn: load, describe, perplexity on the data, the tasks."""
     rows = []
-    for i, model_arg in enumerate(args.models):
-        print(f"[{i + 1}/{len(args.models)}] {model_arg}", file=sys.stderr, flush=True)
-        model, tokenizer = load(model_arg, args.device)
+    for i, model_arg in enumerate(c.models):
+        print(f"[{i + 1}/{len(c.models)}] {model_arg}", file=sys.stderr, flush=True)
+        model, tokenizer = load_model_and_tokenizer(model_arg, device=c.device or default_device())
         row = describe(model_arg, model)
-        if args.data:
-            row.ppl = perplexity(model, tokenizer, args.data, args.seq_len, args.max_tokens, args.batch_size,
-                                 args.text_field, progress=f"perplexity {Path(model_arg).name}")["ppl"]
+        if c.data:
+            row.ppl = perplexity(model, tokenizer, c.data, c.seq_len, c.max_tokens, c.batch_size, c.text_field,
+                                 progress=f"perplexity {Path(model_arg).name}")["ppl"]
         if tasks is not None:
             row.scores = downstream.evaluate(model, tokenizer, tasks)
         rows.append(row)
@@ -210,50 +214,39 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
         os.replace(tmp, out / name)
 
 
-def decode_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The decode benchmark's arguments for the same checkpoints (its CPU or CUDA defaults), checked."""
-    from convert.errors import ConversionError
-    from kvshrink.decode_bench import cli
-
-    bench = cli.parse_args([*args.models, "--out", str(Path(args.out) / "decode")]
-                           + (["--device", args.device] if args.device in ("cpu", "cuda") else []))
-    bench.command = "python -m kvshrink.decode_bench " + " ".join(map(shlex.quote, args.models))
+def decode_options(c: Comparison) -> argparse.Namespace:
+    """The decode benchmark's options for the same checkpoints (its CPU or CUDA defaults), checked."""
+    device = c.device if c.device in ("cpu", "cuda") else None
     try:
-        cli.check_args(bench)
-        cli.check_checkpoints(bench.models)
+        return decode_bench.checkpoint_options(c.models, Path(c.out) / "decode", device)
     except ConversionError as exc:
         raise RecipeError(f"--decode: {exc}") from None
-    return bench
 
 
-def decode_report(args: argparse.Namespace) -> list[str]:
+def decode_report(options: argparse.Namespace) -> list[str]:
     """Run the decode benchmark on the same checkpoints into OUT/decode; returns its report lines."""
-    from convert.errors import ConversionError
-    from kvshrink.decode_bench import cli
-
     try:
-        return cli.run(decode_args(args))
+        return decode_bench.run(options)
     except ConversionError as exc:
         raise RecipeError(f"--decode: {exc}") from None
 
 
-def main(args: argparse.Namespace, command: str) -> int:
-    """The comparison path of ``python -m uptrain.evaluate``."""
-    from kvshrink.errors import os_error_line
+def compare(c: Comparison, command: str) -> list[Row]:
+    """Measure every model, print the table and, with ``out``, write the report; returns the rows.
 
-    try:
-        tasks = check_args(args)
-        rows = measure(args, tasks)
-        decode = decode_report(args) if args.decode else []
-        if args.out:
-            write_report(Path(args.out), rows, tasks, command, decode)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
+    Args:
+        c: what to compare.
+        command: the command line the report names.
+
+    Raises:
+        KvshrinkError, OSError: bad input (before any model loads) or an unwritable report, in one line.
+    """
+    tasks, bench = check(c)
+    rows = measure(c, tasks)
+    decode = decode_report(bench) if bench is not None else []
+    if c.out:
+        write_report(Path(c.out), rows, tasks, command, decode)
     print(format_table(rows))
-    if args.out:
-        print(f"\nwritten: {Path(args.out) / 'report.md'}, {Path(args.out) / 'report.png'}")
-    return 0
+    if c.out:
+        print(f"\nwritten: {Path(c.out) / 'report.md'}, {Path(c.out) / 'report.png'}")
+    return rows

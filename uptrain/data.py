@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from kvshrink.text import load_documents
-from uptrain.recipe import RecipeError
+from uptrain.errors import RecipeError
 
 def _is_eval(index: int, fraction: float, seed: int) -> bool:
     return ((index * 2654435761 + seed * 97) % 2**32) / 2**32 < fraction

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from uptrain.recipe import RecipeError
+from kvshrink.models import load_model_and_tokenizer
+from uptrain.errors import RecipeError
 
 INSTALL = 'pip install -e ".[eval]"'
 
@@ -56,6 +57,11 @@ def quiet() -> None:
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
+
+
+def task_limit(limit: float | None) -> float | int | None:
+    """``--limit`` / ``eval.tasks_limit`` as lm-eval takes it: a document count from 1 up, a fraction below."""
+    return None if limit is None else (int(limit) if limit >= 1 else limit)
 
 
 def is_task_file(spec: str) -> bool:
@@ -129,3 +135,17 @@ def main_score(results: dict[str, Any], name: str) -> Score:
     samples = results.get("n-samples", {}).get(name, {}).get("effective", 0)
     return Score(metric, float(entry[key]),
                  float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None, samples)
+
+
+def checkpoint_scores(tasks: Tasks, path: str, device: Any) -> dict[str, float]:
+    """The tasks on the checkpoint at ``path`` (loaded onto ``device``) as flat metrics
+    ``downstream/TASK/METRIC`` and ``..._stderr``, also printed on one line: the uptrainer's before/after scores."""
+    model, tokenizer = load_model_and_tokenizer(path, device=device)
+    flat = {}
+    for name, score in evaluate(model, tokenizer, tasks).items():
+        flat[f"downstream/{name}/{score.metric}"] = score.value
+        if score.stderr is not None:
+            flat[f"downstream/{name}/{score.metric}_stderr"] = score.stderr
+    print("downstream " + ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in flat.items()
+                                    if not k.endswith("_stderr")), flush=True)
+    return flat

@@ -1,94 +1,48 @@
 """``python -m uptrain.evaluate MODEL --data FILE...``: held-out perplexity of any causal LM checkpoint.
 
 The text goes through the same pipeline as training (documents joined with EOS,
-cut into --seq-len blocks); the first --max-tokens worth of blocks are scored.
+cut into --seq-len blocks); the first --max-tokens worth of blocks are scored (``uptrain.perplexity``).
 With ``--tasks`` (lm-evaluation-harness), several models or ``--out DIR``, the models are compared side by
-side in one table (``uptrain.compare``).
+side in one table (``uptrain.compare``). Both paths are library calls: ``score`` and ``compare.compare``.
 """
 
 from __future__ import annotations
 
-import math
+import argparse
+import shlex
 import sys
-from pathlib import Path
 
-import torch
+from kvshrink.errors import OneLineParser, run_cli
+from kvshrink.models import default_device, load_config, load_model_and_tokenizer
+from kvshrink.text import check_entries
+from uptrain import compare
+from uptrain.checkpoints import check_model
+from uptrain.errors import RecipeError
+from uptrain.perplexity import check_setting, perplexities, perplexity
 
-from kvshrink.errors import OneLineParser
-from uptrain import data
-from uptrain.recipe import RecipeError
-
-
-def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions: int | None = None) -> None:
-    """Refuse an eval setting that cannot run: a non-positive size, or blocks beyond the model's positions."""
-    for flag, value in (("--seq-len", seq_len), ("--max-tokens", max_tokens), ("--batch-size", batch_size)):
-        if value <= 0:
-            raise RecipeError(f"{flag} must be positive, got {value}")
-    if positions is not None and seq_len > positions:
-        raise RecipeError(f"--seq-len {seq_len} is beyond the model's {positions} positions; use at most {positions}")
+__all__ = ["check_setting", "main", "perplexities", "perplexity", "score"]
 
 
-def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000,
-               batch_size: int = 4, text_field: str = "text", progress: str | None = None) -> dict[str, float]:
-    """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`.
+def score(model: str, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000, batch_size: int = 4,
+          text_field: str = "text", device: str | None = None) -> dict[str, float]:
+    """Perplexity of the checkpoint ``model`` on ``files``: every input checked before the weights load.
 
-    `progress`, when given, is the label of a progress bar over the batches.
+    Returns:
+        {"loss", "ppl", "tokens"} as ``uptrain.perplexity.perplexity``.
 
     Raises:
-        RecipeError: a non-positive size, or too little text. Blocks beyond the model's positions are the
-            caller's to refuse (``check_setting`` with ``positions``): rotary models still run there.
+        KvshrinkError: a bad setting, checkpoint or data file, in one line.
     """
-    from tqdm.auto import tqdm
-
     check_setting(seq_len, max_tokens, batch_size)
-    docs = data.load_documents(files, text_field)
-    blocks = data.pack(docs, tokenizer, text_field, seq_len)
-    blocks = blocks.select(range(min(len(blocks), max(1, max_tokens // seq_len)))).with_format("torch")
-    if len(blocks) == 0:
-        raise RecipeError(f"the data gives no block of {seq_len} tokens; add text or lower --seq-len")
-    loader = torch.utils.data.DataLoader(blocks, batch_size=batch_size, collate_fn=data.collate)
-    batches = tqdm(loader, desc=progress, unit="batch", disable=progress is None, leave=False)
-    loss, tokens = loss_sums(model, batches, next(model.parameters()).device)
-    return mean_loss(loss.item(), int(tokens.item()))
+    check_entries(files)
+    check_model(model)
+    positions = getattr(load_config(model), "max_position_embeddings", None)
+    check_setting(seq_len, max_tokens, batch_size, positions)
+    loaded, tokenizer = load_model_and_tokenizer(model, device=device or default_device())
+    return perplexity(loaded, tokenizer, files, seq_len, max_tokens, batch_size, text_field)
 
 
-def perplexities(model_dir: str | Path, texts: dict[str, Path], seq_len: int, max_tokens: int) -> dict[str, float]:
-    """{name: perplexity} of the checkpoint at ``model_dir`` (float32, CPU) on each named text file, rounded to
-    0.01: the benches' scoring of a model on several texts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return {name: round(perplexity(model, tokenizer, [str(f)], seq_len, max_tokens)["ppl"], 2)
-            for name, f in texts.items()}
-
-
-def loss_sums(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ next-token loss, tokens scored) over batches of (B, T) ``input_ids``, float64 on ``device``.
-
-    The one eval loop: ``perplexity`` here and the uptrainer's in-loop eval (which sums it across processes).
-    """
-    from uptrain.train import token_losses
-
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros((), device=device, dtype=torch.float64)
-    tokens = torch.zeros((), device=device, dtype=torch.float64)
-    with torch.no_grad():
-        for batch in batches:
-            ids = batch["input_ids"].to(device)
-            loss += token_losses(model(input_ids=ids).logits, ids).double()
-            tokens += ids[:, 1:].numel()
-    model.train(was_training)
-    return loss, tokens
-
-
-def mean_loss(loss: float, tokens: int) -> dict[str, float]:
-    """{"loss": mean next-token loss, "ppl": its exp, "tokens": tokens scored}."""
-    return {"loss": loss / tokens, "ppl": math.exp(min(loss / tokens, 700)), "tokens": tokens}
-
-
-def parse_args(argv: list[str] | None):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="python -m uptrain.evaluate",
         description="Held-out perplexity of causal LM checkpoints, and downstream tasks through "
@@ -114,53 +68,33 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
+def comparison(args: argparse.Namespace) -> compare.Comparison:
+    """The comparison the command line asks for."""
+    return compare.Comparison(
+        models=args.models, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, text_field=args.text_field, tasks=args.tasks, num_fewshot=args.num_fewshot,
+        limit=args.limit, device=args.device, out=args.out, decode=args.decode)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.tasks or args.out or args.decode or len(args.models) > 1:
-        import shlex
+    command = "python -m uptrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
 
-        from uptrain import compare
+    def body() -> int:
+        if args.tasks or args.out or args.decode or len(args.models) > 1:
+            compare.compare(comparison(args), command)
+            return 0
+        if not args.data:
+            raise RecipeError("give --data FILE... (perplexity) and/or --tasks TASK... (downstream)")
+        model = args.models[0]
+        result = score(model, args.data, args.seq_len, args.max_tokens, args.batch_size, args.text_field,
+                       args.device)
+        print(f"{model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
+              f"({args.seq_len}-token blocks)")
+        return 0
 
-        command = "python -m uptrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-        return compare.main(args, command)
-    args.model = args.models[0]
-    if not args.data:
-        print("error: give --data FILE... (perplexity) and/or --tasks TASK... (downstream)", file=sys.stderr)
-        return 2
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    return run_cli(body)
 
-    from uptrain.checkpoints import check_model, tokenizer_error
-
-    try:
-        check_setting(args.seq_len, args.max_tokens, args.batch_size)
-        check_model(args.model)
-        try:
-            config = AutoConfig.from_pretrained(args.model)
-            check_setting(args.seq_len, args.max_tokens, args.batch_size,
-                          getattr(config, "max_position_embeddings", None))  # before the weights load
-        except (OSError, ValueError) as exc:
-            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as exc:
-            raise tokenizer_error(args.model, exc) from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-        except (OSError, ValueError) as exc:
-            raise RecipeError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from None
-        if torch.cuda.is_available():
-            model.cuda()
-        result = perplexity(model, tokenizer, args.data, args.seq_len, args.max_tokens, args.batch_size,
-                            args.text_field)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    print(f"{args.model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
-          f"({args.seq_len}-token blocks)")
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""The training loss from final hidden states, in token chunks: no (tokens, vocab) logits tensor outlives its chunk.
+"""The training losses: per-token cross-entropy and distillation KL from logits, and the same from final hidden
+states in token chunks (or through Liger Kernel), where no (tokens, vocab) logits tensor outlives its chunk.
 
 For a 128k vocabulary at 4 x 2048 tokens, full fp32 logits are 4.2 GB per copy, and the plain path holds the
 student's, the teacher's and their log-softmaxes at once. Here the lm_head runs on ``chunk`` tokens at a time
@@ -8,23 +9,56 @@ at once into gradients for the hidden states and the lm_head weight (and bias), 
 (tokens x hidden and vocab x hidden). The backward pass scales them by the incoming gradient. Peak memory: one
 chunk of logits (student and teacher) plus the two gradient buffers.
 
-Per token with a label (every position but each block's last), as ``uptrain.train`` defines the loss:
+Per token with a label (every position but each block's last), as ``token_losses`` and ``distill_kl`` define the loss:
     loss = (1 - w) * CE(z, y) + w * T^2 * KL(softmax(t / T) || softmax(z / T))
     dloss/dz = (1 - w) * (softmax(z) - onehot(y)) + w * T * (softmax(z / T) - softmax(t / T))
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
+from uptrain.errors import RecipeError
+
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # gemma2, cohere, granite
+
+
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of a (B, T) block: positions 0..T-2 predict 1..T-1.
+
+    The labels are shifted (and the last position ignored) rather than the logits sliced, which
+    would copy a (B, T, vocab) tensor.
+    """
+    labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed per-token KL(teacher || student) of the softened distributions, times T^2 (Hinton et al.)."""
+    s = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum() * temperature**2
 
 
 def chunkable(model) -> bool:
     """Whether logits are exactly lm_head(final hidden state): no softcapping or scaling after the lm_head."""
     config = model.config
     return all(getattr(config, key, None) in (None, 1.0) for key in SCALED_LOGITS)
+
+
+def loss_chunk(chunk_tokens: int, accelerator, model, teacher) -> int:
+    """Tokens per loss chunk (``train.loss_chunk_tokens``), or 0 for the full-logits path: when the recipe asks
+    for it, under FSDP (whose sharded lm_head weight the chunked loss cannot read) and where logits are scaled
+    after the lm_head."""
+    from accelerate.utils import DistributedType
+
+    models = [accelerator.unwrap_model(model)] + ([teacher] if teacher is not None else [])
+    if accelerator.distributed_type == DistributedType.FSDP or not all(chunkable(m) for m in models):
+        return 0
+    return chunk_tokens
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -97,8 +131,6 @@ def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torc
 
 def liger_available() -> bool:
     """Whether Liger Kernel (``pip install liger-kernel``: Triton kernels, CUDA only) can be imported."""
-    import importlib.util
-
     return importlib.util.find_spec("liger_kernel") is not None
 
 
@@ -108,8 +140,6 @@ def select_fused_loss(option: str, device_type: str, biased_distill: bool, avail
     auto takes Liger where it can run (installed, CUDA, and no lm_head bias under distillation: its fused JSD
     has no bias argument); liger insists and says in one line why it cannot run; off is the chunked loss.
     """
-    from uptrain.recipe import RecipeError
-
     available = liger_available() if available is None else available
     if option == "liger":
         if not available:

@@ -1,7 +1,8 @@
 """Uptraining recipes: YAML files validated into dataclasses, with dotted ``key=value`` overrides.
 
 Every key is checked: an unknown or mistyped one is an error that lists the valid
-keys of its section, and every value must have the declared type.
+keys of its section, and every value must have the declared type. ``schedule`` and ``lr_at`` turn a recipe into
+its optimizer steps and learning rate per step.
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ from typing import Any
 import yaml
 
 from convert.errors import ConversionError
-from kvshrink.errors import KvshrinkError
 from convert.merge import GROUPINGS, METHODS
 from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
+from uptrain.errors import RecipeError
 
-
-class RecipeError(KvshrinkError):
-    """A recipe that cannot run: printed on one line, exit code 2."""
+__all__ = ["Recipe", "RecipeError", "load_recipe", "lr_at", "schedule"]
 
 
 @dataclass(kw_only=True)
@@ -68,7 +67,7 @@ class Train:
     trainable: str = "all"
     loss_chunk_tokens: int = 512
     fused_loss: str = "auto"  # auto | liger | off (uptrain.loss.select_fused_loss)
-    compile: bool = False  # torch.compile the student in place (uptrain.train.compile_student)
+    compile: bool = False  # torch.compile the student in place (uptrain.student.compile_student)
     compile_backend: str = "inductor"
     seed: int = 0
 
@@ -294,6 +293,16 @@ def schedule(recipe: Recipe, processes: int = 1) -> tuple[int, int]:
     t = recipe.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * processes
     return tokens_per_step, t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
+
+
+def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
+    """Linear warmup to train.lr, then cosine down to train.min_lr at the last step (a multiplier of lr)."""
+    t = recipe.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
+    floor = t.min_lr / t.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _check_consistency(r: Recipe) -> None:

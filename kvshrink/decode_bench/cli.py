@@ -62,6 +62,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.decode_bench") -> argparse.Namespace:
+    return parser(prog).parse_args(argv)
+
+
+def parser(prog: str = "python -m kvshrink.decode_bench") -> OneLineParser:
+    """The command's options; their defaults are also ``checkpoint_options``'."""
     p = OneLineParser(prog=prog, description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
@@ -85,7 +90,23 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.decode_be
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompts for the greedy outputs compared")
     p.add_argument("--gen-tokens", type=int, default=24, help="tokens generated per prompt (default: 24)")
-    return p.parse_args(argv)
+    return p
+
+
+def checkpoint_options(models: list[str], out: Path, device: str | None = None) -> argparse.Namespace:
+    """The bench as a library call (``python -m uptrain.evaluate --decode``): ``models`` (original first) at every
+    option's default (the device's grid), writing into ``out``; checked as the command checks its own, and the
+    checkpoints checked for one vocabulary, width and tokenizer. Run it with ``run``.
+
+    Raises:
+        ConversionError: a bad checkpoint, device or output directory.
+    """
+    defaults = {a.dest: a.default for a in parser()._actions if a.dest != "help"}
+    options = argparse.Namespace(**{**defaults, "models": list(models), "out": Path(out), "device": device})
+    options.command = "python -m kvshrink.decode_bench " + shlex.join(options.models)
+    check_args(options)
+    check_checkpoints(options.models)
+    return options
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -16,7 +16,6 @@ DIR/verse_cloze.yaml``. The same documents and seed give the same items, byte fo
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
 import os
@@ -128,33 +127,33 @@ def tragedies_task() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvshrink.demo.cloze", description=__doc__.splitlines()[0])
+    from kvshrink import assets
+    from kvshrink.errors import KvshrinkError, OneLineParser, run_cli
+    from kvshrink.text import read_text_file
+
+    p = OneLineParser(prog="python -m kvshrink.demo.cloze", description=__doc__.splitlines()[0])
     p.add_argument("--text", nargs="+", help="plain-text files, one document each (default: the tragedies)")
     p.add_argument("--out", type=Path, help="output directory (default: the cache's verse_cloze)")
     p.add_argument("--per-document", type=int, default=PER_DOCUMENT, help=f"items per document ({PER_DOCUMENT})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from kvshrink.errors import os_error_line
-    from kvshrink import assets
-    from kvshrink.assets import AssetError
 
-    try:
+    def body() -> int:
         if args.per_document < 1:
-            raise ValueError(f"--per-document must be positive, got {args.per_document}")
+            raise KvshrinkError(f"--per-document must be positive, got {args.per_document}")
         if args.text:
-            documents = {Path(f).name: Path(f).read_text(encoding="utf-8") for f in args.text}
+            documents = {Path(f).name: read_text_file(f) for f in args.text}
         else:
             documents = assets.plays(assets.EVAL_PLAYS)
-        task = write_task(make_items(documents, args.per_document, args.seed),
-                          args.out or assets.cache_dir() / "verse_cloze")
-    except (AssetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(os_error_line(exc), file=sys.stderr)
-        return 2
-    print(f"{task}\nrun it: python -m uptrain.evaluate MODEL --tasks {task}")
-    return 0
+        try:
+            items = make_items(documents, args.per_document, args.seed)
+        except ValueError as exc:
+            raise KvshrinkError(str(exc)) from None
+        task = write_task(items, args.out or assets.cache_dir() / "verse_cloze")
+        print(f"{task}\nrun it: python -m uptrain.evaluate MODEL --tasks {task}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

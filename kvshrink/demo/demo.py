@@ -259,14 +259,10 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
 
 
 def load(path: Path):
-    """Model (on the GPU if there is one, in eval mode) and tokenizer, through the stock Auto classes."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Model (on the GPU if there is one, in eval mode) and tokenizer: the project's one loader."""
+    from kvshrink.models import default_device, load_model_and_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
-    if torch.cuda.is_available():
-        model.cuda()
-    return model, AutoTokenizer.from_pretrained(path)
+    return load_model_and_tokenizer(path, device=default_device())
 
 
 @dataclass

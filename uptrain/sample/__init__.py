@@ -7,6 +7,9 @@ quality), but the model also has to keep working on everything else. Text sample
 preserved, and needs no dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples
 shorter than ``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document
 each), and appears whole or not at all.
+
+This module is the library (the converter imports it for data-free calibration, so it imports nothing of the
+converter); ``uptrain.sample.cli`` is the command.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from kvshrink.atomic import write_text
+from kvshrink.generate import with_cache
+from kvshrink.models import default_device, load_model_and_tokenizer
+from uptrain.errors import RecipeError
 
 MIN_TOKENS = 16
 SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other text): in cached file names
@@ -44,8 +52,6 @@ class Sampling:
 def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
     """Token ids of one sample after another (EOS removed) until ``how.tokens`` have been written."""
     import torch
-
-    from uptrain.recipe import RecipeError
 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -81,8 +87,6 @@ def draw(model, start: int, rows: int, how: Sampling, eos: int | None) -> list[l
     (``batch_select_indices``), so the compute goes to the tokens written."""
     import torch
     from transformers import DynamicCache
-
-    from kvshrink.generate import with_cache
 
     device = next(model.parameters()).device
     cache, going, drawn = DynamicCache(config=model.config), list(range(rows)), [[] for _ in range(rows)]
@@ -121,13 +125,9 @@ def batch_rows(how: Sampling, written: int, drawn: int) -> int:
 
 
 def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
-    """Sample from ``model_dir`` into ``out`` (.jsonl); returns {"tokens", "documents", "seconds"}."""
-    from kvshrink.atomic import write_text
-    from uptrain.checkpoints import check_model
-    from uptrain.compare import load
-
-    check_model(model_dir)
-    model, tokenizer = load(model_dir, None)
+    """Sample from ``model_dir`` (on the GPU when there is one) into ``out`` (.jsonl); returns {"tokens",
+    "documents", "seconds"}. The command checks a user's checkpoint before (``uptrain.sample.cli``)."""
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=default_device())
     started = time.perf_counter()
 
     def progress(written: int) -> None:
@@ -151,63 +151,3 @@ def cached_samples(model_dir: str | Path, directory: Path, how: Sampling) -> Pat
         print(f"sampled {done['tokens']:,} tokens ({done['documents']:,} documents) from {model_dir} in "
               f"{done['seconds']:,.0f} s: {path}", flush=True)
     return path
-
-
-def parse_args(argv: list[str] | None):
-    from kvshrink.errors import OneLineParser, positive_int
-
-    p = OneLineParser(prog="python -m uptrain.sample",
-                      description="Write training text sampled from a model (its own distribution: uptraining "
-                                  "on it keeps the converted model close to the original everywhere, with no "
-                                  "dataset). One JSON object per line, {\"text\": ...}.")
-    p.add_argument("model", help="the original checkpoint (directory or hub id)")
-    p.add_argument("out", help="the .jsonl file to write (it appears when complete)")
-    p.add_argument("--tokens", type=positive_int, required=True, help="tokens to write, at least")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="samples drawn at once (default 64)")
-    p.add_argument("--length", type=positive_int, default=320, help="new tokens per sample, at most (default 320)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (when the new one is done)")
-    return p.parse_args(argv)
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """A .jsonl path whose directory exists and can be written, not an existing file unless ``overwrite``,
-    before the model loads."""
-    import os
-
-    from uptrain.recipe import RecipeError
-
-    if out.suffix != ".jsonl":
-        raise RecipeError(f"{out}: give a .jsonl file name (one JSON document per line)")
-    if out.is_dir():
-        raise RecipeError(f"{out} is a directory; give a .jsonl file name")
-    if out.exists() and not overwrite:
-        raise RecipeError(f"{out} exists; give --overwrite to replace it")
-    if not out.parent.is_dir():
-        raise RecipeError(f"{out}: the directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise RecipeError(f"{out}: the directory {out.parent} is not writable")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from kvshrink.errors import run_cli
-
-    def body() -> int:
-        from uptrain.recipe import RecipeError
-
-        out = Path(args.out).expanduser()
-        if not args.temperature > 0:
-            raise RecipeError(f"--temperature must be above 0, got {args.temperature}")
-        check_out(out, args.overwrite)
-        how = Sampling(args.tokens, args.batch_size, args.length, args.temperature, args.seed)
-        done = write_samples(args.model, out, how)
-        print(f"{out}: {done['documents']:,} documents, {done['tokens']:,} tokens, {done['seconds']} s")
-        return 0
-
-    return run_cli(body, "interrupted; nothing was written")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m uptrain.sample``."""
+
+import sys
+
+from uptrain.sample.cli import main
+
+sys.exit(main())
