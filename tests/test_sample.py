@@ -1,6 +1,8 @@
 """``python -m uptrain.sample``: text sampled from the original model, written whole, usable as training data."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,11 @@ def test_samples_that_end_leave_the_batch_and_the_cache_without_changing_the_oth
         if "batch_select_indices" in vars(cls):
             monkeypatch.delattr(cls, "batch_select_indices")
     assert eight() == with_pruning
+
+
+def test_the_library_imports_nothing_of_the_converter():
+    """The converter imports uptrain.sample (data-free calibration): the library must not import it back (the
+    command, uptrain.sample.cli, checks checkpoints with it)."""
+    code = "import sys, uptrain.sample; print(sorted(m for m in sys.modules if m.split('.')[0] == 'convert'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -1,11 +1,14 @@
 """``python -m uptrain RECIPE.yaml [section.key=value ...]`` (also under ``accelerate launch -m uptrain``)."""
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
-from kvshrink.errors import OneLineParser
+from kvshrink.errors import OneLineParser, check_output_dir, run_cli
+from uptrain.checkpoints import newest
 from uptrain.recipe import load_recipe
+from uptrain.train import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,9 +16,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
     args = parser.parse_args(argv)
-    from kvshrink.errors import check_output_dir, run_cli
-    from uptrain.train import run
-
     loaded = []
 
     def body() -> int:
@@ -38,8 +38,6 @@ def interrupted_line(recipe, recipe_path: str, overrides: list[str]) -> str:
     """The one line a Ctrl-C ends with: the last complete checkpoint and the command that resumes from it."""
     if recipe is None:
         return "error: interrupted"
-    from uptrain.checkpoints import newest
-
     last = newest(Path(recipe.output_dir))
     if last is None:
         return f"error: interrupted before the first checkpoint; start again with: {_command(recipe_path, overrides)}"
@@ -48,8 +46,6 @@ def interrupted_line(recipe, recipe_path: str, overrides: list[str]) -> str:
 
 
 def _command(recipe_path: str, overrides: list[str]) -> str:
-    import shlex
-
     return shlex.join(["python", "-m", "uptrain", recipe_path, *overrides])
 
 

@@ -182,17 +182,10 @@ def tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
 def load_checkpoint(path: Path, dtype: str):
     """A checkpoint in stock transformers with SDPA attention, on the CPU (moved to the device per use)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from kvshrink.decode_bench.decoding import describe
+    from kvshrink.models import load_model
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                     attn_implementation="sdpa")
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: cannot load the model ({first_line(exc)})") from None
-    return describe(path.name, model, path)
+    return describe(path.name, load_model(path, dtype, attn_implementation="sdpa"), path)
 
 
 def synthetic_models(name: str, dtype: str, device: str) -> list:
