@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from badinputs import needs_reader, sweep
+from textlm import make_lm, train_tokenizer, write_corpus
 from tiny import make_model
 
 
@@ -19,14 +20,23 @@ def good(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def good_lm(tmp_path_factory):
+    """A checkpoint with its tokenizer, for the data cases: a command may load the tokenizer before the text."""
+    root = tmp_path_factory.mktemp("lm")
+    train, _ = write_corpus(root / "text")
+    return make_lm(root / "lm", train_tokenizer(train))
+
+
 def tree(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize("command, case", sweep(), ids=lambda x: x.name)
-def test_bad_input_is_one_line_exit_2_and_creates_nothing(command, case, good, tmp_path):
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(command, case, good, good_lm, tmp_path):
     if needs_reader(case):
         pytest.skip("running as root, whom a mode-000 file does not stop")
+    good = good_lm if case.role == "data" else good
     scratch, cwd = tmp_path / "scratch", tmp_path / "cwd"
     scratch.mkdir()
     cwd.mkdir()

@@ -4,9 +4,9 @@
 runs the same tasks with the same settings on every model, one model in memory at a time, and prints one
 Markdown table: a row per model; its conversion method (from ``conversion.json``), KV heads, KV-cache bytes
 per token and per 4k context (``convert.report``'s arithmetic), parameters, each task's main metric with its
-standard error (``uptrain.downstream``), and perplexity on ``--data`` (``uptrain.evaluate.perplexity``).
+standard error (``uptrain.downstream``), and perplexity on ``--data`` (``uptrain.perplexity.perplexity``).
 ``--out DIR`` writes the table as ``report.md`` and a bar chart per metric, original first, as ``report.png``;
-``--decode`` adds the decode benchmark (``decode_bench``) of the same checkpoints to the report.
+``--decode`` adds the decode benchmark (``kvshrink.decode_bench``) of the same checkpoints to the report.
 
 ``compare(Comparison(...), command)`` is the library call; the command line only fills a ``Comparison``.
 """
