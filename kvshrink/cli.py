@@ -31,7 +31,7 @@ SUBCOMMANDS = (
     Subcommand("uptrain", "uptrain.__main__", "uptrain a converted checkpoint from a recipe (python -m uptrain)"),
     Subcommand("evaluate", "uptrain.evaluate",
                "held-out perplexity and downstream tasks of checkpoints, side by side (python -m uptrain.evaluate)"),
-    Subcommand("sample", "uptrain.sample",
+    Subcommand("sample", "uptrain.sample.cli",
                "training text sampled from the original model itself (python -m uptrain.sample)"),
     Subcommand("decode-bench", "kvshrink.decode_bench.cli",
                "KV-cache bytes and decoding speed, measured (python -m kvshrink.decode_bench)"),
