@@ -13,7 +13,8 @@ from convert.engine import convert_checkpoint
 from kvshrink.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
-from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
+from convert.device import pick_device
+from convert.options import CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS, ConvertOptions
 from convert.report import format_report
 
 
@@ -26,34 +27,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("source", metavar="SOURCE", help="checkpoint directory or hub id")
     parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
-    parser.add_argument("--method", choices=list(METHODS), default="mean",
+    parser.add_argument("--recommended", action="store_true",
+                        help="the best conversion measured: --method aware --calibration-order sequential --refit-o "
+                             f"--local-steps {RECOMMENDED['local_steps']} ({RECOMMENDED_CPU_LOCAL_STEPS} on a CPU), "
+                             "each still overridable; without --calibration-data it calibrates on text sampled from "
+                             "the source itself")
+    parser.add_argument("--method", choices=list(METHODS), default=None,
                         help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
-                             "data); svd starts far closer to the original (README: Conversion quality)")
+                             "data, fastest); for the best start use --recommended (docs/convert.md)")
     parser.add_argument("--grouping", choices=list(GROUPINGS), default="contiguous",
                         help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)")
     parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
-                        help="text (.txt or .jsonl with a text field) the source runs on, for svd / similarity")
+                        help="text (.txt, .md or .jsonl with a text field) the source runs on, for svd / aware / "
+                             "similarity; without it a calibrated method samples text from the source")
     parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
                         help=f"calibration tokens to run (default: {DEFAULT_TOKENS})")
     parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                         help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
-    parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default="parallel",
+    parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default=None,
                         help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
                              "inputs the converted layers below give it (two passes' cost) (default: parallel)")
-    parser.add_argument("--refit-o", action="store_true",
+    parser.add_argument("--refit-o", action=argparse.BooleanOptionalAction, default=None,
                         help="with --calibration-order sequential: refit each layer's output projection by least "
                              "squares to the original attention output on the calibration text")
-    parser.add_argument("--local-steps", type=int, default=0, metavar="N",
+    parser.add_argument("--local-steps", type=int, default=None, metavar="N",
                         help="with --calibration-order sequential: N Adam steps per layer on its Q, K, V and O "
                              "against the original attention output on the calibration text (default 0: none)")
+    parser.add_argument("--device", default="auto",
+                        help="where calibration runs: auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N, mps")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the plan (and calibration's peak memory); write nothing")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pytorch_model.bin weights (loaded with weights_only=True)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --method random")
     return parser.parse_args(argv)
+
+
+def options_of(args: argparse.Namespace) -> ConvertOptions:
+    """The flags as ConvertOptions: ``--recommended``'s preset (local steps by device), the flags given on top."""
+    given = {name: getattr(args, name) for name in ConvertOptions.fields() if getattr(args, name, None) is not None}
+    if args.recommended:
+        on_cpu = pick_device(args.device).type == "cpu"
+        return ConvertOptions.recommended(**given, on_cpu=on_cpu)
+    return ConvertOptions(**given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m convert " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
-        options = ConvertOptions(**{name: getattr(args, name) for name in ConvertOptions.fields()})
+        options = options_of(args)
         report = convert_checkpoint(args.source, args.output, options, overwrite=args.overwrite, dry_run=args.dry_run,
                                     progress=True, command=command)
         print(format_report(report))

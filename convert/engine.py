@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -88,7 +89,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertO
     if not dry_run:
         check_free_space(Path(output), report.tensor_bytes_after)
         command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, {options!r})"
-        with _work_directory(Path(output)) as work:
+        with _work_directory(Path(output), options.calibrates and prepared.plan.layers is not None) as work:
             if options.calibrates and prepared.plan.layers:
                 _calibrate(prepared, options, work, progress)
             _write(prepared, Path(output), options, progress, command, started)
@@ -96,10 +97,12 @@ def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertO
     return report
 
 
-def _work_directory(output: Path):
-    """A hidden temporary directory beside OUTPUT (the calibrated layers' spill), removed however the run ends."""
-    parent = output.absolute().parent
-    return tempfile.TemporaryDirectory(prefix=f".{output.name}.kvshrink-", dir=parent)
+def _work_directory(output: Path, needed: bool):
+    """A hidden temporary directory beside OUTPUT (the calibrated layers' spill), removed however the run ends
+    (SIGKILL aside: then, like the atomic output's, a hidden ``.OUTPUT.tmp-*`` sibling remains)."""
+    if not needed:
+        return contextlib.nullcontext()
+    return tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-calibration-", dir=output.absolute().parent)
 
 
 def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool, dry_run: bool) -> _Prepared:
@@ -139,10 +142,10 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     if not options.calibrates:
         return None
     device = pick_device(options.device)
+    documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
     tokenizer = load_tokenizer(src_dir)
     blocks = None
-    if options.calibration_data:  # unreadable, empty or too short text fails here
-        documents = read_text(options.calibration_data, options.calibration_tokens)
+    if documents is not None:  # unreadable, empty or too short text fails here
         blocks = token_blocks(tokenizer, documents, options.calibration_tokens, options.calibration_seq_len)
     else:
         check_model_fits(weights, device)

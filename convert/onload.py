@@ -14,6 +14,7 @@ which has checked every header) when calibration reaches it, and put back on ``m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,19 @@ def _transformers_loader():
     except ImportError:
         return None
     return get_model_conversion_mapping, convert_and_load_state_dict_in_model, LoadStateDictConfig
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
 
 
 class LayerLoader:
@@ -124,8 +138,9 @@ class LayerLoader:
             tensors = {name: self.weights.read(name) for name in names}
             if self.use_transformers:
                 mapping, load, config = _transformers_loader()
-                load(self.model, tensors, config(weight_mapping=mapping(self.model), dtype=self.dtype,
-                                                 device_map={"": str(self.device)}))
+                with _quiet_transformers():  # its "Loading weights" bar, once per layer, says nothing here
+                    load(self.model, tensors, config(weight_mapping=mapping(self.model), dtype=self.dtype,
+                                                     device_map={"": str(self.device)}))
                 return
             for name, tensor in tensors.items():
                 if name in self.model_name:

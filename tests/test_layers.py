@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, families, layouts
-from convert.layers import LayerResults
+from convert.layers import LayerResults, LayerState
 from convert.merge import GROUPINGS, METHODS
 from convert.plan import plan_conversion, read_dims
 from convert.source import open_weights, read_config
@@ -58,7 +58,7 @@ def _layer_results(tmp_path, method: str):
     plan = plan_conversion(weights, config, spec, read_dims(config, spec), 2, method, None, 0)
     planned = Counter({layer: len(members) for layer, members in plan.layers.sources.items()})
     keys = [(layer, role, param) for layer, members in plan.layers.sources.items() for role, param in members]
-    return lambda: LayerResults(plan.layers, planned, weights.read), keys, plan
+    return lambda: LayerResults(plan.layers, LayerState(), planned, weights.read), keys, plan
 
 
 @pytest.mark.parametrize("method", ["mean", "random"])

@@ -7,13 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from convert import convert_checkpoint, engine
-from convert.calibrate import attention_moments, read_text, token_blocks
+from convert import calibrate, convert_checkpoint
+from convert.calibrate import read_text, token_blocks
 from convert.errors import ConversionError
 from convert.options import ConvertOptions
-from convert.sequential import sequential_moments
 from textlm import make_lm, train_tokenizer, write_corpus
-from tiny import logits, make_model, mha_twin
+from tiny import logits, mha_twin
 
 TOKENS, SEQ = 1024, 64
 
@@ -28,51 +27,85 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path):
+def _moments(src, tmp_path, monkeypatch, **options) -> list[torch.Tensor]:
+    """Each layer's calibration moment, as the walk hands it to the rewrite."""
+    seen = {}
+    rewrite = calibrate.rewrite
+
+    def spy(plan, state, load, layer, moment=None):
+        seen[layer] = moment
+        return rewrite(plan, state, load, layer, moment)
+
+    monkeypatch.setattr(calibrate, "rewrite", spy)
+    convert_checkpoint(src, tmp_path / f"out-{len(list(tmp_path.iterdir()))}", **options)
+    monkeypatch.setattr(calibrate, "rewrite", rewrite)
+    return [seen[layer] for layer in sorted(seen)]
+
+
+def whole_model_moments(path: Path, blocks: torch.Tensor) -> list[torch.Tensor]:
+    """Σ [x, 1][x, 1]ᵀ of every layer's q_proj input, by hooks on the whole model loaded by transformers."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    moments = [None] * len(model.model.layers)
+
+    def hook(layer):
+        def add(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+            moments[layer] = x.T @ x if moments[layer] is None else moments[layer] + x.T @ x
+        return add
+
+    for n, decoder in enumerate(model.model.layers):
+        decoder.self_attn.q_proj.register_forward_pre_hook(hook(n))
+    with torch.no_grad():
+        for block in blocks:
+            model(block.unsqueeze(0), use_cache=False)
+    return moments
+
+
+def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path, monkeypatch):
     train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
-    options = ConvertOptions(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=TOKENS,
-                             calibration_seq_len=SEQ, calibration_order="sequential")
-    prepared = engine._prepare(str(src), tmp_path / "unused", options, overwrite=False, dry_run=False)
-    layers, documents = prepared.plan.layers, prepared.documents
-    sequential = sequential_moments(src, layers, prepared.plan.load, documents, TOKENS, SEQ)["moments"]
-    original = attention_moments(src, layers.modules, documents, TOKENS, SEQ)["moments"]
+    options = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=TOKENS,
+                   calibration_seq_len=SEQ)
+    work = tmp_path / "work"
+    work.mkdir()
+    sequential = _moments(src, work, monkeypatch, calibration_order="sequential", **options)
+    original = _moments(src, work, monkeypatch, calibration_order="parallel", **options)
     # layer 0 sees the embeddings either way; layer 1 sees what the converted layer 0 makes of them
     assert _relative(sequential[0], original[0]) < 1e-9
     assert _relative(sequential[1], original[1]) > 1e-3
-    # ... which is what the converted model's layer 1 reads: its layer 0 is the same conversion (same moment)
+    # the parallel walk measures what hooks on the whole original model measure
+    blocks = token_blocks(tokenizer, read_text([str(train)], TOKENS), TOKENS, SEQ)
+    whole = whole_model_moments(src, blocks)
+    assert max(_relative(a, b) for a, b in zip(original, whole)) < 1e-6
+    # ... and the sequential walk what the converted model's layer 1 reads: its layer 0 is the same conversion
     parallel = tmp_path / "parallel"
-    convert_checkpoint(src, parallel, options=ConvertOptions(**{**vars(options), "calibration_order": "parallel"}))
-    converted = attention_moments(parallel, layers.modules, documents, TOKENS, SEQ)["moments"]
+    convert_checkpoint(src, parallel, calibration_order="parallel", **options)
+    converted = whole_model_moments(parallel, blocks)
     assert _relative(sequential[1], converted[1]) < 1e-6  # measured: 0.0 (and 0.117 from the original's)
 
 
 @pytest.mark.parametrize("family, refit_o, local_steps, tolerance", [
-    *((f, False, 0, 1e-4) for f in ("llama", "qwen2", "phi3", "falcon")), ("llama", True, 0, 1e-3),
-    ("phi3", True, 0, 1e-3), ("llama", True, 5, 1e-3), ("phi3", False, 5, 1e-3), ("falcon", True, 5, 1e-3)])
+    *((f, False, 0, 1e-4) for f in ("llama", "qwen2", "phi3", "falcon", "cohere", "olmo2", "stablelm")),
+    ("llama", True, 0, 1e-3), ("phi3", True, 0, 1e-3), ("llama", True, 5, 1e-3), ("phi3", False, 5, 1e-3),
+    ("falcon", True, 5, 1e-3), ("cohere", True, 5, 1e-3), ("olmo2", True, 5, 1e-3), ("stablelm", True, 5, 3e-3),
+    ("gpt_bigcode", True, 5, 1e-3)])
 def test_sequential_keeps_exact_conversions_exact(family, refit_o, local_steps, tolerance, corpus, tmp_path):
     """Sequential calibration, the O refit and the local refinement on top of it keep a conversion that should be
-    exact exact (Adam steps near a zero loss wander; the refinement keeps them only where the error falls)."""
+    exact exact (Adam steps near a zero loss wander; the refinement keeps them only where the error falls). The O
+    refit's ridge costs a little where the heads' outputs span few directions: measured 9.3e-4 (granite, biases),
+    5.4e-4 (olmo2), 2.3e-3 (stablelm: biases and per-head norms), against 8e-7 without the refit."""
     train, tokenizer, _ = corpus
-    small, mha = mha_twin(family, 2, vocab_size=len(tokenizer))
+    kv = 1 if family == "gpt_bigcode" else 2  # bigcode has MHA and MQA forms only
+    small, mha = mha_twin(family, kv, vocab_size=len(tokenizer))
     mha.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="aware", calibration_data=[str(train)],
+    convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=kv, method="aware", calibration_data=[str(train)],
                        calibration_tokens=TOKENS, calibration_seq_len=SEQ, calibration_order="sequential",
                        refit_o=refit_o, local_steps=local_steps)
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     a, b = logits(converted), logits(small)
     assert (a - b).abs().max().item() <= tolerance * max(b.abs().max().item(), 1.0)
-
-
-def test_unsupported_families_are_refused_in_one_line(corpus, tmp_path):
-    train, tokenizer, _ = corpus
-    make_model("olmo2", 4, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "src")
-    tokenizer.save_pretrained(tmp_path / "src")
-    with pytest.raises(ConversionError, match="does not yet support olmo2"):
-        convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd", calibration_data=[str(train)],
-                           calibration_order="sequential", dry_run=True)
-    assert not Path(tmp_path / "out").exists()
 
 
 def _layer0_attention_output(path: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -125,16 +158,12 @@ def test_refinements_run_in_the_calibration_models_dtype(corpus, tmp_path, monke
     work in it (float32 trained tensors cast into the module, moments solved on the CPU), and layer 0's
     attention output lands as close to the original's as with a float32 calibration. Measured: 0.3905 (float32)
     and 0.3904 (bfloat16) relative error (0.485 for the merge alone: the test above)."""
-    from convert import sequential
-
     train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
     common = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=4096,
                   calibration_seq_len=SEQ, calibration_order="sequential", refit_o=True, local_steps=100)
     convert_checkpoint(src, tmp_path / "float32", **common)
-    loaded = sequential.calibration_model
-    monkeypatch.setattr(sequential, "calibration_model",
-                        lambda *a, **k: (lambda m, b: (m.to(torch.bfloat16), b))(*loaded(*a, **k)))
+    monkeypatch.setattr(calibrate, "run_dtype", lambda device, dtype: torch.bfloat16)  # as on an accelerator
     convert_checkpoint(src, tmp_path / "bfloat16", **common)
     ids = token_blocks(tokenizer, read_text([str(train)], 4096), 4096, SEQ)
     original = _layer0_attention_output(src, ids)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from convert import ConversionError, convert_checkpoint
-from convert.attention import LayerHeads, permute
+from convert.fits import LayerHeads, permute
 from convert.cli import main
 from textlm import train_tokenizer, write_corpus
 from tiny import FAMILIES, logits, make_model
@@ -180,8 +180,8 @@ def test_svd_and_similarity_convert_every_family_to_a_loadable_model(family, cor
 
 def test_bad_calibration_input_is_refused_before_writing(corpus, tmp_path, capsys):
     make_model("llama", 4).save_pretrained(tmp_path / "src")
-    with pytest.raises(ConversionError, match="needs --calibration-data"):
-        convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd")
+    with pytest.raises(ConversionError, match="calibration needs the source's tokenizer"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd")  # would sample: no tokenizer
     assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--kv-heads", "2", "--method", "svd",
                  "--calibration-data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt does not exist" in capsys.readouterr().err
@@ -211,20 +211,17 @@ def test_calibration_improves_held_out_loss_over_mean(corpus, tmp_path):
     assert abs(math.log(ppl["svd"] / ppl["src"])) < abs(math.log(ppl["mean"] / ppl["src"]))
 
 
-def test_calibration_prints_a_line_per_stage_and_per_tenth_in_a_log(corpus, tmp_path, capfd):
-    """Output redirected (no terminal): stages and progress lines on stderr, so a long calibration is never silent."""
-    from convert.calibrate import attention_moments
-
+def test_calibration_prints_a_line_per_stage_and_per_layer(corpus, tmp_path, capfd):
+    """Output redirected (no terminal): stages and a line per layer on stderr, so a long calibration is never
+    silent; the library call without ``progress`` is quiet."""
     make_model("llama", 4, vocab_size=len(corpus["tokenizer"])).save_pretrained(tmp_path / "src")
     corpus["tokenizer"].save_pretrained(tmp_path / "src")
-    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
-    documents = [corpus["train"].read_text()]
-    found = attention_moments(tmp_path / "src", modules, documents, tokens=20 * 32, seq_len=32, progress=True)
+    options = dict(kv_heads=2, method="svd", calibration_data=[str(corpus["train"])], calibration_tokens=20 * 32,
+                   calibration_seq_len=32)
+    report = convert_checkpoint(tmp_path / "src", tmp_path / "out", progress=True, **options)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("calibration: ")]
-    assert found["tokens"] == 20 * 32
-    assert lines[0] == "calibration: tokenizing up to 640 tokens of 1 document(s)"
-    assert lines[1].startswith(f"calibration: loading {tmp_path / 'src'} (") and "20 sequences of 32 tokens" in lines[1]
-    assert [line.split(",")[0] for line in lines[2:-1]] == [f"calibration: {n}/20 sequences" for n in range(2, 21, 2)]
-    assert lines[-1].startswith("calibration: 640 tokens through 2 layers in ")
-    attention_moments(tmp_path / "src", modules, documents, tokens=64, seq_len=32)  # the library call: quiet
+    assert report.calibration["tokens"] == 20 * 32
+    assert lines[0].startswith("calibration: 20 sequences of 32 tokens through 2 layers on cpu in float32")
+    assert [line.split(" (")[0] for line in lines[1:]] == ["calibration: layer 1/2", "calibration: layer 2/2"]
+    convert_checkpoint(tmp_path / "src", tmp_path / "quiet", **options)  # the library call: quiet
     assert "calibration" not in capfd.readouterr().err
