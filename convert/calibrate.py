@@ -92,10 +92,11 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
             ids.append(eos)
         if len(ids) >= tokens:
             break
-    seq_len = min(seq_len, len(ids))
-    n = min(len(ids), tokens) // seq_len if seq_len else 0
-    if n == 0:
-        raise ConversionError("--calibration-data is shorter than one token")
+    seq_len = min(seq_len, tokens)
+    if len(ids) < seq_len:
+        raise ConversionError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len} "
+                              "(--calibration-seq-len); give more text or a smaller --calibration-seq-len")
+    n = min(len(ids), tokens) // seq_len
     return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
 
 
