@@ -161,7 +161,7 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
     loader, walk = open_walk(src_dir, weights, plan, state, load, blocks, how, device)
     say(progress, f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens through {plan.dims.layers} layers "
                   f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
-                  f"{'on the device' if walk.states.on_device else 'in CPU memory'}")
+                  f"{'in CPU memory, moved per block' if not walk.states.on_device else 'on ' + str(device)}")
     step = _sequential_layer if how.order == "sequential" else _parallel_layer
     with torch.inference_mode():
         for layer in range(plan.dims.layers):

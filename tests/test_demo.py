@@ -10,7 +10,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from textlm import make_lm, train_tokenizer, write_corpus
-from convert.options import RECOMMENDED
+from convert.options import RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS
 from kvshrink import assets
 from kvshrink.demo import demo
 
@@ -59,7 +59,7 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     assert calibration["files"] == [str(samples)]  # calibrated on them too
     # the recommended conversion, with the CPU's local steps
     assert (calibration["order"], calibration["refit_o"]) == (RECOMMENDED["calibration_order"], RECOMMENDED["refit_o"])
-    assert calibration["local_steps"] == demo.CPU_LOCAL_STEPS < RECOMMENDED["local_steps"]
+    assert calibration["local_steps"] == RECOMMENDED_CPU_LOCAL_STEPS < RECOMMENDED["local_steps"]
     for recipe in (out / "recipe.yaml", out / "uptrain-aware" / "recipe.yaml"):
         assert yaml.safe_load(recipe.read_text().split("\n", 1)[1])["data"]["train"] == [str(samples)]
 

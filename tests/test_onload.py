@@ -239,3 +239,15 @@ def test_without_text_calibration_samples_from_the_source(corpus, tmp_path, caps
     calibration = json.loads((tmp_path / "out" / "conversion.json").read_text())["calibration"]
     assert calibration["sampled"] is True and calibration["tokens"] == 128
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_sampling_says_so_before_any_work_where_the_model_cannot_fit(corpus, tmp_path, capsys, monkeypatch):
+    """Sampling runs the whole model: where it cannot fit, one line asks for --calibration-data, nothing written."""
+    from convert import calibrate as module
+
+    src = _source("llama", corpus, tmp_path / "src")
+    monkeypatch.setattr(module, "available_ram", lambda: 1000)
+    code, errors = _run([src, tmp_path / "out", "--kv-heads", "2", "--recommended", "--device", "cpu"], capsys)
+    assert code == 2 and len(errors) == 1
+    assert "runs the whole source model" in errors[0] and "--calibration-data" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

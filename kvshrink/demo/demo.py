@@ -17,8 +17,8 @@
    time), printed and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
 
 The recipe is sized for a 2-core CPU (about 4 minutes of training per model), and on a CPU the recommended
-conversion takes ``CPU_LOCAL_STEPS`` local steps and the evals ``EVAL_TOKENS_CPU`` tokens, so that the whole demo
-takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M
+conversion takes ``convert.options.RECOMMENDED_CPU_LOCAL_STEPS`` local steps and the evals ``EVAL_TOKENS_CPU``
+tokens, so that the whole demo takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M
 sampled tokens (sampled 512 at a time; not yet run on a GPU), with RECOMMENDED's local steps.
 """
 
@@ -55,7 +55,6 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
 ]
 SAMPLES_DIR = "smollm2-135m-instruct-samples"  # in the cache: the original's samples, one file per setting
 EVAL_TOKENS_CPU = 4_096  # per text (two texts), on a CPU (README: the whole demo in about 20 minutes)
-CPU_LOCAL_STEPS = 25  # the recommended conversion's local steps on a CPU (RECOMMENDED's 100 on a GPU)
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
@@ -74,7 +73,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") ->
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
     p.add_argument("--eval-tokens", type=positive_int,
-                   help="tokens scored per model and text (default: 8,192 on CPU, 131,072 on GPU)")
+                   help=f"tokens scored per model and text (default: {EVAL_TOKENS_CPU:,} on CPU, 131,072 on GPU)")
     p.add_argument("--eval-seq-len", type=positive_int, default=512, help="block length of the eval (default: 512)")
     p.add_argument("--new-tokens", type=positive_int, default=30, help="tokens generated per prompt (default: 30)")
     p.add_argument("--calibration-tokens", type=positive_int, default=16_384,
@@ -235,10 +234,10 @@ def demo_sampling(budget: int, gpu: bool) -> Sampling:
 def convert_all(original: Path, out: Path, calibration_text: Path, args: argparse.Namespace, gpu: bool
                 ) -> dict[str, tuple[Path, dict[str, Any]]]:
     """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples); the
-    recommended conversion takes ``CPU_LOCAL_STEPS`` local steps per layer on a CPU."""
+    recommended conversion is ``convert.options.ConvertOptions.recommended`` (fewer local steps on a CPU)."""
     from convert import convert_checkpoint
     from convert.merge import METHODS
-    from convert.options import RECOMMENDED
+    from convert.options import RECOMMENDED, ConvertOptions
 
     methods = args.methods.split(",") if args.methods else list(METHODS_SHOWN)
     converted = {}
@@ -247,8 +246,8 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
         if METHODS[method].calibrated:
             extra = dict(calibration_data=[str(calibration_text)], calibration_tokens=args.calibration_tokens)
             if method == RECOMMENDED["method"]:  # the recommended conversion's other options
-                extra.update({key: value for key, value in RECOMMENDED.items() if key != "method"})
-                extra["local_steps"] = RECOMMENDED["local_steps"] if gpu else CPU_LOCAL_STEPS
+                preset = vars(ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu))
+                extra.update({key: preset[key] for key in RECOMMENDED if key != "method"})
         target = out / f"mqa-{method}"
         report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
                                     progress=True, **extra)
