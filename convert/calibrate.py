@@ -102,8 +102,6 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
 
 def check_model_fits(weights: WeightSource, device) -> None:
     """Sampling runs the whole source model: refuse, before any work, where it cannot fit."""
-    import torch
-
     elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
     dtype = run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
     needed = elements * dtype.itemsize * 1.2
@@ -180,6 +178,7 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
     loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
     first = loader.model.get_submodule(loader.decoders[0])
     states, kwargs = first_layer_inputs(loader.model, first, blocks, device)
+    loader.release_resident()  # the embeddings have made every layer's inputs that will ever be needed
     memory = memory_estimate(loader, plan, blocks.numel(), how, device)
     on_device = True  # on the CPU the device is CPU memory; a limit (tests) forces the offload path there too
     if device.type != "cpu" or how.hidden_limit is not None:
@@ -191,7 +190,9 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
 def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device):
     """``convert.device.estimate`` for this model: its largest decoder layer and its resident parameters."""
     layer = max(loader.elements(names) for names in loader.layer_tensors)
-    return estimate(layer, loader.elements(loader.resident), tokens, plan.dims, device, loader.dtype,
+    attention = max(loader.elements([plan.source_names[n] for n in members.values()])
+                    for members in plan.sources.values())
+    return estimate(layer, loader.elements(loader.resident), attention, tokens, plan.dims, device, loader.dtype,
                     refit_o=how.refit_o, local_steps=how.local_steps)
 
 

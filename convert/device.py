@@ -4,13 +4,16 @@ The fastest device present is chosen (CUDA, then Apple's MPS, else the CPU) unle
 On an accelerator a decoder layer runs in the source's dtype; on the CPU in float32. Moments and the
 least-squares solves are float64 on the CPU either way (MPS has no float64).
 
-Memory, whatever the depth of the model (``estimate``):
+Memory, whatever the depth of the model (``estimate``): the larger of the start (the embeddings, which make
+the first layer's inputs and are then released) and the walk:
 
-    one decoder layer + the embeddings + tokens x hidden x bytes x k + 2 x (hidden + 1)² x 8
+    one decoder layer + tokens x hidden x bytes x k + 2 x (hidden + 1)² x 8 + A x 24
 
-with ``bytes`` those of the run dtype and k the copies of the calibration hidden states held at once: 2 (a
+with ``bytes`` those of the run dtype, k the copies of the calibration hidden states held at once: 2 (a
 layer's inputs and outputs), plus 2 with local steps (the original attention module's inputs and outputs),
-plus heads x head_dim / hidden with the O refit (the original heads' outputs). The hidden states stay on the
+plus heads x head_dim / hidden with the O refit (the original heads' outputs); and A the elements of a layer's
+attention projections, fitted in float64 (the loaded heads, their whitened and their fitted copies; local
+steps then train float32 copies with Adam: 16 bytes each, less than the fit). The Python runtime comes on top. The hidden states stay on the
 accelerator while they fit in half its free memory; else they wait in (pinned) CPU memory and move a block at
 a time.
 """
@@ -100,22 +103,25 @@ class MemoryEstimate:
     hidden: int
     copies: float
     moments: int
+    fit: int
 
     @property
     def total(self) -> int:
-        return int(self.layer + self.resident + self.hidden * self.copies + self.moments)
+        walk = self.layer + self.hidden * self.copies + self.moments + self.fit
+        return int(max(self.resident + self.hidden, walk))
 
     def line(self) -> str:
         gb = 1e9
-        return (f"{self.total / gb:.2f} GB on {self.device} ({self.dtype}): one layer {self.layer / gb:.2f} + "
-                f"embeddings {self.resident / gb:.2f} + hidden states {self.hidden / gb:.3f} x {self.copies:g} + "
-                f"moments {self.moments / gb:.3f}")
+        return (f"{self.total / gb:.2f} GB on {self.device} ({self.dtype}): the larger of embeddings "
+                f"{self.resident / gb:.2f} and one layer {self.layer / gb:.2f} + hidden states {self.hidden / gb:.3f} "
+                f"x {self.copies:g} + moments {self.moments / gb:.3f} + fit {self.fit / gb:.2f}")
 
 
-def estimate(layer_elements: int, resident_elements: int, tokens: int, dims, device, dtype, *, refit_o: bool,
-             local_steps: int) -> MemoryEstimate:
+def estimate(layer_elements: int, resident_elements: int, attention_elements: int, tokens: int, dims, device, dtype,
+             *, refit_o: bool, local_steps: int) -> MemoryEstimate:
     """The formula in this module's docstring for a model's sizes and the calibration settings."""
     size = dtype.itemsize
     copies = 2 + (2 if local_steps else 0) + (dims.heads * dims.head_dim / dims.hidden if refit_o else 0)
     return MemoryEstimate(str(device), str(dtype).removeprefix("torch."), layer_elements * size,
-                          resident_elements * size, tokens * dims.hidden * size, copies, 2 * (dims.hidden + 1) ** 2 * 8)
+                          resident_elements * size, tokens * dims.hidden * size, copies,
+                          2 * (dims.hidden + 1) ** 2 * 8, attention_elements * 24)

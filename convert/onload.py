@@ -98,13 +98,14 @@ class LayerLoader:
                              for d in self.decoders]
         self.peak_layers = 0  # the most decoder layers ever materialized at once (tests read it)
         self.use_transformers = _transformers_loader() is not None
+        in_layers = {n for names in self.layer_params for n in names}
+        self.resident_params = [n for n, _ in self.model.named_parameters()
+                                if n not in in_layers and not (head and n.startswith(head + "."))]
         if materialize:
             self._materialize(self.resident)
             for name, buffer in list(self.model.named_buffers()):
                 self._set(name, buffer.to(device))
-            self._check_loaded([n for n, _ in self.model.named_parameters()
-                                if not any(n in names for names in self.layer_params)
-                                and not (head and n.startswith(head + "."))])
+            self._check_loaded(self.resident_params)
 
     def _model_names(self, weights: WeightSource) -> dict[str, str]:
         """Checkpoint names of the model's parameters, with or without the base model's prefix."""
@@ -165,6 +166,16 @@ class LayerLoader:
 
         for name in self.layer_params[layer]:
             set_module_tensor_to_device(self.model, name, "meta")
+        _return_freed_memory()
+
+    def release_resident(self) -> None:
+        """Put the embeddings and other parameters outside the layers back on ``meta`` once the first layer's
+        inputs are made (nothing after it runs them)."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in self.resident_params:
+            set_module_tensor_to_device(self.model, name, "meta")
+        _return_freed_memory()
 
     def materialized_layers(self) -> int:
         """How many decoder layers have any parameter that is not on ``meta`` (counted from the tensors)."""
@@ -181,6 +192,18 @@ class LayerLoader:
     def elements(self, names: list[str]) -> int:
         """Elements of the named checkpoint tensors, from their headers."""
         return sum(math.prod(self.weights.tensors[n].shape) for n in names)
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and a layer's worth piles up)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def first_layer_inputs(model, first, blocks, device) -> tuple[list[Any], dict]:

@@ -16,7 +16,8 @@ from collections import Counter
 from functools import partial
 from typing import Any, Callable
 
-from convert import heads, renames
+from convert import renames
+from convert.heads import kv_norm, norm_heads
 from convert.errors import ConversionError
 from convert.families import Family
 from convert.layers import LayerPlan, LayerResults, LayerState, NormTensor, changed_roles
@@ -240,7 +241,7 @@ def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tup
         if operation == "pool_norm":
             shape = shapes[name]
             out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
-            pool = partial(heads.kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
+            pool = partial(kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
             changes[name] = Change(name, out_shape, lambda load, n=name, f=pool: f(load(n)))
         elif operation == "pool_norm_heads":
             if head % group:
@@ -248,7 +249,7 @@ def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tup
                 continue
             template = spec.attention + "." + spec.tensors[role] + "." + param
             members = [template.format(layer=layer, head=h) for h in range(head, head + group)]
-            pool = partial(heads.norm_heads, method=method)
+            pool = partial(norm_heads, method=method)
             changes[name] = Change(template.format(layer=layer, head=head // group), shapes[name],
                                    lambda load, ms=members, f=pool: f(*map(load, ms)))
     return changes

@@ -215,8 +215,26 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
                  "--local-steps", "3"]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if "calibration peak" in line)
-    # 256 tokens x 64 wide x 4 bytes x (2 + 2 local + 1 refit) copies, one layer of 4*64*64 + 3*64*96 + 2*64
-    assert "GB on cpu (float32): one layer 0.00 + embeddings 0.00 + hidden states 0.000 x 5 " in line
+    assert "GB on cpu (float32): the larger of embeddings" in line
+    # the formula, term by term, for this model: 64 wide, MHA (8 heads of 8), MLP 96
+    from convert.calibrate import Calibration, memory_estimate
+    from convert.device import pick_device
+    from convert.engine import _prepare
+    from convert.options import ConvertOptions
+    from convert.source import open_weights
+
+    options = ConvertOptions.recommended(2, on_cpu=True, calibration_data=[str(train)], local_steps=3)
+    plan = _prepare(str(src), tmp_path / "x", options, False, True).plan
+    loader = LayerLoader(src, open_weights(src), [plan.layers.source_names[a] for a in plan.layers.anchors],
+                         pick_device("cpu"), torch.float32, materialize=False)
+    memory = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"))
+    attention = 4 * 64 * 64  # Q, K, V and O, each 64 x 64
+    assert memory.layer == 4 * (attention + 3 * 64 * 96 + 2 * 64)
+    assert memory.fit == 24 * attention
+    assert memory.hidden == 256 * 64 * 4 and memory.copies == 2 + 2 + 1
+    assert memory.moments == 2 * 65 ** 2 * 8
+    assert memory.total == max(memory.resident + memory.hidden,
+                               memory.layer + 5 * memory.hidden + memory.moments + memory.fit)
     assert not (tmp_path / "out").exists()
     assert main([str(src), str(tmp_path / "out"), "--kv-heads", "2", "--recommended", "--calibration-data",
                  str(train), "--calibration-tokens", "256", "--calibration-seq-len", "32", "--local-steps", "3",
