@@ -27,7 +27,7 @@ def one(path: str, args: argparse.Namespace) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from uptrain.loss import chunked_loss
-    from uptrain.train import distill_kl, token_losses
+    from uptrain.loss import distill_kl, token_losses
 
     torch.manual_seed(0)
     config = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 from convert import convert_checkpoint
 from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain.recipe import load_recipe
-from uptrain.train import distill_kl, run
+from uptrain.loss import distill_kl
+from uptrain.train import run
 
 
 @pytest.fixture(scope="module")

@@ -417,7 +417,7 @@ def format_table(rows: list[dict[str, Any]], e: dict[str, Any]) -> str:
 
 def training_eval(out: Path, seq_len: int) -> dict[str, int]:
     """The in-loop eval's setting: {"tokens" scored, as the run's metrics.jsonl records it, "seq_len"}."""
-    from uptrain.train import MetricsLog
+    from uptrain.metrics import MetricsLog
 
     last = [r for r in MetricsLog(out / "metrics.jsonl", 0, False).read() if "eval_tokens" in r][-1]
     return {"tokens": last["eval_tokens"], "seq_len": seq_len}
