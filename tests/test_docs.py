@@ -144,6 +144,9 @@ def parse(command: Command, monkeypatch: pytest.MonkeyPatch) -> None:
             code = "no parse"
         else:
             monkeypatch.setattr(sys, "argv", [command.target, *command.args])
+            for name in (command.target, command.target + ".__main__"):  # runpy runs a fresh copy; no stale one
+                if name in sys.modules and not hasattr(sys.modules[name], "__path__"):
+                    monkeypatch.delitem(sys.modules, name)
             runpy.run_module(command.target, run_name="__main__", alter_sys=True)
             code = "no parse"
     except _Parsed:
@@ -188,12 +191,22 @@ def test_relative_links_resolve(path: Path) -> None:
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
     missing = []
     for target in LINK.findall(text):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
-        file = target.split("#", 1)[0]
-        if not (path.parent / file).exists():
+        file, _, anchor = target.partition("#")
+        linked = path.parent / file if file else path
+        if not linked.exists():
             missing.append(target)
-    assert not missing, f"{path.name} links to missing files: {missing}"
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            missing.append(target)
+    assert not missing, f"{path.name} links to missing files or headings: {missing}"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def recipe_keys(cls: type, prefix: str = "") -> set[str]:
