@@ -100,10 +100,20 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
     return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
 
 
+def layer_dtype(weights: WeightSource, plan: LayerPlan, device):
+    """The dtype the decoder layers run in on ``device`` (``convert.device.run_dtype`` of the layers' own)."""
+    return run_dtype(device, torch_dtype(weights.tensors[plan.source_names[plan.anchors[0]]].dtype))
+
+
+def model_dtype(weights: WeightSource, device):
+    """The dtype the whole source model runs in on ``device`` (sampling)."""
+    return run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
+
+
 def check_model_fits(weights: WeightSource, device) -> None:
     """Sampling runs the whole source model: refuse, before any work, where it cannot fit."""
     elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
-    dtype = run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
+    dtype = model_dtype(weights, device)
     needed = elements * dtype.itemsize * 1.2
     free = free_bytes(device) if device.type != "cpu" else available_ram()
     if needed > free:
@@ -122,7 +132,7 @@ def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_n
     device = pick_device(device_name)
     check_model_fits(weights, device)
     tokenizer = load_tokenizer(source)
-    dtype = run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
+    dtype = model_dtype(weights, device)
     say(progress, f"sampling {tokens:,} tokens of calibration text from {source} on {device}")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
     documents = [tokenizer.decode(ids) for ids in samples(model, tokenizer, Sampling(tokens, length=SAMPLE_LENGTH))]
@@ -174,7 +184,7 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
 
 def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, device):
     """The loader with its skeleton, and the walk holding the first layer's inputs for every block."""
-    dtype = run_dtype(device, torch_dtype(weights.tensors[plan.source_names[plan.anchors[0]]].dtype))
+    dtype = layer_dtype(weights, plan, device)
     loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
     first = loader.model.get_submodule(loader.decoders[0])
     states, kwargs = first_layer_inputs(loader.model, first, blocks, device)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from convert import families
-from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, load_tokenizer, memory_estimate,
-                               read_text, sampled_documents, token_blocks)
+from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, layer_dtype, load_tokenizer,
+                               memory_estimate, read_text, sampled_documents, token_blocks)
 from convert.device import pick_device
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS
@@ -150,19 +150,12 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     else:
         check_model_fits(weights, device)
     layers = plan.layers
-    dtype = _run_dtype(weights, layers, device)
+    dtype = layer_dtype(weights, layers, device)
     loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device, dtype,
                          materialize=False)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
     report.calibration["memory"] = memory_estimate(loader, layers, tokens, _calibration(options), device).line()
     return blocks
-
-
-def _run_dtype(weights: WeightSource, layers, device):
-    from convert.device import run_dtype
-    from convert.source import torch_dtype
-
-    return run_dtype(device, torch_dtype(weights.tensors[layers.source_names[layers.anchors[0]]].dtype))
 
 
 def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress: bool) -> None:
