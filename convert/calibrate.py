@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.device import estimate, hidden_on_device, pick_device, run_dtype, available_ram, free_bytes
+from convert.device import available_ram, estimate, free_bytes, hidden_on_device, run_dtype
 from convert.errors import ConversionError
 from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
 from convert.onload import LayerLoader, first_layer_inputs

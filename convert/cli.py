@@ -13,7 +13,7 @@ from convert.engine import convert_checkpoint
 from kvshrink.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
-from convert.device import pick_device
+from kvshrink.device import pick_device
 from convert.options import CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS, ConvertOptions
 from convert.report import format_report
 

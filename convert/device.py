@@ -22,29 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from convert.errors import ConversionError
-
-DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-
-
-def pick_device(name: str = "auto"):
-    """``auto``: CUDA, then MPS, then the CPU; a named device must be present (one line otherwise)."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConversionError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}.get(device.type, False)
-    if device.type == "cuda" and present and device.index is not None:
-        present = device.index < torch.cuda.device_count()
-    if not present:
-        raise ConversionError(f"--device {name}: no such device here; use --device auto (the fastest present) or cpu")
-    return device
 
 
 def run_dtype(device, source_dtype):

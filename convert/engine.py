@@ -15,7 +15,7 @@ from typing import Any
 from convert import families
 from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, layer_dtype, load_tokenizer,
                                memory_estimate, read_text, sampled_documents, token_blocks)
-from convert.device import pick_device
+from kvshrink.device import pick_device
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS
 from convert.options import DTYPES, ConvertOptions

@@ -7,12 +7,12 @@ How a run behaves (overwrite, dry run, progress, the command line for the model 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
+from kvshrink.device import DEVICE_CHOICES, valid_name
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")
@@ -92,8 +92,8 @@ class ConvertOptions:
         if self.local_steps and (self.calibration_order != "sequential" or METHODS[self.method].changes != QKVO):
             raise ConversionError("--local-steps needs --calibration-order sequential and a method that rewrites "
                                   f"Q, K, V and O ({', '.join(n for n, m in METHODS.items() if m.changes == QKVO)})")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            raise ConversionError(f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        if not valid_name(self.device):
+            raise ConversionError(f"--device {self.device!r} is not one of {DEVICE_CHOICES}")
         if self.dtype not in DTYPES:
             raise ConversionError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
 from convert.cli import main
-from convert.device import pick_device
+from kvshrink.device import pick_device
 from convert.errors import ConversionError
 from convert.onload import LayerLoader
 from convert.walk import Walk
