@@ -20,6 +20,7 @@ the depth of the model. Progress (``progress=True``): a line on stderr per stage
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -28,10 +29,12 @@ from pathlib import Path
 from convert.device import available_ram, estimate, free_bytes, hidden_on_device, run_dtype
 from convert.errors import ConversionError
 from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
-from convert.onload import LayerLoader, first_layer_inputs
+from convert.onload import LayerLoader, layer_calls
 from convert.refine import AttentionIO, refine, refit_o
 from convert.source import WeightSource, torch_dtype
+from convert.stages import Stages
 from convert.walk import HiddenStates, Walk
+from kvshrink.device import pick_device
 from kvshrink.text import DataError, read_documents
 
 DEFAULT_TOKENS = 65536
@@ -142,16 +145,17 @@ def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_n
     return documents
 
 
-def moment_hook(moments: list, index: int):
-    """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[index]`` (float64)."""
+def moment_hook(moments: list, index: int, stages: Stages | None = None):
+    """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[index]``: each block's moment
+    in float32 where the input is (an accelerator's fast matmul), summed in float64 on the CPU."""
     import torch
 
     def add(_module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1])
-        x = x.double() if x.device.type not in ("mps",) else x.cpu().double()  # (tokens, in); MPS has no float64
-        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
-        moment = x.T @ x
-        moments[index] = moment if moments[index] is None else moments[index] + moment
+        with stages.timed("moments") if stages is not None else contextlib.nullcontext():
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
+            moment = (x.T @ x).to("cpu", torch.float64)
+            moments[index] = moment if moments[index] is None else moments[index] + moment
     return add
 
 
@@ -160,7 +164,8 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
     """Walk the decoder layers over the calibration blocks, converting and spilling each (``state.spill``).
 
     Returns:
-        {"tokens": n, "seconds": s, "device": ..., "peak_layers": the most layers ever materialized at once}.
+        {"tokens": n, "seconds": s, "device": ..., "peak_layers": the most layers ever materialized at once,
+        "stages": seconds per stage over all layers}.
     """
     import torch
 
@@ -171,29 +176,38 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
                   f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
                   f"{'in CPU memory, moved per block' if not walk.states.on_device else 'on ' + str(device)}")
     step = _sequential_layer if how.order == "sequential" else _parallel_layer
+    stages = walk.stages
     with torch.inference_mode():
         for layer in range(plan.dims.layers):
-            decoder = loader.onload(layer)
+            with stages.timed("read"):
+                decoder = loader.onload(layer)
             new, has_bias, note = step(walk, layer, decoder, how)
-            state.spill.put(layer, output_tensors(plan, layer, new, has_bias))
-            loader.offload(layer)
-            say(progress, f"layer {layer + 1}/{plan.dims.layers} ({time.perf_counter() - started:.0f} s{note})")
+            with stages.timed("write"):
+                state.spill.put(layer, output_tensors(plan, layer, new, has_bias))
+            with stages.timed("read"):
+                loader.offload(layer)
+            say(progress, f"layer {layer + 1}/{plan.dims.layers} ({time.perf_counter() - started:.0f} s{note}; "
+                          f"{stages.end_layer()})")
     seconds = round(time.perf_counter() - started, 2)
-    return {"tokens": blocks.numel(), "seconds": seconds, "device": str(device), "peak_layers": loader.peak_layers}
+    return {"tokens": blocks.numel(), "seconds": seconds, "device": str(device), "peak_layers": loader.peak_layers,
+            "stages": {name: round(value, 2) for name, value in stages.total.items()}}
 
 
 def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, device):
-    """The loader with its skeleton, and the walk holding the first layer's inputs for every block."""
+    """The loader with its skeleton, and the walk holding the first layer's inputs for every block and how the
+    model calls each layer."""
     dtype = layer_dtype(weights, plan, device)
     loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
-    first = loader.model.get_submodule(loader.decoders[0])
-    states, kwargs = first_layer_inputs(loader.model, first, blocks, device)
-    loader.release_resident()  # the embeddings have made every layer's inputs that will ever be needed
     memory = memory_estimate(loader, plan, blocks.numel(), how, device)
     on_device = True  # on the CPU the device is CPU memory; a limit (tests) forces the offload path there too
     if device.type != "cpu" or how.hidden_limit is not None:
         on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
-    walk = Walk(loader, plan, state, load, HiddenStates(states, device, on_device), kwargs, seed=plan.seed)
+    states = HiddenStates(device, on_device)
+    decoders = [loader.model.get_submodule(name) for name in loader.decoders]
+    firsts, calls = layer_calls(loader.model, decoders, blocks, device, place=states.keep)
+    states.replace(firsts)
+    loader.release_resident()  # the embeddings have made every layer's inputs that will ever be needed
+    walk = Walk(loader, plan, state, load, states, calls, seed=plan.seed, stages=Stages(device))
     return loader, walk
 
 
@@ -213,34 +227,39 @@ def _q_path(walk: Walk, layer: int) -> str:
 def _parallel_layer(walk: Walk, layer: int, decoder, how: Calibration):
     """Measure the layer's moment on the original model's activations, pass them on through the original layer."""
     moments = [None]
-    outputs = walk.run(decoder, {_q_path(walk, layer): moment_hook(moments, 0)}, keep=True)
+    outputs = walk.run(layer, decoder, {_q_path(walk, layer): moment_hook(moments, 0, walk.stages)}, keep=True)
     walk.states.replace(outputs)
-    new, has_bias = rewrite(walk.plan, walk.state, walk.load, layer, moments[0].cpu())
+    with walk.stages.timed("fits"):
+        new, has_bias = rewrite(walk.plan, walk.state, walk.load, layer, moments[0])
     return new, has_bias, ""
 
 
 def _sequential_layer(walk: Walk, layer: int, decoder, how: Calibration):
     """Measure, convert, refine the layer on the converted layers' outputs; pass them on through the converted one."""
-    plan = walk.plan
+    plan, keep = walk.plan, walk.states.keep
     moments: list = [None]
-    hooks = {_q_path(walk, layer): moment_hook(moments, 0)}
-    heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit
+    hooks = {_q_path(walk, layer): moment_hook(moments, 0, walk.stages)}
+    heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit; off the device when offloaded
     if how.refit_o:
-        hooks[walk.path(plan.sources[layer]["o", "weight"])] = lambda _m, args: heads_out.append(args[0].detach())
-    attention = AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer))) if how.local_steps else None
-    walk.run(decoder, hooks, keep=False)
+        hooks[walk.path(plan.sources[layer]["o", "weight"])] = lambda _m, args: heads_out.append(keep(args[0].detach()))
+    attention = AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer)), keep) \
+        if how.local_steps else None
+    walk.run(layer, decoder, hooks, keep=False)
     if attention is not None:
         attention.remove()  # the original layer's calls only
-    new, has_bias = rewrite(plan, walk.state, walk.load, layer, moments[0].cpu())
-    walk.write_converted(layer, new, has_bias)
+    with walk.stages.timed("fits"):
+        new, has_bias = rewrite(plan, walk.state, walk.load, layer, moments[0])
+        walk.write_converted(layer, new, has_bias)
     if how.refit_o:
-        new = refit_o(walk, layer, decoder, heads_out, new)
+        with walk.stages.timed("refit"):
+            new = refit_o(walk, layer, decoder, heads_out, new)
     note = ""
     if attention is not None:
-        first, last, better = refine(walk, layer, how.local_steps, attention.seen, new, has_bias)
-        note = f", local relative error {first:.4f} -> {last:.4f}"
-        if better is not None:
-            new = better
-            walk.write_converted(layer, new, has_bias)
-    walk.states.replace(walk.run(decoder, {}, keep=True))
+        with walk.stages.timed("local"):
+            first, last, better = refine(walk, layer, how.local_steps, attention.seen, new, has_bias)
+            note = f", local relative error {first:.4f} -> {last:.4f}"
+            if better is not None:
+                new = better
+                walk.write_converted(layer, new, has_bias)
+    walk.states.replace(walk.run(layer, decoder, {}, keep=True))
     return new, has_bias, note

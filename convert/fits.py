@@ -100,7 +100,7 @@ def whitener(moment: torch.Tensor | None, ridge: float = 1e-4) -> torch.Tensor |
     if moment is None:
         return None
     moment = moment.double()
-    eye = torch.eye(moment.shape[0], dtype=moment.dtype)
+    eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
     return torch.linalg.cholesky(moment + ridge * moment.diagonal().mean() * eye)
 
 
@@ -127,7 +127,7 @@ def _real_fit(heads: torch.Tensor, white: torch.Tensor,
 def _ridged(gram: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """(..., n, n) Gram + ridge * its mean diagonal * I: definite, so that R⁻¹ exists."""
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[..., None, None]
-    return gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype)
+    return gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
 
 
 def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary, weight: torch.Tensor | None = None):

@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from convert.errors import ConversionError
 from convert.source import WeightSource
+from kvshrink.models import first_line
 
 
 def build_skeleton(src_dir: Path, dtype):
@@ -206,32 +208,109 @@ def _return_freed_memory() -> None:
         pass
 
 
-def first_layer_inputs(model, first, blocks, device) -> tuple[list[Any], dict]:
-    """The hidden states with which the model calls its first decoder layer, per block, and the keyword arguments
-    of that call (positions, RoPE's cos/sin, the mask: the same for every block of one length)."""
+@dataclass
+class LayerCall:
+    """How the model calls one decoder layer, the hidden states aside: the other positional arguments and the
+    keyword arguments (its mask by its attention type, positions, RoPE's cos/sin, ...), as its forward made them.
+    The same for every block of one length."""
+
+    args: tuple
+    kwargs: dict
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Through(tuple):
+    """What a stand-in layer returns: ``(hidden,)``. A model that indexes its layer's output (``outputs[0]``) gets
+    the hidden states; one that passes the output on whole hands it to the next stand-in, which unwraps it."""
+
+
+def _hidden_of(args: tuple, kwargs: dict):
+    """(the hidden states, the other positional arguments) of a decoder layer's call."""
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    if isinstance(hidden, _Through):
+        hidden = hidden[0]
+    return hidden, tuple(args[1:])
+
+
+@contextlib.contextmanager
+def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
+    """Every decoder layer's forward replaced by one that records its call and passes the hidden states on
+    unchanged (the layers are on ``meta``: nothing of theirs runs); the last one stops the model."""
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            hidden, rest = _hidden_of(args, kwargs)
+            record(index, hidden, rest, kwargs)
+            if index == len(decoders) - 1:
+                raise _Stop
+            return _Through((hidden,))
+        return forward
+
+    for index, decoder in enumerate(decoders):
+        decoder.forward = stand_in(index)
+    try:
+        yield
+    finally:
+        for decoder in decoders:
+            del decoder.forward
+
+
+def layer_calls(model, decoders: list, blocks, device,
+                place: Callable[[Any], Any] = lambda t: t) -> tuple[list[Any], list[LayerCall]]:
+    """The hidden states with which the model calls its first decoder layer, per block, and how it calls each
+    layer (``LayerCall``), read from the model's own forward: each layer gets the mask of its own attention type
+    (sliding, full, chunked), its own RoPE where a family has one per layer type, and whatever else the forward
+    computes for it. ``place`` takes each block's first hidden states as they are made (off the device, when
+    they wait in CPU memory).
+
+    Raises:
+        ConversionError: a layer is called differently from one block to the next (the walk gives every block
+            the same arguments), or the model's forward cannot run over the embeddings alone.
+    """
     import torch
 
-    captured: list = []
-    kwargs_seen: list[dict] = []
+    firsts: list = []
+    calls: list[LayerCall | None] = [None] * len(decoders)
+    last: list[LayerCall | None] = [None] * len(decoders)
 
-    class _Stop(Exception):
-        pass
+    def record(index: int, hidden, rest: tuple, kwargs: dict) -> None:
+        if index == 0:
+            firsts.append(place(hidden))
+        (calls if calls[index] is None else last)[index] = LayerCall(rest, dict(kwargs))
 
-    def grab(_module, args, kwargs):
-        captured.append(args[0] if args else kwargs.pop("hidden_states"))
-        kwargs_seen.append(dict(kwargs))
-        raise _Stop
+    with torch.inference_mode(), _stand_ins(decoders, record):
+        for block in blocks:
+            try:
+                model(block.unsqueeze(0).to(device), use_cache=False)
+            except _Stop:
+                pass
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise ConversionError(f"calibration cannot run the source's layers one at a time: its forward "
+                                      f"failed between layers ({first_line(exc)}); use --method mean") from None
+    for index, (call, other) in enumerate(zip(calls, last)):
+        if call is None:
+            raise ConversionError(f"calibration cannot run the source's layers one at a time: the model never "
+                                  f"called decoder layer {index}; use --method mean")
+        if other is not None and not _same(call, other):
+            raise ConversionError(f"calibration cannot run the source's layers one at a time: decoder layer "
+                                  f"{index} is called with other arguments for other blocks; use --method mean")
+    return firsts, calls
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for block in blocks:
-                try:
-                    model(block.unsqueeze(0).to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    kwargs = kwargs_seen[0]
-    kwargs.pop("hidden_states", None)
-    return captured, kwargs
+
+def _same(a: LayerCall, b: LayerCall) -> bool:
+    """Whether two calls are the same: tensors equal in value, everything else equal."""
+    import torch
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                    and bool(torch.equal(x, y)))
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return x is y or bool(x == y)
+
+    return same(a.args, b.args) and same(a.kwargs, b.kwargs)

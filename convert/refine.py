@@ -9,7 +9,7 @@ Adam steps towards them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from convert.heads import from_heads
 from convert.walk import Walk, hidden
@@ -30,47 +30,63 @@ def refit_o(walk: Walk, layer: int, decoder, heads_out: list, heads):
     import torch
 
     gram, cross, seen = None, None, iter(heads_out)
+    fetch = walk.states.fetch
 
     def add(_module, args):
         nonlocal gram, cross
-        z_new = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()  # (tokens, H*d)
-        z_old = next(seen).reshape(-1, args[0].shape[-1]).double().cpu()
-        gram = z_new.T @ z_new if gram is None else gram + z_new.T @ z_new
-        cross = z_old.T @ z_new if cross is None else cross + z_old.T @ z_new
+        z_new = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, H*d)
+        z_old = fetch(next(seen)).reshape(-1, args[0].shape[-1]).float()
+        block_gram = (z_new.T @ z_new).to("cpu", torch.float64)  # float32 per block, summed in float64
+        block_cross = (z_old.T @ z_new).to("cpu", torch.float64)
+        gram = block_gram if gram is None else gram + block_gram
+        cross = block_cross if cross is None else cross + block_cross
 
     o_name = walk.plan.sources[layer]["o", "weight"]
-    walk.run(decoder, {walk.path(o_name): add}, keep=False)
+    walk.run(layer, decoder, {walk.path(o_name): add}, keep=False)
     original = walk.load(o_name).double()  # (out, H*d)
-    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
     walk.write(o_name, refit)
     return heads.replace(o=refit.reshape(heads.o.shape))
 
 
 class AttentionIO:
-    """A forward hook on a layer's attention module keeping every call's inputs and output (the original's)."""
+    """A forward hook on a layer's attention module keeping every call's inputs and output (the original's).
 
-    def __init__(self, module):
-        self.module, self.seen = module, []
+    The hidden states in and out go through ``keep`` (off the device when the blocks wait in CPU memory); the
+    keyword arguments (mask, positions, RoPE) are the layer's own, the same tensors for every block.
+    """
+
+    def __init__(self, module, keep: Callable[[Any], Any] = lambda t: t):
+        self.module, self.seen, self.keep = module, [], keep
         self.handle = module.register_forward_hook(self, with_kwargs=True)
 
     def __call__(self, _module, args, kwargs, output):
-        self.seen.append((args, dict(kwargs), hidden(output).detach()))
+        import torch
+
+        kept = tuple(self.keep(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = dict(kwargs)
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            kwargs["hidden_states"] = self.keep(kwargs["hidden_states"].detach())
+        self.seen.append((kept, kwargs, self.keep(hidden(output).detach())))
 
     def remove(self) -> None:
         self.handle.remove()
 
 
-def _normal(value):
-    """A copy of inference-mode tensors (nested in tuples, lists, dicts) that autograd may save."""
+def _usable(value, device):
+    """``value`` (tensors nested in tuples, lists, dicts) on ``device``, as tensors autograd may save (an
+    inference-mode tensor is copied; one moved from CPU memory is new already). Made per use, so that no second
+    copy of every block is held."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        moved = value.to(device, non_blocking=True)
+        return moved.clone() if moved.is_inference() else moved
     if isinstance(value, (tuple, list)):
-        return type(value)(_normal(v) for v in value)
+        return type(value)(_usable(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
+        return {k: _usable(v, device) for k, v in value.items()}
     return value
 
 
@@ -90,8 +106,6 @@ def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool
     fit = _LocalFit(walk, layer, heads, has_bias)
     generator = torch.Generator().manual_seed(walk.seed + layer)
     with torch.inference_mode(False), torch.enable_grad():
-        for i, entry in enumerate(seen):  # inference-mode tensors cannot be saved for backward: copied one by one
-            seen[i] = _normal(entry)
         trained = {role: getattr(heads, role).to(fit.device, torch.float32, copy=True).requires_grad_(True)
                    for role in "qkvo"}
         before = fit.error(trained, seen)
@@ -100,7 +114,7 @@ def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool
         for _step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             for i in torch.randperm(len(seen), generator=generator)[:LOCAL_BLOCKS].tolist():
-                args, kwargs, target = seen[i]
+                args, kwargs, target = _usable(seen[i], fit.device)
                 (fit.output(trained, args, kwargs) - target.float()).pow(2).sum().backward()
             optimizer.step()
         after = fit.error(trained, seen)
@@ -138,5 +152,6 @@ class _LocalFit:
         import torch
 
         with torch.no_grad():
-            wrong = sum((self.output(trained, a, k) - t.float()).pow(2).sum().item() for a, k, t in seen)
+            wrong = sum((self.output(trained, *_usable((a, k), self.device)) - t.to(self.device).float())
+                        .pow(2).sum().item() for a, k, t in seen)
         return (wrong / sum(t.float().pow(2).sum().item() for _a, _k, t in seen)) ** 0.5

@@ -2,19 +2,20 @@
 
 ``Walk`` is the state of one walk (``convert.calibrate.calibrate_layers``): the model skeleton with the current
 layer onloaded (``convert.onload.LayerLoader``), the layer plan, the calibration hidden states of every block
-(``HiddenStates``) and the keyword arguments every decoder layer is called with. The refinements
+(``HiddenStates``) and how the model calls each decoder layer (``convert.onload.LayerCall``). The refinements
 (``convert.refine``) and the walk itself call a layer through ``Walk.run``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from convert.heads import from_heads, kv_norm, norm_heads
 from convert.layers import LayerPlan, LayerState
-from convert.onload import LayerLoader
+from convert.onload import LayerCall, LayerLoader
+from convert.stages import Stages
 
 
 def hidden(output) -> Any:
@@ -23,27 +24,41 @@ def hidden(output) -> Any:
 
 class HiddenStates:
     """The calibration hidden states, one (1, seq, hidden) tensor per block: on the device, or waiting in CPU
-    memory (pinned for CUDA) and moved to the device one block at a time."""
+    memory (pinned for CUDA) and moved to the device one block at a time.
 
-    def __init__(self, blocks: list, device, on_device: bool):
+    ``keep`` puts a tensor where the blocks live as soon as it is made, so that with the offload no block's
+    output stays on the device; the copy to CPU memory is one copy (into pinned memory directly for CUDA).
+    """
+
+    def __init__(self, device, on_device: bool, blocks: list | None = None):
         self.device, self.on_device = device, on_device
-        self.blocks = [self._keep(b) for b in blocks]
+        self.blocks = [self.keep(b) for b in blocks or []]
 
-    def _keep(self, tensor):
+    def keep(self, tensor):
+        """``tensor`` where the blocks live: the device, or CPU memory (pinned for CUDA)."""
+        import torch
+
         if self.on_device:
             return tensor.to(self.device)
-        tensor = tensor.to("cpu")
-        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+        if tensor.device.type == "cpu" and self.device.type != "cuda":
+            return tensor
+        home = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=self.device.type == "cuda")
+        return home.copy_(tensor, non_blocking=False)
+
+    def fetch(self, tensor):
+        """A kept tensor on the device (from pinned memory without blocking the host)."""
+        return tensor.to(self.device, non_blocking=True)
 
     def __iter__(self):
         for block in self.blocks:
-            yield block.to(self.device, non_blocking=True)
+            yield self.fetch(block)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def replace(self, blocks: list) -> None:
-        self.blocks = [self._keep(b) for b in blocks]
+        """The next layer's inputs (already kept by ``keep``)."""
+        self.blocks = blocks
 
 
 @dataclass
@@ -55,8 +70,9 @@ class Walk:
     state: LayerState
     load: Callable[[str], Any]  # output name -> the source tensor (Linear layout), as the layer path reads it
     states: HiddenStates
-    kwargs: dict
+    calls: list[LayerCall]  # how the model calls each decoder layer (``convert.onload.layer_calls``)
     seed: int = 0
+    stages: Stages = field(default_factory=Stages)  # seconds per stage (``convert.stages``)
 
     def path(self, name: str) -> str:
         """The model's module holding the tensor with this output name."""
@@ -80,16 +96,19 @@ class Walk:
         param = self.loader.parameter(self.plan.source_names[name])
         param.data.copy_(self.source_layout(name, tensor).to(param.device, param.dtype))
 
-    def run(self, decoder, hooks: dict[str, Callable], keep: bool) -> list | None:
-        """The decoder layer over every block with forward pre-hooks on the named modules; the outputs if ``keep``."""
+    def run(self, layer: int, decoder, hooks: dict[str, Callable], keep: bool) -> list | None:
+        """Decoder layer ``layer`` over every block, called as the model calls it, with forward pre-hooks on the
+        named modules; the outputs if ``keep``, each put where the blocks live as it is made."""
         model = self.loader.model
+        call = self.calls[layer]
         handles = [model.get_submodule(path).register_forward_pre_hook(hook) for path, hook in hooks.items()]
         outputs = []
         try:
-            for block in self.states:
-                out = hidden(decoder(block, **self.kwargs))
-                if keep:
-                    outputs.append(out)
+            with self.stages.timed("forward"):
+                for block in self.states:
+                    out = hidden(decoder(block, *call.args, **call.kwargs))
+                    if keep:
+                        outputs.append(self.states.keep(out))
         finally:
             for handle in handles:
                 handle.remove()

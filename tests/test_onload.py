@@ -137,7 +137,8 @@ def test_the_running_model_computes_the_converted_layer(family, corpus, tmp_path
         write_converted(walk, layer, new, has_bias)
         if layer == 0:
             decoder = walk.loader.model.get_submodule(walk.loader.decoders[0])
-            outputs.append(decoder(next(iter(walk.states)), **walk.kwargs))
+            call = walk.calls[0]
+            outputs.append(decoder(next(iter(walk.states)), *call.args, **call.kwargs))
 
     monkeypatch.setattr(Walk, "write_converted", spy)
     _convert(src, tmp_path / "out", train, monkeypatch, method="aware", calibration_order="sequential")
