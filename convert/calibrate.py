@@ -80,8 +80,13 @@ def load_tokenizer(source: Path):
         raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({reason})") from None
 
 
-def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
-    """Documents tokenized, joined with EOS, cut into (n, seq_len) blocks of at most ``tokens`` in all."""
+def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos: bool = True):
+    """Documents tokenized, joined with EOS, cut into (n, seq_len) blocks of at most ``tokens`` in all.
+
+    With ``bos`` every block starts with the tokenizer's BOS where it has one, as the model saw sequences start
+    in training (the first position's statistics are unlike any other's: attention sinks); the text fills the
+    rest of the block.
+    """
     import torch
 
     ids: list[int] = []
@@ -96,11 +101,14 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int):
         if len(ids) >= tokens:
             break
     seq_len = min(seq_len, tokens)
-    if len(ids) < seq_len:
+    head = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None and seq_len > 1 else []
+    body = seq_len - len(head)
+    if len(ids) < body:
         raise ConversionError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len} "
                               "(--calibration-seq-len); give more text or a smaller --calibration-seq-len")
-    n = min(len(ids), tokens) // seq_len
-    return torch.tensor(ids[:n * seq_len]).reshape(n, seq_len)
+    n = min(tokens // seq_len, len(ids) // body)
+    text = torch.tensor(ids[:n * body]).reshape(n, body)
+    return torch.cat([torch.tensor(head, dtype=text.dtype).expand(n, len(head)), text], dim=1)
 
 
 def layer_dtype(weights: WeightSource, plan: LayerPlan, device):

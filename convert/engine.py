@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from convert.options import DTYPES, ConvertOptions
 from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
 from convert.layers import Spill
-from convert.onload import LayerLoader
+from convert.onload import LayerLoader, check_positions
 from convert.source import WeightSource, hub_id, open_weights, read_config, resolve_source
 from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
 from kvshrink.atomic import AtomicDirectory
@@ -141,18 +142,20 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     report. Returns the token blocks (None where they are still to be sampled)."""
     if not options.calibrates:
         return None
-    device = pick_device(options.device)
+    device, layers = pick_device(options.device), plan.layers
+    loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device,
+                         layer_dtype(weights, layers, device), materialize=False)
+    warning = check_positions(loader.model, min(options.calibration_seq_len, options.calibration_tokens))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
     tokenizer = load_tokenizer(src_dir)
     blocks = None
     if documents is not None:  # unreadable, empty or too short text fails here
-        blocks = token_blocks(tokenizer, documents, options.calibration_tokens, options.calibration_seq_len)
+        blocks = token_blocks(tokenizer, documents, options.calibration_tokens, options.calibration_seq_len,
+                              options.calibration_bos)
     else:
         check_model_fits(weights, device)
-    layers = plan.layers
-    dtype = layer_dtype(weights, layers, device)
-    loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device, dtype,
-                         materialize=False)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
     report.calibration["memory"] = memory_estimate(loader, layers, tokens, _calibration(options), device).line()
     return blocks
@@ -165,7 +168,7 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress
         documents = sampled_documents(prepared.src_dir, prepared.weights, options.calibration_tokens,
                                       options.device, progress)
         blocks = token_blocks(load_tokenizer(prepared.src_dir), documents, options.calibration_tokens,
-                              options.calibration_seq_len)
+                              options.calibration_seq_len, options.calibration_bos)
     plan.state.spill = Spill(Path(work))
     found = calibrate_layers(prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks,
                              _calibration(options), progress)

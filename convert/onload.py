@@ -196,6 +196,34 @@ class LayerLoader:
         return sum(math.prod(self.weights.tensors[n].shape) for n in names)
 
 
+def check_positions(model, seq_len: int) -> str | None:
+    """Check a calibration sequence length against the model's positions, before any work.
+
+    Learned position embeddings (an embedding table of ``max_position_embeddings`` rows beside the token
+    embeddings: gpt2, bigcode) have no row for a later position: refused. Rotary or other computed positions
+    go on beyond ``max_position_embeddings``, but the model never saw them: a warning.
+
+    Returns:
+        The warning's text, or None.
+
+    Raises:
+        ConversionError: ``seq_len`` is beyond learned positions.
+    """
+    import torch
+
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or seq_len <= positions:
+        return None
+    tokens = model.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == positions
+                  for m in model.modules())
+    if learned:
+        raise ConversionError(f"--calibration-seq-len {seq_len} is beyond the model's learned positions: the model "
+                              f"has {positions} positions; give --calibration-seq-len {positions} or less")
+    return (f"--calibration-seq-len {seq_len} is beyond the {positions} positions the model was trained on "
+            "(max_position_embeddings); calibration runs, on positions the model never saw")
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise, and a layer's worth piles up)."""
     import ctypes

@@ -35,6 +35,8 @@ class ConvertOptions:
             permuting groupings; without it a calibrated method runs on text sampled from the source itself.
         calibration_tokens: how many calibration tokens to run.
         calibration_seq_len: tokens per calibration forward pass.
+        calibration_bos: start every calibration sequence with the tokenizer's BOS (where it has one), as the
+            model saw sequences start in training.
         calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
             layer's statistics taken with the layers below already converted; ``convert.sequential``).
         refit_o: after each layer's merge, refit its output projection by least squares so that the converted
@@ -56,6 +58,7 @@ class ConvertOptions:
     calibration_tokens: int = DEFAULT_TOKENS
     calibration_seq_len: int = DEFAULT_SEQ_LEN
     calibration_order: str = "parallel"
+    calibration_bos: bool = True
     refit_o: bool = False
     local_steps: int = 0
     dtype: str = "auto"
