@@ -206,11 +206,7 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
     model calls each layer."""
     dtype = layer_dtype(weights, plan, device)
     loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
-    memory = memory_estimate(loader, plan, blocks.numel(), how, device)
-    on_device = True  # on the CPU the device is CPU memory; a limit (tests) forces the offload path there too
-    if device.type != "cpu" or how.hidden_limit is not None:
-        on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
-    states = HiddenStates(device, on_device)
+    states = HiddenStates(device, memory_estimate(loader, plan, blocks.numel(), how, device).on_device)
     decoders = [loader.model.get_submodule(name) for name in loader.decoders]
     firsts, calls = layer_calls(loader.model, decoders, blocks, device, place=states.keep)
     states.replace(firsts)
@@ -219,13 +215,22 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
     return loader, walk
 
 
-def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device):
-    """``convert.device.estimate`` for this model: its largest decoder layer and its resident parameters."""
-    layer = max(loader.elements(names) for names in loader.layer_tensors)
+def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device,
+                    sampled: bool = False):
+    """``convert.device.estimate`` for this model (its largest decoder layer, its resident parameters, the whole
+    model where text is sampled from it first), with the hidden states' placement the walk will choose."""
+    weights = loader.weights
+    names = max(loader.layer_tensors, key=loader.elements)
     attention = max(loader.elements([plan.source_names[n] for n in members.values()])
                     for members in plan.sources.values())
-    return estimate(layer, loader.elements(loader.resident), attention, tokens, plan.dims, device, loader.dtype,
-                    refit_o=how.refit_o, local_steps=how.local_steps)
+    memory = estimate(loader.elements(names), loader.elements(loader.resident), attention, tokens, plan.dims, device,
+                      loader.dtype, refit_o=how.refit_o, local_steps=how.local_steps,
+                      seq_len=min(how.seq_len, tokens), read_bytes=sum(weights.tensors[n].nbytes for n in names),
+                      fused_elements=loader.elements([n for n in names if n not in loader.model_name]),
+                      model_elements=loader.elements(list(weights.tensors)) if sampled else 0)
+    if device.type != "cpu" or how.hidden_limit is not None:  # on the CPU the device is CPU memory
+        memory.on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
+    return memory
 
 
 def _q_path(walk: Walk, layer: int) -> str:

@@ -17,6 +17,7 @@ from convert import families
 from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, layer_dtype, load_tokenizer,
                                memory_estimate, read_text, sampled_documents, token_blocks)
 from kvshrink.device import pick_device
+from convert.device import available_ram, free_bytes
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS
 from convert.options import DTYPES, ConvertOptions
@@ -157,7 +158,11 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     else:
         check_model_fits(weights, device)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
-    report.calibration["memory"] = memory_estimate(loader, layers, tokens, _calibration(options), device).line()
+    memory = memory_estimate(loader, layers, tokens, _calibration(options), device, sampled=blocks is None)
+    report.calibration["memory"] = memory.line()
+    advice = memory.advice(free_bytes(device), available_ram())
+    if advice:
+        report.calibration["memory_advice"] = advice
     return blocks
 
 

@@ -197,6 +197,8 @@ def format_report(report: ConversionReport) -> str:
         lines.append(f"  calibration       {ran} of {text}")
         if c.get("memory"):
             lines.append(f"  calibration peak  {c['memory']}")
+        if c.get("memory_advice"):
+            lines.append(f"  warning           {c['memory_advice']}")
     if r.k_merge:
         lines.append(f"  K merge           {r.k_merge}")
     if r.dry_run:

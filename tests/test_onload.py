@@ -216,10 +216,10 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
                  "--local-steps", "3"]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if "calibration peak" in line)
-    assert "GB on cpu (float32): the larger of embeddings" in line
+    assert "GB on cpu (float32): the larger of the start" in line and "and the walk: one layer" in line
     # the formula, term by term, for this model: 64 wide, MHA (8 heads of 8), MLP 96
     from convert.calibrate import Calibration, memory_estimate
-    from convert.device import pick_device
+    from kvshrink.device import pick_device
     from convert.engine import _prepare
     from convert.options import ConvertOptions
     from convert.source import open_weights
@@ -230,12 +230,22 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
                          pick_device("cpu"), torch.float32, materialize=False)
     memory = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"))
     attention = 4 * 64 * 64  # Q, K, V and O, each 64 x 64
-    assert memory.layer == 4 * (attention + 3 * 64 * 96 + 2 * 64)
+    layer = attention + 3 * 64 * 96 + 2 * 64
+    assert memory.layer == 4 * layer and memory.read == 4 * layer  # float32 run, float32 checkpoint, nothing fused
     assert memory.fit == 24 * attention
-    assert memory.hidden == 256 * 64 * 4 and memory.copies == 2 + 2 + 1
+    assert memory.hidden == 256 * 64 * 4 and memory.copies == 2 + 2 + 1 and memory.block == 32 * 64 * 4
     assert memory.moments == 2 * 65 ** 2 * 8
-    assert memory.total == max(memory.resident + memory.hidden,
-                               memory.layer + 5 * memory.hidden + memory.moments + memory.fit)
+    assert memory.local == 16 * attention + 16 * (8 * 32 * 64 + 8 * 32 ** 2)
+    assert memory.sampling == 0 and memory.on_device
+    assert memory.total == max(memory.resident + memory.hidden, memory.layer + 5 * memory.hidden + memory.local
+                               + memory.read + memory.moments + memory.fit)
+    sampled = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3),
+                              pick_device("cpu"), sampled=True)
+    model = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
+    assert sampled.sampling == int(model * 4 * 1.2)
+    assert memory.advice(10**12, 10**12) is None
+    advice = memory.advice(memory.total - memory.hidden, 10**12)
+    assert "--calibration-tokens" in advice and "exceeds this machine" in advice
     assert not (tmp_path / "out").exists()
     assert main([str(src), str(tmp_path / "out"), "--kv-heads", "2", "--recommended", "--calibration-data",
                  str(train), "--calibration-tokens", "256", "--calibration-seq-len", "32", "--local-steps", "3",

@@ -11,6 +11,7 @@ from convert import calibrate, convert_checkpoint
 from convert.calibrate import read_text, token_blocks
 from convert.errors import ConversionError
 from convert.options import ConvertOptions
+from convert.walk import Walk
 from textlm import make_lm, train_tokenizer, write_corpus
 from tiny import logits, mha_twin
 
@@ -162,9 +163,24 @@ def test_refinements_run_in_the_calibration_models_dtype(corpus, tmp_path, monke
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
     common = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=4096,
                   calibration_seq_len=SEQ, calibration_order="sequential", refit_o=True, local_steps=100)
+    ran = {}  # run dtype -> the dtypes of every layer's parameters and of the inputs its Q projection saw
+    walk_run = Walk.run
+
+    def spy(walk, layer, decoder, hooks, keep):
+        seen = ran.setdefault(walk.loader.dtype, set())
+        seen.update(p.dtype for p in decoder.parameters())
+        q = decoder.get_submodule(walk.path(walk.plan.anchors[layer]).removeprefix(walk.loader.decoders[layer] + "."))
+        handle = q.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+        try:
+            return walk_run(walk, layer, decoder, hooks, keep)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Walk, "run", spy)
     convert_checkpoint(src, tmp_path / "float32", **common)
     monkeypatch.setattr(calibrate, "run_dtype", lambda device, dtype: torch.bfloat16)  # as on an accelerator
     convert_checkpoint(src, tmp_path / "bfloat16", **common)
+    assert ran == {torch.float32: {torch.float32}, torch.bfloat16: {torch.bfloat16}}  # the layers really ran in it
     ids = token_blocks(tokenizer, read_text([str(train)], 4096), 4096, SEQ)
     original = _layer0_attention_output(src, ids)
     f32, bf16 = (_relative(_layer0_attention_output(tmp_path / name, ids), original)
