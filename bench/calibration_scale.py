@@ -5,7 +5,8 @@ bench writes a synthetic checkpoint of Llama-2-7B's shape (hidden 4096, intermed
 bfloat16, random weights; SmolLM2's real tokenizer with the vocabulary sized to it), tensor by tensor, one
 shard per layer; views of its first 8 and 16 layers share the shards (symlinks). Each depth is converted to
 GQA-8 with ``--recommended`` in a process of its own; the table gives wall time, calibration seconds per layer,
-the peak RSS of that process and ``--dry-run``'s estimate.
+the peak RSS of that process and ``--dry-run``'s estimate; a second table splits each layer's seconds into the
+calibration stages (``convert.stages``: read, forward, moments, fits, refit, local, write).
 
     python bench/calibration_scale.py --work /tmp/scale --depths 8 16 32 --tokens 1024 --local-steps 2
 
@@ -114,6 +115,8 @@ def convert(view: Path, out: Path, text: Path, args, dry_run: bool) -> tuple[dic
     if layer_times:
         figures["s_per_layer"] = layer_times[-1] / len(layer_times)
     estimate = re.search(r"calibration peak\s+(.*)", done.stdout)
+    if not dry_run:
+        figures["stages"] = json.loads((out / "conversion.json").read_text())["calibration"]["stages"]
     return figures, estimate[1] if estimate else ""
 
 
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not source.exists():
         write_source(source, smollm2())
     text = shakespeare()["train"]
+    stages: dict[int, dict[str, float]] = {}
     print("| layers | wall s | calibration s/layer | peak RSS GB | --dry-run estimate |")
     print("|---|---|---|---|---|")
     for depth in args.depths:
@@ -143,7 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         print(f"| {depth} | {figures['wall_s']:.0f} | {figures.get('s_per_layer', 0):.1f} | "
               f"{figures['peak_rss_gb']:.2f} | {estimate} |", flush=True)
+        stages[depth] = figures["stages"]
+    print_stages(stages)
     return 0
+
+
+def print_stages(stages: dict[int, dict[str, float]]) -> None:
+    """Seconds per layer in each calibration stage (``convert.stages``), per depth."""
+    names = list(next(iter(stages.values())))
+    print("\n| layers | " + " | ".join(f"{n} s/layer" for n in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for depth, seconds in stages.items():
+        print(f"| {depth} | " + " | ".join(f"{seconds[n] / depth:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress
                              _calibration(options), progress)
     prepared.report.calibration.update(order=options.calibration_order, refit_o=options.refit_o,
                                        local_steps=options.local_steps, tokens=found["tokens"],
-                                       seconds=found["seconds"], device=found["device"])
+                                       seconds=found["seconds"], device=found["device"], stages=found["stages"])
 
 
 def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,
