@@ -3,15 +3,19 @@
 Every command (uptraining, evaluation, sampling, the decode bench, the demo) loads through here, so a
 checkpoint that will not load is always the same one line (a ``ModelError``), never a transformers traceback.
 Checking a local checkpoint's files before loading it (a missing directory, truncated weights) is the
-converter's (``convert.source.check_checkpoint``): the callers that take a user's path run it first.
+converter's (``convert.source.check_checkpoint``): the callers that take a user's path run it first. Where a
+model goes is theirs too: the device ``kvshrink.device.pick_device`` chose for their ``--device``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvshrink.errors import KvshrinkError
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
@@ -26,21 +30,15 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def default_device() -> str:
-    """``cuda`` when there is a GPU, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(path: str | Path, dtype: Any = "auto", device: str | None = None, what: str = "model",
-               **kwargs: Any):
+def load_model(path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
+               what: str = "model", **kwargs: Any):
     """A checkpoint as ``AutoModelForCausalLM``, in eval mode.
 
     Args:
         path: a checkpoint directory or hub id.
         dtype: ``"auto"`` (the checkpoint's own), a ``torch.dtype`` or its name (``"bfloat16"``).
-        device: where to put it (``"cuda:1"``, ...); None: where transformers loads it (the CPU).
+        device: where to put it, as ``kvshrink.device.pick_device`` chose it; None: where transformers loads it
+            (the CPU).
         what: how the error line names it ("model", "teacher").
         **kwargs: passed to ``from_pretrained`` (``attn_implementation="sdpa"``).
 
@@ -96,8 +94,8 @@ def load_tokenizer(path: str | Path):
         raise ModelError(f"the tokenizer of {path} does not load: {first_line(exc)}") from None
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: Any = "auto", device: str | None = None, what: str = "model",
-                             **kwargs: Any):
+def load_model_and_tokenizer(path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
+                             what: str = "model", **kwargs: Any):
     """(model in eval mode, tokenizer) of a checkpoint: the tokenizer first, as it fails faster.
 
     Args and Raises: as ``load_model`` and ``load_tokenizer``.

@@ -196,7 +196,8 @@ BAD = {  # case -> (argv from (tmp_path, checkpoints), what the error line says)
     "context": (lambda tmp, ck: [ck[2], ck[1], "--context", "-8"], "--context must be positive"),
     "one model": (lambda tmp, ck: [ck[2]], "at least one CONVERTED"),
     "synthetic": (lambda tmp, ck: ["--synthetic", "llama-tiny", ck[2]], "give no checkpoint"),
-    "cuda": (lambda tmp, ck: [ck[2], ck[1], "--device", "cuda"], "CUDA"),
+    "absent device": (lambda tmp, ck: [ck[2], ck[1], "--device", "cuda"], "--device cuda: no such device here"),
+    "not a device": (lambda tmp, ck: [ck[2], ck[1], "--device", "tpu"], "--device 'tpu' is not a device"),
 }
 
 
@@ -211,9 +212,8 @@ def truncated(checkpoint, copy):
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_and_exit_2(case, checkpoints, tmp_path, capsys):
-    if case == "cuda" and torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+def test_bad_input_is_one_line_and_exit_2(case, checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "--device cuda" is absent, GPU or not
     make_argv, expected = BAD[case]
     argv = [str(a) for a in make_argv(tmp_path, checkpoints)]
     capsys.readouterr()  # save_pretrained's own progress bar, when building the bad checkpoint
@@ -223,7 +223,7 @@ def test_bad_input_is_one_line_and_exit_2(case, checkpoints, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [["--batch", "x"], ["--device", "tpu"], ["--dtype"]])
+@pytest.mark.parametrize("argv", [["--batch", "x"], ["--static-cache", "jit"], ["--dtype"]])
 def test_argument_errors_are_one_line(argv, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)

@@ -24,7 +24,8 @@ from pathlib import Path
 from convert.errors import ConversionError
 from convert.report import config_kv_cache
 from kvshrink.decode_bench import cli as decode_bench
-from kvshrink.models import default_device, load_model_and_tokenizer
+from kvshrink.device import pick_device
+from kvshrink.models import load_model_and_tokenizer
 from kvshrink.text import check_entries
 from uptrain import downstream
 from uptrain.downstream import Score, Tasks
@@ -62,7 +63,7 @@ class Comparison:
     tasks: list[str] | None = None
     num_fewshot: int | None = None
     limit: float | None = None
-    device: str | None = None  # None: cuda when there is one
+    device: str = "auto"  # a name for kvshrink.device.pick_device; auto: the fastest present
     out: str | None = None
     decode: bool = False
 
@@ -70,6 +71,7 @@ class Comparison:
 def check(c: Comparison) -> tuple[Tasks | None, argparse.Namespace | None]:
     """Refuse bad input in one line before any model loads; returns the checked tasks (None without tasks) and
     the decode benchmark's checked options (None without ``decode``)."""
+    pick_device(c.device)  # a bad --device first: it is refused whatever else is asked
     if not c.tasks and not c.data:
         raise RecipeError("nothing to measure: give --tasks TASK... (downstream) and/or --data FILE... (perplexity)")
     positive = {"--batch-size": c.batch_size, "--seq-len": c.seq_len, "--max-tokens": c.max_tokens,
@@ -111,10 +113,10 @@ def describe(model_arg: str, model) -> Row:
 
 def measure(c: Comparison, tasks: Tasks | None) -> list[Row]:
     """Every model in turn: load, describe, perplexity on the data, the tasks."""
-    rows = []
+    rows, device = [], pick_device(c.device)
     for i, model_arg in enumerate(c.models):
         print(f"[{i + 1}/{len(c.models)}] {model_arg}", file=sys.stderr, flush=True)
-        model, tokenizer = load_model_and_tokenizer(model_arg, device=c.device or default_device())
+        model, tokenizer = load_model_and_tokenizer(model_arg, device=device)
         row = describe(model_arg, model)
         if c.data:
             row.ppl = perplexity(model, tokenizer, c.data, c.seq_len, c.max_tokens, c.batch_size, c.text_field,
@@ -215,10 +217,9 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
 
 
 def decode_options(c: Comparison) -> argparse.Namespace:
-    """The decode benchmark's options for the same checkpoints (its CPU or CUDA defaults), checked."""
-    device = c.device if c.device in ("cpu", "cuda") else None
+    """The decode benchmark's options for the same checkpoints on the same device (its defaults there), checked."""
     try:
-        return decode_bench.checkpoint_options(c.models, Path(c.out) / "decode", device)
+        return decode_bench.checkpoint_options(c.models, Path(c.out) / "decode", c.device)
     except ConversionError as exc:
         raise RecipeError(f"--decode: {exc}") from None
 

@@ -12,8 +12,9 @@ import argparse
 import shlex
 import sys
 
+from kvshrink.device import DEVICE_HELP, pick_device
 from kvshrink.errors import OneLineParser, run_cli
-from kvshrink.models import default_device, load_config, load_model_and_tokenizer
+from kvshrink.models import load_config, load_model_and_tokenizer
 from kvshrink.text import check_entries
 from uptrain import compare
 from uptrain.checkpoints import check_model
@@ -24,25 +25,28 @@ __all__ = ["check_setting", "main", "perplexities", "perplexity", "score"]
 
 
 def score(model: str, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000, batch_size: int = 4,
-          text_field: str = "text", device: str | None = None) -> dict[str, float]:
-    """Perplexity of the checkpoint ``model`` on ``files``: every input checked before the weights load.
+          text_field: str = "text", device: str = "auto") -> dict[str, float]:
+    """Perplexity of the checkpoint ``model`` on ``files``, on ``device`` (``kvshrink.device.pick_device``'s
+    names; auto: the fastest present): every input checked before the weights load.
 
     Returns:
         {"loss", "ppl", "tokens"} as ``uptrain.perplexity.perplexity``.
 
     Raises:
-        KvshrinkError: a bad setting, checkpoint or data file, in one line.
+        KvshrinkError: a bad device, setting, checkpoint or data file, in one line.
     """
+    chosen = pick_device(device)
     check_setting(seq_len, max_tokens, batch_size)
     check_entries(files)
     check_model(model)
     positions = getattr(load_config(model), "max_position_embeddings", None)
     check_setting(seq_len, max_tokens, batch_size, positions)
-    loaded, tokenizer = load_model_and_tokenizer(model, device=device or default_device())
+    loaded, tokenizer = load_model_and_tokenizer(model, device=chosen)
     return perplexity(loaded, tokenizer, files, seq_len, max_tokens, batch_size, text_field)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command's options (a usage error: one line, exit 2)."""
     parser = OneLineParser(
         prog="python -m uptrain.evaluate",
         description="Held-out perplexity of causal LM checkpoints, and downstream tasks through "
@@ -62,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help="lm-eval task names or task YAML files (needs the eval extra)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: each task's own)")
     parser.add_argument("--limit", type=float, help="documents per task (a fraction when below 1; default: all)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", help="write report.md and report.png into this directory")
     parser.add_argument("--decode", action="store_true", help="add the decode benchmark to the report (with --out)")
     return parser.parse_args(argv)
@@ -77,6 +81,7 @@ def comparison(args: argparse.Namespace) -> compare.Comparison:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns its exit code (2: bad input, one line, nothing written)."""
     args = parse_args(argv)
     command = "python -m uptrain.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
 

@@ -19,9 +19,11 @@ For each model and each (batch, context) cell of the grid (``kvshrink.decode_ben
   ``--warmup`` untimed steps, ``--repeats`` times (cropped back to ``context`` in between); tokens/s =
   batch * new_tokens / seconds, median and min..max over the repeats.
 
-Then: the largest batch within ``--memory-budget`` at ``--fit-context`` (CUDA: measured by doubling and
-bisection under that cap; CPU: computed from the measured cache bytes), the attention kernel a decode step
-really runs and whether K/V reach it expanded, and greedy generations from the same prompts side by side.
+``--device`` is chosen by ``kvshrink.device.pick_device`` (auto: CUDA, then MPS, else the CPU); the grid's
+defaults are the device type's (``DEFAULTS``). Then: the largest batch within ``--memory-budget`` at
+``--fit-context`` (CUDA: measured by doubling and bisection under that cap; CPU and MPS: computed from the
+measured cache bytes), the attention kernel a decode step really runs and whether K/V reach it expanded, and
+greedy generations from the same prompts side by side.
 Written to ``--out``: results.csv, fit.csv, decode.png (tokens/s against context), report.txt.
 
     python -m kvshrink.decode_bench ORIGINAL CONVERTED --mha-twin          # CPU: small grid
@@ -41,12 +43,14 @@ from pathlib import Path
 
 from convert.errors import ConversionError
 from convert.source import check_checkpoint
+from kvshrink.device import DEVICE_HELP, pick_device
 from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 
-DEFAULTS = {  # per device: a CPU run takes minutes; the CUDA grid is the issue's
+DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
     "cuda": dict(batch=[1, 8, 32, 128], context=[512, 2048, 8192], new_tokens=32, prefill_tokens=32768),
 }
+SMALL_GRID = "cpu"  # the defaults of a device type without its own entry (mps: memory shared with the CPU)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Shall I compare thee to a summer's day?"]
 LLAMA_1B = dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=16, intermediate_size=5632,
                 vocab_size=32000, max_position_embeddings=16384, tie_word_embeddings=False)
@@ -62,6 +66,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.decode_bench") -> argparse.Namespace:
+    """The command's options (a usage error: one line, exit 2)."""
     return parser(prog).parse_args(argv)
 
 
@@ -72,18 +77,20 @@ def parser(prog: str = "python -m kvshrink.decode_bench") -> OneLineParser:
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
     p.add_argument("--mha-twin", action="store_true",
                    help="also measure ORIGINAL's MHA twin (KV heads repeated: same function), listed first")
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu: 1 4; cuda: 1 8 32 128)")
-    p.add_argument("--context", type=int, nargs="+", help="context lengths (cpu: 256 1024; cuda: 512 2048 8192)")
-    p.add_argument("--new-tokens", type=int, help="timed decode steps per repeat (cpu: 16; cuda: 32)")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu, mps: 1 4; cuda: 1 8 32 128)")
+    p.add_argument("--context", type=int, nargs="+",
+                   help="context lengths (cpu, mps: 256 1024; cuda: 512 2048 8192)")
+    p.add_argument("--new-tokens", type=int, help="timed decode steps per repeat (cpu, mps: 16; cuda: 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per cell (default: 5)")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default: 4)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: the checkpoint's dtype (synthetic: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+                   help="auto: the checkpoint's dtype (synthetic: bfloat16 on cuda, else float32)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, default=Path("bench/out/decode"), help="results directory")
     p.add_argument("--memory-budget", type=float, metavar="GB", help="default: the device's total memory")
     p.add_argument("--fit-context", type=int, default=2048, help="context of the largest-batch search")
-    p.add_argument("--prefill-tokens", type=int, help="most tokens prefilled at once (cpu: 1024; cuda: 32768)")
+    p.add_argument("--prefill-tokens", type=int,
+                   help="most tokens prefilled at once (cpu, mps: 1024; cuda: 32768)")
     p.add_argument("--static-cache", choices=["off", "eager", "compile"], default="off",
                    help="decode through a StaticCache (compile: its forward under torch.compile, CUDA graphs "
                         "on CUDA); the eager DynamicCache path is launch-bound at small batches (default: off)")
@@ -93,13 +100,14 @@ def parser(prog: str = "python -m kvshrink.decode_bench") -> OneLineParser:
     return p
 
 
-def checkpoint_options(models: list[str], out: Path, device: str | None = None) -> argparse.Namespace:
+def checkpoint_options(models: list[str], out: Path, device: str = "auto") -> argparse.Namespace:
     """The bench as a library call (``python -m uptrain.evaluate --decode``): ``models`` (original first) at every
     option's default (the device's grid), writing into ``out``; checked as the command checks its own, and the
     checkpoints checked for one vocabulary, width and tokenizer. Run it with ``run``.
 
     Raises:
-        ConversionError: a bad checkpoint, device or output directory.
+        ConversionError: a bad checkpoint or output directory.
+        DeviceError: ``device`` is not a device, or is absent here.
     """
     defaults = {a.dest: a.default for a in parser()._actions if a.dest != "help"}
     options = argparse.Namespace(**{**defaults, "models": list(models), "out": Path(out), "device": device})
@@ -110,7 +118,13 @@ def checkpoint_options(models: list[str], out: Path, device: str | None = None) 
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Fill the device's defaults and refuse impossible requests before any model is loaded."""
+    """Choose the device, fill its defaults and refuse impossible requests before any model is loaded.
+
+    Raises:
+        ConversionError: bad checkpoints, numbers or output directory.
+        DeviceError: ``--device`` is not a device, or is absent here.
+    """
+    device = pick_device(args.device)  # first: a bad --device is refused whatever else is wrong
     if args.synthetic and args.models:
         raise ConversionError("--synthetic builds its own models; give no checkpoint directories with it")
     if not args.synthetic and len(args.models) + args.mha_twin < 2:
@@ -118,13 +132,8 @@ def check_args(args: argparse.Namespace) -> None:
     for path in args.models:  # the converter's checks: a directory with a readable config.json and sound weights
         check_checkpoint(path, hub=False, allow_pickle=True)
     check_output_dir(args.out, "--out")
-    import torch
-
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConversionError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    for key, value in DEFAULTS[args.device].items():
+    args.device = str(device)  # "cpu", "cuda", "cuda:1", "mps": what the measuring code is given
+    for key, value in DEFAULTS.get(device.type, DEFAULTS[SMALL_GRID]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     numbers = {"--batch": args.batch, "--context": args.context, "--new-tokens": [args.new_tokens],
@@ -193,11 +202,11 @@ def synthetic_models(name: str, dtype: str, device: str) -> list:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kvshrink.decode_bench.decoding import describe
+    from kvshrink.decode_bench.decoding import describe, is_cuda
 
     shape, variants = SYNTHETIC[name]
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
+        dtype = "bfloat16" if is_cuda(device) else "float32"
     models = []
     for variant, kv_heads in variants.items():
         torch.manual_seed(0)
@@ -243,8 +252,11 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
 
 def table(cells: list, device: str) -> list[str]:
     """The measured grid as a Markdown table (cache ratio and throughput against the first model)."""
+    from kvshrink.decode_bench.decoding import is_cuda
+
+    cuda = is_cuda(device)
     head = ["model", "KV heads", "batch", "context", "KV cache", "cache vs first", "ms/step", "tokens/s (median)",
-            "min..max", "speed vs first"] + (["peak memory"] if device == "cuda" else [])
+            "min..max", "speed vs first"] + (["peak memory"] if cuda else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         row = [c.model, str(c.kv_heads), str(c.batch), str(c.context)]
@@ -255,7 +267,7 @@ def table(cells: list, device: str) -> list[str]:
                     f"{c.ms_per_step:,.1f}", f"{c.tokens_per_s:,.1f}",
                     f"{c.tokens_per_s_min:,.1f}..{c.tokens_per_s_max:,.1f}",
                     f"{c.speedup:.2f}x" if c.speedup else "n/a"]
-            row += [f"{c.peak_bytes / 1e9:.2f} GB"] if device == "cuda" else []
+            row += [f"{c.peak_bytes / 1e9:.2f} GB"] if cuda else []
         lines.append("| " + " | ".join(row) + " |")
     return lines
 

@@ -2,7 +2,8 @@
 
 Every model runs as transformers ships it: ``DynamicCache``, ``attn_implementation="sdpa"``, a manual greedy
 loop (one token per forward through the KV cache) under ``torch.inference_mode``. Running out of
-memory marks a cell "OOM" instead of ending the run.
+memory marks a cell "OOM" instead of ending the run. The device is a name ``kvshrink.device.pick_device`` chose
+(``cpu``, ``cuda``, ``cuda:N``, ``mps``); CUDA's allocator statistics are read on that device.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def describe(name: str, model: torch.nn.Module, path: Path | None) -> Model:
     return Model(name, model.eval(), kv_heads, heads, weights, path)
 
 
+def is_cuda(device: str) -> bool:
+    """Whether ``device`` (``cuda``, ``cuda:1``, ...) is a CUDA device: peak memory is measured there."""
+    return torch.device(device).type == "cuda"
+
+
 @contextlib.contextmanager
 def on_device(m: Model, device: str):
     """The model on `device` for the block; on CUDA only one model is resident at a time."""
@@ -81,14 +87,22 @@ def on_device(m: Model, device: str):
 
 
 def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously): before a clock is read."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize(device)
+    elif kind == "mps":
+        torch.mps.synchronize()
 
 
 def empty_cache(device: str) -> None:
+    """Free what Python and the device's caching allocator hold unused."""
     gc.collect()
-    if device == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         torch.cuda.empty_cache()
+    elif kind == "mps":
+        torch.mps.empty_cache()
 
 
 def guarded(fn, device: str):
@@ -239,8 +253,8 @@ def measure_group(group: list[Model], batch: int, context: int, args: argparse.N
                 cells[name].times.append(seconds)
     for name in live:
         summarize(cells[name], args.new_tokens)
-        if args.device == "cuda":
-            cells[name].peak_bytes = torch.cuda.max_memory_allocated()
+        if is_cuda(args.device):
+            cells[name].peak_bytes = torch.cuda.max_memory_allocated(args.device)
     live.clear()
     empty_cache(args.device)
     return cells
@@ -248,16 +262,16 @@ def measure_group(group: list[Model], batch: int, context: int, args: argparse.N
 
 def start_cell(m: Model, cell: Cell, args: argparse.Namespace) -> tuple:
     """Prefill, record the cache bytes, run the warm-up steps; returns (model, cache, ids) for timing."""
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    if is_cuda(args.device):
+        torch.cuda.reset_peak_memory_stats(args.device)
     cache, ids = prefill(m.model, cell.batch, cell.context, args.prefill_tokens)
     cell.cache_bytes = cache_bytes(cache)  # read before any decode step grows it
     mode = getattr(args, "static_cache", "off")
     if mode != "off":
         cache = to_static(m.model, cache, args.warmup + args.new_tokens)
-        if args.device == "cuda":  # peak: weights, the static cache and decode activations, not the copy
+        if is_cuda(args.device):  # peak: weights, the static cache and decode activations, not the copy
             empty_cache(args.device)
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(args.device)
     step = decode_step(m, mode)
     timed_decode(step, cache, ids, args.warmup, args.device)
     return step, cache, ids
@@ -321,23 +335,23 @@ def attention_path(m: Model, device: str) -> str:
 
 
 def memory_budget(args: argparse.Namespace) -> float:
-    """Bytes: --memory-budget, else the device's total memory."""
+    """Bytes: --memory-budget, else the device's total memory (MPS: the machine's, which it shares)."""
     if args.memory_budget is not None:
         return args.memory_budget * GB
-    if args.device == "cuda":
-        return float(torch.cuda.get_device_properties(0).total_memory)
+    if is_cuda(args.device):
+        return float(torch.cuda.get_device_properties(args.device).total_memory)
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def fits(m: Model, batch: int, args: argparse.Namespace) -> int | None:
     """Peak bytes of prefill + 2 decode steps at (batch, fit-context) on CUDA, or None when it runs out."""
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats(args.device)
 
     def run():
         cache, ids = prefill(m.model, batch, args.fit_context, args.prefill_tokens)
         decode(m.model, cache, ids, 2)
         sync(args.device)
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated(args.device)
 
     peak = guarded(run, args.device)
     empty_cache(args.device)
@@ -346,9 +360,10 @@ def fits(m: Model, batch: int, args: argparse.Namespace) -> int | None:
 
 def largest_batch_measured(m: Model, budget: float, args: argparse.Namespace) -> tuple[int, int]:
     """(largest batch, its peak bytes) with the CUDA allocator capped at `budget`: doubling, then bisection."""
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(args.device).total_memory
+    index = torch.device(args.device).index  # None ("cuda"): the current device, which "cuda" is
     with on_device(m, args.device):
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), index)
         try:
             good, peak, bad = 0, 0, 1
             while bad <= MAX_FIT_BATCH and (p := fits(m, bad, args)) is not None:
@@ -360,17 +375,17 @@ def largest_batch_measured(m: Model, budget: float, args: argparse.Namespace) ->
                 else:
                     bad = mid
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.set_per_process_memory_fraction(1.0, index)
     return good, peak
 
 
 def largest_batches(models: list[Model], cells: list[Cell], args: argparse.Namespace) -> list[dict]:
-    """fit.csv rows: measured on CUDA; on CPU computed as (budget - weights) / measured cache per sequence."""
+    """fit.csv rows: measured on CUDA; elsewhere computed as (budget - weights) / measured cache per sequence."""
     budget, rows = memory_budget(args), []
     for m in models:
         row = dict(model=m.name, kv_heads=m.kv_heads, context=args.fit_context, budget_gb=round(budget / GB, 2),
                    weights_gb=round(m.weight_bytes / GB, 3))
-        if args.device == "cuda":
+        if is_cuda(args.device):
             batch, peak = largest_batch_measured(m, budget, args)
             row.update(largest_batch=batch, how=f"measured (peak {peak / GB:.2f} GB)")
         else:

@@ -174,7 +174,7 @@ def validate(args: argparse.Namespace, out: Path) -> tuple[bool, int]:
     from uptrain.recipe import load_recipe, schedule
 
     check_output_dir(out, "--out")
-    gpu = _cuda_available()
+    gpu = _on_cuda()
     tokens_per_step, steps = schedule(load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides)))
     return gpu, tokens_per_step * steps
 
@@ -258,10 +258,11 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
 
 
 def load(path: Path):
-    """Model (on the GPU if there is one, in eval mode) and tokenizer: the project's one loader."""
-    from kvshrink.models import default_device, load_model_and_tokenizer
+    """Model (on the fastest device present, in eval mode) and tokenizer: the project's one loader."""
+    from kvshrink.device import pick_device
+    from kvshrink.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(path, device=default_device())
+    return load_model_and_tokenizer(path, device=pick_device("auto"))
 
 
 @dataclass
@@ -331,10 +332,12 @@ def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, s
             "tokens_trained": tokens, "seconds": seconds}
 
 
-def _cuda_available() -> bool:
-    import torch
+def _on_cuda() -> bool:
+    """Whether the demo runs on a CUDA GPU (the chooser's auto): the GPU settings are CUDA's, since training
+    (``uptrain.train``'s accelerate setup) runs on the CPU wherever there is no CUDA, MPS included."""
+    from kvshrink.device import pick_device
 
-    return torch.cuda.is_available()
+    return pick_device("auto").type == "cuda"
 
 
 def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
@@ -390,11 +393,25 @@ def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_token
 
 
 def machine() -> dict[str, Any]:
+    """What the demo ran on, for results.json: the device, platform, versions and date."""
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return {"device": device, "platform": platform.platform(), "python": platform.python_version(),
+    return {"device": device_line(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def device_line() -> str:
+    """The device the chooser picks (auto), in words: the GPU's name, MPS, or the CPU's cores."""
+    import torch
+
+    from kvshrink.device import pick_device
+
+    device = pick_device("auto")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({os.cpu_count()} CPU cores)"
+    return f"CPU, {os.cpu_count()} cores"
 
 
 def format_table(rows: list[dict[str, Any]], e: dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 from kvshrink.atomic import write_text
+from kvshrink.device import pick_device
 from kvshrink.generate import with_cache
-from kvshrink.models import default_device, load_model_and_tokenizer
+from kvshrink.models import load_model_and_tokenizer
 from uptrain.errors import RecipeError
 
 MIN_TOKENS = 16
@@ -124,10 +125,15 @@ def batch_rows(how: Sampling, written: int, drawn: int) -> int:
     return max(1, min(how.batch_size, math.ceil(needed * 1.25)))
 
 
-def write_samples(model_dir: str, out: Path, how: Sampling) -> dict:
-    """Sample from ``model_dir`` (on the GPU when there is one) into ``out`` (.jsonl); returns {"tokens",
-    "documents", "seconds"}. The command checks a user's checkpoint before (``uptrain.sample.cli``)."""
-    model, tokenizer = load_model_and_tokenizer(model_dir, device=default_device())
+def write_samples(model_dir: str, out: Path, how: Sampling, device: str = "auto") -> dict:
+    """Sample from ``model_dir`` on ``device`` (``kvshrink.device.pick_device``'s names; auto: the fastest
+    present) into ``out`` (.jsonl); returns {"tokens", "documents", "seconds"}. The command checks a user's
+    checkpoint before (``uptrain.sample.cli``).
+
+    Raises:
+        DeviceError: ``device`` is not a device, or is absent here.
+    """
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=pick_device(device))
     started = time.perf_counter()
 
     def progress(written: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from kvshrink.device import DEVICE_HELP, pick_device
 from kvshrink.errors import OneLineParser, positive_int, run_cli
 from uptrain.checkpoints import check_model
 from uptrain.errors import RecipeError
@@ -13,6 +14,7 @@ from uptrain.sample import Sampling, write_samples
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command's options (a usage error: one line, exit 2)."""
     p = OneLineParser(prog="python -m uptrain.sample",
                       description="Write training text sampled from a model (its own distribution: uptraining "
                                   "on it keeps the converted model close to the original everywhere, with no "
@@ -24,6 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length", type=positive_int, default=320, help="new tokens per sample, at most (default 320)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (when the new one is done)")
     return p.parse_args(argv)
 
@@ -44,16 +47,18 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns its exit code (2: bad input, one line, nothing written)."""
     args = parse_args(argv)
 
     def body() -> int:
+        device = pick_device(args.device)  # a bad --device is refused before anything else is read
         out = Path(args.out).expanduser()
         if not args.temperature > 0:
             raise RecipeError(f"--temperature must be above 0, got {args.temperature}")
         check_out(out, args.overwrite)
         check_model(args.model)
         how = Sampling(args.tokens, args.batch_size, args.length, args.temperature, args.seed)
-        done = write_samples(args.model, out, how)
+        done = write_samples(args.model, out, how, str(device))
         print(f"{out}: {done['documents']:,} documents, {done['tokens']:,} tokens, {done['seconds']} s")
         return 0
 
