@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from convert import calibrate, convert_checkpoint
 from convert.cli import main
 from kvshrink.device import pick_device
-from convert.errors import ConversionError
 from convert.onload import LayerLoader
 from convert.walk import Walk
 from textlm import train_tokenizer, write_corpus
@@ -170,15 +169,6 @@ def test_hidden_states_waiting_in_cpu_memory_change_nothing(corpus, tmp_path, mo
     assert all(torch.equal(offloaded[k], reference[k]) for k in reference)
 
 
-def test_devices_are_chosen_and_checked():
-    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else
-                                        "mps" if torch.backends.mps.is_available() else "cpu")
-    assert pick_device("cpu").type == "cpu"
-    for absent in (["cuda:7"] if torch.cuda.is_available() else ["cuda", "cuda:0"]):
-        with pytest.raises(ConversionError, match=f"--device {absent}: no such device here"):
-            pick_device(absent)
-
-
 def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
     code = main([str(a) for a in argv])
     return code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -219,7 +209,6 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
     assert "GB on cpu (float32): the larger of the start" in line and "and the walk: one layer" in line
     # the formula, term by term, for this model: 64 wide, MHA (8 heads of 8), MLP 96
     from convert.calibrate import Calibration, memory_estimate
-    from kvshrink.device import pick_device
     from convert.engine import _prepare
     from convert.options import ConvertOptions
     from convert.source import open_weights
