@@ -80,12 +80,13 @@ def load_tokenizer(source: Path):
         raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({reason})") from None
 
 
-def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos: bool = True):
+def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos: bool = False):
     """Documents tokenized, joined with EOS, cut into (n, seq_len) blocks of at most ``tokens`` in all.
 
-    With ``bos`` every block starts with the tokenizer's BOS where it has one, as the model saw sequences start
-    in training (the first position's statistics are unlike any other's: attention sinks); the text fills the
-    rest of the block.
+    With ``bos`` every block starts with the tokenizer's BOS where it has one, as many models saw sequences
+    start in training; the text fills the rest of the block. Off by default: the first position's activations
+    (an attention sink) are unlike any other's and weigh heavily in the moments, and on SmolLM2-135M-Instruct,
+    whose BOS is its chat-turn token, the recommended conversion came out worse with it (docs/benchmarks.md).
     """
     import torch
 

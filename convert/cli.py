@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                         help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
     parser.add_argument("--calibration-bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="start every calibration sequence with the tokenizer's BOS, as in training (default: on "
-                             "where the tokenizer has one)")
+                        help="start every calibration sequence with the tokenizer's BOS (default: off; measured "
+                             "worse on SmolLM2, see docs/benchmarks.md)")
     parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default=None,
                         help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
                              "inputs the converted layers below give it (two passes' cost) (default: parallel)")

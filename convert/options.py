@@ -35,8 +35,8 @@ class ConvertOptions:
             permuting groupings; without it a calibrated method runs on text sampled from the source itself.
         calibration_tokens: how many calibration tokens to run.
         calibration_seq_len: tokens per calibration forward pass.
-        calibration_bos: start every calibration sequence with the tokenizer's BOS (where it has one), as the
-            model saw sequences start in training.
+        calibration_bos: start every calibration sequence with the tokenizer's BOS (where it has one). Off by
+            default: on SmolLM2-135M-Instruct it made the recommended conversion worse (docs/benchmarks.md).
         calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
             layer's statistics taken with the layers below already converted; ``convert.sequential``).
         refit_o: after each layer's merge, refit its output projection by least squares so that the converted
@@ -58,7 +58,7 @@ class ConvertOptions:
     calibration_tokens: int = DEFAULT_TOKENS
     calibration_seq_len: int = DEFAULT_SEQ_LEN
     calibration_order: str = "parallel"
-    calibration_bos: bool = True
+    calibration_bos: bool = False
     refit_o: bool = False
     local_steps: int = 0
     dtype: str = "auto"

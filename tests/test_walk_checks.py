@@ -1,5 +1,5 @@
 """The walk's limits and placement: positions checked before any work, BOS at the start of every calibration
-block, and no block's output left on the device when the hidden states wait in CPU memory."""
+block when asked for, and no block's output left on the device when the hidden states wait in CPU memory."""
 
 import weakref
 from pathlib import Path
@@ -67,19 +67,19 @@ def test_rotary_positions_beyond_the_trained_ones_warn_once_and_run(corpus, tmp_
     assert len(warnings) == 1 and "beyond the 64 positions the model was trained on" in warnings[0]
 
 
-def test_every_calibration_block_starts_with_bos(corpus, tmp_path, monkeypatch):
+def test_with_calibration_bos_every_block_starts_with_bos(corpus, tmp_path, monkeypatch):
     bos = corpus[1].bos_token_id
     src = _source("llama", corpus, tmp_path / "llama-src")
     seen = _blocks(monkeypatch)
-    assert _convert(src, tmp_path / "with", corpus, "--calibration-seq-len", SEQ) == 0
-    assert _convert(src, tmp_path / "without", corpus, "--calibration-seq-len", SEQ, "--no-calibration-bos") == 0
+    assert _convert(src, tmp_path / "with", corpus, "--calibration-seq-len", SEQ, "--calibration-bos") == 0
+    assert _convert(src, tmp_path / "without", corpus, "--calibration-seq-len", SEQ) == 0  # the default
     with_bos, without = seen
     assert with_bos.shape == without.shape == (512 // SEQ, SEQ)
     assert (with_bos[:, 0] == bos).all()
     assert (with_bos[:, 1:] != bos).any() and not (without[:, 0] == bos).all()  # text follows; none added without
     assert torch.equal(with_bos[0, 1:], without[0, :SEQ - 1])  # the text fills the rest, in order
     seen.clear()
-    assert main([str(src), str(tmp_path / "sampled"), "--kv-heads", "2", "--method", "aware",
+    assert main([str(src), str(tmp_path / "sampled"), "--kv-heads", "2", "--method", "aware", "--calibration-bos",
                  "--calibration-tokens", "128", "--calibration-seq-len", "32"]) == 0  # data-free: sampled
     assert (seen[0][:, 0] == bos).all()
 
