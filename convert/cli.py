@@ -14,7 +14,8 @@ from kvshrink.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
 from kvshrink.device import pick_device
-from convert.options import CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS, ConvertOptions
+from convert.options import (CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS,
+                             RECOMMENDED_CPU_TOKENS, ConvertOptions)
 from convert.report import format_report
 
 
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
     parser.add_argument("--recommended", action="store_true",
                         help="the best conversion measured: --method aware --calibration-order sequential --refit-o "
-                             f"--local-steps {RECOMMENDED['local_steps']} ({RECOMMENDED_CPU_LOCAL_STEPS} on a CPU), "
+                             f"--local-steps {RECOMMENDED['local_steps']} (on a CPU: {RECOMMENDED_CPU_LOCAL_STEPS}, and "
+                             f"--calibration-tokens {RECOMMENDED_CPU_TOKENS}), "
                              "each still overridable; without --calibration-data it calibrates on text sampled from "
                              "the source itself")
     parser.add_argument("--method", choices=list(METHODS), default=None,
@@ -40,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
                         help="text (.txt, .md or .jsonl with a text field) the source runs on, for svd / aware / "
                              "similarity; without it a calibrated method samples text from the source")
-    parser.add_argument("--calibration-tokens", type=int, default=DEFAULT_TOKENS, metavar="N",
-                        help=f"calibration tokens to run (default: {DEFAULT_TOKENS})")
+    parser.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
+                        help=f"calibration tokens to run (default: {DEFAULT_TOKENS}; {RECOMMENDED_CPU_TOKENS} with "
+                             "--recommended on a CPU)")
     parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                         help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
     parser.add_argument("--calibration-bos", action=argparse.BooleanOptionalAction, default=None,

@@ -16,10 +16,11 @@ from kvshrink.device import DEVICE_CHOICES, valid_name
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")
-# ``--recommended``: the conversion docs/convert.md recommends and the demo runs. Local steps cost the most time:
-# 100 on an accelerator, 25 on a CPU (both measured on SmolLM2-135M: docs/benchmarks.md).
+# ``--recommended``: the conversion docs/convert.md recommends and the demo runs. On a CPU, fewer calibration
+# tokens and local steps: the knee of quality against time on SmolLM2-135M (docs/benchmarks.md).
 RECOMMENDED = {"method": "aware", "calibration_order": "sequential", "refit_o": True, "local_steps": 100}
 RECOMMENDED_CPU_LOCAL_STEPS = 25
+RECOMMENDED_CPU_TOKENS = 32768
 DTYPES = {"auto": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}  # --dtype -> safetensors dtype
 
 
@@ -69,8 +70,11 @@ class ConvertOptions:
 
     @classmethod
     def recommended(cls, kv_heads: int, on_cpu: bool, **overrides) -> ConvertOptions:
-        """The recommended conversion (``RECOMMENDED``; fewer local steps on a CPU), with ``overrides`` on top."""
-        preset = dict(RECOMMENDED, local_steps=RECOMMENDED_CPU_LOCAL_STEPS if on_cpu else RECOMMENDED["local_steps"])
+        """The recommended conversion (``RECOMMENDED``; fewer local steps and calibration tokens on a CPU), with
+        ``overrides`` on top."""
+        preset = dict(RECOMMENDED)
+        if on_cpu:
+            preset.update(local_steps=RECOMMENDED_CPU_LOCAL_STEPS, calibration_tokens=RECOMMENDED_CPU_TOKENS)
         return cls(kv_heads=kv_heads, **{**preset, **overrides})
 
     def validate(self) -> None:
