@@ -147,8 +147,6 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device,
                          layer_dtype(weights, layers, device), materialize=False)
     warning = check_positions(loader.model, min(options.calibration_seq_len, options.calibration_tokens))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
     documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
     tokenizer = load_tokenizer(src_dir)
     blocks = None
@@ -163,6 +161,8 @@ def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report:
     advice = memory.advice(free_bytes(device), available_ram())
     if advice:
         report.calibration["memory_advice"] = advice
+    if warning:  # once everything else is checked: a bad input's error stays the only line
+        print(f"warning: {warning}", file=sys.stderr)
     return blocks
 
 
