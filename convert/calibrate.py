@@ -122,12 +122,18 @@ def model_dtype(weights: WeightSource, device):
     return run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
 
 
+def sampling_bytes(weights: WeightSource, device) -> int:
+    """Memory for sampling text from the whole source model on ``device``: its weights in the run dtype, plus a
+    fifth for activations and the cache."""
+    elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
+    return int(elements * model_dtype(weights, device).itemsize * 1.2)
+
+
 def check_model_fits(weights: WeightSource, device) -> None:
     """Sampling runs the whole source model: refuse, before any work, where it cannot fit."""
-    elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
     dtype = model_dtype(weights, device)
-    needed = elements * dtype.itemsize * 1.2
-    free = free_bytes(device) if device.type != "cpu" else available_ram()
+    needed = sampling_bytes(weights, device)
+    free = free_bytes(device) if device.type != "cpu" else available_ram()  # tests stand in for available_ram
     if needed > free:
         raise ConversionError(f"sampling calibration text runs the whole source model ({needed / 1e9:.1f} GB in "
                               f"{str(dtype).removeprefix('torch.')} on {device}), more than the "
@@ -228,7 +234,7 @@ def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Cali
                       loader.dtype, refit_o=how.refit_o, local_steps=how.local_steps,
                       seq_len=min(how.seq_len, tokens), read_bytes=sum(weights.tensors[n].nbytes for n in names),
                       fused_elements=loader.elements([n for n in names if n not in loader.model_name]),
-                      model_elements=loader.elements(list(weights.tensors)) if sampled else 0)
+                      sampling_bytes=sampling_bytes(weights, device) if sampled else 0)
     if device.type != "cpu" or how.hidden_limit is not None:  # on the CPU the device is CPU memory
         memory.on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
     return memory

@@ -140,6 +140,7 @@ class MemoryEstimate:
         if self.on_cpu:
             return f"{text} + {cpu}"
         return f"{text}; CPU memory {self.cpu_walk / gb:.2f} GB: {cpu}"
+
     def advice(self, device_free: int, cpu_free: int) -> str | None:
         """Which flags would fit this machine, where the estimate does not: None where it fits."""
         cpu_peak = 0 if self.on_cpu else self.cpu_walk
@@ -167,13 +168,13 @@ class MemoryEstimate:
 
 def estimate(layer_elements: int, resident_elements: int, attention_elements: int, tokens: int, dims, device, dtype,
              *, refit_o: bool, local_steps: int, seq_len: int = 512, read_bytes: int = 0, fused_elements: int = 0,
-             model_elements: int = 0, on_device: bool = True) -> MemoryEstimate:
+             sampling_bytes: int = 0) -> MemoryEstimate:
     """The parts in ``MemoryEstimate``'s docstring for a model's sizes and the calibration settings.
 
     Args:
         read_bytes: the largest layer's bytes in the checkpoint's dtype (read into CPU memory).
         fused_elements: the elements of that layer that transformers fuses on loading (MoE experts).
-        model_elements: the whole model's elements where text is sampled from it first (0: text given).
+        sampling_bytes: the memory of sampling text from the whole model first (0: text given).
     """
     size = dtype.itemsize
     copies = 2 + (2 if local_steps else 0) + (dims.heads * dims.head_dim / dims.hidden if refit_o else 0)
@@ -185,5 +186,4 @@ def estimate(layer_elements: int, resident_elements: int, attention_elements: in
     return MemoryEstimate(
         str(device), str(dtype).removeprefix("torch."), layer_elements * size, read_bytes + fused_elements * size,
         resident_elements * size, tokens * dims.hidden * size, copies, seq_len * dims.hidden * size,
-        2 * width ** 2 * 8, attention_elements * 24, local, int(model_elements * size * 1.2), on_device,
-        hidden_tokens=tokens)
+        2 * width ** 2 * 8, attention_elements * 24, local, sampling_bytes, hidden_tokens=tokens)
