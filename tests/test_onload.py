@@ -13,7 +13,7 @@ from kvshrink.device import pick_device
 from convert.onload import LayerLoader
 from convert.walk import Walk
 from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, make_model
+from tiny import FAMILIES, save_tiny
 
 TOKENS, SEQ = 256, 32
 ALL_FAMILIES = [*FAMILIES, "gpt2", "gpt_bigcode"]
@@ -28,10 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def _source(family: str, corpus, path: Path, layers: int = 2) -> Path:
-    extra = dict(n_layer=layers) if family.startswith("gpt") else dict(num_hidden_layers=layers)
-    make_model(family, 8 if family != "gpt_bigcode" else 8, vocab_size=len(corpus[1]), **extra).save_pretrained(path)
-    corpus[1].save_pretrained(path)
-    return path
+    return save_tiny(family, corpus[1], path, layers)
 
 
 def _kv(family: str) -> int:

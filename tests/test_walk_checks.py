@@ -11,7 +11,7 @@ from convert import calibrate
 from convert.cli import main
 from convert.walk import HiddenStates
 from textlm import train_tokenizer, write_corpus
-from tiny import make_model
+from tiny import save_tiny
 
 SEQ = 32
 
@@ -23,10 +23,7 @@ def corpus(tmp_path_factory):
 
 
 def _source(family: str, corpus, path: Path, layers: int = 2) -> Path:
-    extra = dict(n_layer=layers) if family.startswith("gpt") else dict(num_hidden_layers=layers)
-    make_model(family, 8, vocab_size=len(corpus[1]), **extra).save_pretrained(path)  # 64 positions
-    corpus[1].save_pretrained(path)
-    return path
+    return save_tiny(family, corpus[1], path, layers)  # 64 positions
 
 
 def _convert(src: Path, out: Path, corpus, *flags) -> int:

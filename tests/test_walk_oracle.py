@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
 from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, make_model
+from tiny import FAMILIES, save_tiny
 
 ALL_FAMILIES = [*FAMILIES, "gpt2", "gpt_bigcode"]
 # Layers of mixed attention types: (family, config overrides), sequences of 64 tokens.
@@ -32,10 +32,7 @@ def corpus(tmp_path_factory):
 
 
 def _source(family: str, overrides: dict, corpus, path: Path) -> Path:
-    layers = dict(n_layer=3) if family.startswith("gpt") else dict(num_hidden_layers=3)
-    make_model(family, 8, vocab_size=len(corpus[1]), **layers, **overrides).save_pretrained(path)
-    corpus[1].save_pretrained(path)
-    return path
+    return save_tiny(family, corpus[1], path, 3, **overrides)
 
 
 def _walk_layers(src: Path, train: Path, seq: int, monkeypatch) -> tuple[torch.Tensor, list, list]:

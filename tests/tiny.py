@@ -8,6 +8,8 @@ function (logits), then that the converter takes it back.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,6 +65,15 @@ def make_model(family: str, kv_heads: int, seed: int = 0, **overrides) -> torch.
             else:
                 p.normal_(0, 1.5 / p.shape[-1] ** 0.5)
     return model
+
+
+def save_tiny(family: str, tokenizer, path: Path, layers: int = 2, **overrides) -> Path:
+    """A tiny MHA model of ``family`` (``make_model``, 64 positions) with ``layers`` decoder layers, saved at
+    ``path`` with ``tokenizer`` (its vocabulary sized to it): a source checkpoint for the converter."""
+    depth = dict(n_layer=layers) if family.startswith("gpt") else dict(num_hidden_layers=layers)
+    make_model(family, HEADS, vocab_size=len(tokenizer), **depth, **overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
