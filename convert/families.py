@@ -34,7 +34,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Iterable, Literal, Mapping, get_args
 
 from convert.roles import ROLES, SUBSETS
 
@@ -156,9 +156,13 @@ class Family:
         ``pattern.fullmatch(name)``: a module is matched by its full path, so GPTBigCode's attention ``c_proj``
         does not also select the MLP's ``c_proj``.
         """
+        return re.compile(rf"{self.module_pattern(self.modules(subset)).pattern}\.[^.]+")
+
+    def module_pattern(self, modules: Iterable[str]) -> re.Pattern:
+        """The full paths (every layer) of ``modules``, names under ``attention``, matched exactly (fullmatch)."""
         attention = re.escape(self.attention).replace(r"\{layer\}", r"\d+")
-        modules = [re.escape(m).replace(r"\{head\}", r"\d+") for m in self.modules(subset)]
-        return re.compile(rf"{attention}\.(?:{'|'.join(modules)})\.[^.]+")
+        names = [re.escape(m).replace(r"\{head\}", r"\d+") for m in modules]
+        return re.compile(rf"{attention}\.(?:{'|'.join(names)})")
 
 
 LLAMA_TENSORS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}

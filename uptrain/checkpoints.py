@@ -108,6 +108,33 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
             seen.add(storage)
 
 
+def save_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
+    """accelerate ``save_state`` pre-hook for runs that train a subset or adapters: each model's state keeps its
+    trained parameters alone, never the frozen base (which the run reloads from its checkpoint)."""
+    for model, state in zip(models, weights):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in list(state):
+            if name not in trained:
+                del state[name]
+
+
+def check_trained_match(checkpoint: Path, model) -> None:
+    """Refuse to resume from a checkpoint whose saved parameters are not exactly the ones this run trains (another
+    lora section or train.trainable), before anything loads."""
+    from safetensors import safe_open
+
+    path = checkpoint / "model.safetensors"
+    if not path.exists():
+        return  # another format (FSDP's sharded state): accelerate's own loading checks it
+    with safe_open(str(path), "pt") as fh:
+        saved = {name.removeprefix("module.") for name in fh.keys()}  # DDP's wrapper, at save or now
+    trained = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+    if saved != trained:
+        odd = sorted(saved ^ trained)[0]
+        raise RecipeError(f"resume: {checkpoint} trained other parameters than this recipe does (e.g. {odd}); "
+                          "resume with the recipe that wrote it, or use a new output_dir")
+
+
 def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
     """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last.
 

@@ -68,8 +68,9 @@ class ChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, w, temperature,
                 chunk):
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        # A frozen lm_head (adapters, trainable subsets) gets no (vocab, H) gradient buffer.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = None if bias is None or not ctx.needs_input_grad[2] else torch.zeros_like(bias, dtype=torch.float32)
         loss = hidden.new_zeros((), dtype=torch.float32)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
@@ -78,7 +79,9 @@ class ChunkedLoss(torch.autograd.Function):
             if not keep.any():
                 continue
             h, y = hidden[rows][keep], labels[rows][keep]  # (n, H), (n,)
-            z = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype)).float()  # (n, V)
+            # A 16-bit weight (frozen, under autocast) multiplies in its own dtype: no float32 copy of (V, H).
+            mm = weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else h.dtype
+            z = F.linear(h.to(mm), weight.to(mm), None if bias is None else bias.to(mm)).float()  # (n, V)
             log_ps = (z / temperature).log_softmax(-1) if w > 0 else None  # before z becomes log_p in place
             log_p = z.log_softmax(-1)
             del z
@@ -99,21 +102,24 @@ class ChunkedLoss(torch.autograd.Function):
                 dz += log_ps.exp_().sub_(p_t).mul_(w * temperature)
             loss += chunk_loss
             ce_sum += ce
-            grad_hidden[start:start + chunk][keep] = dz @ weight.float()  # (n, H)
-            grad_weight += dz.T @ h.float()  # (V, H)
+            grad_hidden[start:start + chunk][keep] = (dz.to(mm) @ weight.to(mm)).float()  # (n, H)
+            if grad_weight is not None:
+                grad_weight += dz.T @ h.float()  # (V, H)
             if grad_bias is not None:
                 grad_bias += dz.sum(0)
-        ctx.save_for_backward(grad_hidden, grad_weight, *(() if grad_bias is None else (grad_bias,)))
-        ctx.has_bias, ctx.hidden_dtype = grad_bias is not None, hidden.dtype
+        ctx.save_for_backward(grad_hidden, *(t for t in (grad_weight, grad_bias) if t is not None))
+        ctx.has_weight, ctx.has_bias, ctx.hidden_dtype = grad_weight is not None, grad_bias is not None, hidden.dtype
         ctx.mark_non_differentiable(ce_sum)
         return loss, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        grad_hidden, grad_weight, *grad_bias = ctx.saved_tensors
+        grad_hidden, *rest = ctx.saved_tensors
+        grad_weight = rest.pop(0) if ctx.has_weight else None
+        grad_bias = rest.pop(0) if ctx.has_bias else None
         scale = grad_loss.float()
-        return ((grad_hidden * scale).to(ctx.hidden_dtype), grad_weight * scale,
-                grad_bias[0] * scale if ctx.has_bias else None, *(None,) * 7)
+        return ((grad_hidden * scale).to(ctx.hidden_dtype), None if grad_weight is None else grad_weight * scale,
+                None if grad_bias is None else grad_bias * scale, *(None,) * 7)
 
 
 def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,

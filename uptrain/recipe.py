@@ -22,9 +22,12 @@ import yaml
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS
 from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
+from convert.roles import SUBSETS
 from uptrain.errors import RecipeError
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "lr_at", "schedule"]
+__all__ = ["LORA_ROLES", "Recipe", "RecipeError", "load_recipe", "lr_at", "schedule"]
+
+LORA_ROLES = ("q", "k", "v", "o", "qkv")  # a fused family's q, k and v are its one qkv module
 
 
 @dataclass(kw_only=True)
@@ -64,12 +67,24 @@ class Train:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
-    trainable: str = "all"
+    trainable: str = "all"  # all | attention | kv | none (with a lora section: the adapters alone)
+    base_quantization: str = "none"  # none | 4bit | 8bit: the frozen base through bitsandbytes (needs lora)
     loss_chunk_tokens: int = 512
     fused_loss: str = "auto"  # auto | liger | off (uptrain.loss.select_fused_loss)
     compile: bool = False  # torch.compile the student in place (uptrain.student.compile_student)
     compile_backend: str = "inductor"
     seed: int = 0
+    collective_timeout_s: int = 900  # how long a process waits in a collective before the run stops
+
+
+@dataclass
+class Lora:
+    """Low-rank adapters (peft's LoRA) on the modules of the named roles (``uptrain.adapters``)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
 
 
 @dataclass
@@ -110,6 +125,7 @@ class Recipe:
     teacher: str | None = None
     resume: str = "auto"
     train: Train = field(default_factory=Train)
+    lora: Lora | None = None
     distill: Distill = field(default_factory=Distill)
     eval: Eval = field(default_factory=Eval)
     save: Save = field(default_factory=Save)
@@ -118,7 +134,8 @@ class Recipe:
 
 CHOICES = {
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "train.trainable": ("all", "attention", "kv"),
+    "train.trainable": ("all", "attention", "kv", "none"),
+    "train.base_quantization": ("none", "4bit", "8bit"),
     "train.fused_loss": ("auto", "liger", "off"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "log.tracker": ("none", "tensorboard", "wandb"),
@@ -335,7 +352,45 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"train.min_lr {t.min_lr} is above train.lr {t.lr}")
     if not r.data.train:
         raise RecipeError("data.train lists no files")
+    _check_lora(r)
+    if t.collective_timeout_s <= 0:
+        raise RecipeError(f"train.collective_timeout_s must be positive, got {t.collective_timeout_s}")
     if r.eval.tasks_limit is not None and r.eval.tasks_limit <= 0:
         raise RecipeError(f"eval.tasks_limit must be positive, got {r.eval.tasks_limit}")
     if r.eval.tasks_num_fewshot is not None and r.eval.tasks_num_fewshot < 0:
         raise RecipeError(f"eval.tasks_num_fewshot must be 0 or more, got {r.eval.tasks_num_fewshot}")
+
+
+def _check_lora(r: Recipe) -> None:
+    """The lora section against itself and ``train``; the family's own roles are checked when the model is known
+    (``uptrain.adapters.target_modules``)."""
+    t, lora = r.train, r.lora
+    if lora is None:
+        if t.trainable == "none":
+            raise RecipeError("train.trainable: none trains nothing without a lora section")
+        if t.base_quantization != "none":
+            raise RecipeError(f"train.base_quantization: {t.base_quantization} needs a lora section (a quantized "
+                              "weight cannot be trained fully)")
+        return
+    if lora.r <= 0:
+        raise RecipeError(f"lora.r must be positive, got {lora.r}")
+    if lora.alpha <= 0:
+        raise RecipeError(f"lora.alpha must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise RecipeError(f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.targets:
+        raise RecipeError(f"lora.targets names no role; use some of {', '.join(LORA_ROLES)}")
+    unknown = [role for role in lora.targets if role not in LORA_ROLES]
+    if unknown:
+        raise RecipeError(f"lora.targets: {unknown[0]!r} is not a role; the roles are {', '.join(LORA_ROLES)}")
+    if t.trainable == "all":
+        raise RecipeError("lora needs train.trainable none or kv: all trains every weight fully, so adapters "
+                          "would add nothing")
+    full = set(SUBSETS[t.trainable]) if t.trainable != "none" else set()
+    both = [role for role in lora.targets if role in full]
+    if both:
+        raise RecipeError(f"lora.targets: {both[0]} is also trained fully by train.trainable: {t.trainable}; "
+                          "adapt it or train it, not both")
+    if t.base_quantization != "none" and t.trainable != "none":
+        raise RecipeError(f"train.base_quantization: {t.base_quantization} needs train.trainable: none (the "
+                          "quantized base cannot be trained fully)")

@@ -1,35 +1,44 @@
-"""The models of an uptraining run: the student (``model``, or ``convert``'s source converted first), the
-frozen teacher, the trainable subset, AdamW's parameter groups and torch.compile."""
+"""The models of an uptraining run: the student (``model``, or ``convert``'s source converted first; quantized
+where the recipe says, with LoRA adapters from ``uptrain.adapters``), the frozen teacher, AdamW's parameter groups
+and torch.compile."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from convert import ConversionError, convert_checkpoint
-from convert.families import resolve
 from convert.merge import METHODS
 from convert.options import ConvertOptions
 from kvshrink.models import load_model
 from kvshrink.text import local_files
+from uptrain.adapters import add_adapters, family, set_trainable, target_modules
 from uptrain.errors import RecipeError
 from uptrain.recipe import Recipe
 from uptrain.sample import Sampling, cached_samples
 
 
-def model_path(recipe: Recipe, accelerator) -> str:
-    """The student: recipe.model, or recipe.convert's source converted once into OUTPUT_DIR/converted."""
+def model_path(recipe: Recipe, state) -> str:
+    """The student: recipe.model, or recipe.convert's source converted once into OUTPUT_DIR/converted.
+
+    The main process converts; the others wait for the finished checkpoint on disk rather than in a collective,
+    which would time out (``train.collective_timeout_s``) on a conversion that takes longer. A failed conversion
+    ends the main process, and the launcher ends the rest.
+    """
     if recipe.model:
         return recipe.model
     target = Path(recipe.output_dir) / "converted"
-    if accelerator.is_main_process and not (target / "conversion.json").exists():
+    done = target / "conversion.json"
+    if state.is_main_process and not done.exists():
         try:
             convert_checkpoint(recipe.convert.source, target, convert_options(recipe), overwrite=True)
         except ConversionError as exc:
             raise RecipeError(f"convert: {exc}") from None
-    accelerator.wait_for_everyone()
+    while not done.exists():
+        time.sleep(1.0)
     return str(target)
 
 
@@ -46,23 +55,6 @@ def convert_options(recipe: Recipe) -> ConvertOptions:
             files = [str(cached_samples(c.source, directory, Sampling(tokens=c.calibration_tokens)))]
         options.calibration_data = files
     return options
-
-
-def set_trainable(model, mode: str) -> int:
-    """Freeze all but the modules of ``mode`` (convert.roles.SUBSETS); returns the trainable parameter count."""
-    if mode != "all":
-        try:
-            _, spec = resolve(model.config.to_dict())
-        except KeyError as exc:
-            raise RecipeError(f"train.trainable: {mode} needs a family the converter knows; {exc.args[0]} is not "
-                              f"one (use train.trainable: all)") from None
-        if mode == "kv" and "qkv" in spec.tensors:
-            raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
-                              "(use attention)")
-        pattern = spec.parameter_pattern(mode)
-        for name, p in model.named_parameters():
-            p.requires_grad_(pattern.fullmatch(name) is not None)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -94,25 +86,97 @@ def load_teacher(recipe: Recipe):
         return load_model(recipe.teacher, what="teacher")
 
 
-def load_models(recipe: Recipe, accelerator, path: str):
-    """(student in fp32 with its trainable subset, frozen teacher in the compute dtype or None, the student's
-    source dtype, the trainable parameter count)."""
+def check_model_settings(recipe: Recipe, path: str) -> None:
+    """The recipe's roles against the student's family (a lora target it lacks, an unknown family for a subset),
+    from its config alone."""
+    from transformers import AutoConfig
+
+    t = recipe.train
+    if t.trainable == "all" and recipe.lora is None:
+        return
+    config = AutoConfig.from_pretrained(path).to_dict()
+    if recipe.lora is not None:
+        target_modules(config, recipe.lora.targets)
+    if t.trainable == "kv" and "qkv" in family(config, "train.trainable: kv").tensors:
+        raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
+                          "(use attention, or none with lora)")
+
+
+def check_quantization(kind: str, state) -> None:
+    """A quantized base needs bitsandbytes, a CUDA or CPU device, and no FSDP (which would shard the quantized
+    weights): one line before any work otherwise."""
+    if kind == "none":
+        return
+    try:
+        import bitsandbytes  # noqa: F401  (its import checks its own backends)
+    except ImportError:
+        raise RecipeError(f"train.base_quantization: {kind} needs bitsandbytes: pip install 'kvshrink[quant]'") \
+            from None
+    if state.device.type not in ("cuda", "cpu"):
+        raise RecipeError(f"train.base_quantization: {kind} runs on CUDA or the CPU, not {state.device.type}")
+    if state.distributed_type.value == "FSDP":
+        raise RecipeError(f"train.base_quantization: {kind} does not run under FSDP here; launch with "
+                          "recipes/accelerate/ddp.yaml or one process")
+
+
+def checkpoint_dtype(path: str) -> torch.dtype:
+    """The floating dtype a checkpoint's config.json declares (float32 where it declares none)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def compute_dtype(accelerator) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def quantization(kind: str, compute: torch.dtype):
+    """transformers' bitsandbytes config for ``train.base_quantization`` (4bit: NF4 with double quantization)."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_student(recipe: Recipe, accelerator, path: str):
+    """The student: float32 when trained whole or when the run computes in float32; otherwise in its checkpoint's
+    dtype, or quantized by bitsandbytes onto this process's device (``train.base_quantization``)."""
+    kind = recipe.train.base_quantization
+    if kind != "none":
+        return load_model(path, quantization_config=quantization(kind, compute_dtype(accelerator)),
+                          device_map={"": accelerator.device})
     model = load_model(path)
-    source_dtype = next(model.parameters()).dtype
-    model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
+    if recipe.train.trainable == "all" or accelerator.mixed_precision == "no":
+        model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
+    return model
+
+
+def load_models(recipe: Recipe, accelerator, path: str):
+    """(student with its trainable subset and adapters, frozen teacher in the compute dtype or None, the student's
+    checkpoint dtype, the trainable parameter count). Trained parameters are float32; frozen ones stay in the
+    checkpoint's dtype where the run computes in bf16/fp16 (``load_student``)."""
+    model = load_student(recipe, accelerator, path)
     teacher = load_teacher(recipe) if recipe.teacher else None
     check_inputs(recipe, model, teacher)
-    trainable = set_trainable(model, recipe.train.trainable)
     if recipe.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if recipe.lora is not None:
+        model = add_adapters(model, recipe.lora)
+    trainable = set_trainable(model, recipe.train.trainable, adapters=recipe.lora is not None)
     if teacher is not None:  # the student's compute dtype, on its device, frozen
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-        teacher.to(accelerator.device, compute).eval().requires_grad_(False)
-    return model, teacher, source_dtype, trainable
+        teacher.to(accelerator.device, compute_dtype(accelerator)).eval().requires_grad_(False)
+    return model, teacher, checkpoint_dtype(path), trainable
 
 
 def compile_student(accelerator, model, backend: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from kvshrink.errors import os_error_line
 from kvshrink.models import load_tokenizer
 from kvshrink.text import check_entries
-from uptrain import checkpoints, data, downstream, student
+from convert.source import resolve_source
+from uptrain import checkpoints, data, downstream, merge, student
 from uptrain.errors import RecipeError, TrainingError
 from uptrain.loss import chunked_loss, distill_kl, liger_loss, loss_chunk, select_fused_loss, token_losses
 from uptrain.metrics import MetricsLog, tracker_config
@@ -57,17 +59,42 @@ def run(recipe: Recipe) -> TrainingSummary:
             checkpoints.check_model(path, what)
     check_entries(recipe.data.train + (recipe.data.eval or []))
     with checkpoints.removed_on_failure(Path(recipe.output_dir)):
-        return _run(recipe)
+        try:
+            return _run(recipe)
+        except RuntimeError as exc:  # gloo and NCCL report a collective's timeout as a RuntimeError subclass
+            if "timed out" not in str(exc).lower():
+                raise
+            last = checkpoints.newest(Path(recipe.output_dir))
+            raise TrainingError(
+                f"the processes waited {recipe.train.collective_timeout_s} s in a collective that not all of them "
+                "joined (train.collective_timeout_s): one stopped or stalled; "
+                + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")) from None
 
 
-def _precision(name: str) -> str:
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(name, name)
+def _precision(train, dtype: torch.dtype, device_type: str) -> str:
+    """accelerate's mixed precision for ``train.precision``. auto: bf16 on a GPU that has it; on a CPU, bf16 where
+    frozen weights stay in a 16-bit checkpoint dtype (a trainable subset or adapters: they cannot take float32
+    inputs), else float32."""
+    if train.precision != "auto":
+        return {"fp32": "no"}.get(train.precision, train.precision)
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    partial = train.trainable != "all"
+    return "bf16" if partial and dtype in (torch.bfloat16, torch.float16) else "no"
 
 
-def _accelerator(recipe: Recipe):
-    """The Accelerator of a run: CPU (gloo) without a GPU, the recipe's precision, exact accumulation windows."""
+def _process_state(recipe: Recipe):
+    """accelerate's process state, made first so that the process group gets ``train.collective_timeout_s``: a
+    collective that some process never joins stops the run instead of hanging it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
+                        timeout=timedelta(seconds=recipe.train.collective_timeout_s))
+
+
+def _accelerator(recipe: Recipe, dtype: torch.dtype):
+    """The Accelerator of a run: CPU (gloo) without a GPU, the recipe's precision for a ``dtype`` checkpoint,
+    exact accumulation windows."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
@@ -77,9 +104,10 @@ def _accelerator(recipe: Recipe):
             __import__(recipe.log.tracker)  # tensorboard or wandb (validated by the recipe)
         except ImportError:
             raise RecipeError(f"log.tracker {recipe.log.tracker} needs `pip install {recipe.log.tracker}`") from None
+    cpu = not torch.cuda.is_available()
     return Accelerator(
-        cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
-        mixed_precision=_precision(t.precision),
+        cpu=cpu,
+        mixed_precision=_precision(t, dtype, "cpu" if cpu else "cuda"),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         log_with=None if recipe.log.tracker == "none" else recipe.log.tracker,
         project_dir=str(recipe.output_dir),
@@ -139,11 +167,16 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
     accelerator.register_save_state_pre_hook(checkpoints.save_tied_once)
+    whole = t.trainable == "all"
+    if not whole:
+        accelerator.register_save_state_pre_hook(checkpoints.save_trained_only)
     if t.compile:
         student.compile_student(accelerator, model, t.compile_backend)
     start_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        if not whole:  # the checkpoint holds the trained parameters alone: exactly those, checked first
+            checkpoints.check_trained_match(resume_from, model)
+        accelerator.load_state(str(resume_from), strict=whole)
         start_step = checkpoints.read_state(resume_from)["step"]
     if accelerator.is_main_process:
         print(f"uptrain: {model_path} -> {recipe.output_dir}: {total_steps} steps of {tokens_per_step:,} tokens, "
@@ -172,14 +205,17 @@ def _run(recipe: Recipe) -> TrainingSummary:
     out = Path(recipe.output_dir)
     t = recipe.train
     tasks = _tasks(recipe)  # before anything runs: a bad task name stops here
-    accelerator = _accelerator(recipe)
-    select_fused_loss(t.fused_loss, accelerator.device.type, biased_distill=False)  # fail before loading anything
-    if accelerator.is_main_process:
+    state = _process_state(recipe)
+    select_fused_loss(t.fused_loss, state.device.type, biased_distill=False)  # fail before loading anything
+    student.check_quantization(t.base_quantization, state)
+    if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     resume_from = checkpoints.find_resume(out, recipe.resume)
+    model_path = student.model_path(recipe, state)
+    student.check_model_settings(recipe, model_path)  # the family's roles and kv split, before any weight loads
+    accelerator = _accelerator(recipe, student.checkpoint_dtype(model_path))
     set_seed(t.seed)
 
-    model_path = student.model_path(recipe, accelerator)
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
     before = _scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
     s = _prepare(recipe, accelerator, model_path, eval_set, resume_from)
@@ -192,7 +228,7 @@ def _run(recipe: Recipe) -> TrainingSummary:
     summary = loop.train(batches, s.start_step)
 
     final = out / "final"
-    checkpoints.save_final(accelerator, s.model, tokenizer, model_path, final, s.source_dtype)
+    _save_final(recipe, accelerator, s, tokenizer, model_path)
     after = _scores(tasks, str(final), accelerator)  # main process only; the others end meanwhile
     if after:
         metrics.write({"step": summary.steps, "tokens": summary.tokens, **after})
@@ -203,6 +239,19 @@ def _run(recipe: Recipe) -> TrainingSummary:
         plot_metrics(metrics.read(), out / "training.png", recipe.data.seq_len)
         summary.final, summary.plot = str(final), str(out / "training.png")
     return summary
+
+
+def _save_final(recipe: Recipe, accelerator, s: _Setup, tokenizer, model_path: str) -> None:
+    """OUTPUT_DIR/final; with adapters also OUTPUT_DIR/final-adapter, and final is the base checkpoint with them
+    merged tensor by tensor (``uptrain.merge``), never the (possibly quantized) weights in memory."""
+    out = Path(recipe.output_dir)
+    if recipe.lora is None:
+        checkpoints.save_final(accelerator, s.model, tokenizer, model_path, out / "final", s.source_dtype)
+        return
+    merge.save_adapter(accelerator, s.model, out / "final-adapter")
+    if accelerator.is_main_process:
+        merge.merge(out / "final-adapter", resolve_source(model_path), out / "final")
+    accelerator.wait_for_everyone()
 
 
 class _Loop:
@@ -309,7 +358,7 @@ class _Loop:
         """Optimizer steps from ``start_step`` to the last, with the in-loop evals, logs and checkpoints."""
         acc = self.acc
         self.step = start_step
-        first_eval = next((m for m in self.metrics.read() if "eval_ppl" in m), None)
+        first_eval = self.logged_eval(first=True)
         if self.step == 0 or first_eval is None:
             first_eval = self.eval_now()
         self.model.train()
@@ -337,10 +386,24 @@ class _Loop:
             bar.close()
         seconds = time.perf_counter() - started
         if last_eval is None:  # resumed a run that had already finished: its last eval is in the log
-            last_eval = next((m for m in reversed(self.metrics.read()) if "eval_ppl" in m), first_eval)
+            last_eval = self.logged_eval(first=False) or first_eval
         return TrainingSummary(eval_ppl_before=first_eval["eval_ppl"], eval_ppl_after=last_eval["eval_ppl"],
                                steps=self.step, tokens=self.step * self.tokens_per_step, seconds=seconds,
                                tokens_per_s=trained_tokens / seconds if seconds else 0.0)
+
+    def logged_eval(self, first: bool) -> dict[str, Any] | None:
+        """The first (or last) eval record of metrics.jsonl as the main process reads it, sent to every process: the
+        main process rewrites the file when resuming, so the others must not decide from their own reading
+        whether to run an eval, a collective."""
+        from accelerate.utils import broadcast_object_list
+
+        found: list[dict[str, Any] | None] = [None]
+        if self.acc.is_main_process:
+            evals = [m for m in self.metrics.read() if "eval_ppl" in m]
+            found = [(evals[0] if first else evals[-1]) if evals else None]
+        if self.acc.num_processes > 1:
+            broadcast_object_list(found)
+        return found[0]
 
     def after_step(self, loss: torch.Tensor, ce: torch.Tensor, bar) -> dict[str, float] | None:
         """Log, evaluate and save where the recipe's intervals (and the last step) say; the eval's result, if any."""
