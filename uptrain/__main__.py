@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
+from uptrain.plan import dry_run
 from uptrain.recipe import load_recipe
 from uptrain.train import run
 
@@ -15,11 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m uptrain", description="Uptrain a converted checkpoint.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the recipe and print its peak-memory plan per device, then stop")
     args = parser.parse_args(argv)
     loaded = []
 
     def body() -> int:
         loaded.append(load_recipe(args.recipe, args.overrides))
+        if args.dry_run:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{args.recipe}: the recipe is valid; peak memory per device:\n{dry_run(loaded[0]).table()}")
+            return 0
         check_output_dir(Path(loaded[0].output_dir), "output_dir")
         summary = run(loaded[0])
         if summary.final:  # the main process

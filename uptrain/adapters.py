@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -73,7 +74,10 @@ def add_adapters(model, lora: Lora):
     """The student wrapped in a PeftModel with float32 adapters; the base frozen as it is."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, lora), adapter_name=ADAPTER_NAME, autocast_adapter_dtype=True)
+    config = lora_config(model, lora)
+    with warnings.catch_warnings():  # peft asks transformers 5 for is_gradient_checkpointing, deprecated there
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config, adapter_name=ADAPTER_NAME, autocast_adapter_dtype=True)
 
 
 def base_name(name: str) -> str:

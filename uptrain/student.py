@@ -17,6 +17,7 @@ from kvshrink.models import load_model
 from kvshrink.text import local_files
 from uptrain.adapters import add_adapters, family, set_trainable, target_modules
 from uptrain.errors import RecipeError
+from uptrain.plan import config_dtype
 from uptrain.recipe import Recipe
 from uptrain.sample import Sampling, cached_samples
 
@@ -124,11 +125,9 @@ def checkpoint_dtype(path: str) -> torch.dtype:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        return config_dtype(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as exc:
         raise RecipeError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def compute_dtype(accelerator) -> torch.dtype:

@@ -29,6 +29,7 @@ from uptrain.errors import RecipeError, TrainingError
 from uptrain.loss import chunked_loss, distill_kl, liger_loss, loss_chunk, select_fused_loss, token_losses
 from uptrain.metrics import MetricsLog, tracker_config
 from uptrain.perplexity import eval_metrics
+from uptrain.plan import RunShape, config_dtype, memory_plan, precision
 from uptrain.plot import plot_metrics
 from uptrain.recipe import Recipe, lr_at, schedule
 from uptrain.summary import TrainingSummary
@@ -71,18 +72,6 @@ def run(recipe: Recipe) -> TrainingSummary:
                 + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")) from None
 
 
-def _precision(train, dtype: torch.dtype, device_type: str) -> str:
-    """accelerate's mixed precision for ``train.precision``. auto: bf16 on a GPU that has it; on a CPU, bf16 where
-    frozen weights stay in a 16-bit checkpoint dtype (a trainable subset or adapters: they cannot take float32
-    inputs), else float32."""
-    if train.precision != "auto":
-        return {"fp32": "no"}.get(train.precision, train.precision)
-    if device_type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    partial = train.trainable != "all"
-    return "bf16" if partial and dtype in (torch.bfloat16, torch.float16) else "no"
-
-
 def _process_state(recipe: Recipe):
     """accelerate's process state, made first so that the process group gets ``train.collective_timeout_s``: a
     collective that some process never joins stops the run instead of hanging it."""
@@ -107,7 +96,7 @@ def _accelerator(recipe: Recipe, dtype: torch.dtype):
     cpu = not torch.cuda.is_available()
     return Accelerator(
         cpu=cpu,
-        mixed_precision=_precision(t, dtype, "cpu" if cpu else "cuda"),
+        mixed_precision=precision(t, dtype, "cpu" if cpu else "cuda"),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         log_with=None if recipe.log.tracker == "none" else recipe.log.tracker,
         project_dir=str(recipe.output_dir),
@@ -159,6 +148,7 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
     """Models, optimizer, scheduler and eval loader through accelerate's prepare; the tied-weights save hook,
     torch.compile and the resumed state after it."""
     t = recipe.train
+    _print_plan(recipe, accelerator, model_path)
     model, teacher, source_dtype, trainable = student.load_models(recipe, accelerator, model_path)
     tokens_per_step, total_steps = schedule(recipe, accelerator.num_processes)
     optimizer = torch.optim.AdamW(student.param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
@@ -185,6 +175,21 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
               f"{accelerator.mixed_precision}" + (f", resuming from {resume_from.name}" if resume_from else ""))
     return _Setup(model, teacher, source_dtype, optimizer, scheduler, eval_loader, total_steps, tokens_per_step,
                   start_step)
+
+
+def _print_plan(recipe: Recipe, accelerator, model_path: str) -> None:
+    """The run's memory plan (``uptrain.plan``) in one line, and a warning line where it exceeds the device."""
+    from accelerate.utils import DistributedType
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    shape = RunShape(accelerator.device.type, accelerator.mixed_precision, config_dtype(config),
+                     accelerator.num_processes, accelerator.distributed_type == DistributedType.FSDP)
+    plan = memory_plan(recipe, config, shape, AutoConfig.from_pretrained(recipe.teacher) if recipe.teacher else None)
+    if accelerator.is_main_process:
+        print(plan.line(), flush=True)
+        if plan.warning():
+            print(plan.warning(), file=sys.stderr, flush=True)
 
 
 def _metrics(recipe: Recipe, accelerator, start_step: int, before: dict[str, float]) -> MetricsLog:
