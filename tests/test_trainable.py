@@ -9,7 +9,12 @@ from convert import convert_checkpoint
 from convert.families import resolve
 from tiny import FAMILIES, make_model
 from uptrain.recipe import RecipeError
-from uptrain.student import param_groups, set_trainable
+from uptrain.adapters import set_trainable as _set_trainable
+from uptrain.student import param_groups
+
+
+def set_trainable(model, subset: str) -> int:
+    return _set_trainable(model, subset, adapters=False)
 
 
 def attention_parameter_names(model) -> set[str]:

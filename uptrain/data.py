@@ -87,13 +87,18 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
-    """Epoch `epoch`'s loader: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    """Epoch `epoch`'s loader: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    The loader has its own generator: starting to iterate a DataLoader draws a seed, from the global RNG when it
+    has none, and a resumed run starts iterating at another step than the run it continues, so dropout (LoRA's)
+    would draw other masks after it."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
         shuffled = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
-        return torch.utils.data.DataLoader(shuffled, batch_size=batch_size, collate_fn=collate)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        return torch.utils.data.DataLoader(shuffled, batch_size=batch_size, collate_fn=collate, generator=generator)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
-                                       collate_fn=collate, drop_last=True)
+                                       collate_fn=collate, drop_last=True, generator=generator)
 
 
 def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int = 0) -> Iterator[dict]:

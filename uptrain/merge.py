@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 from convert.errors import ConversionError
-from convert.source import WeightSource, open_weights, torch_dtype, write_tensor_bytes
+from convert.source import WeightSource, check_checkpoint, open_weights, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor, shard_names, shard_plan, write_index, write_shard
 from kvshrink.atomic import AtomicDirectory
-from kvshrink.errors import KvshrinkError, OneLineParser, run_cli
+from kvshrink.errors import KvshrinkError, OneLineParser, check_output_dir, run_cli
 from uptrain.adapters import base_name, is_adapter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -163,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         output = Path(args.output)
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise MergeError(f"{output} exists and is not empty; choose a new directory")
+        check_output_dir(output, "OUTPUT")
+        if output.is_dir() and any(output.iterdir()):
+            raise MergeError(f"OUTPUT {output} exists and is not empty; choose a new directory")
         try:
+            check_checkpoint(args.base, hub=False)
             merge(Path(args.adapter), Path(args.base), output)
         except ConversionError as exc:
-            raise MergeError(f"base {exc}") from None
+            raise MergeError(f"BASE {exc}") from None
         print(f"merged {args.adapter} into {args.base}: {output}")
         return 0
 

@@ -76,7 +76,11 @@ def _process_state(recipe: Recipe):
     """accelerate's process state, made first so that the process group gets ``train.collective_timeout_s``: a
     collective that some process never joins stops the run instead of hanging it."""
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
+    # A run in a process that ran one before (the demo, a notebook) may take another precision: accelerate's state
+    # is process-wide and refuses a change. The process group itself, once made, stays.
+    AcceleratorState._reset_state(reset_partial_state=True)
     return PartialState(cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
                         timeout=timedelta(seconds=recipe.train.collective_timeout_s))
 

@@ -1,0 +1,225 @@
+"""LoRA uptraining (uptrain.adapters, uptrain.merge): only the adapted roles move, by matrices of rank <= r; the
+final checkpoint is the base with the adapters merged, equal to the peft model and loadable without peft; a
+checkpoint holds no frozen base and resuming from it is exact; frozen weights stay bf16; fused and Conv1D
+families adapt exactly their named modules."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from convert import convert_checkpoint
+from textlm import make_lm, train_tokenizer, write_corpus
+from tiny import make_model
+from uptrain.adapters import add_adapters, set_trainable
+from uptrain.merge import merge
+from uptrain.recipe import Lora, load_recipe
+from uptrain.train import run
+
+R = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(train.txt, eval.txt, MHA teacher, its MQA conversion in bf16, the same in float32)."""
+    root = tmp_path_factory.mktemp("lora")
+    train, held = write_corpus(root / "text")
+    mha = make_lm(root / "mha", train_tokenizer(train), kv_heads=4)
+    convert_checkpoint(mha, root / "bf16", kv_heads=1, dtype="bfloat16")
+    convert_checkpoint(mha, root / "fp32", kv_heads=1, dtype="float32")
+    return train, held, mha, root / "bf16", root / "fp32"
+
+
+def lora_recipe(path: Path, setup, model: Path, out: Path, **sections) -> Path:
+    train, held, mha, *_ = setup
+    recipe = {
+        "model": str(model), "teacher": str(mha), "output_dir": str(out),
+        "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
+        "train": {"max_steps": 6, "micro_batch_size": 8, "grad_accum": 2, "lr": 1.0e-2, "min_lr": 1.0e-3,
+                  "warmup_steps": 2, "trainable": "none", "gradient_checkpointing": True},
+        "lora": {"r": R, "alpha": 8, "dropout": 0.1, "targets": ["q", "k", "v", "o"]},
+        "distill": {"weight": 0.5},
+        "eval": {"every_steps": 6, "max_tokens": 2048},
+        "save": {"every_steps": 3, "keep_last": 2},
+        "log": {"every_steps": 1},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bf16_run(setup, tmp_path_factory):
+    """A LoRA run on q, k, v, o of the bf16 model: distilled, gradient checkpointing, dropout."""
+    root = tmp_path_factory.mktemp("bf16run")
+    recipe = lora_recipe(root / "r.yaml", setup, setup[3], root / "out")
+    return root / "out", run(load_recipe(recipe))
+
+
+@pytest.fixture(scope="module")
+def fp32_run(setup, tmp_path_factory):
+    """``trainable: kv`` with adapters on q and o, in float32 (exact ranks and logits)."""
+    root = tmp_path_factory.mktemp("fp32run")
+    recipe = lora_recipe(root / "r.yaml", setup, setup[4], root / "out", train={"trainable": "kv"},
+                         lora={"targets": ["q", "o"], "dropout": 0.0})
+    return root / "out", run(load_recipe(recipe))
+
+
+def changed(base: Path, final: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (before, after)} of the tensors that differ; asserts both checkpoints hold the same names, dtypes."""
+    a, b = load_file(base / "model.safetensors"), load_file(final / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype for k in a)
+    return {k: (a[k], b[k]) for k in a if not torch.equal(a[k], b[k])}
+
+
+def test_lora_moves_exactly_the_adapted_roles_and_the_final_is_merged(setup, bf16_run):
+    out, summary = bf16_run
+    moved = changed(setup[3], out / "final")
+    roles = ("q_proj", "k_proj", "v_proj", "o_proj")
+    expected = {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in roles}
+    assert set(moved) == expected  # everything else bit-identical; every adapted weight merged
+    for before, after in moved.values():  # bf16: the merged product is far above rounding
+        assert (after.float() - before.float()).norm() > 1e-3 * before.float().norm()
+    assert summary.eval_ppl_after < summary.eval_ppl_before
+    adapter = json.loads((out / "final-adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == R and adapter["peft_type"] == "LORA"
+    assert not (out / "final-adapter" / "trained.safetensors").exists()  # nothing trained fully
+
+
+def test_checkpoints_hold_the_adapters_alone(setup, bf16_run):
+    out, _ = bf16_run
+    saved = load_file(out / "checkpoints" / "step-6" / "model.safetensors")
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert len(saved) == 2 * 4 * 2  # A and B, four modules, two layers
+    assert all(t.dtype == torch.float32 for t in saved.values())
+
+
+def test_fully_trained_and_adapted_weights_move_by_their_kind(setup, fp32_run):
+    """trainable: kv moves K and V fully (rank above r); the q/o adapters move Q and O by rank <= r exactly
+    (float32: singular values past r are float32 rounding); nothing else moves."""
+    out, _ = fp32_run
+    moved = changed(setup[4], out / "final")
+    assert {k.split(".")[-2] for k in moved} == {"q_proj", "k_proj", "v_proj", "o_proj"} and len(moved) == 8
+    for name, (before, after) in moved.items():
+        s = torch.linalg.svdvals((after - before).double())
+        if ".k_proj." in name or ".v_proj." in name:
+            assert s[R] > 1e-3 * s[0], name  # a full update, not low rank
+        else:
+            assert s[R - 1] > 1e-3 * s[0] and s[R] < 1e-5 * s[0], (name, s[:R + 1])
+    trained = load_file(out / "final-adapter" / "trained.safetensors")
+    assert set(trained) == {k for k in moved if ".k_proj." in k or ".v_proj." in k}
+
+
+def test_merged_final_equals_the_peft_model_and_loads_without_peft(setup, fp32_run, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = fp32_run
+    base = AutoModelForCausalLM.from_pretrained(setup[4], dtype=torch.float32)
+    trained = load_file(out / "final-adapter" / "trained.safetensors")
+    with torch.no_grad():
+        for name, tensor in trained.items():
+            base.get_parameter(name).copy_(tensor)
+    peft_model = PeftModel.from_pretrained(base, out / "final-adapter").eval()
+    ids = torch.randint(3, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    code = ("import sys, torch; sys.modules['peft'] = None\n"  # any import of peft fails
+            "from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, dtype=torch.float32).eval()\n"
+            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+            "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n")
+    torch.save(ids, tmp_path / "ids.pt")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logits.pt")], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = torch.load(tmp_path / "logits.pt")
+    assert (merged - expected).abs().max() <= 1e-5
+    with torch.no_grad(), peft_model.disable_adapter():
+        unadapted = peft_model(input_ids=ids).logits
+    assert (merged - unadapted).abs().max() > 1e-3  # the q/o adapters are in the final
+
+
+def test_resume_from_a_lora_checkpoint_matches_the_uninterrupted_run(setup, bf16_run, tmp_path):
+    """The run's copy with its step-6 checkpoint and finals removed resumes from step-3 (adapters, optimizer,
+    scheduler and RNG: dropout draws from it) to the same final adapters and merged weights."""
+    straight, _ = bf16_run
+    again = tmp_path / "out"
+    shutil.copytree(straight, again, ignore=shutil.ignore_patterns("step-6", "final", "final-adapter"))
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], again)
+    run(load_recipe(recipe))
+    for name in ("final-adapter/adapter_model.safetensors", "final/model.safetensors"):
+        a, b = load_file(straight / name), load_file(again / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_resume_refuses_a_checkpoint_of_other_trained_parameters(setup, bf16_run, tmp_path):
+    from uptrain.errors import RecipeError
+
+    other = tmp_path / "out"
+    shutil.copytree(bf16_run[0], other, ignore=shutil.ignore_patterns("final", "final-adapter"))
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], other, lora={"targets": ["q", "o"]})
+    with pytest.raises(RecipeError, match="trained other parameters than this recipe"):
+        run(load_recipe(recipe))
+
+
+# Families whose attention fuses Q, K and V or stores Conv1D weights: the module names read off the model code,
+# not the family table the code under test uses.
+FUSED = {"phi3": ("qkv_proj", "o_proj", "self_attn"), "falcon": ("query_key_value", "dense", "self_attention"),
+         "gpt_bigcode": ("c_attn", "c_proj", "attn"), "gpt2": ("c_attn", "c_proj", "attn")}
+
+
+@pytest.mark.parametrize("family", sorted(FUSED))
+def test_fused_and_conv1d_families_adapt_exactly_their_modules_and_keep_bf16(family, tmp_path):
+    model = make_model(family, kv_heads=4 if family != "gpt_bigcode" else 1).to(torch.bfloat16)
+    model = add_adapters(model, Lora(r=R, targets=["q", "o"]))
+    count = set_trainable(model, "none", adapters=True)
+    qkv, o, attention = FUSED[family]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefix = "transformer.h" if family != "phi3" else "model.layers"
+    expected = {f"base_model.model.{prefix}.{i}.{attention}.{m}.lora_{ab}.default.weight"
+                for i in range(2) for m in (qkv, o) for ab in "AB"}
+    assert names == expected
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in frozen}
+    assert sum(storages.values()) == 2 * sum(p.numel() for p in frozen)  # bf16 storage, nothing upcast
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in expected)
+
+
+@pytest.mark.parametrize("family", ["llama", *sorted(FUSED)])
+def test_streaming_merge_equals_the_peft_model_on_every_layout(family, tmp_path):
+    """Random adapters on q and o saved by peft, merged by uptrain.merge into the float32 base on disk: the same
+    logits as the peft model (Conv1D's transposed storage and fused QKV included)."""
+    base = make_model(family, kv_heads=4 if family != "gpt_bigcode" else 1)
+    base.save_pretrained(tmp_path / "base")
+    model = add_adapters(base, Lora(r=R, targets=["q", "o"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    merge(tmp_path / "adapter", tmp_path / "base", tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(3, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, merged(input_ids=ids).logits
+        plain = model.get_base_model()
+        with model.disable_adapter():
+            unadapted = plain(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert (unadapted - expected).abs().max() > 1e-2  # the adapters matter, so an unmerged final would fail
