@@ -223,3 +223,84 @@ def test_streaming_merge_equals_the_peft_model_on_every_layout(family, tmp_path)
             unadapted = plain(input_ids=ids).logits
     assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item())
     assert (unadapted - expected).abs().max() > 1e-2  # the adapters matter, so an unmerged final would fail
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_and_merges_into_the_original_bf16_weights(setup, tmp_path, bits):
+    """bitsandbytes' CPU backend: the frozen base is quantized in memory, the adapters train, and the final is the
+    bf16 base on disk plus the adapters: every tensor outside the adapted roles bit-identical to it (a merge into
+    the dequantized weights would change them all)."""
+    gqa = tmp_path / "gqa2"  # bitsandbytes' CPU 4-bit inference packs rows in blocks of 32: a 32-row k_proj
+    convert_checkpoint(setup[2], gqa, kv_heads=2, dtype="bfloat16")
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, gqa, tmp_path / "out",
+                         train={"base_quantization": bits, "max_steps": 3}, lora={"targets": ["q", "o"]})
+    summary = run(load_recipe(recipe))
+    moved = changed(gqa, tmp_path / "out" / "final")
+    assert {k.split(".")[-2] for k in moved} == {"q_proj", "o_proj"} and len(moved) == 4
+    assert summary.eval_ppl_after < summary.eval_ppl_before
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "uptrain", *argv], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("lora.r=0", "lora.r must be positive"),
+    ("lora.targets=[q,gate]", "'gate' is not a role"),
+    ("lora.targets=[qkv]", "has no qkv module"),
+    ("train.trainable=all", "lora needs train.trainable none or kv"),
+    ("train.trainable=attention", "also trained fully by train.trainable: attention"),
+    ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
+    ("train.base_quantization=3bit", "is not one of none, 4bit, 8bit"),
+    ("lora=null", "train.trainable: none trains nothing without a lora section"),
+])
+def test_bad_lora_settings_are_one_line_exit_2_and_create_nothing(setup, tmp_path, override, says):
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out")
+    done = _cli(str(recipe), override, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_term_by_term_and_writes_nothing(setup, tmp_path):
+    """The plan of a bf16 LoRA recipe on the tiny Llama, each term from its definition (uptrain.plan's
+    docstring); the run's own model agrees on the trainable count and the frozen bytes."""
+    from transformers import AutoConfig
+
+    from uptrain import plan as p
+    from uptrain.student import load_models
+
+    recipe_path = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out")
+    recipe = load_recipe(recipe_path)
+    config = AutoConfig.from_pretrained(setup[3])
+    h, width, vocab, layers = config.hidden_size, config.intermediate_size, config.vocab_size, 2
+    d, g = h // config.num_attention_heads, config.num_key_value_heads
+    adapters = layers * R * ((h + h) + (h + g * d) * 2 + (h + h))  # A (r, in) and B (out, r) of q, k, v, o
+    total = vocab * h + layers * (h * h * 2 + 2 * g * d * h + 3 * h * width + 2 * h) + h  # tied lm_head
+    tokens = 8 * 64
+    teacher = sum(t.numel() for t in load_file(setup[2] / "model.safetensors").values())
+    plan = p.dry_run(recipe)
+    assert plan.trainable_parameters == adapters and plan.trainable == 16 * adapters
+    assert plan.frozen == 2 * total  # bf16
+    assert plan.activations == layers * tokens * h * 2 + tokens * (12 * h + 5 * width) * 2
+    assert plan.activations_other == layers * tokens * (12 * h + 5 * width) * 2
+    assert plan.teacher == 2 * teacher
+    assert plan.loss == tokens * vocab * 4 * 5 + tokens * h * 4  # a 512-token chunk, distilled; frozen lm_head
+    assert plan.runtime == p.RUNTIME_BYTES["cpu"]
+    assert plan.total == sum((plan.frozen, plan.trainable, plan.activations, plan.teacher, plan.loss, plan.runtime))
+
+    class Stand:  # what load_models reads of an Accelerator
+        mixed_precision, device = "bf16", torch.device("cpu")
+
+    model, _, _, count = load_models(recipe, Stand(), str(setup[3]))
+    assert count == plan.trainable_parameters
+    frozen = {q.untyped_storage().data_ptr(): q.untyped_storage().nbytes() for q in model.parameters()
+              if not q.requires_grad}
+    assert sum(frozen.values()) == plan.frozen
+
+    done = _cli(str(recipe_path), "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.rsplit(None, 2)[0].strip(): float(line.rsplit(None, 2)[1]) for line in done.stdout.splitlines()
+            if line.endswith(" GB")}
+    assert rows["frozen weights"] == round(plan.frozen / 1e9, 2) and rows["runtime"] == 0.6
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,15 @@ def family(config: Mapping[str, Any], what: str) -> Family:
         raise RecipeError(f"{what} needs a family the converter knows; {exc.args[0]} is not one") from None
 
 
+def subset_family(config: Mapping[str, Any], subset: str) -> Family:
+    """The family table a ``train.trainable`` subset selects from; kv needs separate K and V modules."""
+    spec = family(config, f"train.trainable: {subset}")
+    if subset == "kv" and "qkv" in spec.tensors:
+        raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
+                          "(use attention, or none with lora)")
+    return spec
+
+
 def target_modules(config: Mapping[str, Any], targets: list[str]) -> list[str]:
     """The module names (under the family's attention path) that ``targets``' roles adapt, each once.
 
@@ -93,10 +102,7 @@ def set_trainable(model, subset: str, adapters: bool) -> int:
         model.requires_grad_(True)
     else:
         config = model.config.to_dict()
-        spec = family(config, f"train.trainable: {subset}")
-        if subset == "kv" and "qkv" in spec.tensors:
-            raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
-                              "(use attention)")
+        spec = subset_family(config, subset)
         full = spec.parameter_pattern(subset) if subset != "none" else re.compile(r"(?!)")
         for name, p in model.named_parameters():
             p.requires_grad_(bool(full.fullmatch(base_name(name))) or (adapters and is_adapter(name)))

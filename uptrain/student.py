@@ -15,7 +15,7 @@ from convert.merge import METHODS
 from convert.options import ConvertOptions
 from kvshrink.models import load_model
 from kvshrink.text import local_files
-from uptrain.adapters import add_adapters, family, set_trainable, target_modules
+from uptrain.adapters import add_adapters, set_trainable, subset_family, target_modules
 from uptrain.errors import RecipeError
 from uptrain.plan import config_dtype
 from uptrain.recipe import Recipe
@@ -98,9 +98,8 @@ def check_model_settings(recipe: Recipe, path: str) -> None:
     config = AutoConfig.from_pretrained(path).to_dict()
     if recipe.lora is not None:
         target_modules(config, recipe.lora.targets)
-    if t.trainable == "kv" and "qkv" in family(config, "train.trainable: kv").tensors:
-        raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
-                          "(use attention, or none with lora)")
+    if t.trainable not in ("all", "none"):
+        subset_family(config, t.trainable)
 
 
 def check_quantization(kind: str, state) -> None:
