@@ -129,24 +129,14 @@ CASES = [
 ]
 
 
-@dataclass(frozen=True)
-class Command:
-    """A CLI under the sweep: ``argv(model, out, good, files)`` -> the arguments after ``python``; ``files`` is a
-    folder for what the command reads besides (text, a recipe), written before the sweep looks for new files."""
-
-    name: str
-    argv: Callable[[Path, Path, Path, Path], list[str]]
-    roles: tuple[str, ...]  # which of the matrix's roles the command has
-
-
 def _text(files: Path) -> Path:
     path = files / "text.txt"
     path.write_text("Some text to score.\n\nAnd a second paragraph of it.\n")
     return path
 
 
-def _recipe(model: Path, out: Path, files: Path, data: Path) -> Path:
-    recipe = {"model": str(model), "output_dir": str(out), "data": {"train": [str(data)], "seq_len": 16}}
+def _recipe(model: Path, out: Path, files: Path, data: Path, **sections) -> Path:
+    recipe = {"model": str(model), "output_dir": str(out), "data": {"train": [str(data)], "seq_len": 16}, **sections}
     path = files / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
@@ -185,7 +175,28 @@ COMMANDS = [
     Command("uptrain", lambda model, out, good, files, data: ["-m", "uptrain",
                                                               str(_recipe(model, out, files, data or _text(files)))],
             ("model", "out", "data")),
+    Command("uptrain lora", lambda model, out, good, files, data: [
+        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA))], ("model", "out", "data")),
+    Command("uptrain --dry-run", lambda model, out, good, files, data: [
+        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA)), "--dry-run"],
+        ("model", "out", "data")),
+    Command("uptrain.merge", lambda model, out, good, files, data: ["-m", "uptrain.merge", str(_adapter(good, files)),
+                                                                    str(model), str(out)], ("model", "out")),
 ]
+
+
+def _adapter(good: Path, files: Path) -> Path:
+    """A LoRA adapter (peft's format) of the good checkpoint, for uptrain.merge."""
+    from transformers import AutoModelForCausalLM
+
+    from uptrain.adapters import add_adapters
+    from uptrain.recipe import Lora
+
+    add_adapters(AutoModelForCausalLM.from_pretrained(good), Lora(r=2)).save_pretrained(files / "adapter")
+    return files / "adapter"
+
+
+LORA = {"train": {"trainable": "none"}, "lora": {"r": 2, "targets": ["q", "o"]}}
 
 
 def sweep() -> list[tuple[Command, BadInput]]:

@@ -9,7 +9,7 @@ from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
 from uptrain.plan import dry_run
 from uptrain.recipe import load_recipe
-from uptrain.train import run
+from uptrain.train import check_paths, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         loaded.append(load_recipe(args.recipe, args.overrides))
+        check_output_dir(Path(loaded[0].output_dir), "output_dir")
         if args.dry_run:
+            check_paths(loaded[0])
             if os.environ.get("RANK", "0") == "0":
                 print(f"{args.recipe}: the recipe is valid; peak memory per device:\n{dry_run(loaded[0]).table()}")
             return 0
-        check_output_dir(Path(loaded[0].output_dir), "output_dir")
         summary = run(loaded[0])
         if summary.final:  # the main process
             print(summary.format())

@@ -34,7 +34,7 @@ from uptrain.plot import plot_metrics
 from uptrain.recipe import Recipe, lr_at, schedule
 from uptrain.summary import TrainingSummary
 
-__all__ = ["TrainingError", "backward_scale", "run"]
+__all__ = ["TrainingError", "backward_scale", "check_paths", "run"]
 
 
 def backward_scale(accelerator) -> float:
@@ -55,10 +55,7 @@ def run(recipe: Recipe) -> TrainingSummary:
     The model and teacher paths and the local data files are checked before anything is written; a run that
     fails (or is interrupted) before its first checkpoint removes the output directory it created.
     """
-    for what, path in (("model", recipe.model), ("teacher", recipe.teacher)):
-        if path:
-            checkpoints.check_model(path, what)
-    check_entries(recipe.data.train + (recipe.data.eval or []))
+    check_paths(recipe)
     with checkpoints.removed_on_failure(Path(recipe.output_dir)):
         try:
             return _run(recipe)
@@ -70,6 +67,14 @@ def run(recipe: Recipe) -> TrainingSummary:
                 f"the processes waited {recipe.train.collective_timeout_s} s in a collective that not all of them "
                 "joined (train.collective_timeout_s): one stopped or stalled; "
                 + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")) from None
+
+
+def check_paths(recipe: Recipe) -> None:
+    """The model and teacher checkpoints and the local data files, checked before anything loads or is written."""
+    for what, path in (("model", recipe.model), ("teacher", recipe.teacher)):
+        if path:
+            checkpoints.check_model(path, what)
+    check_entries(recipe.data.train + (recipe.data.eval or []))
 
 
 def _process_state(recipe: Recipe):
