@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,63 @@ def test_dry_run_prints_the_plan_term_by_term_and_writes_nothing(setup, tmp_path
             if line.endswith(" GB")}
     assert rows["frozen weights"] == round(plan.frozen / 1e9, 2) and rows["runtime"] == 0.6
     assert not (tmp_path / "out").exists()
+
+
+def _launch(recipe: Path, *overrides: str, port: int, script: Path | None = None):
+    from procs import run_group
+
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
+    target = [str(script)] if script else ["-m", "uptrain"]
+    return run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                      "--num_processes", "2", "--main_process_port", str(port), *target, str(recipe), *overrides],
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_matches_one_and_resumes_exactly(setup, tmp_path):
+    """2 DDP processes x 4 blocks equal 1 process x 4 x accumulation 2 (the same global batch): the same adapters;
+    the 2-process run's copy without its last checkpoint resumes on 2 processes to the same adapters again."""
+    steps = {"max_steps": 4, "micro_batch_size": 4}
+    two = lora_recipe(tmp_path / "two.yaml", setup, setup[3], tmp_path / "two", train={**steps, "grad_accum": 1},
+                      save={"every_steps": 2}, eval={"every_steps": 4}, lora={"dropout": 0.0})
+    one = lora_recipe(tmp_path / "one.yaml", setup, setup[3], tmp_path / "one", train={**steps, "grad_accum": 2},
+                      save={"every_steps": 4}, eval={"every_steps": 4}, lora={"dropout": 0.0})
+    done = _launch(two, port=29571)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es) (MULTI_CPU)" in done.stdout
+    run(load_recipe(one))
+    shutil.copytree(tmp_path / "two", tmp_path / "again", ignore=shutil.ignore_patterns("step-4", "final*"))
+    again = _launch(two, f"output_dir={tmp_path / 'again'}", port=29572)
+    assert again.returncode == 0 and "resuming from step-2" in again.stdout, again.stderr[-3000:]
+    name = "final-adapter/adapter_model.safetensors"
+    a, b, c = (load_file(tmp_path / run_dir / name) for run_dir in ("two", "one", "again"))
+    assert a.keys() == b.keys() == c.keys()
+    for key in a:
+        assert (a[key] - b[key]).norm() <= 1e-4 * b[key].norm() + 1e-6, key
+        assert torch.equal(a[key], c[key]), key
+
+
+_STALL_RANK_1 = """
+import os, sys, time
+import uptrain.train
+if os.environ.get("RANK") == "1":  # never reaches the loop's first collective
+    uptrain.train._Loop.train = lambda self, *args: time.sleep(300)
+from uptrain.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_never_joins_stops_the_run_with_one_line(setup, tmp_path):
+    """train.collective_timeout_s: process 1 stalls before the loop; process 0 waits in the loop's first collective
+    for 10 s, then the run ends (exit 1) with one line saying so, well before the 300 s stall."""
+    script = tmp_path / "stall.py"
+    script.write_text(_STALL_RANK_1)
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out")
+    started = time.monotonic()
+    done = _launch(recipe, "train.collective_timeout_s=10", port=29573, script=script)
+    assert done.returncode != 0 and time.monotonic() - started < 200
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: the processes waited 10 s in a collective that not all of them joined "
+                     "(train.collective_timeout_s): one stopped or stalled; no checkpoint was written yet"], \
+        done.stderr[-3000:]

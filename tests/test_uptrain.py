@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint
+from procs import run_group
 from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain.recipe import load_recipe
 from uptrain.loss import distill_kl
@@ -165,10 +166,9 @@ def test_same_global_batch_three_ways_gives_the_same_weights(setup, tmp_path):
                for name, train in ways.items()}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
-                           "-m", "uptrain", str(recipes["ddp"])],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                      "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
+                      "-m", "uptrain", str(recipes["ddp"])], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU)" in done.stdout
     for name in ("one", "accum"):
@@ -240,6 +240,7 @@ def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text
     """data.train a hub name (no local files): the convert step samples convert.calibration_tokens from the
     source once (OUTPUT_DIR/calibration-samples) and calibrates on them."""
     from convert import convert_checkpoint
+from procs import run_group
     from uptrain.student import convert_options
 
     out = tmp_path / "hub"
@@ -345,10 +346,9 @@ def test_chunked_and_full_logits_losses_train_the_same_weights(setup, tmp_path):
 def _launch(recipe: Path, config: str, *overrides: str, port: int = 29541) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     path = Path(__file__).parents[1] / "recipes" / "accelerate" / config
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
-                           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
-                           "-m", "uptrain", str(recipe), *overrides],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
+                      "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
+                      "-m", "uptrain", str(recipe), *overrides], env=env, timeout=600)
 
 
 @pytest.mark.slow
