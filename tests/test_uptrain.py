@@ -240,7 +240,6 @@ def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text
     """data.train a hub name (no local files): the convert step samples convert.calibration_tokens from the
     source once (OUTPUT_DIR/calibration-samples) and calibrates on them."""
     from convert import convert_checkpoint
-from procs import run_group
     from uptrain.student import convert_options
 
     out = tmp_path / "hub"
