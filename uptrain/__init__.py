@@ -11,7 +11,10 @@ converter tables. The modules:
     data        text -> token blocks; the training batches
     loss        per-token losses: cross-entropy, distillation KL, the chunked and Liger losses
     perplexity  the one eval loop: perplexity of a model on text, in and out of training
-    student     the models of a run: the convert step, loading, the trainable subset, AdamW groups, compile
+    student     the models of a run: the convert step, loading (quantized where asked), AdamW groups, compile
+    adapters    LoRA adapters through peft on the recipe's roles; the trainable subset
+    plan        the peak-memory plan of a run (``--dry-run``) and its precision
+    merge       adapters merged into the base checkpoint tensor by tensor (``python -m uptrain.merge``)
     metrics     metrics.jsonl and the tracker's hyperparameters
     checkpoints accelerate state, resume, the final checkpoint
     train       the loop (``python -m uptrain``)

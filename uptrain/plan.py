@@ -172,10 +172,16 @@ class RunShape:
     fsdp: bool = False
 
 
+def frozen_in_float32(train, mixed_precision: str) -> bool:
+    """Whether a run keeps its (unquantized) frozen weights in float32 rather than the checkpoint's dtype: when
+    everything trains (the master weights) or it computes in float32."""
+    return train.trainable == "all" or mixed_precision == "no"
+
+
 def _frozen_bytes(model, recipe, shape: RunShape) -> int:
     """The frozen parameters as the run keeps them (``uptrain.student.load_student``)."""
     quantized = recipe.train.base_quantization
-    kept = 4 if recipe.train.trainable == "all" or shape.precision == "no" else shape.dtype.itemsize
+    kept = 4 if frozen_in_float32(recipe.train, shape.precision) else shape.dtype.itemsize
     head = model.get_output_embeddings()
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head}
     total = 0.0
@@ -219,7 +225,7 @@ def memory_plan(recipe, config, shape: RunShape, teacher_config=None) -> MemoryP
         model = add_adapters(model, recipe.lora)
     trainable = set_trainable(model, recipe.train.trainable, adapters=recipe.lora is not None)
     element = 2 if shape.precision in ("bf16", "fp16") else 4
-    kept = 4 if recipe.train.trainable == "all" or shape.precision == "no" else shape.dtype.itemsize
+    kept = 4 if frozen_in_float32(recipe.train, shape.precision) else shape.dtype.itemsize
     frozen, states = _frozen_bytes(model, recipe, shape), trainable * ADAM_BYTES
     if shape.fsdp:
         frozen, states = frozen // shape.processes, states // shape.processes

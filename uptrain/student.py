@@ -17,7 +17,7 @@ from kvshrink.models import load_model
 from kvshrink.text import local_files
 from uptrain.adapters import add_adapters, set_trainable, subset_family, target_modules
 from uptrain.errors import RecipeError
-from uptrain.plan import config_dtype
+from uptrain.plan import config_dtype, frozen_in_float32
 from uptrain.recipe import Recipe
 from uptrain.sample import Sampling, cached_samples
 
@@ -151,7 +151,7 @@ def load_student(recipe: Recipe, accelerator, path: str):
         return load_model(path, quantization_config=quantization(kind, compute_dtype(accelerator)),
                           device_map={"": accelerator.device})
     model = load_model(path)
-    if recipe.train.trainable == "all" or accelerator.mixed_precision == "no":
+    if frozen_in_float32(recipe.train, accelerator.mixed_precision):
         model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
     return model
 
