@@ -396,3 +396,14 @@ def test_the_plans_activations_match_what_autograd_keeps(dtype):
     element = 2 if dtype == torch.bfloat16 else 4
     estimate = p._activations(config, recipe, element, element, checkpointing=False)
     assert abs(estimate - sum(saved.values())) <= 0.15 * sum(saved.values()), (estimate, sum(saved.values()))
+
+
+def test_a_quantized_base_without_bitsandbytes_is_one_line_before_any_work(setup, tmp_path):
+    recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out", train={"base_quantization": "4bit"})
+    code = ("import sys; sys.modules['bitsandbytes'] = None\n"  # as if it were not installed
+            "from uptrain.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=tmp_path,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert done.returncode == 2 and done.stderr == ("error: train.base_quantization: 4bit needs bitsandbytes: "
+                                                    "pip install 'kvshrink[quant]'\n"), done.stderr
+    assert not (tmp_path / "out").exists()
