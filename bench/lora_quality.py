@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         trainable = re.search(r"([\d,]+) trainable parameters", stdout)[1]
         seconds = re.search(r"time \(this run\)\s+([\d.]+) s", stdout)[1]
         ppl = perplexities(out / "final", texts, 512, 4096)
+        planned = re.search(r"peak\s+([\d.]+) GB", plan)[1]
         print(f"| ({key}) {name} | {trainable} | {ppl['eval']:.2f} | {ppl['off-domain']:.2f} | {rss:.2f} | "
-              f"{re.search(r'peak\s+([\d.]+) GB', plan)[1]} | {float(seconds):.0f} (loop), {wall:.0f} (process) |",
-              flush=True)
+              f"{planned} | {float(seconds):.0f} (loop), {wall:.0f} (process) |", flush=True)
     return 0
 
 

@@ -33,6 +33,8 @@ SUBCOMMANDS = (
                "held-out perplexity and downstream tasks of checkpoints, side by side (python -m uptrain.evaluate)"),
     Subcommand("sample", "uptrain.sample.cli",
                "training text sampled from the original model itself (python -m uptrain.sample)"),
+    Subcommand("merge", "uptrain.merge",
+               "a LoRA run's adapters merged into its base, tensor by tensor (python -m uptrain.merge)"),
     Subcommand("decode-bench", "kvshrink.decode_bench.cli",
                "KV-cache bytes and decoding speed, measured (python -m kvshrink.decode_bench)"),
     Subcommand("demo", "kvshrink.demo.demo",

@@ -29,8 +29,8 @@ README_MAX_LINES = 250
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}  # fenced blocks whose lines are commands
 NOT_OURS = {"pytest", "pip"}  # python -m modules of other projects
 # Every command a user is told about; each must appear in the documents at least once.
-COMMANDS = {"convert", "uptrain", "uptrain.evaluate", "uptrain.sample", "kvshrink.decode_bench", "kvshrink.demo",
-            "kvshrink"}
+COMMANDS = {"convert", "uptrain", "uptrain.evaluate", "uptrain.sample", "uptrain.merge", "kvshrink.decode_bench",
+            "kvshrink.demo", "kvshrink"}
 
 
 class _Parsed(BaseException):

@@ -89,7 +89,7 @@ def kvshrink_script(venv: Path, args: list[str], cwd: Path) -> subprocess.Comple
 def test_the_console_script_runs_each_subcommand_help(venv, tmp_path):
     listed = kvshrink_script(venv, ["--help"], tmp_path)
     assert listed.returncode == 0, listed.stderr[-2000:]
-    for name in ("convert", "uptrain", "evaluate", "sample", "decode-bench", "demo"):
+    for name in ("convert", "uptrain", "evaluate", "sample", "merge", "decode-bench", "demo"):
         assert sum(line.split()[:1] == [name] for line in listed.stdout.splitlines()) == 1, listed.stdout
     converting = kvshrink_script(venv, ["convert", "--help"], tmp_path)
     assert converting.returncode == 0 and "--kv-heads" in converting.stdout, converting.stderr[-2000:]

@@ -152,8 +152,8 @@ def save_adapter(accelerator, model, directory: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m uptrain.merge",
+def main(argv: list[str] | None = None, prog: str = "python -m uptrain.merge") -> int:
+    parser = OneLineParser(prog=prog,
                            description="Merge a run's LoRA adapters (OUTPUT_DIR/final-adapter) into its base "
                                        "checkpoint, one tensor at a time.")
     parser.add_argument("adapter", help="the adapter directory (a run's final-adapter)")
