@@ -40,7 +40,7 @@ def build_skeleton(src_dir: Path, dtype):
     return model.eval()
 
 
-def _output_head(model) -> str | None:
+def output_head(model) -> str | None:
     """The module path of the output embeddings (never run by calibration, never read)."""
     head = model.get_output_embeddings()
     return next((name for name, module in model.named_modules() if module is head), None)
@@ -94,7 +94,7 @@ class LayerLoader:
         prefixes = [anchor.rsplit(".", 3)[0] + "." for anchor in anchors]  # the layer, as the checkpoint names it
         self.layer_tensors = [[n for n in weights.tensors if n.startswith(p)] for p in prefixes]
         in_layers = {n for names in self.layer_tensors for n in names}
-        head = _output_head(self.model)
+        head = output_head(self.model)
         self.resident = [n for n in weights.tensors if n not in in_layers and not (head and n.startswith(head + "."))]
         self.layer_params = [[n for n, _ in self.model.named_parameters() if n.startswith(d + ".")]
                              for d in self.decoders]
@@ -250,7 +250,7 @@ class _Stop(Exception):
     pass
 
 
-class _Through(tuple):
+class Through(tuple):
     """What a stand-in layer returns: ``(hidden,)``. A model that indexes its layer's output (``outputs[0]``) gets
     the hidden states; one that passes the output on whole hands it to the next stand-in, which unwraps it."""
 
@@ -258,7 +258,7 @@ class _Through(tuple):
 def _hidden_of(args: tuple, kwargs: dict):
     """(the hidden states, the other positional arguments) of a decoder layer's call."""
     hidden = args[0] if args else kwargs.pop("hidden_states")
-    if isinstance(hidden, _Through):
+    if isinstance(hidden, Through):
         hidden = hidden[0]
     return hidden, tuple(args[1:])
 
@@ -273,7 +273,7 @@ def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
             record(index, hidden, rest, kwargs)
             if index == len(decoders) - 1:
                 raise _Stop
-            return _Through((hidden,))
+            return Through((hidden,))
         return forward
 
     for index, decoder in enumerate(decoders):

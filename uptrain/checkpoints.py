@@ -68,6 +68,16 @@ def check_model(path: str, what: str = "") -> None:
                               "is set)".strip())
 
 
+def check_teacher_files(checkpoint: Path, key: str | None) -> None:
+    """Refuse to resume a run distilled from offline teacher files of another key (other data, k, temperature
+    or teacher) than this run's: its steps so far learned another target."""
+    saved = read_state(checkpoint).get("teacher")
+    if saved != key:
+        raise RecipeError(f"resume: {checkpoint} was trained against other teacher files than this recipe makes "
+                          f"({'offline distillation' if saved else 'no offline teacher'} then); resume with the "
+                          "recipe that wrote it, or use a new output_dir")
+
+
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE).read_text())
 
@@ -135,7 +145,7 @@ def check_trained_match(checkpoint: Path, model) -> None:
                           "resume with the recipe that wrote it, or use a new output_dir")
 
 
-def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
+def save(accelerator, out: Path, step: int, keep_last: int, facts: dict | None = None) -> Path:
     """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last.
 
     Every process writes its part of the state into the same temporary directory between barriers, and process
@@ -151,7 +161,7 @@ def save(accelerator, out: Path, step: int, keep_last: int) -> Path:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / STATE).write_text(json.dumps({"step": step}) + "\n")
+            (tmp / STATE).write_text(json.dumps({"step": step, **(facts or {})}) + "\n")
     except OSError:  # full or read-only disk: drop the partial copy, keep every complete checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         raise

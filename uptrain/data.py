@@ -83,7 +83,46 @@ def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
 
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows])}
+    """Blocks stacked into ``input_ids`` (B, T); their dataset indices as ``index`` (B,) where they have one."""
+    batch = {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows])}
+    if all("index" in r for r in rows):
+        batch["index"] = torch.tensor([int(r["index"]) for r in rows])
+    return batch
+
+
+class Indexed(torch.utils.data.Dataset):
+    """A map-style dataset's blocks with their index (``index``): the offline teacher's rows are found by it."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.dataset[i]["input_ids"], "index": i}
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of epoch ``epoch``'s block order (and its DataLoader's own draws)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def training_rows(count: int, batch_size: int, seed: int, blocks: int) -> list[int]:
+    """The dataset indices of the first ``blocks`` blocks training takes (epoch after epoch, each epoch's
+    permutation cut to whole micro-batches), each once, in the order training first takes them."""
+    rows: dict[int, None] = {}
+    taken, epoch = 0, 0
+    while taken < blocks:
+        order = torch.randperm(count, generator=epoch_generator(seed, epoch)).tolist()
+        usable = order[:count // batch_size * batch_size]
+        for index in usable[:blocks - taken]:
+            rows.setdefault(index)
+        taken += len(usable)
+        epoch += 1
+        if not usable or len(rows) == count:
+            break
+    return list(rows)
 
 
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
@@ -92,12 +131,12 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils
     The loader has its own generator: starting to iterate a DataLoader draws a seed, from the global RNG when it
     has none, and a resumed run starts iterating at another step than the run it continues, so dropout (LoRA's)
     would draw other masks after it."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = epoch_generator(seed, epoch)
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
         shuffled = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
         return torch.utils.data.DataLoader(shuffled, batch_size=batch_size, collate_fn=collate, generator=generator)
     order = torch.randperm(len(dataset), generator=generator).tolist()
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size,
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(Indexed(dataset), order), batch_size=batch_size,
                                        collate_fn=collate, drop_last=True, generator=generator)
 
 

@@ -17,6 +17,7 @@ Per token with a label (every position but each block's last), as ``token_losses
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,60 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return (t.exp() * (t - s)).sum() * temperature**2
 
 
+@dataclass(frozen=True)
+class Stored:
+    """An offline teacher's distribution per token of a micro-batch (B*T rows, ``uptrain.teacher.Targets``): the
+    ids of its top k tokens (None: the whole vocabulary in order), their log-probs at the distillation
+    temperature, and the log of the probability outside them."""
+
+    ids: torch.Tensor | None
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+
+    def rows(self, rows: slice, keep: torch.Tensor) -> Stored:
+        pick = (lambda t: None if t is None else t[rows][keep])
+        return Stored(pick(self.ids), pick(self.logprobs), pick(self.tail))
+
+
+def stored_kl(log_q: torch.Tensor, stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed KL, the student's target distribution) of tokens against an offline teacher's top-k distribution.
+
+    The KL is taken between the two distributions coarsened to k + 1 outcomes: the teacher's k stored tokens, and
+    "the rest", which holds the teacher's tail mass p_r and the student's mass q_r outside those tokens:
+
+        KL = sum_i p_i (log p_i - log q_i) + p_r (log p_r - log q_r)
+
+    This is top-k sparse knowledge distillation with the remaining mass kept as one extra outcome, the form
+    sometimes called top-k with a residual (or "other") bucket: exact for what the files hold, never more than
+    the full KL (coarsening only loses information), and the full KL itself when k is the whole vocabulary
+    (p_r = 0). Renormalizing the top k instead would ask the student to put all its mass there. Its gradient
+    with respect to the student's tempered logits is q - target, where the target is p_i on the stored tokens and
+    q_j * p_r / q_r on every other token (the teacher's tail spread as the student spreads its own).
+    """
+    log_p = stored.logprobs.float()
+    p = log_p.exp()
+    if stored.ids is None:
+        return torch.where(p > 0, p * (log_p - log_q), 0).sum(), p
+    log_q_top = log_q.gather(1, stored.ids)
+    log_q_rest = log_q.scatter(1, stored.ids, float("-inf")).logsumexp(1)  # (n,)
+    tail = stored.tail.float()
+    p_rest = tail.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q_top), 0).sum()
+    kl = kl + torch.where(p_rest > 0, p_rest * (tail - log_q_rest), 0).sum()
+    target = (log_q + (tail - log_q_rest)[:, None]).exp()
+    return kl, target.scatter_(1, stored.ids, p)
+
+
+def stored_distill_kl(student_logits: torch.Tensor, stored: Stored, temperature: float) -> torch.Tensor:
+    """``distill_kl`` against an offline teacher's stored distribution (``stored_kl``), from full (B, T, vocab)
+    logits, through autograd."""
+    flat = student_logits.flatten(0, 1).float() / temperature
+    keep = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+    keep.view(student_logits.shape[:2])[:, -1] = False  # the last position predicts nothing
+    kl, _ = stored_kl(flat[keep].log_softmax(-1), stored.rows(slice(None), keep))
+    return kl * temperature**2
+
+
 def chunkable(model) -> bool:
     """Whether logits are exactly lm_head(final hidden state): no softcapping or scaling after the lm_head."""
     config = model.config
@@ -66,7 +121,7 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, w, temperature,
-                chunk):
+                chunk, stored=None):
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         # A frozen lm_head (adapters, trainable subsets) gets no (vocab, H) gradient buffer.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -90,7 +145,11 @@ class ChunkedLoss(torch.autograd.Function):
             dz[torch.arange(len(y)), y] -= 1
             dz *= 1 - w
             chunk_loss = (1 - w) * ce
-            if w > 0:
+            if w > 0 and stored is not None:  # the offline teacher's stored distribution
+                kl, target = stored_kl(log_ps, stored.rows(rows, keep))
+                chunk_loss = chunk_loss + w * temperature**2 * kl
+                dz += log_ps.exp_().sub_(target).mul_(w * temperature)
+            elif w > 0:
                 th = teacher_hidden[rows][keep]
                 t = F.linear(th, teacher_weight.to(th.dtype), None if teacher_bias is None else
                              teacher_bias.to(th.dtype)).float()
@@ -119,20 +178,22 @@ class ChunkedLoss(torch.autograd.Function):
         grad_bias = rest.pop(0) if ctx.has_bias else None
         scale = grad_loss.float()
         return ((grad_hidden * scale).to(ctx.hidden_dtype), None if grad_weight is None else grad_weight * scale,
-                None if grad_bias is None else grad_bias * scale, *(None,) * 7)
+                None if grad_bias is None else grad_bias * scale, *(None,) * 8)
 
 
 def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
                  teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
-                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss sum, CE sum) of a (B, T) block from final hidden states (B, T, H); positions 0..T-2 predict 1..T-1."""
+                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 512,
+                 stored: Stored | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss sum, CE sum) of a (B, T) block from final hidden states (B, T, H); positions 0..T-2 predict 1..T-1.
+    The distillation target is the teacher's hidden states and head, or its ``stored`` distribution."""
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
     flat = hidden.flatten(0, 1)  # (B*T, H)
     t_flat = None if teacher_hidden is None else teacher_hidden.flatten(0, 1)
     t_weight = None if teacher_head is None else teacher_head.weight
     t_bias = None if teacher_head is None else teacher_head.bias
     return ChunkedLoss.apply(flat, lm_head.weight, lm_head.bias, labels, t_flat, t_weight, t_bias, weight,
-                             temperature, chunk)
+                             temperature, chunk, stored)
 
 
 def liger_available() -> bool:
@@ -140,7 +201,8 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def select_fused_loss(option: str, device_type: str, biased_distill: bool, available: bool | None = None) -> str:
+def select_fused_loss(option: str, device_type: str, biased_distill: bool, available: bool | None = None,
+                      offline: bool = False) -> str:
     """``"liger"`` or ``"chunked"`` for ``train.fused_loss`` (auto | liger | off) on ``device_type``.
 
     auto takes Liger where it can run (installed, CUDA, and no lm_head bias under distillation: its fused JSD
@@ -157,8 +219,11 @@ def select_fused_loss(option: str, device_type: str, biased_distill: bool, avail
         if biased_distill:
             raise RecipeError("train.fused_loss: Liger's fused JSD has no lm_head bias and this model's lm_head "
                               "has one (set train.fused_loss=auto)")
+        if offline:
+            raise RecipeError("train.fused_loss: Liger has no loss against a stored top-k distribution "
+                              "(distill.mode: offline); set train.fused_loss=auto")
         return "liger"
-    if option == "auto" and available and device_type == "cuda" and not biased_distill:
+    if option == "auto" and available and device_type == "cuda" and not biased_distill and not offline:
         return "liger"
     return "chunked"
 

@@ -234,7 +234,7 @@ def memory_plan(recipe, config, shape: RunShape, teacher_config=None) -> MemoryP
     checkpointing = recipe.train.gradient_checkpointing
     activations = [_activations(config, recipe, element, kept, c) for c in (checkpointing, not checkpointing)]
     teacher = 0
-    if teacher_config is not None:  # loaded whenever the recipe names one
+    if teacher_config is not None and recipe.distill.mode == "online":  # offline: never in memory
         teacher = sum(p.numel() for p in meta_model(teacher_config).parameters()) * element
     return MemoryPlan(device=shape.device, capacity=device_memory(shape.device), frozen=frozen,
                       trainable_parameters=trainable, trainable=states, activations=activations[0],

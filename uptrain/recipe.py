@@ -92,6 +92,9 @@ class Distill:
     weight: float = 0.0
     temperature: float = 1.0
     teacher_inference_mode: bool = False  # the teacher's forward under torch.inference_mode, not no_grad
+    mode: str = "online"  # online: the teacher beside the student; offline: its top-k log-probs, computed first
+    top_k: int | None = 64  # offline: tokens kept per position (null: the whole vocabulary)
+    logits_dtype: str = "bfloat16"  # offline: how the stored log-probs are kept
 
 
 @dataclass
@@ -139,6 +142,8 @@ CHOICES = {
     "train.fused_loss": ("auto", "liger", "off"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "log.tracker": ("none", "tensorboard", "wandb"),
+    "distill.mode": ("online", "offline"),
+    "distill.logits_dtype": ("bfloat16", "float32"),
     "convert.method": tuple(METHODS),
     "convert.grouping": tuple(GROUPINGS),
     "convert.dtype": tuple(DTYPES),
@@ -346,6 +351,7 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError("distill.weight > 0 needs a teacher model")
     if r.distill.temperature <= 0:
         raise RecipeError("distill.temperature must be positive")
+    _check_offline(r)
     if not 0 < r.data.eval_fraction < 1 and r.data.eval is None:
         raise RecipeError("data.eval_fraction must be in (0, 1) when data.eval is not given")
     if t.min_lr > t.lr:
@@ -394,3 +400,15 @@ def _check_lora(r: Recipe) -> None:
     if t.base_quantization != "none" and t.trainable != "none":
         raise RecipeError(f"train.base_quantization: {t.base_quantization} needs train.trainable: none (the "
                           "quantized base cannot be trained fully)")
+
+
+def _check_offline(r: Recipe) -> None:
+    d = r.distill
+    if d.mode != "offline":
+        return
+    if d.top_k is not None and d.top_k <= 0:
+        raise RecipeError(f"distill.top_k must be positive (or null: the whole vocabulary), got {d.top_k}")
+    if d.weight == 0:
+        raise RecipeError("distill.mode: offline needs distill.weight > 0 (nothing distills at weight 0)")
+    if r.data.streaming:
+        raise RecipeError("distill.mode: offline needs data.streaming: false (the teacher pass indexes the blocks)")

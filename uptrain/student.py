@@ -93,6 +93,12 @@ def check_model_settings(recipe: Recipe, path: str) -> None:
     from transformers import AutoConfig
 
     t = recipe.train
+    if recipe.teacher:  # before anything loads: the teacher's vocabulary (needed in both distillation modes)
+        vocab = AutoConfig.from_pretrained(recipe.teacher).vocab_size
+        if vocab != AutoConfig.from_pretrained(path).vocab_size:
+            raise RecipeError(f"the teacher's vocabulary ({vocab}) differs from the student's "
+                              f"({AutoConfig.from_pretrained(path).vocab_size}); distillation needs the same "
+                              "tokenizer")
     if t.trainable == "all" and recipe.lora is None:
         return
     config = AutoConfig.from_pretrained(path).to_dict()
@@ -161,7 +167,7 @@ def load_models(recipe: Recipe, accelerator, path: str):
     checkpoint dtype, the trainable parameter count). Trained parameters are float32; frozen ones stay in the
     checkpoint's dtype where the run computes in bf16/fp16 (``load_student``)."""
     model = load_student(recipe, accelerator, path)
-    teacher = load_teacher(recipe) if recipe.teacher else None
+    teacher = load_teacher(recipe) if recipe.teacher and recipe.distill.mode == "online" else None
     check_inputs(recipe, model, teacher)
     if recipe.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name

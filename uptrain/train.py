@@ -17,16 +17,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from convert.source import resolve_source
+from kvshrink.device import pick_device
 from kvshrink.errors import os_error_line
 from kvshrink.models import load_tokenizer
 from kvshrink.text import check_entries
-from convert.source import resolve_source
 from uptrain import checkpoints, data, downstream, merge, student
+from uptrain import teacher as teacher_files
 from uptrain.errors import RecipeError, TrainingError
-from uptrain.loss import chunked_loss, distill_kl, liger_loss, loss_chunk, select_fused_loss, token_losses
+from uptrain.loss import (Stored, chunked_loss, distill_kl, liger_loss, loss_chunk, select_fused_loss,
+                          stored_distill_kl, token_losses)
 from uptrain.metrics import MetricsLog, tracker_config
 from uptrain.perplexity import eval_metrics
 from uptrain.plan import RunShape, config_dtype, memory_plan, precision
@@ -186,6 +190,28 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
                   start_step)
 
 
+def _offline_teacher(recipe: Recipe, accelerator, train_set) -> teacher_files.TeacherFiles:
+    """The offline teacher's files for the blocks this run will train on (``uptrain.teacher``): reused when their
+    key matches, else computed by the main process, one layer at a time; the others wait for them on disk."""
+    t, d = recipe.train, recipe.distill
+    _, steps = schedule(recipe, accelerator.num_processes)
+    needed = (steps * t.grad_accum + 1) * t.micro_batch_size * accelerator.num_processes  # + DDP's padding
+    rows = np.array(data.training_rows(len(train_set), t.micro_batch_size, t.seed, needed), dtype=np.int64)
+
+    def blocks(start: int, stop: int) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(train_set[int(i)]["input_ids"]) for i in rows[start:stop]])
+
+    source = resolve_source(recipe.teacher)
+    key = teacher_files.teacher_key(source, blocks, rows, d.top_k, d.temperature, d.logits_dtype)
+    directory = Path(recipe.output_dir) / teacher_files.DIRECTORY
+    if accelerator.is_main_process and teacher_files.stored_key(directory) != key:
+        teacher_files.teacher_pass(source, blocks, rows, recipe.data.seq_len, d.top_k, d.temperature,
+                                   d.logits_dtype, directory, key, pick_device("auto"))
+    while teacher_files.stored_key(directory) != key:  # the main process computes them (no collective: it may
+        time.sleep(1.0)  # take longer than the collective timeout)
+    return teacher_files.TeacherFiles(directory, key)
+
+
 def _print_plan(recipe: Recipe, accelerator, model_path: str) -> None:
     """The run's memory plan (``uptrain.plan``) in one line, and a warning line where it exceeds the device."""
     from accelerate.utils import DistributedType
@@ -231,12 +257,15 @@ def _run(recipe: Recipe) -> TrainingSummary:
     set_seed(t.seed)
 
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
+    stored = _offline_teacher(recipe, accelerator, train_set) if recipe.distill.mode == "offline" else None
     before = _scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
+    if resume_from is not None:
+        checkpoints.check_teacher_files(resume_from, None if stored is None else stored.key)
     s = _prepare(recipe, accelerator, model_path, eval_set, resume_from)
     metrics = _metrics(recipe, accelerator, s.start_step, before)
 
     loop = _Loop(recipe, accelerator, s.model, s.teacher, s.optimizer, s.scheduler, s.eval_loader, metrics,
-                 s.total_steps, s.tokens_per_step)
+                 s.total_steps, s.tokens_per_step, stored)
     batches = data.train_batches(train_set, t.micro_batch_size, t.seed, accelerator,
                                  start=s.start_step * t.grad_accum)
     summary = loop.train(batches, s.start_step)
@@ -272,8 +301,8 @@ class _Loop:
     """The optimizer-step loop with its logging, evaluation and checkpoints."""
 
     def __init__(self, recipe, accelerator, model, teacher, optimizer, scheduler, eval_loader, metrics,
-                 total_steps, tokens_per_step):
-        self.r, self.acc, self.model, self.teacher = recipe, accelerator, model, teacher
+                 total_steps, tokens_per_step, stored=None):
+        self.r, self.acc, self.model, self.teacher, self.stored = recipe, accelerator, model, teacher, stored
         self.optimizer, self.scheduler, self.eval_loader, self.metrics = optimizer, scheduler, eval_loader, metrics
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.step, self.grad_norm = 0, float("nan")
@@ -281,7 +310,8 @@ class _Loop:
         self.chunk = loss_chunk(recipe.train.loss_chunk_tokens, accelerator, model, teacher)
         heads = [accelerator.unwrap_model(model)] + ([teacher] if teacher is not None else [])
         biased = teacher is not None and any(m.get_output_embeddings().bias is not None for m in heads)
-        self.fused = select_fused_loss(recipe.train.fused_loss, accelerator.device.type, biased)
+        self.fused = select_fused_loss(recipe.train.fused_loss, accelerator.device.type, biased,
+                                       offline=stored is not None)
 
     def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
@@ -294,7 +324,7 @@ class _Loop:
         window_loss = None  # set at the sync, which the window's last micro-batch always is
         for batch in window:
             with acc.accumulate(self.model):
-                loss, ce = self.micro_batch_loss(batch["input_ids"])
+                loss, ce = self.micro_batch_loss(batch)
                 acc.backward(loss * backward_scale(acc) / tokens.float())
                 total += loss.detach().double()
                 ce_total += ce.detach().double()
@@ -306,9 +336,12 @@ class _Loop:
                 self.optimizer.zero_grad(set_to_none=True)
         return window_loss, acc.reduce(ce_total, "sum") / tokens
 
-    def micro_batch_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, CE) sums of one micro-batch: chunked from hidden states (uptrain.loss) where exact, else full."""
-        r, acc, w = self.r, self.acc, self.r.distill.weight
+    def micro_batch_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, CE) sums of one micro-batch: chunked from hidden states (uptrain.loss) where exact, else full;
+        distilled from the teacher beside the student, or from its stored distribution (offline)."""
+        r, acc, w, ids = self.r, self.acc, self.r.distill.weight, batch["input_ids"]
+        if self.stored is not None:
+            return self.offline_loss(ids, self.stored.targets(batch["index"], ids.device))
         if self.chunk:
             hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             teacher_hidden = None
@@ -330,6 +363,17 @@ class _Loop:
         teacher_logits = self.teacher_output(ids).logits
         return (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature), ce.detach()
 
+    def offline_loss(self, ids: torch.Tensor, stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, CE) sums against the offline teacher's stored distribution, chunked or from full logits."""
+        w, temperature = self.r.distill.weight, self.r.distill.temperature
+        if self.chunk:
+            hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            head = self.acc.unwrap_model(self.model).get_output_embeddings()
+            return chunked_loss(hidden, head, ids, weight=w, temperature=temperature, chunk=self.chunk, stored=stored)
+        logits = self.model(input_ids=ids).logits
+        ce = token_losses(logits, ids)
+        return (1 - w) * ce + w * stored_distill_kl(logits, stored, temperature), ce.detach()
+
     def teacher_output(self, ids: torch.Tensor, **kwargs):
         """The teacher's forward in the compute dtype, under no_grad, or inference_mode where the recipe says
         (distill.teacher_inference_mode: no version counters or autograd metadata on its tensors)."""
@@ -341,7 +385,8 @@ class _Loop:
         """A checkpoint of this step; a full or read-only disk stops the run naming the last complete one."""
         out = Path(self.r.output_dir)
         try:
-            checkpoints.save(self.acc, out, self.step, self.r.save.keep_last)
+            facts = {} if self.stored is None else {"teacher": self.stored.key}
+            checkpoints.save(self.acc, out, self.step, self.r.save.keep_last, facts)
         except OSError as exc:
             last = checkpoints.newest(out)
             keep = f"the last complete checkpoint, {last}, is intact: rerun to resume from it" if last else \
