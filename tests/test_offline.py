@@ -177,3 +177,75 @@ def test_a_teacher_with_another_vocabulary_is_one_line_before_any_work(setup, tm
                           text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "vocabulary (77)" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_the_teacher_pass_is_one_line_and_leaves_nothing(setup, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from uptrain.__main__ import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "teacher" / "logprobs.npy"))
+
+    monkeypatch.setattr(t, "_store_row", full)
+    assert main([str(recipe(tmp_path / "a.yaml", setup, tmp_path / "out", distill={"top_k": 8}))]) == 2
+    err = capsys.readouterr().err.strip()  # in-process, datasets' progress bars come first
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.endswith(errors[0]) and "No space left on device" in errors[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # the run made it, and nothing of it is left
+
+
+_KILLABLE = """
+import sys
+from uptrain.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_on_the_same_files_to_the_same_lora_weights(setup, tmp_path):
+    """Offline distillation with LoRA adapters: a run killed once its step-2 checkpoint exists resumes without
+    recomputing the teacher files and ends with the adapters of a run never stopped."""
+    import signal
+    import time
+
+    lora = {"train": {"max_steps": 6, "trainable": "none"}, "lora": {"r": 4, "targets": ["q", "o"]},
+            "distill": {"top_k": 16}, "save": {"every_steps": 2, "keep_last": 3}}
+    straight = recipe(tmp_path / "s.yaml", setup, tmp_path / "straight", **lora)
+    run(load_recipe(straight))
+    killed = recipe(tmp_path / "k.yaml", setup, tmp_path / "killed", **lora)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before step 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stamp = (tmp_path / "killed" / "teacher" / "logprobs.npy").stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "-m", "uptrain", str(killed)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "resuming from step-" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "killed" / "teacher" / "logprobs.npy").stat().st_mtime_ns == stamp
+    name = "final-adapter/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_offline_on_two_processes_equals_one_with_accumulation(setup, tmp_path):
+    """2 DDP processes x 4 blocks, each reading its own blocks' stored targets, end with the weights of
+    1 process x 4 x accumulation 2 (the same global batch)."""
+    from procs import run_group
+
+    two = recipe(tmp_path / "two.yaml", setup, tmp_path / "two", train={"grad_accum": 1})
+    one = recipe(tmp_path / "one.yaml", setup, tmp_path / "one")
+    config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
+    done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                      "--num_processes", "2", "--main_process_port", "29581", "-m", "uptrain", str(two)],
+                     env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+    assert done.returncode == 0 and "2 process(es) (MULTI_CPU)" in done.stdout, done.stderr[-3000:]
+    run(load_recipe(one))
+    close(weights(tmp_path / "two"), weights(tmp_path / "one"))
