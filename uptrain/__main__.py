@@ -8,6 +8,7 @@ from pathlib import Path
 from kvshrink.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
 from uptrain.plan import dry_run
+from uptrain.errors import RecipeError
 from uptrain.recipe import load_recipe
 from uptrain.train import check_paths, run
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the recipe and print its peak-memory plan per device, then stop")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="with distill.mode: offline, compute the teacher files (OUTPUT_DIR/teacher), then stop")
     args = parser.parse_args(argv)
     loaded = []
 
@@ -29,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"{args.recipe}: the recipe is valid; peak memory per device:\n{dry_run(loaded[0]).table()}")
             return 0
-        summary = run(loaded[0])
-        if summary.final:  # the main process
+        if args.teacher_only and loaded[0].distill.mode != "offline":
+            raise RecipeError("--teacher-only needs distill.mode: offline")
+        summary = run(loaded[0], teacher_only=args.teacher_only)
+        if summary is None:
+            print(f"teacher files: {Path(loaded[0].output_dir) / 'teacher'}")
+        elif summary.final:  # the main process
             print(summary.format())
         return 0
 

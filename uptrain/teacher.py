@@ -161,6 +161,7 @@ def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: i
     count, vocab = len(rows), loader.model.config.vocab_size
     k = vocab if top_k is None else min(top_k, vocab)
     group = group or group_size(seq_len, loader.model.config.hidden_size)
+    started = time.perf_counter()
     with torch.inference_mode(), AtomicDirectory(out) as tmp:
         store = np.uint16 if dtype == "bfloat16" else np.float32
         logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", store, (count, seq_len, k))
@@ -186,7 +187,7 @@ def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: i
         written = sum(p.stat().st_size for p in tmp.iterdir())
     if progress:
         print(f"teacher: {count} blocks of {seq_len} tokens, top {k} of {vocab} tokens, {written / 1e6:,.1f} MB "
-              f"written to {out}", flush=True)
+              f"written to {out} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def _store_row(log_p: torch.Tensor, k: int, whole: bool, dtype: str, arrays: tuple, row: int) -> None:

@@ -53,7 +53,7 @@ def backward_scale(accelerator) -> float:
     return accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
-def run(recipe: Recipe) -> TrainingSummary:
+def run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     """Train as the recipe says; returns the summary (also printed by the CLI).
 
     The model and teacher paths and the local data files are checked before anything is written; a run that
@@ -62,7 +62,7 @@ def run(recipe: Recipe) -> TrainingSummary:
     check_paths(recipe)
     with checkpoints.removed_on_failure(Path(recipe.output_dir)):
         try:
-            return _run(recipe)
+            return _run(recipe, teacher_only)
         except RuntimeError as exc:  # gloo and NCCL report a collective's timeout as a RuntimeError subclass
             if "timed out" not in str(exc).lower():
                 raise
@@ -239,7 +239,7 @@ def _metrics(recipe: Recipe, accelerator, start_step: int, before: dict[str, flo
     return metrics
 
 
-def _run(recipe: Recipe) -> TrainingSummary:
+def _run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
@@ -258,6 +258,8 @@ def _run(recipe: Recipe) -> TrainingSummary:
 
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
     stored = _offline_teacher(recipe, accelerator, train_set) if recipe.distill.mode == "offline" else None
+    if teacher_only:
+        return None
     before = _scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
     if resume_from is not None:
         checkpoints.check_teacher_files(resume_from, None if stored is None else stored.key)
