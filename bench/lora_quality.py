@@ -30,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from lora_scale import measured
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts, when run from anywhere
+from lora_scale import measured  # noqa: E402
 
 CONFIGS = {
     "a": ("full attention", ["train.trainable=attention"]),

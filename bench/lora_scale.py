@@ -25,7 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from calibration_scale import RSS, write_source
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts, when run from anywhere
+from calibration_scale import RSS, write_source  # noqa: E402
 
 
 def measured(command: list[str]) -> tuple[float, float, str]:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from lora_scale import measured, recipe as lora_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts, when run from anywhere
+from lora_scale import measured, recipe as lora_recipe  # noqa: E402
 
 OFFLINE = {"online": None, "offline k16": 16, "offline k64": 64, "offline k256": 256}
 

@@ -149,6 +149,7 @@ def test_resuming_against_teacher_files_of_another_key_is_one_line(setup, tmp_pa
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "was trained against other teacher files" in done.stderr
     assert (out / "checkpoints" / "step-2").exists()  # nothing of the run lost
+    assert json.loads((out / "teacher" / t.KEY_FILE).read_text())["top_k"] == 8  # refused before any pass
 
 
 @pytest.mark.parametrize("damage", ["truncated", "key"])

@@ -190,9 +190,10 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
                   start_step)
 
 
-def _offline_teacher(recipe: Recipe, accelerator, train_set) -> teacher_files.TeacherFiles:
+def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path | None) -> teacher_files.TeacherFiles:
     """The offline teacher's files for the blocks this run will train on (``uptrain.teacher``): reused when their
-    key matches, else computed by the main process, one layer at a time; the others wait for them on disk."""
+    key matches, else computed by the main process, one layer at a time; the others wait for them on disk. A
+    resumed run must have trained on files of the same key (checked before any pass)."""
     t, d = recipe.train, recipe.distill
     _, steps = schedule(recipe, accelerator.num_processes)
     needed = (steps * t.grad_accum + 1) * t.micro_batch_size * accelerator.num_processes  # + DDP's padding
@@ -203,6 +204,8 @@ def _offline_teacher(recipe: Recipe, accelerator, train_set) -> teacher_files.Te
 
     source = resolve_source(recipe.teacher)
     key = teacher_files.teacher_key(source, blocks, rows, d.top_k, d.temperature, d.logits_dtype)
+    if resume_from is not None:
+        checkpoints.check_teacher_files(resume_from, key)
     directory = Path(recipe.output_dir) / teacher_files.DIRECTORY
     if accelerator.is_main_process and teacher_files.stored_key(directory) != key:
         teacher_files.teacher_pass(source, blocks, rows, recipe.data.seq_len, d.top_k, d.temperature,
@@ -257,12 +260,14 @@ def _run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     set_seed(t.seed)
 
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
-    stored = _offline_teacher(recipe, accelerator, train_set) if recipe.distill.mode == "offline" else None
+    stored = None
+    if recipe.distill.mode == "offline":
+        stored = _offline_teacher(recipe, accelerator, train_set, resume_from)
+    elif resume_from is not None:
+        checkpoints.check_teacher_files(resume_from, None)
     if teacher_only:
         return None
     before = _scores(tasks, model_path, accelerator) if recipe.eval.tasks_before and not resume_from else {}
-    if resume_from is not None:
-        checkpoints.check_teacher_files(resume_from, None if stored is None else stored.key)
     s = _prepare(recipe, accelerator, model_path, eval_set, resume_from)
     metrics = _metrics(recipe, accelerator, s.start_step, before)
 
