@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     merge_wall, merge_rss, _ = measured([sys.executable, "-m", "uptrain.merge", str(out / "final-adapter"), str(gqa),
                                          str(merged)])
     shutil.rmtree(merged)
-    print(f"\n| | exit | peak RSS GB | plan GB | time |")
+    print("\n| | exit | peak RSS GB | plan GB | time |")
     print("|---|---|---|---|---|")
     print(f"| LoRA r 16 q/k/v/o, {trainable} trainable, {args.steps} steps | 0 | {rss:.2f} | {lora_plan} | "
           f"{wall:.0f} s in all; s/step {', '.join(f'{s:.0f}' for s in step_s)} |")

@@ -177,6 +177,10 @@ COMMANDS = [
             ("model", "out", "data")),
     Command("uptrain lora", lambda model, out, good, files, data: [
         "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA))], ("model", "out", "data")),
+    Command("uptrain offline teacher", lambda model, out, good, files, data: [
+        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), teacher=str(good),
+                                     distill={"weight": 0.5, "mode": "offline", "top_k": 4}))],
+        ("model", "out", "data")),
     Command("uptrain --dry-run", lambda model, out, good, files, data: [
         "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA)), "--dry-run"],
         ("model", "out", "data")),
