@@ -104,7 +104,7 @@ class LayerLoader:
         self.resident_params = [n for n, _ in self.model.named_parameters()
                                 if n not in in_layers and not (head and n.startswith(head + "."))]
         if materialize:
-            self._materialize(self.resident)
+            self.materialize(self.resident)
             for name, buffer in list(self.model.named_buffers()):
                 self._set(name, buffer.to(device))
             self._check_loaded(self.resident_params)
@@ -133,7 +133,7 @@ class LayerLoader:
 
         set_module_tensor_to_device(self.model, name, value.device, value=value)
 
-    def _materialize(self, names: list[str]) -> None:
+    def materialize(self, names: list[str]) -> None:
         """Read the named checkpoint tensors into the model, on the device, in the run dtype."""
         import torch
 
@@ -157,7 +157,7 @@ class LayerLoader:
 
     def onload(self, layer: int):
         """Read decoder layer ``layer`` from the checkpoint onto the device; returns its module."""
-        self._materialize(self.layer_tensors[layer])
+        self.materialize(self.layer_tensors[layer])
         self._check_loaded(self.layer_params[layer])
         self.peak_layers = max(self.peak_layers, self.materialized_layers())
         return self.model.get_submodule(self.decoders[layer])

@@ -131,7 +131,7 @@ def _log_probs(loader: LayerLoader, blocks: torch.Tensor, finals: list, temperat
     """Per block, the model's log-softmax at ``temperature`` (seq_len, vocab) float32, from its own forward with
     the decoder layers stood in by ``finals``."""
     model = loader.model
-    loader._materialize(loader.resident + _head_tensors(loader))
+    loader.materialize(loader.resident + _head_tensors(loader))
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight.is_meta:  # tied: the head is the embedding
         head.weight = embeddings.weight
@@ -173,7 +173,7 @@ def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: i
             if progress:
                 print(f"teacher: blocks {start + 1}-{start + len(chunk)} of {count}", flush=True)
             if start:
-                loader._materialize(loader.resident)
+                loader.materialize(loader.resident)
             finals = _walk(loader, chunk, device, progress)
             for i, log_p in enumerate(_log_probs(loader, chunk, finals, temperature, device), start):
                 _store_row(log_p, k, top_k is None, dtype, (logprobs, ids, tail), i)
