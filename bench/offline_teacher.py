@@ -68,6 +68,8 @@ def smollm2(args) -> None:
           "peak RSS GB (pass, training) |")
     print("|---|---|---|---|---|---|---|")
     for name, k in OFFLINE.items():
+        if args.runs and name.replace(" ", "-") not in args.runs:
+            continue
         out = args.work / name.replace(" ", "-")
         shutil.rmtree(out, ignore_errors=True)
         overrides = [f"output_dir={out}"] + ([] if k is None else ["distill.mode=offline", f"distill.top_k={k}"])
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--demo-run", type=Path, help="a demo output directory with mqa-aware (--smollm2)")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--runs", nargs="+", choices=[n.replace(" ", "-") for n in OFFLINE],
+                        help="--smollm2: these rows only (default: all)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.smollm2:

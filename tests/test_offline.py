@@ -250,3 +250,23 @@ def test_offline_on_two_processes_equals_one_with_accumulation(setup, tmp_path):
     assert done.returncode == 0 and "2 process(es) (MULTI_CPU)" in done.stdout, done.stderr[-3000:]
     run(load_recipe(one))
     close(weights(tmp_path / "two"), weights(tmp_path / "one"))
+
+
+def test_stored_targets_are_distributions_and_the_gradient_sums_to_zero(tmp_path):
+    """bf16 files: each position's k probabilities and tail mass sum to 1 as read; the stored KL's gradient on the
+    student's logits (q - target) sums to 0 per token, so the head passes no uniform push to the hidden states."""
+    from uptrain.loss import stored_kl
+
+    model = make_model("llama", kv_heads=4)
+    model.save_pretrained(tmp_path / "teacher")
+    blocks = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    rows = np.array([0, 1])
+    key = t.teacher_key(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 8, 1.0, "bfloat16")
+    t.teacher_pass(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 16, 8, 1.0, "bfloat16",
+                   tmp_path / "files", key, torch.device("cpu"), progress=False)
+    stored = t.TeacherFiles(tmp_path / "files", key).targets(torch.tensor([0, 1]), "cpu")
+    total = torch.logaddexp(stored.logprobs.logsumexp(-1), stored.tail)
+    assert total.abs().max() <= 1e-6
+    log_q = torch.randn(32, model.config.vocab_size, generator=torch.Generator().manual_seed(1)).log_softmax(-1)
+    _, target = stored_kl(log_q, stored)
+    assert (log_q.exp() - target).sum(-1).abs().max() <= 1e-5

@@ -235,6 +235,11 @@ class TeacherFiles:
         logprobs = torch.from_numpy(np.stack([self.logprobs[r] for r in rows]))
         logprobs = logprobs.view(torch.bfloat16).float() if self.bfloat16 else logprobs
         tail = torch.from_numpy(np.stack([self.tail[r] for r in rows]))
+        # Rounded to bfloat16, the k probabilities and the tail no longer sum to 1; a target that does not would
+        # give the student's logits a gradient that does not sum to 0, which the head turns into a spurious
+        # push on the hidden states. Normalized here (a no-op to float32 rounding for float32 files).
+        norm = torch.logaddexp(logprobs.logsumexp(-1), tail)
+        logprobs, tail = logprobs - norm[..., None], tail - norm
         ids = None if self.ids is None else torch.from_numpy(np.stack([self.ids[r] for r in rows])).long()
         return Stored(None if ids is None else ids.flatten(0, 1).to(device), logprobs.flatten(0, 1).to(device),
                       tail.flatten(0, 1).to(device))
