@@ -15,6 +15,7 @@ converter tables. The modules:
     adapters    LoRA adapters through peft on the recipe's roles; the trainable subset
     plan        the peak-memory plan of a run (``--dry-run``) and its precision
     merge       adapters merged into the base checkpoint tensor by tensor (``python -m uptrain.merge``)
+    teacher     the offline teacher: top-k log-probs over the training blocks, one layer at a time
     metrics     metrics.jsonl and the tracker's hyperparameters
     checkpoints accelerate state, resume, the final checkpoint
     train       the loop (``python -m uptrain``)
