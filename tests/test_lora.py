@@ -407,3 +407,36 @@ def test_a_quantized_base_without_bitsandbytes_is_one_line_before_any_work(setup
     assert done.returncode == 2 and done.stderr == ("error: train.base_quantization: 4bit needs bitsandbytes: "
                                                     "pip install 'kvshrink[quant]'\n"), done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_4bit_base_keeps_its_gradient_after_an_eval(setup, tmp_path):
+    """An eval forward (no gradients) must not turn the 4-bit layers into bitsandbytes' CPU inference kernel,
+    which has no backward: the adapters of the first layer get the same gradient with and without an eval
+    before the training step (they get theirs through every quantized layer above)."""
+    from uptrain.student import keep_4bit_trainable, load_model, quantization
+
+    gqa = tmp_path / "gqa2"
+    convert_checkpoint(setup[2], gqa, kv_heads=2, dtype="bfloat16")
+    ids = torch.randint(3, 100, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = keep_4bit_trainable(load_model(gqa, quantization_config=quantization("4bit", torch.bfloat16),
+                                               device_map={"": "cpu"}))
+        model = add_adapters(model, Lora(r=R, targets=["q", "o"]))
+        set_trainable(model, "none", adapters=True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.1)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
+        return model.get_parameter("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight").grad
+
+    plain, after_eval = first_layer_grad(False), first_layer_grad(True)
+    assert plain.abs().max() > 0 and torch.equal(plain, after_eval)

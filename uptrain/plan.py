@@ -28,6 +28,7 @@ import torch
 from convert.families import resolve
 from convert.plan import output_config, read_dims
 from convert.source import read_config
+from kvshrink.device import pick_device
 from uptrain.adapters import add_adapters, set_trainable
 from uptrain.errors import RecipeError
 from uptrain.loss import chunkable
@@ -248,7 +249,7 @@ def dry_run(recipe) -> MemoryPlan:
     ACCELERATE_USE_FSDP), from configs alone."""
     from transformers import AutoConfig
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if pick_device("auto").type == "cuda" else "cpu"  # where accelerate will put the run
     config = student_config(recipe)
     dtype = config_dtype(config)
     shape = RunShape(device, precision(recipe.train, dtype, device), dtype, int(os.environ.get("WORLD_SIZE", "1")),

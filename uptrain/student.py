@@ -149,13 +149,25 @@ def quantization(kind: str, compute: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def keep_4bit_trainable(model):
+    """bitsandbytes' 4-bit layers on the CPU repack their weights for an inference kernel the first time they run
+    in eval mode without gradients (every in-loop eval), and that kernel has no backward: training after it
+    would stop the gradient at every quantized layer (torch only warns). Switched off, they keep the
+    dequantizing matmul, which backpropagates."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def load_student(recipe: Recipe, accelerator, path: str):
     """The student: float32 when trained whole or when the run computes in float32; otherwise in its checkpoint's
     dtype, or quantized by bitsandbytes onto this process's device (``train.base_quantization``)."""
     kind = recipe.train.base_quantization
     if kind != "none":
-        return load_model(path, quantization_config=quantization(kind, compute_dtype(accelerator)),
-                          device_map={"": accelerator.device})
+        model = load_model(path, quantization_config=quantization(kind, compute_dtype(accelerator)),
+                           device_map={"": accelerator.device})
+        return keep_4bit_trainable(model)
     model = load_model(path)
     if frozen_in_float32(recipe.train, accelerator.mixed_precision):
         model = model.float()  # master weights in fp32; autocast gives bf16/fp16 compute
