@@ -231,7 +231,7 @@ def test_quantized_base_trains_and_merges_into_the_original_bf16_weights(setup, 
     """bitsandbytes' CPU backend: the frozen base is quantized in memory, the adapters train, and the final is the
     bf16 base on disk plus the adapters: every tensor outside the adapted roles bit-identical to it (a merge into
     the dequantized weights would change them all)."""
-    gqa = tmp_path / "gqa2"  # bitsandbytes' CPU 4-bit inference packs rows in blocks of 32: a 32-row k_proj
+    gqa = tmp_path / "gqa2"  # 32-row K/V projections, like real models
     convert_checkpoint(setup[2], gqa, kv_heads=2, dtype="bfloat16")
     recipe = lora_recipe(tmp_path / "r.yaml", setup, gqa, tmp_path / "out",
                          train={"base_quantization": bits, "max_steps": 3}, lora={"targets": ["q", "o"]})
