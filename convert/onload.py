@@ -264,6 +264,17 @@ def _hidden_of(args: tuple, kwargs: dict):
 
 
 @contextlib.contextmanager
+def stood_in(decoders: list, stand_in: Callable[[int], Callable]):
+    """Each decoder layer's forward replaced by ``stand_in(its index)`` inside the block, restored after it."""
+    for index, decoder in enumerate(decoders):
+        decoder.forward = stand_in(index)
+    try:
+        yield
+    finally:
+        for decoder in decoders:
+            del decoder.forward
+
+
 def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
     """Every decoder layer's forward replaced by one that records its call and passes the hidden states on
     unchanged (the layers are on ``meta``: nothing of theirs runs); the last one stops the model."""
@@ -276,13 +287,7 @@ def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
             return Through((hidden,))
         return forward
 
-    for index, decoder in enumerate(decoders):
-        decoder.forward = stand_in(index)
-    try:
-        yield
-    finally:
-        for decoder in decoders:
-            del decoder.forward
+    return stood_in(decoders, stand_in)
 
 
 def layer_calls(model, decoders: list, blocks, device,

@@ -118,11 +118,15 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
             seen.add(storage)
 
 
+def trained_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
     """accelerate ``save_state`` pre-hook for runs that train a subset or adapters: each model's state keeps its
     trained parameters alone, never the frozen base (which the run reloads from its checkpoint)."""
     for model, state in zip(models, weights):
-        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        trained = trained_names(model)
         for name in list(state):
             if name not in trained:
                 del state[name]
@@ -138,7 +142,7 @@ def check_trained_match(checkpoint: Path, model) -> None:
         return  # another format (FSDP's sharded state): accelerate's own loading checks it
     with safe_open(str(path), "pt") as fh:
         saved = {name.removeprefix("module.") for name in fh.keys()}  # DDP's wrapper, at save or now
-    trained = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
+    trained = {name.removeprefix("module.") for name in trained_names(model)}
     if saved != trained:
         odd = sorted(saved ^ trained)[0]
         raise RecipeError(f"resume: {checkpoint} trained other parameters than this recipe does (e.g. {odd}); "

@@ -68,16 +68,6 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def check_inputs(recipe: Recipe, model, teacher) -> None:
-    """Blocks within the student's positions; a teacher with the student's vocabulary."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and recipe.data.seq_len > limit:
-        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is beyond the model's {limit} positions")
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-        raise RecipeError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the student's "
-                          f"({model.config.vocab_size}); distillation needs the same tokenizer")
-
-
 def load_teacher(recipe: Recipe):
     """The teacher, whole on every process. Not sharded: FSDP's RAM-efficient loading
     (recipes/accelerate/fsdp.yaml) would leave its weights on the meta device outside process 0."""
@@ -88,20 +78,22 @@ def load_teacher(recipe: Recipe):
 
 
 def check_model_settings(recipe: Recipe, path: str) -> None:
-    """The recipe's roles against the student's family (a lora target it lacks, an unknown family for a subset),
-    from its config alone."""
+    """The recipe against the student's config, before any weight loads: blocks within its positions, a teacher
+    with its vocabulary, the roles of its family (a lora target it lacks, an unknown family for a subset)."""
     from transformers import AutoConfig
 
-    t = recipe.train
-    if recipe.teacher:  # before anything loads: the teacher's vocabulary (needed in both distillation modes)
+    t, student = recipe.train, AutoConfig.from_pretrained(path)
+    limit = getattr(student, "max_position_embeddings", None)
+    if limit is not None and recipe.data.seq_len > limit:
+        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is beyond the model's {limit} positions")
+    if recipe.teacher:  # the teacher's vocabulary, in both distillation modes
         vocab = AutoConfig.from_pretrained(recipe.teacher).vocab_size
-        if vocab != AutoConfig.from_pretrained(path).vocab_size:
+        if vocab != student.vocab_size:
             raise RecipeError(f"the teacher's vocabulary ({vocab}) differs from the student's "
-                              f"({AutoConfig.from_pretrained(path).vocab_size}); distillation needs the same "
-                              "tokenizer")
+                              f"({student.vocab_size}); distillation needs the same tokenizer")
     if t.trainable == "all" and recipe.lora is None:
         return
-    config = AutoConfig.from_pretrained(path).to_dict()
+    config = student.to_dict()
     if recipe.lora is not None:
         target_modules(config, recipe.lora.targets)
     if t.trainable not in ("all", "none"):
@@ -180,7 +172,6 @@ def load_models(recipe: Recipe, accelerator, path: str):
     checkpoint's dtype where the run computes in bf16/fp16 (``load_student``)."""
     model = load_student(recipe, accelerator, path)
     teacher = load_teacher(recipe) if recipe.teacher and recipe.distill.mode == "online" else None
-    check_inputs(recipe, model, teacher)
     if recipe.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

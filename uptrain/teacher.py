@@ -19,7 +19,6 @@ them), k, the temperature and the dtype: files of the same key are reused, anoth
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from convert.families import resolve
-from convert.onload import LayerLoader, Through, layer_calls, output_head
+from convert.onload import LayerLoader, Through, layer_calls, output_head, stood_in
 from convert.source import open_weights, read_config
 from convert.walk import HiddenStates, hidden
 from kvshrink.atomic import AtomicDirectory
@@ -82,7 +81,6 @@ def _anchors(config: dict, weights) -> list[str]:
     return anchors
 
 
-@contextlib.contextmanager
 def _final_states(decoders: list, final: list):
     """The decoder layers stood in by their result: each passes its input on, the last returns ``final[0]`` (a
     block's stored output), so the model's forward goes straight to its final norm and head."""
@@ -96,13 +94,7 @@ def _final_states(decoders: list, final: list):
             return (final[0],) if not isinstance(received, Through) and len(decoders) > 1 else final[0]
         return forward
 
-    for index, decoder in enumerate(decoders):
-        decoder.forward = stand_in(index)
-    try:
-        yield
-    finally:
-        for decoder in decoders:
-            del decoder.forward
+    return stood_in(decoders, stand_in)
 
 
 def _walk(loader: LayerLoader, blocks: torch.Tensor, device, progress: bool) -> list[torch.Tensor]:
