@@ -29,7 +29,7 @@ from pathlib import Path
 from convert.options import RECOMMENDED_CPU_LOCAL_STEPS
 from kvshrink import assets
 from uptrain.perplexity import perplexities
-from uptrain.sample import Sampling, cached_samples
+from kvshrink_base.sample import Sampling, cached_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 # The conversion's own peak RSS: a small wrapper process runs it and reports its child's (a child forked from

@@ -47,7 +47,7 @@ def demo_recipe(demo_run: Path, work: Path) -> tuple[Path, dict[str, Path]]:
     """(work/recipe.yaml, the two scored texts): the demo's recipe on its recommended MQA conversion, distilled
     from the original on the demo's samples, every run's own output_dir left to an override."""
     from kvshrink import assets
-    from uptrain.sample import Sampling, cached_samples
+    from kvshrink_base.sample import Sampling, cached_samples
 
     base = yaml.safe_load((files("kvshrink_recipes") / "demo-smollm2-mqa.yaml").read_text())
     original = assets.smollm2()

@@ -67,7 +67,7 @@ def samples(source: Path, steps: int | None) -> Path:
     """The demo's training text: the original's own samples, as many tokens as the recipe trains on, in the
     folder the recipe reads them from (the demo's cache), sampled there the first time."""
     from uptrain.recipe import load_recipe, schedule
-    from uptrain.sample import Sampling, cached_samples
+    from kvshrink_base.sample import Sampling, cached_samples
 
     recipe = load_recipe(RECIPE, [f"train.max_steps={steps}"] if steps else [])
     tokens_per_step, total_steps = schedule(recipe)

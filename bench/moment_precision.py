@@ -17,7 +17,7 @@ import torch
 from convert.calibrate import moment_hook, read_text, token_blocks
 from convert.fits import whitener
 from kvshrink import assets
-from kvshrink.models import load_model_and_tokenizer
+from kvshrink_base.models import load_model_and_tokenizer
 
 
 def main() -> None:

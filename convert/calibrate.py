@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvshrink_base.errors import first_line
 from convert.device import available_ram, estimate, free_bytes, hidden_on_device, run_dtype
 from convert.errors import ConversionError
 from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
@@ -34,8 +35,8 @@ from convert.refine import AttentionIO, refine, refit_o
 from convert.source import WeightSource, torch_dtype
 from convert.stages import Stages
 from convert.walk import HiddenStates, Walk
-from kvshrink.device import pick_device
-from kvshrink.text import DataError, read_documents
+from kvshrink_base.device import pick_device
+from kvshrink_base.text import DataError, read_documents
 
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 512
@@ -62,7 +63,7 @@ def say(enabled: bool, text: str) -> None:
 
 
 def read_text(files: list[str], tokens: int) -> list[str]:
-    """The calibration documents: the project's one text reader (``kvshrink.text``, the formats training takes),
+    """The calibration documents: the project's one text reader (``kvshrink_base.text``, the formats training takes),
     read until a generous bound of characters for ``tokens`` tokens."""
     try:
         return read_documents(files, "text", max_chars=tokens * 16)
@@ -76,7 +77,7 @@ def load_tokenizer(source: Path):
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({reason})") from None
 
 
@@ -145,7 +146,7 @@ def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_n
     import torch
     from transformers import AutoModelForCausalLM
 
-    from uptrain.sample import Sampling, samples
+    from kvshrink_base.sample import Sampling, samples
 
     device = pick_device(device_name)
     check_model_fits(weights, device)

@@ -10,10 +10,10 @@ import threading
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.engine import convert_checkpoint
-from kvshrink.errors import OneLineParser, run_cli
+from kvshrink_base.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
-from kvshrink.device import pick_device
+from kvshrink_base.device import pick_device
 from convert.options import (CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS,
                              RECOMMENDED_CPU_TOKENS, ConvertOptions)
 from convert.report import format_report

@@ -1,6 +1,6 @@
 """Where calibration runs, in which dtype, where its hidden states live, and how much memory it needs.
 
-The device is chosen by ``kvshrink.device.pick_device`` (CUDA, then MPS, else the CPU, unless ``--device``
+The device is chosen by ``kvshrink_base.device.pick_device`` (CUDA, then MPS, else the CPU, unless ``--device``
 names one). On an accelerator a decoder layer runs in the source's dtype; on the CPU in float32. Each block's
 moments are float32 where the layer runs, summed in float64 on the CPU, where the least-squares fits run.
 

@@ -16,7 +16,7 @@ from typing import Any
 from convert import families
 from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, layer_dtype, load_tokenizer,
                                memory_estimate, read_text, sampled_documents, token_blocks)
-from kvshrink.device import pick_device
+from kvshrink_base.device import pick_device
 from convert.device import available_ram, free_bytes
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS
@@ -27,7 +27,7 @@ from convert.layers import Spill
 from convert.onload import LayerLoader, check_positions
 from convert.source import WeightSource, hub_id, open_weights, read_config, resolve_source
 from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
-from kvshrink.atomic import AtomicDirectory
+from kvshrink_base.atomic import AtomicDirectory
 
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}

@@ -1,8 +1,8 @@
-"""The converter's error: bad input or an impossible request (``kvshrink.errors.run_cli`` prints it, exit 2)."""
+"""The converter's error: bad input or an impossible request (``kvshrink_base.errors.run_cli`` prints it, exit 2)."""
 
 from __future__ import annotations
 
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError
 
 
 class ConversionError(KvshrinkError):

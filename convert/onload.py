@@ -20,9 +20,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.source import WeightSource
-from kvshrink.models import first_line
 
 
 def build_skeleton(src_dir: Path, dtype):
@@ -36,7 +36,7 @@ def build_skeleton(src_dir: Path, dtype):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ConversionError(f"transformers cannot build the model of {src_dir} "
-                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                              f"({first_line(exc)})") from None
     return model.eval()
 
 

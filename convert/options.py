@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
-from kvshrink.device import DEVICE_CHOICES, valid_name
+from kvshrink_base.device import DEVICE_CHOICES, valid_name
 
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 
 # safetensors dtype -> (bytes per element, torch name). Planning works on these names alone, so a
@@ -67,7 +68,7 @@ def resolve_source(source: str, allow_pickle: bool = False) -> Path:
         patterns += ["pytorch_model*.bin"] if allow_pickle else []
         return Path(snapshot_download(source, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all end the same way
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ConversionError(
             f"SOURCE {source} is not a local directory and could not be fetched from the hub ({reason}); "
             "download it first or pass a local path"
@@ -335,7 +336,7 @@ def _open_pickle(directory: Path) -> WeightSource:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:
-            raise ConversionError(f"cannot load {file}: {str(exc).splitlines()[0]}") from None
+            raise ConversionError(f"cannot load {file}: {first_line(exc)}") from None
         for name, tensor in state.items():
             pickled[name], found[name] = tensor, file.name
             tensors[name] = TensorInfo(file, dtype_name(tensor.dtype), tuple(tensor.shape), 0,

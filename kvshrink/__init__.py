@@ -1,7 +1,5 @@
-"""The services every kvshrink command shares: errors and the CLI boundary (``errors``), atomic writes
-(``atomic``), the one text reader (``text``), greedy generation side by side (``generate``), and the packaged
-SmolLM2 model and Shakespeare text the demo and the benches use (``assets``).
-
-The commands themselves live in ``convert`` (checkpoint in, checkpoint out), ``uptrain`` (recipe in, trained
-checkpoint out), and here: ``decode_bench`` (what a conversion buys at decoding time) and ``demo``.
+"""The applications, on top of ``kvshrink_base``, ``convert`` and ``uptrain``: ``cli`` (the ``kvshrink`` console
+script, which names each command's module as a string), ``demo`` (``python -m kvshrink.demo``),
+``decode_bench`` (``python -m kvshrink.decode_bench``) and ``assets`` (the SmolLM2 model and the plays the demo
+and the benches read from PyPI packages).
 """

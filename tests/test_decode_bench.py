@@ -15,10 +15,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from kvshrink.decode_bench import decoding
+from uptrain.decoding import measure as decoding
 from kvshrink.decode_bench.cli import main
-from convert.errors import ConversionError
-from kvshrink.decode_bench.mha_twin import mha_twin, repeat_heads, save_mha_twin
+from uptrain.decoding import DecodeError
+from uptrain.decoding.mha_twin import mha_twin, repeat_heads, save_mha_twin
 from tiny import HEADS, logits, make_model
 
 LAYERS, HEAD_DIM = 2, 8
@@ -121,7 +121,7 @@ def test_saved_mha_twin_loads_with_the_tokenizer(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("family", ["olmo2", "gpt2"])
 def test_mha_twin_refuses_other_layouts(family):
-    with pytest.raises(ConversionError, match="MHA twin"):
+    with pytest.raises(DecodeError, match="MHA twin"):
         mha_twin(make_model(family, 2 if family == "olmo2" else HEADS))
 
 
@@ -242,7 +242,7 @@ def test_synthetic_1b_shapes_on_meta():
     """The GPU run's synthetic model: 0.83B (MQA) to 0.95B (MHA) parameters, head_dim 128, 16 / 8 / 1 KV heads."""
     from transformers import LlamaConfig
 
-    from kvshrink.decode_bench.cli import SYNTHETIC
+    from uptrain.decoding.bench import SYNTHETIC
 
     shape, variants = SYNTHETIC["llama-1b"]
     assert variants == {"mha": 16, "gqa8": 8, "mqa": 1}

@@ -1,4 +1,4 @@
-"""One device chooser for the whole project (``kvshrink.device``): its choice on simulated machines, every
+"""One device chooser for the whole project (``kvshrink_base.device``): its choice on simulated machines, every
 command's ``--device`` through it (a bad one: one line, exit 2, nothing written), and no other place choosing.
 
 Machines are simulated by replacing torch's own answers (``torch.cuda.is_available``, ``torch.cuda.device_count``,
@@ -16,11 +16,12 @@ import torch
 
 from convert.cli import main as convert_main
 from kvshrink.decode_bench import cli as decode_bench
-from kvshrink.device import DeviceError, pick_device, valid_name
-from kvshrink.errors import KvshrinkError
+from uptrain.decoding import bench
+from kvshrink_base.device import DeviceError, pick_device, valid_name
+from kvshrink_base.errors import KvshrinkError
 from tiny import make_model
 from uptrain import compare, evaluate
-from uptrain import sample as sampler
+from kvshrink_base import sample as sampler
 from uptrain.evaluate import main as evaluate_main
 from uptrain.sample.cli import main as sample_main
 
@@ -157,21 +158,21 @@ LARGE = [[1, 8, 32, 128], [512, 2048, 8192], 32, 32768]  # CUDA's
 def test_the_decode_bench_takes_the_grid_of_the_device_chosen(machine, good, tmp_path, name, device, expected,
                                                              grid):
     machine(name)
-    options = decode_bench.checkpoint_options([str(good[0])] * 2, tmp_path / "out", device)
+    options = bench.checkpoint_options([str(good[0])] * 2, tmp_path / "out", device)
     assert options.device == expected
     assert [options.batch, options.context, options.new_tokens, options.prefill_tokens] == grid
 
 
 CHOOSING = re.compile(r"\b(cuda|mps)\.is_available\(|\bcuda\.device_count\(|\bdefault_device\b")
 ALLOWED = {  # the only modules that may ask torch which devices there are
-    "kvshrink/device.py": "the chooser itself",
+    "kvshrink_base/device.py": "the chooser itself",
     "uptrain/train.py": "accelerate's setup, which picks training's device: CPU or GPU, and bf16 where it runs",
 }
 
 
 def test_no_other_module_chooses_a_device():
     found = {}
-    for package in ("convert", "uptrain", "kvshrink"):
+    for package in ("kvshrink_base", "convert", "uptrain", "kvshrink"):
         for path in sorted((ROOT / package).rglob("*.py")):
             lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if CHOOSING.search(line)]
             if lines:

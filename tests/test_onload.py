@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
 from convert.cli import main
-from kvshrink.device import pick_device
+from kvshrink_base.device import pick_device
 from convert.onload import LayerLoader
 from convert.walk import Walk
 from textlm import train_tokenizer, write_corpus

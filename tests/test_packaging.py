@@ -63,7 +63,7 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(venv, tmp_path
 
 
 def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(venv, tmp_path):
-    probe = ("import importlib.util as u, kvshrink.demo.cloze, kvshrink.decode_bench.cli, kvshrink.decode_bench.mha_twin; "
+    probe = ("import importlib.util as u, kvshrink.demo.cloze, kvshrink.decode_bench.cli, uptrain.decoding.mha_twin; "
              "print(kvshrink.decode_bench.cli.__file__); print(kvshrink.demo.cloze.__file__); "
              "print(u.find_spec('kvshrink_demo'), u.find_spec('decode_bench'))")
     found = run_in(venv, probe, tmp_path)

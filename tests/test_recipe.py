@@ -9,7 +9,7 @@ import yaml
 
 import uptrain.train as train_module
 from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture is shared)
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError
 from uptrain.__main__ import main
 from uptrain.evaluate import main as evaluate_main
 from uptrain.recipe import Recipe, RecipeError, load_recipe

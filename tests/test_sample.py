@@ -10,8 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from textlm import make_lm, train_tokenizer, write_corpus
-from uptrain.recipe import RecipeError
-from uptrain.sample import MIN_TOKENS, Sampling, batch_rows, draw, samples
+from kvshrink_base.sample import MIN_TOKENS, Sampling, SamplingError, batch_rows, draw, samples
 from uptrain.sample.cli import main
 
 
@@ -105,7 +104,7 @@ def test_samples_stop_at_eos_and_a_model_that_ends_at_once_is_refused(lm):
     assert abs(sum(map(len, rows)) / len(rows) - (MIN_TOKENS + 0.97 / 0.03)) < 10
 
     # no sample reaches MIN_TOKENS: without a limit the loop would never end
-    with pytest.raises(RecipeError, match="shorter than"):
+    with pytest.raises(SamplingError, match="shorter than"):
         list(samples(_planted(lm, {eos: 1.0}), tokenizer, Sampling(tokens=10, batch_size=2, length=8)))
 
 
@@ -185,9 +184,9 @@ def test_samples_that_end_leave_the_batch_and_the_cache_without_changing_the_oth
     assert eight() == with_pruning
 
 
-def test_the_library_imports_nothing_of_the_converter():
-    """The converter imports uptrain.sample (data-free calibration): the library must not import it back (the
-    command, uptrain.sample.cli, checks checkpoints with it)."""
-    code = "import sys, uptrain.sample; print(sorted(m for m in sys.modules if m.split('.')[0] == 'convert'))"
+def test_the_sampler_loads_nothing_of_the_converter_or_the_uptrainer():
+    """The sampler is in the base (the converter calibrates on its text): importing it loads no command."""
+    code = ("import sys, kvshrink_base.sample; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('convert', 'uptrain', 'kvshrink')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -3,8 +3,7 @@
 The GQA paper (Ainslie et al. 2023) uptrains mean-pooled checkpoints for about 5% of the
 original pretraining steps; this is that loop, driven by accelerate.
 
-Nothing is imported here: ``import uptrain.sample`` (which the converter uses) must not pull in the recipe's
-converter tables. The modules:
+Nothing is imported here, so that a command loads only what it runs. The modules:
 
     recipe      the YAML recipe as validated dataclasses; the step count and learning-rate schedule
     errors      RecipeError, TrainingError
@@ -22,5 +21,5 @@ converter tables. The modules:
     evaluate    ``python -m uptrain.evaluate``: perplexity, or a comparison (``compare``)
     compare     models side by side: tasks, perplexity, KV cache, decode speed
     downstream  lm-evaluation-harness tasks
-    sample      text sampled from the original model (``python -m uptrain.sample``)
+    sample      the command behind ``python -m uptrain.sample`` (the sampler is ``kvshrink_base.sample``)
 """

@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kvshrink.errors import OneLineParser, check_output_dir, run_cli
+from kvshrink_base.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
 from uptrain.plan import dry_run
 from uptrain.errors import RecipeError

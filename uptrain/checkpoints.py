@@ -12,7 +12,7 @@ from typing import Iterator
 
 from convert.errors import ConversionError
 from convert.source import check_checkpoint
-from kvshrink.atomic import AtomicDirectory
+from kvshrink_base.atomic import AtomicDirectory
 from uptrain.errors import RecipeError
 
 _STEP = re.compile(r"step-(\d+)")
@@ -153,7 +153,7 @@ def save(accelerator, out: Path, step: int, keep_last: int, facts: dict | None =
     """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last.
 
     Every process writes its part of the state into the same temporary directory between barriers, and process
-    0 renames it: a collective write that ``kvshrink.atomic.AtomicDirectory`` (one writer) does not cover.
+    0 renames it: a collective write that ``kvshrink_base.atomic.AtomicDirectory`` (one writer) does not cover.
     """
     root = out / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from convert.errors import ConversionError
 from convert.report import config_kv_cache
-from kvshrink.decode_bench import cli as decode_bench
-from kvshrink.device import pick_device
-from kvshrink.models import load_model_and_tokenizer
-from kvshrink.text import check_entries
+from kvshrink_base.device import pick_device
+from kvshrink_base.models import load_model_and_tokenizer
+from kvshrink_base.text import check_entries
 from uptrain import downstream
+from uptrain.decoding import DecodeError, bench
 from uptrain.downstream import Score, Tasks
 from uptrain.errors import RecipeError
 from uptrain.perplexity import perplexity
@@ -63,7 +63,7 @@ class Comparison:
     tasks: list[str] | None = None
     num_fewshot: int | None = None
     limit: float | None = None
-    device: str = "auto"  # a name for kvshrink.device.pick_device; auto: the fastest present
+    device: str = "auto"  # a name for kvshrink_base.device.pick_device; auto: the fastest present
     out: str | None = None
     decode: bool = False
 
@@ -219,16 +219,16 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
 def decode_options(c: Comparison) -> argparse.Namespace:
     """The decode benchmark's options for the same checkpoints on the same device (its defaults there), checked."""
     try:
-        return decode_bench.checkpoint_options(c.models, Path(c.out) / "decode", c.device)
-    except ConversionError as exc:
+        return bench.checkpoint_options(c.models, Path(c.out) / "decode", c.device)
+    except DecodeError as exc:
         raise RecipeError(f"--decode: {exc}") from None
 
 
 def decode_report(options: argparse.Namespace) -> list[str]:
     """Run the decode benchmark on the same checkpoints into OUT/decode; returns its report lines."""
     try:
-        return decode_bench.run(options)
-    except ConversionError as exc:
+        return bench.run(options)
+    except DecodeError as exc:
         raise RecipeError(f"--decode: {exc}") from None
 
 

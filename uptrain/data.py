@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvshrink.text import load_documents
+from kvshrink_base.text import load_documents
 from uptrain.errors import RecipeError
 
 def _is_eval(index: int, fraction: float, seed: int) -> bool:

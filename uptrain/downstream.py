@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvshrink.models import load_model_and_tokenizer
+from kvshrink_base.errors import first_line
+from kvshrink_base.models import load_model_and_tokenizer
 from uptrain.errors import RecipeError
 
 INSTALL = 'pip install -e ".[eval]"'
@@ -99,7 +100,7 @@ def _load_one(manager: Any, spec: str) -> str:
     try:
         loaded = manager.load([spec])
     except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many types for a bad task or data
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise RecipeError(f"task {spec} cannot be loaded: {first}") from None
     groups = [g for g in loaded["groups"] if g not in {c for cs in loaded["group_map"].values() for c in cs}]
     if len(groups) == 1:

@@ -3,7 +3,7 @@ imports) can raise them without importing the converter's option tables."""
 
 from __future__ import annotations
 
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError
 
 
 class RecipeError(KvshrinkError):

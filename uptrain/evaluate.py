@@ -12,10 +12,10 @@ import argparse
 import shlex
 import sys
 
-from kvshrink.device import DEVICE_HELP, pick_device
-from kvshrink.errors import OneLineParser, run_cli
-from kvshrink.models import load_config, load_model_and_tokenizer
-from kvshrink.text import check_entries
+from kvshrink_base.device import DEVICE_HELP, pick_device
+from kvshrink_base.errors import OneLineParser, run_cli
+from kvshrink_base.models import load_config, load_model_and_tokenizer
+from kvshrink_base.text import check_entries
 from uptrain import compare
 from uptrain.checkpoints import check_model
 from uptrain.errors import RecipeError
@@ -26,7 +26,7 @@ __all__ = ["check_setting", "main", "perplexities", "perplexity", "score"]
 
 def score(model: str, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000, batch_size: int = 4,
           text_field: str = "text", device: str = "auto") -> dict[str, float]:
-    """Perplexity of the checkpoint ``model`` on ``files``, on ``device`` (``kvshrink.device.pick_device``'s
+    """Perplexity of the checkpoint ``model`` on ``files``, on ``device`` (``kvshrink_base.device.pick_device``'s
     names; auto: the fastest present): every input checked before the weights load.
 
     Returns:

@@ -20,11 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.source import WeightSource, check_checkpoint, open_weights, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor, shard_names, shard_plan, write_index, write_shard
-from kvshrink.atomic import AtomicDirectory
-from kvshrink.errors import KvshrinkError, OneLineParser, check_output_dir, run_cli
+from kvshrink_base.atomic import AtomicDirectory
+from kvshrink_base.errors import KvshrinkError, OneLineParser, check_output_dir, run_cli
 from uptrain.adapters import base_name, is_adapter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,7 +63,7 @@ def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, object
         trained = load_file(directory / TRAINED) if (directory / TRAINED).exists() else {}
     except (OSError, ValueError) as exc:
         raise MergeError(f"{directory} is not a saved LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{first_line(exc)}") from None
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or \
             config.get("alpha_pattern"):
         raise MergeError(f"{directory}: only plain LoRA adapters merge here (no DoRA, rank or alpha patterns)")

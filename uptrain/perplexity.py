@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvshrink.models import load_model_and_tokenizer
+from kvshrink_base.models import load_model_and_tokenizer
 from uptrain import data
 from uptrain.errors import RecipeError
 from uptrain.loss import token_losses
@@ -37,7 +37,7 @@ def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_toke
     Raises:
         RecipeError: a non-positive size, or too little text. Blocks beyond the model's positions are the
             caller's to refuse (``check_setting`` with ``positions``): rotary models still run there.
-        DataError: files that cannot be read (``kvshrink.text``).
+        DataError: files that cannot be read (``kvshrink_base.text``).
     """
     from tqdm.auto import tqdm
 

@@ -28,7 +28,7 @@ import torch
 from convert.families import resolve
 from convert.plan import output_config, read_dims
 from convert.source import read_config
-from kvshrink.device import pick_device
+from kvshrink_base.device import pick_device
 from uptrain.adapters import add_adapters, set_trainable
 from uptrain.errors import RecipeError
 from uptrain.loss import chunkable

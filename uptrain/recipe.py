@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS
 from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
@@ -231,7 +232,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} does not exist") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise RecipeError(f"cannot read recipe {path}: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"cannot read recipe {path}: {first_line(exc)}") from None
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

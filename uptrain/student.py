@@ -10,16 +10,17 @@ from typing import Any
 
 import torch
 
+from kvshrink_base.errors import first_line
 from convert import ConversionError, convert_checkpoint
 from convert.merge import METHODS
 from convert.options import ConvertOptions
-from kvshrink.models import load_model
-from kvshrink.text import local_files
+from kvshrink_base.models import load_model
+from kvshrink_base.text import local_files
 from uptrain.adapters import add_adapters, set_trainable, subset_family, target_modules
 from uptrain.errors import RecipeError
 from uptrain.plan import config_dtype, frozen_in_float32
 from uptrain.recipe import Recipe
-from uptrain.sample import Sampling, cached_samples
+from kvshrink_base.sample import Sampling, cached_samples
 
 
 def model_path(recipe: Recipe, state) -> str:
@@ -124,7 +125,7 @@ def checkpoint_dtype(path: str) -> torch.dtype:
     try:
         return config_dtype(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
+        raise RecipeError(f"cannot read the config of {path}: {first_line(exc)}") from None
 
 
 def compute_dtype(accelerator) -> torch.dtype:

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvshrink_base.errors import first_line
 from convert.families import resolve
 from convert.onload import LayerLoader, Through, layer_calls, output_head, stood_in
 from convert.source import open_weights, read_config
 from convert.walk import HiddenStates, hidden
-from kvshrink.atomic import AtomicDirectory
+from kvshrink_base.atomic import AtomicDirectory
 from uptrain.errors import RecipeError
 from uptrain.loss import Stored
 
@@ -208,7 +209,7 @@ class TeacherFiles:
             self.tail = np.load(directory / "tail.npy", mmap_mode="r")
             self.ids = np.load(directory / "ids.npy", mmap_mode="r") if meta["top_k"] is not None else None
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise RecipeError(f"the teacher files in {directory} are damaged ({str(exc).splitlines()[0]}); remove "
+            raise RecipeError(f"the teacher files in {directory} are damaged ({first_line(exc)}); remove "
                               "that directory to compute them again") from None
         shapes = {self.logprobs.shape[:2], self.tail.shape} | ({self.ids.shape[:2]} if self.ids is not None else set())
         if meta.get("key") != key or len(shapes) != 1 or self.tail.shape[0] != len(rows):

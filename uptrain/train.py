@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from convert.source import resolve_source
-from kvshrink.device import pick_device
-from kvshrink.errors import os_error_line
-from kvshrink.models import load_tokenizer
-from kvshrink.text import check_entries
+from kvshrink_base.device import pick_device
+from kvshrink_base.errors import os_error_line
+from kvshrink_base.models import load_tokenizer
+from kvshrink_base.text import check_entries
 from uptrain import checkpoints, data, downstream, merge, student
 from uptrain import teacher as teacher_files
 from uptrain.errors import RecipeError, TrainingError

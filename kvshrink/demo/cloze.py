@@ -128,8 +128,8 @@ def tragedies_task() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from kvshrink import assets
-    from kvshrink.errors import KvshrinkError, OneLineParser, run_cli
-    from kvshrink.text import read_text_file
+    from kvshrink_base.errors import KvshrinkError, OneLineParser, run_cli
+    from kvshrink_base.text import read_text_file
 
     p = OneLineParser(prog="python -m kvshrink.demo.cloze", description=__doc__.splitlines()[0])
     p.add_argument("--text", nargs="+", help="plain-text files, one document each (default: the tragedies)")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from uptrain.recipe import Recipe
-    from uptrain.sample import Sampling
+    from kvshrink_base.sample import Sampling
     from uptrain.summary import TrainingSummary
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
@@ -66,7 +66,7 @@ def header(step: int, title: str) -> None:
 
 def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") -> argparse.Namespace:
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
-    from kvshrink.errors import OneLineParser, positive_int
+    from kvshrink_base.errors import OneLineParser, positive_int
 
     p = OneLineParser(prog=prog, description="SmolLM2-135M-Instruct converted to "
                       "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") ->
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.demo") -> int:
     args = parse_args(argv, prog)
-    from kvshrink.errors import run_cli
+    from kvshrink_base.errors import run_cli
 
     return run_cli(lambda: run_demo(args) and 0)  # bad input: one line, exit 2; a failed training run: exit 1
 
@@ -170,7 +170,7 @@ def validate(args: argparse.Namespace, out: Path) -> tuple[bool, int]:
     Returns:
         Whether there is a GPU (the GPU overrides apply), and the tokens each model trains on (one process).
     """
-    from kvshrink.errors import check_output_dir
+    from kvshrink_base.errors import check_output_dir
     from uptrain.recipe import load_recipe, schedule
 
     check_output_dir(out, "--out")
@@ -218,7 +218,7 @@ def sample_original(original: Path, out: Path, budget: int, args: argparse.Names
     """The training text: ``budget`` tokens sampled from the original (uptrain.sample), so that each model
     trains on each sampled token once; cached (OUT/samples for the tests' substitute model)."""
     from kvshrink import assets
-    from uptrain.sample import cached_samples
+    from kvshrink_base.sample import cached_samples
 
     directory = out / "samples" if args.model else assets.cache_dir() / SAMPLES_DIR
     return cached_samples(original, directory, demo_sampling(budget, gpu))
@@ -226,7 +226,7 @@ def sample_original(original: Path, out: Path, budget: int, args: argparse.Names
 
 def demo_sampling(budget: int, gpu: bool) -> Sampling:
     """How the demo samples: ``budget`` tokens, 512 samples at a time on a GPU, 64 on a CPU."""
-    from uptrain.sample import Sampling
+    from kvshrink_base.sample import Sampling
 
     return Sampling(tokens=budget, batch_size=512 if gpu else 64)
 
@@ -259,8 +259,8 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
 
 def load(path: Path):
     """Model (on the fastest device present, in eval mode) and tokenizer: the project's one loader."""
-    from kvshrink.device import pick_device
-    from kvshrink.models import load_model_and_tokenizer
+    from kvshrink_base.device import pick_device
+    from kvshrink_base.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(path, device=pick_device("auto"))
 
@@ -335,7 +335,7 @@ def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, s
 def _on_cuda() -> bool:
     """Whether the demo runs on a CUDA GPU (the chooser's auto): the GPU settings are CUDA's, since training
     (``uptrain.train``'s accelerate setup) runs on the CPU wherever there is no CUDA, MPS included."""
-    from kvshrink.device import pick_device
+    from kvshrink_base.device import pick_device
 
     return pick_device("auto").type == "cuda"
 
@@ -383,7 +383,7 @@ def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_token
     """Greedy continuations: [{prompt, outputs: {model label: text}}], printed prompt by prompt."""
     from tqdm.auto import tqdm
 
-    from kvshrink.generate import greedy, side_by_side
+    from kvshrink_base.generate import greedy, side_by_side
 
     outputs = {}
     for label, path in tqdm(models.items(), desc="generate", unit="model", leave=False):
@@ -404,7 +404,7 @@ def device_line() -> str:
     """The device the chooser picks (auto), in words: the GPU's name, MPS, or the CPU's cores."""
     import torch
 
-    from kvshrink.device import pick_device
+    from kvshrink_base.device import pick_device
 
     device = pick_device("auto")
     if device.type == "cuda":
@@ -454,7 +454,7 @@ def eval_note(results: dict[str, Any]) -> str:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    from kvshrink.generate import one_line
+    from kvshrink_base.generate import one_line
 
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60

@@ -6,11 +6,11 @@ import argparse
 import os
 from pathlib import Path
 
-from kvshrink.device import DEVICE_HELP, pick_device
-from kvshrink.errors import OneLineParser, positive_int, run_cli
+from kvshrink_base.device import DEVICE_HELP, pick_device
+from kvshrink_base.errors import OneLineParser, positive_int, run_cli
 from uptrain.checkpoints import check_model
 from uptrain.errors import RecipeError
-from uptrain.sample import Sampling, write_samples
+from kvshrink_base.sample import Sampling, write_samples
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

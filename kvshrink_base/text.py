@@ -12,7 +12,8 @@ import itertools
 import os
 from pathlib import Path
 
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import first_line
+from kvshrink_base.errors import KvshrinkError
 
 
 class DataError(KvshrinkError):
@@ -127,7 +128,7 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
                 parts.append(datasets.load_dataset(entry, hub_config, split=hub_split, streaming=streaming))
             except Exception as exc:
                 raise DataError(f"data {entry!r} is not a local file and could not be loaded from the hub "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                                  f"({first_line(exc)})") from None
             continue
         for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
             if suffix not in BUILDERS:
@@ -140,7 +141,7 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
                 part = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming, **kwargs)
             except Exception as exc:  # a malformed json/csv/parquet file
                 cause = exc.__cause__ or exc
-                reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+                reason = first_line(cause)
                 raise DataError(f"cannot read data file(s) {', '.join(group)}: {reason}") from None
             if builder == "text" and text_field != "text":
                 part = part.rename_column("text", text_field)

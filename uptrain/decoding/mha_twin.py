@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from convert.errors import ConversionError
+from uptrain.decoding import DecodeError
 
 KV_TENSORS = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
 
@@ -36,7 +36,7 @@ def mha_twin(model: torch.nn.Module) -> torch.nn.Module:
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     state = model.state_dict()
     if kv_heads is None or not any(name.endswith(KV_TENSORS) for name in state):
-        raise ConversionError(f"an MHA twin needs separate k_proj/v_proj and num_key_value_heads (llama-style); "
+        raise DecodeError(f"an MHA twin needs separate k_proj/v_proj and num_key_value_heads (llama-style); "
                               f"model_type {config.model_type} has not")
     config.num_key_value_heads = heads
     state = {name: repeat_heads(t, kv_heads, heads // kv_heads) if name.endswith(KV_TENSORS) else t
@@ -48,7 +48,7 @@ def mha_twin(model: torch.nn.Module) -> torch.nn.Module:
         twin.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # per-KV-head tensors beyond k/v_proj (olmo2's k_norm, ...)
         detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
-        raise ConversionError(f"no MHA twin for model_type {config.model_type}: {detail}") from None
+        raise DecodeError(f"no MHA twin for model_type {config.model_type}: {detail}") from None
     return twin.eval()
 
 

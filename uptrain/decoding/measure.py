@@ -2,7 +2,7 @@
 
 Every model runs as transformers ships it: ``DynamicCache``, ``attn_implementation="sdpa"``, a manual greedy
 loop (one token per forward through the KV cache) under ``torch.inference_mode``. Running out of
-memory marks a cell "OOM" instead of ending the run. The device is a name ``kvshrink.device.pick_device`` chose
+memory marks a cell "OOM" instead of ending the run. The device is a name ``kvshrink_base.device.pick_device`` chose
 (``cpu``, ``cuda``, ``cuda:N``, ``mps``); CUDA's allocator statistics are read on that device.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvshrink.generate import with_cache
+from kvshrink_base.generate import with_cache
+from uptrain.decoding import DecodeError
 
 GB = 1e9
 MAX_FIT_BATCH = 1 << 16
@@ -186,9 +187,7 @@ def to_static(model: torch.nn.Module, cache, room: int):
     context = cache.get_seq_length()
     static = StaticCache(config=model.config, max_cache_len=context + room)
     if not hasattr(static.layers[0], "cumulative_length"):
-        from convert.errors import ConversionError
-
-        raise ConversionError("--static-cache needs transformers 5 (StaticLayer.cumulative_length)")
+        raise DecodeError("--static-cache needs transformers 5 (StaticLayer.cumulative_length)")
     for layer, filled in zip(static.layers, cache.layers):
         layer.update(filled.keys, filled.values)  # allocates (batch, kv_heads, context + room, head_dim)
     return static

@@ -4,7 +4,7 @@ Every command (uptraining, evaluation, sampling, the decode bench, the demo) loa
 checkpoint that will not load is always the same one line (a ``ModelError``), never a transformers traceback.
 Checking a local checkpoint's files before loading it (a missing directory, truncated weights) is the
 converter's (``convert.source.check_checkpoint``): the callers that take a user's path run it first. Where a
-model goes is theirs too: the device ``kvshrink.device.pick_device`` chose for their ``--device``.
+model goes is theirs too: the device ``kvshrink_base.device.pick_device`` chose for their ``--device``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import first_line
+from kvshrink_base.errors import KvshrinkError
 
 if TYPE_CHECKING:
     import torch
@@ -25,11 +26,6 @@ class ModelError(KvshrinkError):
     """A model or tokenizer that does not load, or a device it cannot go to: one line, exit code 2."""
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line of text (its type's name when it has none)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def load_model(path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
                what: str = "model", **kwargs: Any):
     """A checkpoint as ``AutoModelForCausalLM``, in eval mode.
@@ -37,7 +33,7 @@ def load_model(path: str | Path, dtype: Any = "auto", device: str | torch.device
     Args:
         path: a checkpoint directory or hub id.
         dtype: ``"auto"`` (the checkpoint's own), a ``torch.dtype`` or its name (``"bfloat16"``).
-        device: where to put it, as ``kvshrink.device.pick_device`` chose it; None: where transformers loads it
+        device: where to put it, as ``kvshrink_base.device.pick_device`` chose it; None: where transformers loads it
             (the CPU).
         what: how the error line names it ("model", "teacher").
         **kwargs: passed to ``from_pretrained`` (``attn_implementation="sdpa"``).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from kvshrink.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError
 
 if TYPE_CHECKING:
     import torch

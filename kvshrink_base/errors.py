@@ -22,6 +22,11 @@ class KvshrinkError(Exception):
     exit_code = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): what a one-line error quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def os_error_line(exc: OSError) -> str:
     """``error: PATH: cause`` for a read-only or full filesystem, a denied permission, a vanished file."""
     cause = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
