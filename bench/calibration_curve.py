@@ -28,14 +28,16 @@ from pathlib import Path
 
 from convert.options import RECOMMENDED_CPU_LOCAL_STEPS
 from kvshrink import assets
-from uptrain.perplexity import perplexities
 from kvshrink_base.sample import Sampling, cached_samples
+from uptrain.perplexity import perplexities
 
 ROOT = Path(__file__).resolve().parents[1]
 # The conversion's own peak RSS: a small wrapper process runs it and reports its child's (a child forked from
 # this process, which holds models for scoring, would count this process's pages until it execs).
-RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
-       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+RSS = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,9 +55,25 @@ def parse_args() -> argparse.Namespace:
 
 def convert(source: Path, samples: Path, out: Path, tokens: int, steps: int, bos: bool) -> dict:
     """One recommended conversion in its own process: seconds and peak RSS (GB)."""
-    command = [sys.executable, "-m", "convert", str(source), str(out), "--kv-heads", "1", "--recommended",
-               "--device", "cpu", "--calibration-data", str(samples), "--calibration-tokens", str(tokens),
-               "--local-steps", str(steps), "--overwrite"] + (["--calibration-bos"] if bos else [])
+    command = [
+        sys.executable,
+        "-m",
+        "convert",
+        str(source),
+        str(out),
+        "--kv-heads",
+        "1",
+        "--recommended",
+        "--device",
+        "cpu",
+        "--calibration-data",
+        str(samples),
+        "--calibration-tokens",
+        str(tokens),
+        "--local-steps",
+        str(steps),
+        "--overwrite",
+    ] + (["--calibration-bos"] if bos else [])
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RSS, *command], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -89,8 +107,17 @@ def main() -> None:
         out = args.work / f"mqa-{tokens}-{steps}-{'bos' if bos else 'nobos'}"
         measured = convert(source, samples, out, tokens, steps, bos)
         sample_share = round(sampling["seconds"] * tokens / sampling["tokens"], 1)
-        rows.append({"model": out.name, "tokens": tokens, "local_steps": steps, "bos": bos, **measured,
-                     "sampling_seconds": sample_share, **perplexities(out, texts, 512, args.eval_tokens)})
+        rows.append(
+            {
+                "model": out.name,
+                "tokens": tokens,
+                "local_steps": steps,
+                "bos": bos,
+                **measured,
+                "sampling_seconds": sample_share,
+                **perplexities(out, texts, 512, args.eval_tokens),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     (args.work / "results.json").write_text(json.dumps({"sampling": sampling, "rows": rows}, indent=2) + "\n")
     (args.work / "results.md").write_text(render(rows, args.eval_tokens))
@@ -99,15 +126,21 @@ def main() -> None:
 
 def render(rows: list[dict], eval_tokens: int) -> str:
     original = rows[0]
-    lines = [f"Perplexity on {eval_tokens:,} tokens of each text (blocks of 512); x: against the original.", "",
-             "| tokens | local steps | BOS | ppl tragedies | x | ppl CPython docs | x | convert s | + sampling s "
-             "| peak RSS GB |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| original | | | {original['tragedies']:.2f} | 1.00 | {original['cpython']:.2f} | 1.00 | | | |"]
+    lines = [
+        f"Perplexity on {eval_tokens:,} tokens of each text (blocks of 512); x: against the original.",
+        "",
+        "| tokens | local steps | BOS | ppl tragedies | x | ppl CPython docs | x | convert s | + sampling s "
+        "| peak RSS GB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| original | | | {original['tragedies']:.2f} | 1.00 | {original['cpython']:.2f} | 1.00 | | | |",
+    ]
     for r in rows[1:]:
-        lines.append(f"| {r['tokens']:,} | {r['local_steps']} | {'yes' if r['bos'] else 'no'} | {r['tragedies']:.2f} "
-                     f"| {r['tragedies'] / original['tragedies']:.2f} | {r['cpython']:.2f} "
-                     f"| {r['cpython'] / original['cpython']:.2f} | {r['seconds']:.0f} | {r['sampling_seconds']:.0f} "
-                     f"| {r['peak_rss_gb']:.2f} |")
+        lines.append(
+            f"| {r['tokens']:,} | {r['local_steps']} | {'yes' if r['bos'] else 'no'} | {r['tragedies']:.2f} "
+            f"| {r['tragedies'] / original['tragedies']:.2f} | {r['cpython']:.2f} "
+            f"| {r['cpython'] / original['cpython']:.2f} | {r['seconds']:.0f} | {r['sampling_seconds']:.0f} "
+            f"| {r['peak_rss_gb']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -26,11 +26,21 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                 num_hidden_layers=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
-RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-       "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-       "sys.exit(code)")
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    num_hidden_layers=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
+RSS = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
 
 
 def layer_tensors(layer: int, hidden: int, inter: int, generator) -> dict:
@@ -38,12 +48,19 @@ def layer_tensors(layer: int, hidden: int, inter: int, generator) -> dict:
     import torch
 
     prefix = f"model.layers.{layer}."
-    shapes = {"self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (hidden, hidden),
-              "self_attn.v_proj.weight": (hidden, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-              "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
-              "mlp.down_proj.weight": (hidden, inter)}
-    out = {prefix + name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-           for name, shape in shapes.items()}
+    shapes = {
+        "self_attn.q_proj.weight": (hidden, hidden),
+        "self_attn.k_proj.weight": (hidden, hidden),
+        "self_attn.v_proj.weight": (hidden, hidden),
+        "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+    }
+    out = {
+        prefix + name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        for name, shape in shapes.items()
+    }
     for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         out[prefix + norm] = torch.ones(hidden, dtype=torch.bfloat16)
     return out
@@ -59,15 +76,25 @@ def write_source(directory: Path, tokenizer_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.save_pretrained(directory)
     vocab, layers = len(tokenizer), LLAMA2_7B["num_hidden_layers"]
-    config = dict(LLAMA2_7B, model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=vocab,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  tie_word_embeddings=False, dtype="bfloat16", hidden_act="silu")
+    config = dict(
+        LLAMA2_7B,
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        hidden_act="silu",
+    )
     generator = torch.Generator().manual_seed(0)
     hidden, names = LLAMA2_7B["hidden_size"], {}
     shards = [f"model-{i:05d}-of-{layers + 1:05d}.safetensors" for i in range(1, layers + 2)]
-    outer = {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=generator) * 0.02).bfloat16(),
-             "lm_head.weight": (torch.randn(vocab, hidden, generator=generator) * 0.02).bfloat16(),
-             "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    outer = {
+        "model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=generator) * 0.02).bfloat16(),
+        "lm_head.weight": (torch.randn(vocab, hidden, generator=generator) * 0.02).bfloat16(),
+        "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+    }
     save_file(outer, directory / shards[0], metadata={"format": "pt"})
     names.update(dict.fromkeys(outer, shards[0]))
     for layer in range(layers):
@@ -86,8 +113,11 @@ def depth_view(source: Path, depth: int, view: Path) -> Path:
         return view
     view.mkdir()
     index = json.loads((source / "model.safetensors.index.json").read_text())
-    keep = {n: f for n, f in index["weight_map"].items()
-            if not n.startswith("model.layers.") or int(n.split(".")[2]) < depth}
+    keep = {
+        n: f
+        for n, f in index["weight_map"].items()
+        if not n.startswith("model.layers.") or int(n.split(".")[2]) < depth
+    }
     for file in sorted(set(keep.values())):
         os.symlink(source / file, view / file)
     for path in source.iterdir():
@@ -101,10 +131,26 @@ def depth_view(source: Path, depth: int, view: Path) -> Path:
 
 def convert(view: Path, out: Path, text: Path, args, dry_run: bool) -> tuple[dict, str]:
     """One ``python -m convert --recommended`` in a process of its own: (figures, its stderr)."""
-    command = [sys.executable, "-m", "convert", str(view), str(out), "--kv-heads", "8", "--recommended",
-               "--calibration-data", str(text), "--calibration-tokens", str(args.tokens),
-               "--calibration-seq-len", str(args.seq_len), "--local-steps", str(args.local_steps),
-               "--device", args.device] + (["--dry-run"] if dry_run else [])
+    command = [
+        sys.executable,
+        "-m",
+        "convert",
+        str(view),
+        str(out),
+        "--kv-heads",
+        "8",
+        "--recommended",
+        "--calibration-data",
+        str(text),
+        "--calibration-tokens",
+        str(args.tokens),
+        "--calibration-seq-len",
+        str(args.seq_len),
+        "--local-steps",
+        str(args.local_steps),
+        "--device",
+        args.device,
+    ] + (["--dry-run"] if dry_run else [])
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RSS, *command], capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -145,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         _, estimate = convert(view, out, text, args, dry_run=True)
         figures, _ = convert(view, out, text, args, dry_run=False)
         shutil.rmtree(out, ignore_errors=True)
-        print(f"| {depth} | {figures['wall_s']:.0f} | {figures.get('s_per_layer', 0):.1f} | "
-              f"{figures['peak_rss_gb']:.2f} | {estimate} |", flush=True)
+        print(
+            f"| {depth} | {figures['wall_s']:.0f} | {figures.get('s_per_layer', 0):.1f} | "
+            f"{figures['peak_rss_gb']:.2f} | {estimate} |",
+            flush=True,
+        )
         stages[depth] = figures["stages"]
     print_stages(stages)
     return 0

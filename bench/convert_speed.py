@@ -36,15 +36,29 @@ def make_checkpoint(path: Path, gb: float) -> int:
 
     per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN
     layers = max(1, round((gb * 1e9 / 2 - 2 * VOCAB * HIDDEN) / per_layer))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": HEADS,
-              "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 4096,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-              "rope_theta": 10000.0, "hidden_act": "silu"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": HEADS,
+        "num_hidden_layers": layers,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+    }
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN),
-              "model.norm.weight": (HIDDEN,)}
+    shapes = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "lm_head.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
         for proj in ("q", "k", "v", "o"):
@@ -133,18 +147,35 @@ def main() -> None:
     try:
         for gb in args.gb:
             src = work / f"src-{gb}"
-            size = int(subprocess.run([sys.executable, __file__, "--make", str(src), str(gb)], check=True,
-                                      capture_output=True, text=True).stdout.split()[-1])
+            size = int(
+                subprocess.run(
+                    [sys.executable, __file__, "--make", str(src), str(gb)], check=True, capture_output=True, text=True
+                ).stdout.split()[-1]
+            )
             ways = {
-                "cp -r": lambda dst: ["cp", "-r", str(src), dst],
-                "convert": lambda dst: [sys.executable, "-m", "convert", str(src), dst, "--kv-heads",
-                                        str(args.kv_heads)],
+                "cp -r": lambda dst, src=src: ["cp", "-r", str(src), dst],
+                "convert": lambda dst, src=src: [
+                    sys.executable,
+                    "-m",
+                    "convert",
+                    str(src),
+                    dst,
+                    "--kv-heads",
+                    str(args.kv_heads),
+                ],
             }
             if not args.no_naive:
-                ways["naive"] = lambda dst: [sys.executable, __file__, "--naive-run", str(src), dst, str(args.kv_heads)]
+                ways["naive"] = lambda dst, src=src: [
+                    sys.executable,
+                    __file__,
+                    "--naive-run",
+                    str(src),
+                    dst,
+                    str(args.kv_heads),
+                ]
             results = {}
             inside = []
-            for repeat in range(args.repeats):
+            for _ in range(args.repeats):
                 for way, cmd in ways.items():  # interleaved, so drift hits every way alike
                     dst = work / "dst"
                     results.setdefault(way, []).append(run(cmd(str(dst))))
@@ -162,8 +193,10 @@ def main() -> None:
             shutil.rmtree(src)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nLlama-shaped bf16 MHA ({HEADS} heads) -> {args.kv_heads} KV heads; median of {args.repeats}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"\nLlama-shaped bf16 MHA ({HEADS} heads) -> {args.kv_heads} KV heads; median of {args.repeats}, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'checkpoint':>10}  {'way':<8} {'seconds':>8} {'vs cp':>6} {'peak RSS MB':>12} {'GB/s':>6}")
     for ckpt, way, t, ratio, rss, rate in rows:
         print(f"{ckpt:>10}  {way:<8} {t:8.2f} {ratio:5.2f}x {rss:12.0f} {rate:6.2f}")

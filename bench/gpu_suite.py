@@ -16,8 +16,9 @@ Steps, in order (each a subprocess; a failing step is recorded and the next one 
    checkpoint loaded with AutoModelForCausalLM.
 
 ``--tiny`` runs the same steps with tiny sizes on the CPU (``--static-cache eager``, fp32), so the suite
-cannot rot unnoticed; the demo then needs stand-in assets through ``--demo-args`` (the test passes them). Written to ``--out``:
-one ``NAME.log`` per step and ``suite.md`` (each step's command, exit code, seconds and last lines).
+cannot rot unnoticed; the demo then needs stand-in assets through ``--demo-args`` (the test passes them).
+Written to ``--out``: one ``NAME.log`` per step and ``suite.md`` (each step's command, exit code, seconds and
+last lines).
 """
 
 from __future__ import annotations
@@ -37,44 +38,150 @@ PY = sys.executable
 def steps(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(name, argv) of every step, full size or --tiny."""
     out, tiny = args.out, args.tiny
-    size = (["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "400", "--seq-len",
-             "64", "--micro-batch", "2", "--grad-accum", "1", "--steps", "6", "--warmup", "2", "--repeats", "1"]
-            if tiny else ["--hidden", "2048", "--layers", "16", "--heads", "32", "--kv-heads", "8", "--vocab", "32000",
-                          "--seq-len", "2048", "--micro-batch", "4", "--grad-accum", "1", "--steps", "30",
-                          "--warmup", "5", "--repeats", "1"])
+    size = (
+        [
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--vocab",
+            "400",
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--grad-accum",
+            "1",
+            "--steps",
+            "6",
+            "--warmup",
+            "2",
+            "--repeats",
+            "1",
+        ]
+        if tiny
+        else [
+            "--hidden",
+            "2048",
+            "--layers",
+            "16",
+            "--heads",
+            "32",
+            "--kv-heads",
+            "8",
+            "--vocab",
+            "32000",
+            "--seq-len",
+            "2048",
+            "--micro-batch",
+            "4",
+            "--grad-accum",
+            "1",
+            "--steps",
+            "30",
+            "--warmup",
+            "5",
+            "--repeats",
+            "1",
+        ]
+    )
     # Rows of the uptrain loop with one compute option each (aot_eager: the CPU cannot afford inductor in tests).
-    variants = (["--variants", "default", "compile", "--compile-backend", "aot_eager"] if tiny else
-                ["--variants", "default", "compile", "chunked", "distill", "distill-inference"])
-    decode = (["--synthetic", "llama-tiny", "--device", "cpu", "--batch", "1", "2", "--context", "16",
-               "--new-tokens", "2", "--repeats", "2", "--warmup", "1"] if tiny else
-              ["--synthetic", "llama-1b", "--device", "cuda", "--dtype", "bfloat16", "--repeats", "3"])
-    grid = [] if tiny else ["--batch", "1", "8", "32", "64", "128", "--context", "512", "2048", "8192",
-                            "--fit-context", "2048", "--memory-budget", "70"]
-    static = ["--static-cache", "eager"] if tiny else ["--batch", "1", "64", "--context", "2048",
-                                                       "--static-cache", "compile"]
+    variants = (
+        ["--variants", "default", "compile", "--compile-backend", "aot_eager"]
+        if tiny
+        else ["--variants", "default", "compile", "chunked", "distill", "distill-inference"]
+    )
+    decode = (
+        [
+            "--synthetic",
+            "llama-tiny",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "2",
+            "--context",
+            "16",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+        ]
+        if tiny
+        else ["--synthetic", "llama-1b", "--device", "cuda", "--dtype", "bfloat16", "--repeats", "3"]
+    )
+    grid = (
+        []
+        if tiny
+        else [
+            "--batch",
+            "1",
+            "8",
+            "32",
+            "64",
+            "128",
+            "--context",
+            "512",
+            "2048",
+            "8192",
+            "--fit-context",
+            "2048",
+            "--memory-budget",
+            "70",
+        ]
+    )
+    static = (
+        ["--static-cache", "eager"]
+        if tiny
+        else ["--batch", "1", "64", "--context", "2048", "--static-cache", "compile"]
+    )
     demo_out = out / "demo"
     demo = [PY, "-m", "kvshrink.demo", "--out", str(demo_out), *shlex.split(args.demo_args)]
-    return [("throughput", [PY, str(ROOT / "bench" / "uptrain_throughput.py"), *size, *variants, "--distill"]),
-            ("decode", [PY, "-m", "kvshrink.decode_bench", *decode, *grid, "--out", str(out / "decode")]),
-            ("decode-static", [PY, "-m", "kvshrink.decode_bench", *decode, *static,
-                               "--out", str(out / "decode-static")]),
-            ("demo", demo),
-            *fsdp_steps(args, demo_out)]
+    return [
+        ("throughput", [PY, str(ROOT / "bench" / "uptrain_throughput.py"), *size, *variants, "--distill"]),
+        ("decode", [PY, "-m", "kvshrink.decode_bench", *decode, *grid, "--out", str(out / "decode")]),
+        ("decode-static", [PY, "-m", "kvshrink.decode_bench", *decode, *static, "--out", str(out / "decode-static")]),
+        ("demo", demo),
+        *fsdp_steps(args, demo_out),
+    ]
 
 
 def fsdp_steps(args: argparse.Namespace, demo_out: Path) -> list[tuple[str, list[str]]]:
     """Train half, resume to the end, load the final checkpoint: the demo's recipe under accelerate."""
     config = ROOT / "recipes" / "accelerate" / "fsdp.yaml"
-    launch = [PY, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
-              *(["--mixed_precision", "no"] if args.tiny else []), "-m", "uptrain", str(demo_out / "recipe.yaml"),
-              f"output_dir={args.out / 'fsdp'}", "train.trainable=all", f"save.every_steps={args.fsdp_steps // 2}",
-              f"eval.every_steps={args.fsdp_steps // 2}"]
-    load = ("import sys; from transformers import AutoModelForCausalLM as A; "
-            "m = A.from_pretrained(sys.argv[1]); print('final loads:', type(m).__name__, "
-            "m.config.num_key_value_heads, 'KV heads,', sum(p.numel() for p in m.parameters()), 'parameters')")
-    return [("fsdp-half", [*launch, f"train.max_steps={args.fsdp_steps // 2}"]),
-            ("fsdp-resume", [*launch, f"train.max_steps={args.fsdp_steps}"]),
-            ("fsdp-load", [PY, "-c", load, str(args.out / "fsdp" / "final")])]
+    launch = [
+        PY,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "1",
+        *(["--mixed_precision", "no"] if args.tiny else []),
+        "-m",
+        "uptrain",
+        str(demo_out / "recipe.yaml"),
+        f"output_dir={args.out / 'fsdp'}",
+        "train.trainable=all",
+        f"save.every_steps={args.fsdp_steps // 2}",
+        f"eval.every_steps={args.fsdp_steps // 2}",
+    ]
+    load = (
+        "import sys; from transformers import AutoModelForCausalLM as A; "
+        "m = A.from_pretrained(sys.argv[1]); print('final loads:', type(m).__name__, "
+        "m.config.num_key_value_heads, 'KV heads,', sum(p.numel() for p in m.parameters()), 'parameters')"
+    )
+    return [
+        ("fsdp-half", [*launch, f"train.max_steps={args.fsdp_steps // 2}"]),
+        ("fsdp-resume", [*launch, f"train.max_steps={args.fsdp_steps}"]),
+        ("fsdp-load", [PY, "-c", load, str(args.out / "fsdp" / "final")]),
+    ]
 
 
 def run_step(name: str, argv: list[str], out: Path, timeout: int) -> dict:
@@ -86,19 +193,33 @@ def run_step(name: str, argv: list[str], out: Path, timeout: int) -> dict:
         fh.write("$ " + shlex.join(argv) + "\n")
         fh.flush()
         try:
-            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout).returncode
+            rc = subprocess.run(
+                argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip() and "it/s]" not in x]
-    return {"name": name, "command": shlex.join(argv), "rc": rc, "seconds": time.perf_counter() - started,
-            "tail": lines[-12:]}
+    return {
+        "name": name,
+        "command": shlex.join(argv),
+        "rc": rc,
+        "seconds": time.perf_counter() - started,
+        "tail": lines[-12:],
+    }
 
 
 def write_report(rows: list[dict], out: Path) -> None:
     parts = ["# GPU suite", ""]
     for r in rows:
-        parts += [f"## {r['name']}: exit {r['rc']}, {r['seconds']:.0f} s", "", "```", "$ " + r["command"],
-                  *r["tail"], "```", ""]
+        parts += [
+            f"## {r['name']}: exit {r['rc']}, {r['seconds']:.0f} s",
+            "",
+            "```",
+            "$ " + r["command"],
+            *r["tail"],
+            "```",
+            "",
+        ]
     (out / "suite.md").write_text("\n".join(parts))
 
 

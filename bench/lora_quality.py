@@ -35,11 +35,25 @@ from lora_scale import measured  # noqa: E402
 
 CONFIGS = {
     "a": ("full attention", ["train.trainable=attention"]),
-    "b": ("LoRA r16 q,k,v,o", ["train.trainable=none", "lora={r: 16, alpha: 32, targets: [q, k, v, o]}",
-                               "train.lr=1e-3", "train.min_lr=1e-4"]),
+    "b": (
+        "LoRA r16 q,k,v,o",
+        [
+            "train.trainable=none",
+            "lora={r: 16, alpha: 32, targets: [q, k, v, o]}",
+            "train.lr=1e-3",
+            "train.min_lr=1e-4",
+        ],
+    ),
     "c": ("kv full + LoRA r16 q,o", ["train.trainable=kv", "lora={r: 16, alpha: 32, targets: [q, o]}"]),
-    "d": ("LoRA r64 q,k,v,o", ["train.trainable=none", "lora={r: 64, alpha: 128, targets: [q, k, v, o]}",
-                               "train.lr=1e-3", "train.min_lr=1e-4"]),
+    "d": (
+        "LoRA r64 q,k,v,o",
+        [
+            "train.trainable=none",
+            "lora={r: 64, alpha: 128, targets: [q, k, v, o]}",
+            "train.lr=1e-3",
+            "train.min_lr=1e-4",
+        ],
+    ),
 }
 
 
@@ -51,8 +65,11 @@ def demo_recipe(demo_run: Path, work: Path) -> tuple[Path, dict[str, Path]]:
 
     base = yaml.safe_load((files("kvshrink_recipes") / "demo-smollm2-mqa.yaml").read_text())
     original = assets.smollm2()
-    samples = cached_samples(str(original), assets.cache_dir() / "smollm2-135m-instruct-samples",
-                             Sampling(tokens=30_720, batch_size=64, length=320))
+    samples = cached_samples(
+        str(original),
+        assets.cache_dir() / "smollm2-135m-instruct-samples",
+        Sampling(tokens=30_720, batch_size=64, length=320),
+    )
     texts = {"eval": assets.shakespeare()["eval"], "off-domain": assets.cpython_docs()}
     base.update(model=str(demo_run / "mqa-aware"), teacher=str(original), resume="never")
     base["data"].update(train=[str(samples)], eval=[str(texts["eval"])])
@@ -84,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         seconds = re.search(r"time \(this run\)\s+([\d.]+) s", stdout)[1]
         ppl = perplexities(out / "final", texts, 512, 4096)
         planned = re.search(r"peak\s+([\d.]+) GB", plan)[1]
-        print(f"| ({key}) {name} | {trainable} | {ppl['eval']:.2f} | {ppl['off-domain']:.2f} | {rss:.2f} | "
-              f"{planned} | {float(seconds):.0f} (loop), {wall:.0f} (process) |", flush=True)
+        print(
+            f"| ({key}) {name} | {trainable} | {ppl['eval']:.2f} | {ppl['off-domain']:.2f} | {rss:.2f} | "
+            f"{planned} | {float(seconds):.0f} (loop), {wall:.0f} (process) |",
+            flush=True,
+        )
     return 0
 
 

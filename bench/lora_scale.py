@@ -40,19 +40,36 @@ def measured(command: list[str]) -> tuple[float, float, str]:
 
 
 def recipe(model: Path, out: Path, text: dict, steps: int) -> dict:
-    return {"model": str(model), "output_dir": str(out), "resume": "never",
-            "data": {"train": [str(text["train"])], "eval": [str(text["eval"])], "seq_len": 256},
-            "train": {"max_steps": steps, "micro_batch_size": 1, "grad_accum": 1, "lr": 1.0e-4, "min_lr": 1.0e-5,
-                      "warmup_steps": 1, "trainable": "none", "gradient_checkpointing": True},
-            "lora": {"r": 16, "alpha": 32, "targets": ["q", "k", "v", "o"]},
-            "eval": {"every_steps": 1000, "max_tokens": 256}, "save": {"every_steps": 1000, "keep_last": 1},
-            "log": {"every_steps": 1}}
+    return {
+        "model": str(model),
+        "output_dir": str(out),
+        "resume": "never",
+        "data": {"train": [str(text["train"])], "eval": [str(text["eval"])], "seq_len": 256},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": 1,
+            "grad_accum": 1,
+            "lr": 1.0e-4,
+            "min_lr": 1.0e-5,
+            "warmup_steps": 1,
+            "trainable": "none",
+            "gradient_checkpointing": True,
+        },
+        "lora": {"r": 16, "alpha": 32, "targets": ["q", "k", "v", "o"]},
+        "eval": {"every_steps": 1000, "max_tokens": 256},
+        "save": {"every_steps": 1000, "keep_last": 1},
+        "log": {"every_steps": 1},
+    }
 
 
 def plan_peak(path: Path, *overrides: str) -> str:
     """The peak row of ``--dry-run``'s plan, in GB."""
-    done = subprocess.run([sys.executable, "-m", "uptrain", str(path), *overrides, "--dry-run"], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "uptrain", str(path), *overrides, "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return re.search(r"peak\s+([\d.]+) GB", done.stdout)[1]
 
 
@@ -67,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     if not source.exists():
         write_source(source, smollm2())
     if not (gqa / "config.json").exists():
-        wall, rss, _ = measured([sys.executable, "-m", "convert", str(source), str(gqa), "--kv-heads", "8",
-                                 "--overwrite"])
+        wall, rss, _ = measured(
+            [sys.executable, "-m", "convert", str(source), str(gqa), "--kv-heads", "8", "--overwrite"]
+        )
         print(f"convert to GQA-8 by mean: {wall:.0f} s, peak RSS {rss:.2f} GB")
     out = args.work / "lora-run"
     shutil.rmtree(out, ignore_errors=True)
@@ -82,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / "final")  # room for the merge alone
     merged = args.work / "merged"
     shutil.rmtree(merged, ignore_errors=True)
-    merge_wall, merge_rss, _ = measured([sys.executable, "-m", "uptrain.merge", str(out / "final-adapter"), str(gqa),
-                                         str(merged)])
+    merge_wall, merge_rss, _ = measured(
+        [sys.executable, "-m", "uptrain.merge", str(out / "final-adapter"), str(gqa), str(merged)]
+    )
     shutil.rmtree(merged)
     print("\n| | exit | peak RSS GB | plan GB | time |")
     print("|---|---|---|---|---|")
-    print(f"| LoRA r 16 q/k/v/o, {trainable} trainable, {args.steps} steps | 0 | {rss:.2f} | {lora_plan} | "
-          f"{wall:.0f} s in all; s/step {', '.join(f'{s:.0f}' for s in step_s)} |")
+    print(
+        f"| LoRA r 16 q/k/v/o, {trainable} trainable, {args.steps} steps | 0 | {rss:.2f} | {lora_plan} | "
+        f"{wall:.0f} s in all; s/step {', '.join(f'{s:.0f}' for s in step_s)} |"
+    )
     print(f"| merge (python -m uptrain.merge) | 0 | {merge_rss:.2f} | — | {merge_wall:.0f} s |")
     print(f"| full attention training (plan only) | — | — | {full_plan} | — |")
     return 0

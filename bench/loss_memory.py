@@ -26,12 +26,17 @@ def one(path: str, args: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from uptrain.loss import chunked_loss
-    from uptrain.loss import distill_kl, token_losses
+    from uptrain.loss import chunked_loss, distill_kl, token_losses
 
     torch.manual_seed(0)
-    config = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                  num_hidden_layers=args.layers, num_attention_heads=4, max_position_embeddings=args.seq_len)
+    config = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        max_position_embeddings=args.seq_len,
+    )
     student = LlamaForCausalLM(LlamaConfig(**config, num_key_value_heads=1))
     teacher = LlamaForCausalLM(LlamaConfig(**config, num_key_value_heads=4)).eval().requires_grad_(False)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len))
@@ -46,8 +51,16 @@ def one(path: str, args: argparse.Namespace) -> dict:
             hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             with torch.no_grad():
                 t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            loss, _ = chunked_loss(hidden, student.get_output_embeddings(), ids, t_hidden,
-                                   teacher.get_output_embeddings(), 0.5, 1.0, args.chunk)
+            loss, _ = chunked_loss(
+                hidden,
+                student.get_output_embeddings(),
+                ids,
+                t_hidden,
+                teacher.get_output_embeddings(),
+                0.5,
+                1.0,
+                args.chunk,
+            )
         loss.backward()
         student.zero_grad(set_to_none=False)  # gradients stay allocated: part of the baseline after step 1
 
@@ -79,18 +92,23 @@ def main() -> None:
     results: dict[str, list[dict]] = {"full": [], "chunked": []}
     for _ in range(args.repeats):
         for path in results:
-            done = subprocess.run([sys.executable, __file__, "--one", path, *sys.argv[1:]], capture_output=True,
-                                  text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", path, *sys.argv[1:]], capture_output=True, text=True, check=True
+            )
             results[path].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"one distillation step, vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
-          f"{args.batch} x {args.seq_len} tokens, chunk {args.chunk}, fp32 CPU, median of {args.repeats}")
+    print(
+        f"one distillation step, vocab {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, "
+        f"{args.batch} x {args.seq_len} tokens, chunk {args.chunk}, fp32 CPU, median of {args.repeats}"
+    )
     peak = {p: statistics.median(r["peak_bytes"] for r in rs) for p, rs in results.items()}
     speed = {p: statistics.median(r["tokens_per_s"] for r in rs) for p, rs in results.items()}
     for path in results:
         runs = ", ".join(f"{r['peak_bytes'] / 1e9:.2f}" for r in results[path])
         print(f"  {path:<8} peak {peak[path] / 1e9:6.2f} GB (runs {runs})   {speed[path]:8,.0f} tokens/s")
-    print(f"  chunked / full: {peak['chunked'] / peak['full']:.3f}x the peak memory "
-          f"({peak['full'] / peak['chunked']:.1f}x lower), {speed['chunked'] / speed['full']:.2f}x the tokens/s")
+    print(
+        f"  chunked / full: {peak['chunked'] / peak['full']:.3f}x the peak memory "
+        f"({peak['full'] / peak['chunked']:.1f}x lower), {speed['chunked'] / speed['full']:.2f}x the tokens/s"
+    )
 
 
 if __name__ == "__main__":

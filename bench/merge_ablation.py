@@ -42,12 +42,22 @@ def convert_one(name: str, source: Path, train: Path, out: Path, tokens: int) ->
 
     method, queries, outputs, order, refit, local = VARIANTS[name]
     if method == "svd" and (queries or outputs):
-        variant = type("Variant", (Svd,), {"name": "variant", "uses_queries": queries, "queries": queries,
-                                           "outputs": outputs})
+        variant = type(
+            "Variant", (Svd,), {"name": "variant", "uses_queries": queries, "queries": queries, "outputs": outputs}
+        )
         METHODS["variant"] = variant()
         method = "variant"
-    extra = {} if method == "mean" else dict(calibration_data=[str(train)], calibration_tokens=tokens,
-                                             calibration_order=order, refit_o=refit, local_steps=local)
+    extra = (
+        {}
+        if method == "mean"
+        else dict(
+            calibration_data=[str(train)],
+            calibration_tokens=tokens,
+            calibration_order=order,
+            refit_o=refit,
+            local_steps=local,
+        )
+    )
     report = convert_checkpoint(source, out, kv_heads=1, method=method, overwrite=True, **extra)
     (out / "bench.json").write_text(json.dumps({"calibration_seconds": (report.calibration or {}).get("seconds")}))
 
@@ -60,19 +70,28 @@ def measured_conversion(name: str, source: Path, train: Path, out: Path, tokens:
     if status:
         raise SystemExit(f"{name}: conversion failed (status {status})")
     facts = json.loads((out / "bench.json").read_text())
-    return {**facts, "convert_seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}
+    return {
+        **facts,
+        "convert_seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    }
 
 
 def render(result: dict) -> str:
     s = result["settings"]
-    lines = ["| variant | ppl, tragedies (in-domain) | ppl, CPython docs (off-domain) | calibration s | "
-             "peak RSS GB |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | ppl, tragedies (in-domain) | ppl, CPython docs (off-domain) | calibration s | peak RSS GB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['variant']} | {r['ppl']['in_domain']:,.2f} | {r['ppl']['off_domain']:,.2f} | "
-                     f"{r.get('calibration_seconds') or '-'} | {r.get('peak_rss_gb', '-')} |")
-    lines.append(f"\n{s['eval_tokens']:,} eval tokens per text in blocks of {s['seq_len']}; "
-                 f"{s['calibration_tokens']:,} calibration tokens of the training plays.")
+        lines.append(
+            f"| {r['variant']} | {r['ppl']['in_domain']:,.2f} | {r['ppl']['off_domain']:,.2f} | "
+            f"{r.get('calibration_seconds') or '-'} | {r.get('peak_rss_gb', '-')} |"
+        )
+    lines.append(
+        f"\n{s['eval_tokens']:,} eval tokens per text in blocks of {s['seq_len']}; "
+        f"{s['calibration_tokens']:,} calibration tokens of the training plays."
+    )
     return "\n".join(lines)
 
 

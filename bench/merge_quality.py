@@ -41,8 +41,9 @@ BEST = "best: " + " + ".join(f"{k}={v}" for k, v in RECOMMENDED.items())
 def convert(source: Path, target: Path, name: str, train: Path, tokens: int) -> float:
     """One conversion (``name``: a registered method, or BEST); returns its seconds."""
     options = RECOMMENDED if name == BEST else {"method": name}
-    extra = dict(calibration_data=[str(train)], calibration_tokens=tokens) \
-        if METHODS[options["method"]].calibrated else {}
+    extra = (
+        dict(calibration_data=[str(train)], calibration_tokens=tokens) if METHODS[options["method"]].calibrated else {}
+    )
     started = time.perf_counter()
     convert_checkpoint(source, target, kv_heads=1, overwrite=True, **options, **extra)
     return round(time.perf_counter() - started, 1)
@@ -54,20 +55,28 @@ def uptrain(model_dir: Path, teacher: Path, text: Path, out: Path, steps: int | 
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    overrides = [f"model={model_dir}", f"teacher={teacher}", f"output_dir={out}", "resume=never",
-                 f"data.train={json.dumps([str(text)])}"]
+    overrides = [
+        f"model={model_dir}",
+        f"teacher={teacher}",
+        f"output_dir={out}",
+        "resume=never",
+        f"data.train={json.dumps([str(text)])}",
+    ]
     overrides += [f"train.max_steps={steps}"] if steps else []
     subprocess.run([sys.executable, "-m", "uptrain", str(RECIPE), *overrides], check=True, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": records[-1]["step"], "tokens": records[-1]["tokens"],
-            "in_loop_eval_ppl": [r["eval_ppl"] for r in records if "eval_ppl" in r]}
+    return {
+        "steps": records[-1]["step"],
+        "tokens": records[-1]["tokens"],
+        "in_loop_eval_ppl": [r["eval_ppl"] for r in records if "eval_ppl" in r],
+    }
 
 
 def samples(source: Path, steps: int | None) -> Path:
     """The demo's training text: the original's own samples, as many tokens as the recipe trains on, in the
     folder the recipe reads them from (the demo's cache), sampled there the first time."""
-    from uptrain.recipe import load_recipe, schedule
     from kvshrink_base.sample import Sampling, cached_samples
+    from uptrain.recipe import load_recipe, schedule
 
     recipe = load_recipe(RECIPE, [f"train.max_steps={steps}"] if steps else [])
     tokens_per_step, total_steps = schedule(recipe)
@@ -81,14 +90,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=[*METHODS, BEST], help="inits converted and scored")
     parser.add_argument("--train", nargs="*", default=["mean", "best"], help="inits uptrained ('best': BEST)")
     parser.add_argument("--max-steps", type=int, help="uptraining steps instead of the demo recipe's train.max_steps")
-    parser.add_argument("--calibration-text", choices=["plays", "samples"], default="plays",
-                        help="what the calibrated methods run on: the training plays, or the original's samples "
-                             "(the demo's)")
-    parser.add_argument("--train-text", nargs="*", choices=["samples", "plays"], default=["samples"],
-                        help="what the inits uptrain on: the original's samples (the demo's), the plays, or both")
+    parser.add_argument(
+        "--calibration-text",
+        choices=["plays", "samples"],
+        default="plays",
+        help="what the calibrated methods run on: the training plays, or the original's samples (the demo's)",
+    )
+    parser.add_argument(
+        "--train-text",
+        nargs="*",
+        choices=["samples", "plays"],
+        default=["samples"],
+        help="what the inits uptrain on: the original's samples (the demo's), the plays, or both",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "merge_quality")
-    parser.add_argument("--reuse", action="store_true",
-                        help="score the conversions already in --out instead of converting again")
+    parser.add_argument(
+        "--reuse", action="store_true", help="score the conversions already in --out instead of converting again"
+    )
     parser.add_argument("--render", type=Path, metavar="RESULTS_JSON", help="only print the tables of a past run")
     args = parser.parse_args()
     if args.render:
@@ -106,16 +124,26 @@ def main() -> None:
         targets[name] = args.out / ("best" if name == BEST else name)
         reused = args.reuse and (targets[name] / "conversion.json").exists()
         seconds = None if reused else convert(source, targets[name], name, calibration, args.calibration_tokens)
-        rows.append({"model": name, "convert_seconds": seconds,
-                     "ppl": perplexities(targets[name], texts, 512, args.eval_tokens)})
+        rows.append(
+            {
+                "model": name,
+                "convert_seconds": seconds,
+                "ppl": perplexities(targets[name], texts, 512, args.eval_tokens),
+            }
+        )
         print(rows[-1], flush=True)
     for text in args.train_text:
         path = sampled if text == "samples" else plays["train"]
         for name in args.train:
             init, run = BEST if name == "best" else name, args.out / f"train-{name}-{text}"
             trained = uptrain(targets[init], source, path, run, args.max_steps)
-            rows.append({"model": f"{init}, uptrained on the {text}", **trained,
-                         "ppl": perplexities(run / "final", texts, 512, args.eval_tokens)})
+            rows.append(
+                {
+                    "model": f"{init}, uptrained on the {text}",
+                    **trained,
+                    "ppl": perplexities(run / "final", texts, 512, args.eval_tokens),
+                }
+            )
             print(rows[-1], flush=True)
     result = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -128,17 +156,24 @@ def render(result: dict) -> str:
     original's."""
     s, rows = result["settings"], result["rows"]
     original = rows[0]["ppl"]
-    lines = ["| model | tokens trained | ppl, tragedies (in-domain) | x original | ppl, CPython docs (off-domain) "
-             "| x original |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | tokens trained | ppl, tragedies (in-domain) | x original | ppl, CPython docs (off-domain) "
+        "| x original |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ppl = r["ppl"]
-        lines.append(f"| {r['model']} | {r.get('tokens', 0):,} | {ppl['in_domain']:,.2f} | "
-                     f"{ppl['in_domain'] / original['in_domain']:,.2f} | {ppl['off_domain']:,.2f} | "
-                     f"{ppl['off_domain'] / original['off_domain']:,.2f} |")
+        lines.append(
+            f"| {r['model']} | {r.get('tokens', 0):,} | {ppl['in_domain']:,.2f} | "
+            f"{ppl['in_domain'] / original['in_domain']:,.2f} | {ppl['off_domain']:,.2f} | "
+            f"{ppl['off_domain'] / original['off_domain']:,.2f} |"
+        )
     text = {"plays": "the training plays", "samples": "the original's samples"}[s.get("calibration_text", "plays")]
-    lines.append(f"\n{s['eval_tokens']:,} eval tokens per text in blocks of 512; {s['calibration_tokens']:,} "
-                 f"calibration tokens of {text}; uptraining: the demo's CPU recipe, on the text "
-                 "each row names (the samples: the original's own, as the demo trains).")
+    lines.append(
+        f"\n{s['eval_tokens']:,} eval tokens per text in blocks of 512; {s['calibration_tokens']:,} "
+        f"calibration tokens of {text}; uptraining: the demo's CPU recipe, on the text "
+        "each row names (the samples: the original's own, as the demo trains)."
+    )
     return "\n".join(lines)
 
 

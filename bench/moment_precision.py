@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(assets.smollm2(), dtype=torch.float32)
-    blocks = token_blocks(tokenizer, read_text([str(assets.shakespeare()["train"])], args.tokens), args.tokens,
-                          args.seq_len)
+    blocks = token_blocks(
+        tokenizer, read_text([str(assets.shakespeare()["train"])], args.tokens), args.tokens, args.seq_len
+    )
     layers = model.model.layers
     walk: list = [None] * len(layers)
     exact: list = [None] * len(layers)
@@ -37,6 +38,7 @@ def main() -> None:
             x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             exact[index] = x.T @ x if exact[index] is None else exact[index] + x.T @ x
+
         return add
 
     for i, layer in enumerate(layers):

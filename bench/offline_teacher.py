@@ -29,7 +29,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts, when run from anywhere
 from lora_quality import demo_recipe  # noqa: E402
-from lora_scale import measured, recipe as lora_recipe  # noqa: E402
+from lora_scale import measured  # noqa: E402
+from lora_scale import recipe as lora_recipe
 
 OFFLINE = {"online": None, "offline k16": 16, "offline k64": 64, "offline k256": 256}
 
@@ -54,8 +55,10 @@ def smollm2(args) -> None:
     from uptrain.perplexity import perplexities
 
     path, texts = demo_recipe(args.demo_run, args.work)
-    print("| distillation | eval ppl | off-domain ppl | teacher pass s | training s | teacher files MB | "
-          "peak RSS GB (pass, training) |")
+    print(
+        "| distillation | eval ppl | off-domain ppl | teacher pass s | training s | teacher files MB | "
+        "peak RSS GB (pass, training) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, k in OFFLINE.items():
         if args.runs and name.replace(" ", "-") not in args.runs:
@@ -65,8 +68,11 @@ def smollm2(args) -> None:
         overrides = [f"output_dir={out}"] + ([] if k is None else ["distill.mode=offline", f"distill.top_k={k}"])
         f = teacher_then_train(path, overrides, k is not None)
         ppl = perplexities(out / "final", texts, 512, 4096)
-        print(f"| {name} | {ppl['eval']:.2f} | {ppl['off-domain']:.2f} | {f['teacher_s']:.0f} | {f['train_s']:.0f} | "
-              f"{f['teacher_mb']:.1f} | {f['teacher_rss']:.2f}, {f['train_rss']:.2f} |", flush=True)
+        print(
+            f"| {name} | {ppl['eval']:.2f} | {ppl['off-domain']:.2f} | {f['teacher_s']:.0f} | {f['train_s']:.0f} | "
+            f"{f['teacher_mb']:.1f} | {f['teacher_rss']:.2f}, {f['train_rss']:.2f} |",
+            flush=True,
+        )
 
 
 def scale(args) -> None:
@@ -84,10 +90,14 @@ def scale(args) -> None:
     f = teacher_then_train(path, [f"output_dir={out}"], True)
     print("| stage | peak RSS GB | seconds |")
     print("|---|---|---|")
-    print(f"| teacher pass, 4 blocks of 256 tokens through 32 layers | {f['teacher_rss']:.2f} | "
-          f"{f['teacher_s']:.0f} in all, {f['s_per_layer']:.1f} a layer |")
-    print(f"| 3 LoRA steps, offline k 64 | {f['train_rss']:.2f} | {f['train_s']:.0f} (loop), {f['train_wall']:.0f} "
-          "(process) |")
+    print(
+        f"| teacher pass, 4 blocks of 256 tokens through 32 layers | {f['teacher_rss']:.2f} | "
+        f"{f['teacher_s']:.0f} in all, {f['s_per_layer']:.1f} a layer |"
+    )
+    print(
+        f"| 3 LoRA steps, offline k 64 | {f['train_rss']:.2f} | {f['train_s']:.0f} (loop), {f['train_wall']:.0f} "
+        "(process) |"
+    )
     print(f"teacher files: {f['teacher_mb']:.1f} MB")
 
 
@@ -97,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--demo-run", type=Path, help="a demo output directory with mqa-aware (--smollm2)")
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", choices=[n.replace(" ", "-") for n in OFFLINE],
-                        help="--smollm2: these rows only (default: all)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        choices=[n.replace(" ", "-") for n in OFFLINE],
+        help="--smollm2: these rows only (default: all)",
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.smollm2:

@@ -38,8 +38,10 @@ VARIANTS = {
     "bf16": ("uptrain loop, bf16", {"train": {"precision": "bf16"}}),
     "chunked": ("uptrain loop, fused_loss off", {"train": {"fused_loss": "off"}}),
     "distill": ("uptrain loop, distill", {"distill": {"weight": 0.5, "temperature": 1.0}}),
-    "distill-inference": ("uptrain loop, distill, inference_mode",
-                          {"distill": {"weight": 0.5, "temperature": 1.0, "teacher_inference_mode": True}}),
+    "distill-inference": (
+        "uptrain loop, distill, inference_mode",
+        {"distill": {"weight": 0.5, "temperature": 1.0, "teacher_inference_mode": True}},
+    ),
 }
 
 
@@ -61,10 +63,17 @@ def build(work: Path, args) -> tuple[Path, Path]:
 
     train, _ = write_corpus(work / "text")
     tokenizer = train_tokenizer(train, vocab_size=args.vocab)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3 // 64 * 64 or 64,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                         vocab_size=len(tokenizer), max_position_embeddings=max(2048, args.seq_len),
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3 // 64 * 64 or 64,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(2048, args.seq_len),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(work / "mha")
     tokenizer.save_pretrained(work / "mha")
     convert_checkpoint(work / "mha", work / "mqa", kv_heads=args.kv_heads)
@@ -78,13 +87,23 @@ def ours(work: Path, model: Path, text: Path, args, variant: str) -> dict:
     from uptrain.recipe import load_recipe
     from uptrain.train import run
 
-    recipe = {"model": str(model), "output_dir": str(work / "ours"), "resume": "never",
-              "data": {"train": [str(text)], "eval": [str(text)], "seq_len": args.seq_len},
-              "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum,
-                        "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 2},
-              "eval": {"every_steps": args.steps, "max_tokens": args.seq_len},
-              "save": {"every_steps": args.steps, "keep_last": 1},
-              "log": {"every_steps": args.warmup}}
+    recipe = {
+        "model": str(model),
+        "output_dir": str(work / "ours"),
+        "resume": "never",
+        "data": {"train": [str(text)], "eval": [str(text)], "seq_len": args.seq_len},
+        "train": {
+            "max_steps": args.steps,
+            "micro_batch_size": args.micro_batch,
+            "grad_accum": args.grad_accum,
+            "lr": 3e-4,
+            "min_lr": 3e-5,
+            "warmup_steps": 2,
+        },
+        "eval": {"every_steps": args.steps, "max_tokens": args.seq_len},
+        "save": {"every_steps": args.steps, "keep_last": 1},
+        "log": {"every_steps": args.warmup},
+    }
     for section, values in VARIANTS[variant][1].items():
         recipe[section] = {**recipe.get(section, {}), **values}
     if "compile" in recipe["train"]:
@@ -123,15 +142,31 @@ def trainer(work: Path, model_path: Path, text: Path, args) -> dict:
 
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     targs = TrainingArguments(
-        output_dir=str(work / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=3e-4, lr_scheduler_type="cosine",
-        warmup_steps=2, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10**6,
-        save_strategy="no", eval_strategy="no", report_to=[], bf16=bf16, dataloader_drop_last=True,
-        use_cpu=not torch.cuda.is_available(), seed=0)
+        output_dir=str(work / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=3e-4,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        bf16=bf16,
+        dataloader_drop_last=True,
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+    )
     Trainer(model=model, args=targs, train_dataset=blocks, callbacks=[Stamp()]).train()
-    stamps = stamps[args.warmup - 1:]  # from the end of step `warmup`
-    return {"tokens_per_s": (len(stamps) - 1) * args.tokens_per_step / (stamps[-1] - stamps[0]),
-            "peak_gb": peak_memory_gb()}
+    stamps = stamps[args.warmup - 1 :]  # from the end of step `warmup`
+    return {
+        "tokens_per_s": (len(stamps) - 1) * args.tokens_per_step / (stamps[-1] - stamps[0]),
+        "peak_gb": peak_memory_gb(),
+    }
 
 
 def main() -> None:
@@ -140,11 +175,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=1, help="KV heads of the converted model (default: 1, MQA)")
-    parser.add_argument("--distill", action="store_true", help="also time the uptrain loop distilling from the original")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["default"],
-                        help="uptrain loop rows, one recipe option changed each (default: default)")
-    parser.add_argument("--compile-backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
-                        help="train.compile_backend of the compile row")
+    parser.add_argument(
+        "--distill", action="store_true", help="also time the uptrain loop distilling from the original"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["default"],
+        help="uptrain loop rows, one recipe option changed each (default: default)",
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="train.compile_backend of the compile row",
+    )
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -159,8 +205,9 @@ def main() -> None:
     if args.one:
         which, work, model = args.one
         work, text = Path(work), Path(work) / "text" / "train.txt"
-        result = trainer(work, Path(model), text, args) if which == "trainer" else ours(work, Path(model), text, args,
-                                                                                       which)
+        result = (
+            trainer(work, Path(model), text, args) if which == "trainer" else ours(work, Path(model), text, args, which)
+        )
         print(json.dumps(result))
         return
     work = Path(tempfile.mkdtemp(prefix="uptrain-bench-"))
@@ -171,8 +218,13 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for _ in range(args.repeats):
         for name, which in runs:
-            out = subprocess.run([sys.executable, __file__, "--one", which, str(work), str(model), *sys.argv[1:]],
-                                 check=True, capture_output=True, text=True, env=env).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", which, str(work), str(model), *sys.argv[1:]],
+                check=True,
+                capture_output=True,
+                text=True,
+                env=env,
+            ).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"{name}: {results[name][-1]}", flush=True)  # as it comes: a long run cut short keeps these
     print_table(results, model, args)
@@ -187,16 +239,21 @@ def print_table(results: dict[str, list[dict]], model: Path, args) -> None:
     params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     memory = "peak allocated" if torch.cuda.is_available() else "peak RSS"
-    print(f"\n{params / 1e6:.1f}M-parameter Llama with {args.kv_heads} KV heads, seq_len {args.seq_len}, "
-          f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {args.steps} steps ({args.warmup} "
-          f"warm-up), median of {args.repeats}; {device}")
+    print(
+        f"\n{params / 1e6:.1f}M-parameter Llama with {args.kv_heads} KV heads, seq_len {args.seq_len}, "
+        f"micro-batch {args.micro_batch} x accumulation {args.grad_accum}, {args.steps} steps ({args.warmup} "
+        f"warm-up), median of {args.repeats}; {device}"
+    )
     base = statistics.median(r["tokens_per_s"] for r in results["transformers Trainer"])
     width = max(map(len, results))
     for name, runs in results.items():
         tps = statistics.median(r["tokens_per_s"] for r in runs)
-        line = (f"  {name:<{width}} {tps:12,.0f} tokens/s  ({tps / base:.2f}x Trainer)  {memory} "
-                f"{statistics.median(r['peak_gb'] for r in runs):6.2f} GB  (runs: "
-                + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs) + ")")
+        line = (
+            f"  {name:<{width}} {tps:12,.0f} tokens/s  ({tps / base:.2f}x Trainer)  {memory} "
+            f"{statistics.median(r['peak_gb'] for r in runs):6.2f} GB  (runs: "
+            + ", ".join(f"{r['tokens_per_s']:,.0f}" for r in runs)
+            + ")"
+        )
         if torch.cuda.is_available():
             flops = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq_len
             line += f"  MFU {tps * flops / (args.peak_tflops * 1e12):.1%}"
@@ -204,6 +261,7 @@ def print_table(results: dict[str, list[dict]], model: Path, args) -> None:
                 teacher = (2 * params + 4 * config.num_hidden_layers * config.hidden_size * args.seq_len) * tps
                 line += f" + teacher forward {teacher / (args.peak_tflops * 1e12):.1%}"
         print(line)
+
 
 if __name__ == "__main__":
     main()

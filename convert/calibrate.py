@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvshrink_base.errors import first_line
 from convert.device import available_ram, estimate, free_bytes, hidden_on_device, run_dtype
 from convert.errors import ConversionError
 from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
@@ -36,6 +35,7 @@ from convert.source import WeightSource, torch_dtype
 from convert.stages import Stages
 from convert.walk import HiddenStates, Walk
 from kvshrink_base.device import pick_device
+from kvshrink_base.errors import first_line
 from kvshrink_base.text import DataError, read_documents
 
 DEFAULT_TOKENS = 65536
@@ -95,7 +95,7 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos
     eos = tokenizer.eos_token_id
     for document in documents:
         for start in range(0, len(document), 200_000):  # chunks: the tokenizer need not see a whole book
-            ids += tokenizer(document[start:start + 200_000], add_special_tokens=False)["input_ids"]
+            ids += tokenizer(document[start : start + 200_000], add_special_tokens=False)["input_ids"]
             if len(ids) >= tokens:
                 break
         if eos is not None:
@@ -106,10 +106,12 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos
     head = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None and seq_len > 1 else []
     body = seq_len - len(head)
     if len(ids) < body:
-        raise ConversionError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len} "
-                              "(--calibration-seq-len); give more text or a smaller --calibration-seq-len")
+        raise ConversionError(
+            f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len} "
+            "(--calibration-seq-len); give more text or a smaller --calibration-seq-len"
+        )
     n = min(tokens // seq_len, len(ids) // body)
-    text = torch.tensor(ids[:n * body]).reshape(n, body)
+    text = torch.tensor(ids[: n * body]).reshape(n, body)
     return torch.cat([torch.tensor(head, dtype=text.dtype).expand(n, len(head)), text], dim=1)
 
 
@@ -136,9 +138,11 @@ def check_model_fits(weights: WeightSource, device) -> None:
     needed = sampling_bytes(weights, device)
     free = free_bytes(device) if device.type != "cpu" else available_ram()  # tests stand in for available_ram
     if needed > free:
-        raise ConversionError(f"sampling calibration text runs the whole source model ({needed / 1e9:.1f} GB in "
-                              f"{str(dtype).removeprefix('torch.')} on {device}), more than the "
-                              f"{free / 1e9:.1f} GB free; give text with --calibration-data FILE")
+        raise ConversionError(
+            f"sampling calibration text runs the whole source model ({needed / 1e9:.1f} GB in "
+            f"{str(dtype).removeprefix('torch.')} on {device}), more than the "
+            f"{free / 1e9:.1f} GB free; give text with --calibration-data FILE"
+        )
 
 
 def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool):
@@ -172,11 +176,20 @@ def moment_hook(moments: list, index: int, stages: Stages | None = None):
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
             moment = (x.T @ x).to("cpu", torch.float64)
             moments[index] = moment if moments[index] is None else moments[index] + moment
+
     return add
 
 
-def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, state: LayerState, load, blocks,
-                     how: Calibration, progress: bool = False) -> dict:
+def calibrate_layers(
+    src_dir: Path,
+    weights: WeightSource,
+    plan: LayerPlan,
+    state: LayerState,
+    load,
+    blocks,
+    how: Calibration,
+    progress: bool = False,
+) -> dict:
     """Walk the decoder layers over the calibration blocks, converting and spilling each (``state.spill``).
 
     Returns:
@@ -188,9 +201,12 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
     started = time.perf_counter()
     device = pick_device(how.device)
     loader, walk = open_walk(src_dir, weights, plan, state, load, blocks, how, device)
-    say(progress, f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens through {plan.dims.layers} layers "
-                  f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
-                  f"{'in CPU memory, moved per block' if not walk.states.on_device else 'on ' + str(device)}")
+    say(
+        progress,
+        f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens through {plan.dims.layers} layers "
+        f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
+        f"{'in CPU memory, moved per block' if not walk.states.on_device else 'on ' + str(device)}",
+    )
     step = _sequential_layer if how.order == "sequential" else _parallel_layer
     stages = walk.stages
     with torch.inference_mode():
@@ -202,11 +218,19 @@ def calibrate_layers(src_dir: Path, weights: WeightSource, plan: LayerPlan, stat
                 state.spill.put(layer, output_tensors(plan, layer, new, has_bias))
             with stages.timed("read"):
                 loader.offload(layer)
-            say(progress, f"layer {layer + 1}/{plan.dims.layers} ({time.perf_counter() - started:.0f} s{note}; "
-                          f"{stages.end_layer()})")
+            say(
+                progress,
+                f"layer {layer + 1}/{plan.dims.layers} ({time.perf_counter() - started:.0f} s{note}; "
+                f"{stages.end_layer()})",
+            )
     seconds = round(time.perf_counter() - started, 2)
-    return {"tokens": blocks.numel(), "seconds": seconds, "device": str(device), "peak_layers": loader.peak_layers,
-            "stages": {name: round(value, 2) for name, value in stages.total.items()}}
+    return {
+        "tokens": blocks.numel(),
+        "seconds": seconds,
+        "device": str(device),
+        "peak_layers": loader.peak_layers,
+        "stages": {name: round(value, 2) for name, value in stages.total.items()},
+    }
 
 
 def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, device):
@@ -223,19 +247,29 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
     return loader, walk
 
 
-def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device,
-                    sampled: bool = False):
+def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device, sampled: bool = False):
     """``convert.device.estimate`` for this model (its largest decoder layer, its resident parameters, the whole
     model where text is sampled from it first), with the hidden states' placement the walk will choose."""
     weights = loader.weights
     names = max(loader.layer_tensors, key=loader.elements)
-    attention = max(loader.elements([plan.source_names[n] for n in members.values()])
-                    for members in plan.sources.values())
-    memory = estimate(loader.elements(names), loader.elements(loader.resident), attention, tokens, plan.dims, device,
-                      loader.dtype, refit_o=how.refit_o, local_steps=how.local_steps,
-                      seq_len=min(how.seq_len, tokens), read_bytes=sum(weights.tensors[n].nbytes for n in names),
-                      fused_elements=loader.elements([n for n in names if n not in loader.model_name]),
-                      sampling_bytes=sampling_bytes(weights, device) if sampled else 0)
+    attention = max(
+        loader.elements([plan.source_names[n] for n in members.values()]) for members in plan.sources.values()
+    )
+    memory = estimate(
+        loader.elements(names),
+        loader.elements(loader.resident),
+        attention,
+        tokens,
+        plan.dims,
+        device,
+        loader.dtype,
+        refit_o=how.refit_o,
+        local_steps=how.local_steps,
+        seq_len=min(how.seq_len, tokens),
+        read_bytes=sum(weights.tensors[n].nbytes for n in names),
+        fused_elements=loader.elements([n for n in names if n not in loader.model_name]),
+        sampling_bytes=sampling_bytes(weights, device) if sampled else 0,
+    )
     if device.type != "cpu" or how.hidden_limit is not None:  # on the CPU the device is CPU memory
         memory.on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
     return memory
@@ -263,8 +297,9 @@ def _sequential_layer(walk: Walk, layer: int, decoder, how: Calibration):
     heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit; off the device when offloaded
     if how.refit_o:
         hooks[walk.path(plan.sources[layer]["o", "weight"])] = lambda _m, args: heads_out.append(keep(args[0].detach()))
-    attention = AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer)), keep) \
-        if how.local_steps else None
+    attention = (
+        AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer)), keep) if how.local_steps else None
+    )
     walk.run(layer, decoder, hooks, keep=False)
     if attention is not None:
         attention.remove()  # the original layer's calls only

@@ -10,66 +10,136 @@ import threading
 
 from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.engine import convert_checkpoint
-from kvshrink_base.errors import OneLineParser, run_cli
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
-from kvshrink_base.device import pick_device
-from convert.options import (CALIBRATION_ORDERS, DTYPES, RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS,
-                             RECOMMENDED_CPU_TOKENS, ConvertOptions)
+from convert.options import (
+    CALIBRATION_ORDERS,
+    DTYPES,
+    RECOMMENDED,
+    RECOMMENDED_CPU_LOCAL_STEPS,
+    RECOMMENDED_CPU_TOKENS,
+    ConvertOptions,
+)
 from convert.report import format_report
+from kvshrink_base.device import pick_device
+from kvshrink_base.errors import OneLineParser, run_cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="python -m convert",
         description="Stream a Hugging Face checkpoint into one with fewer KV heads (GQA/MQA). "
-                    f"Families: {', '.join(supported())}.",
+        f"Families: {', '.join(supported())}.",
     )
     parser.add_argument("source", metavar="SOURCE", help="checkpoint directory or hub id")
     parser.add_argument("output", metavar="OUTPUT", help="directory for the converted checkpoint")
     parser.add_argument("--kv-heads", type=int, required=True, metavar="N", help="KV heads wanted (1 = MQA)")
-    parser.add_argument("--recommended", action="store_true",
-                        help="the best conversion measured: --method aware --calibration-order sequential --refit-o "
-                             f"--local-steps {RECOMMENDED['local_steps']} (on a CPU: {RECOMMENDED_CPU_LOCAL_STEPS}, and "
-                             f"--calibration-tokens {RECOMMENDED_CPU_TOKENS}), "
-                             "each still overridable; without --calibration-data it calibrates on text sampled from "
-                             "the source itself")
-    parser.add_argument("--method", choices=list(METHODS), default=None,
-                        help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
-                             "data, fastest); for the best start use --recommended (docs/convert.md)")
-    parser.add_argument("--grouping", choices=list(GROUPINGS), default="contiguous",
-                        help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)")
-    parser.add_argument("--calibration-data", nargs="+", metavar="FILE",
-                        help="text (.txt, .md or .jsonl with a text field) the source runs on, for svd / aware / "
-                             "similarity; without it a calibrated method samples text from the source")
-    parser.add_argument("--calibration-tokens", type=int, default=None, metavar="N",
-                        help=f"calibration tokens to run (default: {DEFAULT_TOKENS}; {RECOMMENDED_CPU_TOKENS} with "
-                             "--recommended on a CPU)")
-    parser.add_argument("--calibration-seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
-                        help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})")
-    parser.add_argument("--calibration-bos", action=argparse.BooleanOptionalAction, default=None,
-                        help="start every calibration sequence with the tokenizer's BOS (default: off; measured "
-                             "worse on SmolLM2, see docs/benchmarks.md)")
-    parser.add_argument("--calibration-order", choices=CALIBRATION_ORDERS, default=None,
-                        help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
-                             "inputs the converted layers below give it (two passes' cost) (default: parallel)")
-    parser.add_argument("--refit-o", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --calibration-order sequential: refit each layer's output projection by least "
-                             "squares to the original attention output on the calibration text")
-    parser.add_argument("--local-steps", type=int, default=None, metavar="N",
-                        help="with --calibration-order sequential: N Adam steps per layer on its Q, K, V and O "
-                             "against the original attention output on the calibration text (default 0: none)")
-    parser.add_argument("--device", default="auto",
-                        help="where calibration runs: auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N, mps")
+    add_method_arguments(parser)
+    add_calibration_arguments(parser)
+    add_output_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the heads merge: --recommended, --method, --grouping."""
+    parser.add_argument(
+        "--recommended",
+        action="store_true",
+        help="the best conversion measured: --method aware --calibration-order sequential --refit-o "
+        f"--local-steps {RECOMMENDED['local_steps']} (on a CPU: {RECOMMENDED_CPU_LOCAL_STEPS}, and "
+        f"--calibration-tokens {RECOMMENDED_CPU_TOKENS}), "
+        "each still overridable; without --calibration-data it calibrates on text sampled from "
+        "the source itself",
+    )
+    parser.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default=None,
+        help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
+        "data, fastest); for the best start use --recommended (docs/convert.md)",
+    )
+    parser.add_argument(
+        "--grouping",
+        choices=list(GROUPINGS),
+        default="contiguous",
+        help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)",
+    )
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """What calibration runs on and how: --calibration-*, --refit-o, --local-steps, --device."""
+    parser.add_argument(
+        "--calibration-data",
+        nargs="+",
+        metavar="FILE",
+        help="text (.txt, .md or .jsonl with a text field) the source runs on, for svd / aware / "
+        "similarity; without it a calibrated method samples text from the source",
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"calibration tokens to run (default: {DEFAULT_TOKENS}; {RECOMMENDED_CPU_TOKENS} with "
+        "--recommended on a CPU)",
+    )
+    parser.add_argument(
+        "--calibration-seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        metavar="N",
+        help=f"tokens per calibration forward pass (default: {DEFAULT_SEQ_LEN})",
+    )
+    parser.add_argument(
+        "--calibration-bos",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start every calibration sequence with the tokenizer's BOS (default: off; measured "
+        "worse on SmolLM2, see docs/benchmarks.md)",
+    )
+    parser.add_argument(
+        "--calibration-order",
+        choices=CALIBRATION_ORDERS,
+        default=None,
+        help="parallel: one pass of the source model; sequential: layer by layer, each fitted on the "
+        "inputs the converted layers below give it (two passes' cost) (default: parallel)",
+    )
+    parser.add_argument(
+        "--refit-o",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --calibration-order sequential: refit each layer's output projection by least "
+        "squares to the original attention output on the calibration text",
+    )
+    parser.add_argument(
+        "--local-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --calibration-order sequential: N Adam steps per layer on its Q, K, V and O "
+        "against the original attention output on the calibration text (default 0: none)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where calibration runs: auto (CUDA, then MPS, else the CPU), cpu, cuda, cuda:N, mps",
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is written and how: --dtype, shards, --overwrite, --dry-run, --allow-pickle, --seed."""
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto", help="output dtype (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate and print the plan (and calibration's peak memory); write nothing")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pytorch_model.bin weights (loaded with weights_only=True)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and print the plan (and calibration's peak memory); write nothing",
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="accept pytorch_model.bin weights (loaded with weights_only=True)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for --method random")
-    return parser.parse_args(argv)
 
 
 def options_of(args: argparse.Namespace) -> ConvertOptions:
@@ -90,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         options = options_of(args)
-        report = convert_checkpoint(args.source, args.output, options, overwrite=args.overwrite, dry_run=args.dry_run,
-                                    progress=True, command=command)
+        report = convert_checkpoint(
+            args.source,
+            args.output,
+            options,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=True,
+            command=command,
+        )
         print(format_report(report))
         return 0
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-
 def run_dtype(device, source_dtype):
     """The dtype a layer runs in: the source's floating dtype on an accelerator, float32 on the CPU."""
     import torch
@@ -129,14 +128,19 @@ class MemoryEstimate:
 
     def line(self) -> str:
         gb = 1e9
-        states = (f"hidden states {self.hidden / gb:.3f} x {self.copies:g}" if self.on_device else
-                  f"hidden states in CPU memory ({self.hidden * self.copies / gb:.2f}), blocks in flight "
-                  f"{self.block * 4 / gb:.3f}")
-        text = (f"{self.total / gb:.2f} GB on {self.device} ({self.dtype}): the larger of the start "
-                f"{max(self.sampling, self.resident + self.hidden) / gb:.2f} (embeddings {self.resident / gb:.2f}"
-                f"{f', sampling the whole model {self.sampling / gb:.2f}' if self.sampling else ''}) and the walk: "
-                f"one layer {self.layer / gb:.2f} + {states} + local steps {self.local / gb:.3f}")
-        cpu = (f"read {self.read / gb:.2f} + moments {self.moments / gb:.3f} + fit {self.fit / gb:.2f}")
+        states = (
+            f"hidden states {self.hidden / gb:.3f} x {self.copies:g}"
+            if self.on_device
+            else f"hidden states in CPU memory ({self.hidden * self.copies / gb:.2f}), blocks in flight "
+            f"{self.block * 4 / gb:.3f}"
+        )
+        text = (
+            f"{self.total / gb:.2f} GB on {self.device} ({self.dtype}): the larger of the start "
+            f"{max(self.sampling, self.resident + self.hidden) / gb:.2f} (embeddings {self.resident / gb:.2f}"
+            f"{f', sampling the whole model {self.sampling / gb:.2f}' if self.sampling else ''}) and the walk: "
+            f"one layer {self.layer / gb:.2f} + {states} + local steps {self.local / gb:.3f}"
+        )
+        cpu = f"read {self.read / gb:.2f} + moments {self.moments / gb:.3f} + fit {self.fit / gb:.2f}"
         if self.on_cpu:
             return f"{text} + {cpu}"
         return f"{text}; CPU memory {self.cpu_walk / gb:.2f} GB: {cpu}"
@@ -166,9 +170,22 @@ class MemoryEstimate:
         return f"the estimate exceeds this machine ({where}); try " + (", ".join(hints) or "a larger machine")
 
 
-def estimate(layer_elements: int, resident_elements: int, attention_elements: int, tokens: int, dims, device, dtype,
-             *, refit_o: bool, local_steps: int, seq_len: int = 512, read_bytes: int = 0, fused_elements: int = 0,
-             sampling_bytes: int = 0) -> MemoryEstimate:
+def estimate(
+    layer_elements: int,
+    resident_elements: int,
+    attention_elements: int,
+    tokens: int,
+    dims,
+    device,
+    dtype,
+    *,
+    refit_o: bool,
+    local_steps: int,
+    seq_len: int = 512,
+    read_bytes: int = 0,
+    fused_elements: int = 0,
+    sampling_bytes: int = 0,
+) -> MemoryEstimate:
     """The parts in ``MemoryEstimate``'s docstring for a model's sizes and the calibration settings.
 
     Args:
@@ -181,9 +198,21 @@ def estimate(layer_elements: int, resident_elements: int, attention_elements: in
     width = dims.hidden + 1
     # local steps: float32 Q, K/V, O with gradients and Adam (16 bytes each); a step's activations over 4 blocks
     # (about 8 x seq x hidden values and the heads' seq x seq scores per block, float32)
-    local = 16 * attention_elements + 4 * 4 * (8 * seq_len * dims.hidden + dims.heads * seq_len ** 2) \
-        if local_steps else 0
+    local = (
+        16 * attention_elements + 4 * 4 * (8 * seq_len * dims.hidden + dims.heads * seq_len**2) if local_steps else 0
+    )
     return MemoryEstimate(
-        str(device), str(dtype).removeprefix("torch."), layer_elements * size, read_bytes + fused_elements * size,
-        resident_elements * size, tokens * dims.hidden * size, copies, seq_len * dims.hidden * size,
-        2 * width ** 2 * 8, attention_elements * 24, local, sampling_bytes, hidden_tokens=tokens)
+        str(device),
+        str(dtype).removeprefix("torch."),
+        layer_elements * size,
+        read_bytes + fused_elements * size,
+        resident_elements * size,
+        tokens * dims.hidden * size,
+        copies,
+        seq_len * dims.hidden * size,
+        2 * width**2 * 8,
+        attention_elements * 24,
+        local,
+        sampling_bytes,
+        hidden_tokens=tokens,
+    )

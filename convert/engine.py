@@ -14,20 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from convert import families
-from convert.calibrate import (Calibration, calibrate_layers, check_model_fits, layer_dtype, load_tokenizer,
-                               memory_estimate, read_text, sampled_documents, token_blocks)
-from kvshrink_base.device import pick_device
+from convert.calibrate import (
+    Calibration,
+    calibrate_layers,
+    check_model_fits,
+    layer_dtype,
+    load_tokenizer,
+    memory_estimate,
+    read_text,
+    sampled_documents,
+    token_blocks,
+)
 from convert.device import available_ram, free_bytes
 from convert.errors import ConversionError
+from convert.layers import Spill
 from convert.merge import GROUPINGS
+from convert.onload import LayerLoader, check_positions
 from convert.options import DTYPES, ConvertOptions
 from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
-from convert.layers import Spill
-from convert.onload import LayerLoader, check_positions
 from convert.source import WeightSource, hub_id, open_weights, read_config, resolve_source
 from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
 from kvshrink_base.atomic import AtomicDirectory
+from kvshrink_base.device import pick_device
 
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
@@ -37,8 +46,12 @@ def copy_side_files(source: Path, target: Path) -> list[str]:
     """Tokenizer, chat template, generation config and the like: every top-level file that is not weights."""
     copied = []
     for path in sorted(source.iterdir()):
-        if (path.name in _WRITTEN_HERE or path.name.startswith(".") or _NOT_COPIED.search(path.name)
-                or not path.is_file()):
+        if (
+            path.name in _WRITTEN_HERE
+            or path.name.startswith(".")
+            or _NOT_COPIED.search(path.name)
+            or not path.is_file()
+        ):
             continue
         shutil.copyfile(path, target / path.name)  # follows hub-cache symlinks
         copied.append(path.name)
@@ -57,9 +70,17 @@ class _Prepared:
     blocks: object | None  # the calibration token blocks (n, seq_len), None until sampled or when not calibrating
 
 
-def convert_checkpoint(source: str | Path, output: str | Path, options: ConvertOptions | None = None, *,
-                       overwrite: bool = False, dry_run: bool = False, progress: bool = False,
-                       command: str | None = None, **fields: Any) -> ConversionReport:
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    **fields: Any,
+) -> ConversionReport:
     """Convert a checkpoint to ``options.kv_heads`` KV heads and return the report.
 
     Args:
@@ -117,13 +138,23 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
     try:
         family, spec = families.resolve(config)
     except KeyError as exc:
-        raise ConversionError(f"model type {exc.args[0]!r} is not supported; supported families: "
-                              f"{', '.join(families.supported())}") from None
+        raise ConversionError(
+            f"model type {exc.args[0]!r} is not supported; supported families: {', '.join(families.supported())}"
+        ) from None
     dims = read_dims(config, spec)
     check_kv_heads(options.kv_heads, dims, family, spec)
     weights = open_weights(src_dir, options.allow_pickle)
-    plan = plan_conversion(weights, config, spec, dims, options.kv_heads, options.method,
-                           DTYPES[options.dtype], options.seed, options.grouping)
+    plan = plan_conversion(
+        weights,
+        config,
+        spec,
+        dims,
+        options.kv_heads,
+        options.method,
+        DTYPES[options.dtype],
+        options.seed,
+        options.grouping,
+    )
     shards = shard_plan(plan.tensors, max_bytes)
     report = build_report(source, output, family, spec, dims, options, weights, plan, len(shards), dry_run)
     report.base_model = hub_id(source, src_dir)
@@ -132,27 +163,41 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
 
 
 def _calibration(options: ConvertOptions) -> Calibration:
-    return Calibration(options.calibration_tokens, options.calibration_seq_len, options.calibration_order,
-                       options.refit_o, options.local_steps, options.device)
+    return Calibration(
+        options.calibration_tokens,
+        options.calibration_seq_len,
+        options.calibration_order,
+        options.refit_o,
+        options.local_steps,
+        options.device,
+    )
 
 
-def _check_calibration(src_dir: Path, weights: WeightSource, plan: Plan, report: ConversionReport,
-                       options: ConvertOptions):
+def _check_calibration(
+    src_dir: Path, weights: WeightSource, plan: Plan, report: ConversionReport, options: ConvertOptions
+):
     """Everything calibration needs, checked before any work (dry run included): the device, the tokenizer, the
     text (tokenized here) or room to sample it, and the skeleton's layer names; the memory estimate goes in the
     report. Returns the token blocks (None where they are still to be sampled)."""
     if not options.calibrates:
         return None
     device, layers = pick_device(options.device), plan.layers
-    loader = LayerLoader(src_dir, weights, [layers.source_names[a] for a in layers.anchors], device,
-                         layer_dtype(weights, layers, device), materialize=False)
+    loader = LayerLoader(
+        src_dir,
+        weights,
+        [layers.source_names[a] for a in layers.anchors],
+        device,
+        layer_dtype(weights, layers, device),
+        materialize=False,
+    )
     warning = check_positions(loader.model, min(options.calibration_seq_len, options.calibration_tokens))
     documents = read_text(options.calibration_data, options.calibration_tokens) if options.calibration_data else None
     tokenizer = load_tokenizer(src_dir)
     blocks = None
     if documents is not None:  # unreadable, empty or too short text fails here
-        blocks = token_blocks(tokenizer, documents, options.calibration_tokens, options.calibration_seq_len,
-                              options.calibration_bos)
+        blocks = token_blocks(
+            tokenizer, documents, options.calibration_tokens, options.calibration_seq_len, options.calibration_bos
+        )
     else:
         check_model_fits(weights, device)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
@@ -170,20 +215,34 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress
     """Run the source on the calibration text layer by layer; every rewritten layer lands in the spill."""
     plan, blocks = prepared.plan, prepared.blocks
     if blocks is None:
-        documents = sampled_documents(prepared.src_dir, prepared.weights, options.calibration_tokens,
-                                      options.device, progress)
-        blocks = token_blocks(load_tokenizer(prepared.src_dir), documents, options.calibration_tokens,
-                              options.calibration_seq_len, options.calibration_bos)
+        documents = sampled_documents(
+            prepared.src_dir, prepared.weights, options.calibration_tokens, options.device, progress
+        )
+        blocks = token_blocks(
+            load_tokenizer(prepared.src_dir),
+            documents,
+            options.calibration_tokens,
+            options.calibration_seq_len,
+            options.calibration_bos,
+        )
     plan.state.spill = Spill(Path(work))
-    found = calibrate_layers(prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks,
-                             _calibration(options), progress)
-    prepared.report.calibration.update(order=options.calibration_order, refit_o=options.refit_o,
-                                       local_steps=options.local_steps, tokens=found["tokens"],
-                                       seconds=found["seconds"], device=found["device"], stages=found["stages"])
+    found = calibrate_layers(
+        prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks, _calibration(options), progress
+    )
+    prepared.report.calibration.update(
+        order=options.calibration_order,
+        refit_o=options.refit_o,
+        local_steps=options.local_steps,
+        tokens=found["tokens"],
+        seconds=found["seconds"],
+        device=found["device"],
+        stages=found["stages"],
+    )
 
 
-def _write(prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str,
-           started: float) -> None:
+def _write(
+    prepared: _Prepared, output: Path, options: ConvertOptions, progress: bool, command: str, started: float
+) -> None:
     """Stream the shards, config, side files, model card and report into OUTPUT, atomically."""
     plan, report = prepared.plan, prepared.report
     with AtomicDirectory(output) as tmp:
@@ -212,8 +271,10 @@ def check_free_space(output: Path, tensor_bytes: int) -> None:
     free = shutil.disk_usage(parent).free
     needed = int(tensor_bytes * 1.01)
     if free < needed:
-        raise ConversionError(f"{output}: the converted tensors need {needed:,} bytes but its filesystem has only "
-                              f"{free:,} free; free space or choose another OUTPUT")
+        raise ConversionError(
+            f"{output}: the converted tensors need {needed:,} bytes but its filesystem has only "
+            f"{free:,} free; free space or choose another OUTPUT"
+        )
 
 
 def _progress_bar(total: int, enabled: bool):

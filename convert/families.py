@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterable, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 from convert.roles import ROLES, SUBSETS
 
@@ -173,8 +174,13 @@ LLAMA_LIKE = Family(
     layout="separate",
     qkv_bias="attention_bias",
     o_bias="attention_bias",
-    config=ConfigKeys(layers=("num_hidden_layers",), heads=("num_attention_heads",), hidden=("hidden_size",),
-                      head_dim=("head_dim",), kv_heads=("num_key_value_heads",)),
+    config=ConfigKeys(
+        layers=("num_hidden_layers",),
+        heads=("num_attention_heads",),
+        hidden=("hidden_size",),
+        head_dim=("head_dim",),
+        kv_heads=("num_key_value_heads",),
+    ),
     kv_choices="divisors",
     rotary="half",
 )
@@ -190,36 +196,69 @@ LEGACY_MQA = (  # multi_query defaults to True in Falcon/GPTBigCode configs: a c
     Variant(when={"multi_query": True}, changes={"layout": "contiguous", "kv_heads_fixed": 1}),
     Variant(when={"multi_query": None}, changes={"layout": "contiguous", "kv_heads_fixed": 1}),
 )
-PER_HEAD_NORMS = {**LLAMA_TENSORS, "q_norm_per_head": "q_layernorm.norms.{head}",
-                  "k_norm_per_head": "k_layernorm.norms.{head}"}
+PER_HEAD_NORMS = {
+    **LLAMA_TENSORS,
+    "q_norm_per_head": "q_layernorm.norms.{head}",
+    "k_norm_per_head": "k_layernorm.norms.{head}",
+}
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA_LIKE,
     "mistral": _like_llama("MistralForCausalLM", qkv_bias=False, o_bias=False),
     "mixtral": _like_llama("MixtralForCausalLM", qkv_bias=False, o_bias=False),
     "qwen2": _like_llama("Qwen2ForCausalLM", qkv_bias=True, o_bias=False),
-    "qwen3": _like_llama("Qwen3ForCausalLM", tensors={**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm_shared": "k_norm"},
-                         k_normed=True),
+    "qwen3": _like_llama(
+        "Qwen3ForCausalLM", tensors={**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm_shared": "k_norm"}, k_normed=True
+    ),
     "gemma": _like_llama("GemmaForCausalLM"),
     "gemma2": _like_llama("Gemma2ForCausalLM"),
     "starcoder2": _like_llama("Starcoder2ForCausalLM", qkv_bias="use_bias", o_bias="use_bias"),
     "granite": _like_llama("GraniteForCausalLM"),
-    "cohere": _like_llama("CohereForCausalLM", rotary="interleaved", variants=(
-        Variant(when={"use_qk_norm": True},
-                changes={"tensors": {**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm": "k_norm"}, "k_normed": True}),)),
+    "cohere": _like_llama(
+        "CohereForCausalLM",
+        rotary="interleaved",
+        variants=(
+            Variant(
+                when={"use_qk_norm": True},
+                changes={"tensors": {**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm": "k_norm"}, "k_normed": True},
+            ),
+        ),
+    ),
     "olmo": _like_llama("OlmoForCausalLM"),
-    "olmo2": _like_llama("Olmo2ForCausalLM", tensors={**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm": "k_norm"},
-                         k_normed=True),
-    "stablelm": _like_llama("StableLmForCausalLM", qkv_bias="use_qkv_bias", o_bias=False,
-                            partial_rotary="partial_rotary_factor", variants=(
-        Variant(when={"qk_layernorm": True}, changes={"tensors": PER_HEAD_NORMS, "k_normed": True}),)),
-    "phi": _like_llama("PhiForCausalLM", tensors=PHI_TENSORS, qkv_bias=True, o_bias=True,
-                       partial_rotary="partial_rotary_factor", variants=(
-        Variant(when={"qk_layernorm": True},
-                changes={"tensors": {**PHI_TENSORS, "q_norm": "q_layernorm", "k_norm_shared": "k_layernorm"},
-                         "k_normed": True}),)),
-    "phi3": _like_llama("Phi3ForCausalLM", tensors={"qkv": "qkv_proj", "o": "o_proj"}, layout="contiguous",
-                        qkv_bias=False, o_bias=False, partial_rotary="partial_rotary_factor"),
+    "olmo2": _like_llama(
+        "Olmo2ForCausalLM", tensors={**LLAMA_TENSORS, "q_norm": "q_norm", "k_norm": "k_norm"}, k_normed=True
+    ),
+    "stablelm": _like_llama(
+        "StableLmForCausalLM",
+        qkv_bias="use_qkv_bias",
+        o_bias=False,
+        partial_rotary="partial_rotary_factor",
+        variants=(Variant(when={"qk_layernorm": True}, changes={"tensors": PER_HEAD_NORMS, "k_normed": True}),),
+    ),
+    "phi": _like_llama(
+        "PhiForCausalLM",
+        tensors=PHI_TENSORS,
+        qkv_bias=True,
+        o_bias=True,
+        partial_rotary="partial_rotary_factor",
+        variants=(
+            Variant(
+                when={"qk_layernorm": True},
+                changes={
+                    "tensors": {**PHI_TENSORS, "q_norm": "q_layernorm", "k_norm_shared": "k_layernorm"},
+                    "k_normed": True,
+                },
+            ),
+        ),
+    ),
+    "phi3": _like_llama(
+        "Phi3ForCausalLM",
+        tensors={"qkv": "qkv_proj", "o": "o_proj"},
+        layout="contiguous",
+        qkv_bias=False,
+        o_bias=False,
+        partial_rotary="partial_rotary_factor",
+    ),
     "falcon": Family(
         architectures=("FalconForCausalLM",),
         attention="transformer.h.{layer}.self_attention",
@@ -227,16 +266,26 @@ FAMILIES: dict[str, Family] = {
         layout="per_head",
         qkv_bias="bias",
         o_bias="bias",
-        config=ConfigKeys(layers=("num_hidden_layers", "n_layer"), heads=("num_attention_heads", "n_head"),
-                          hidden=("hidden_size",), kv_heads=("num_kv_heads", "n_head_kv")),
+        config=ConfigKeys(
+            layers=("num_hidden_layers", "n_layer"),
+            heads=("num_attention_heads", "n_head"),
+            hidden=("hidden_size",),
+            kv_heads=("num_kv_heads", "n_head_kv"),
+        ),
         kv_choices="mha_or_mqa",
         mqa=MQA_FUSED,
         rotary="half",
         variants=(
-            Variant(when={"new_decoder_architecture": True}, changes={
-                "layout": "grouped", "kv_choices": "divisors", "mqa": None,
-                "note": "transformers' Falcon (new_decoder_architecture) broadcasts K/V to every query head before "
-                        "caching, so its KV cache does not shrink; the cache figures hold for GQA-aware runtimes"}),
+            Variant(
+                when={"new_decoder_architecture": True},
+                changes={
+                    "layout": "grouped",
+                    "kv_choices": "divisors",
+                    "mqa": None,
+                    "note": "transformers' Falcon (new_decoder_architecture) broadcasts K/V to every query head before "
+                    "caching, so its KV cache does not shrink; the cache figures hold for GQA-aware runtimes",
+                },
+            ),
             *LEGACY_MQA,
         ),
     ),
@@ -247,8 +296,12 @@ FAMILIES: dict[str, Family] = {
         layout="per_head",
         qkv_bias=True,
         o_bias=True,
-        config=ConfigKeys(layers=("n_layer", "num_hidden_layers"), heads=("n_head", "num_attention_heads"),
-                          hidden=("n_embd", "hidden_size"), kv_heads=("num_key_value_heads",)),
+        config=ConfigKeys(
+            layers=("n_layer", "num_hidden_layers"),
+            heads=("n_head", "num_attention_heads"),
+            hidden=("n_embd", "hidden_size"),
+            kv_heads=("num_key_value_heads",),
+        ),
         kv_choices="mha_or_mqa",
         mqa=MQA_FUSED,
         rotary="none",
@@ -266,9 +319,12 @@ FAMILIES: dict[str, Family] = {
         mqa=MQA_FUSED,
         mha_layout="per_head",
         rotary="none",
-        rename=Rename(prefix="transformer.",
-                      transpose=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-                      drop=(r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias"), config="gpt2_to_gpt_bigcode"),
+        rename=Rename(
+            prefix="transformer.",
+            transpose=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+            drop=(r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias"),
+            config="gpt2_to_gpt_bigcode",
+        ),
     ),
 }
 

@@ -36,10 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from convert.merge import Merge
@@ -104,8 +103,9 @@ def whitener(moment: torch.Tensor | None, ridge: float = 1e-4) -> torch.Tensor |
     return torch.linalg.cholesky(moment + ridge * moment.diagonal().mean() * eye)
 
 
-def _real_fit(heads: torch.Tensor, white: torch.Tensor,
-              left: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _real_fit(
+    heads: torch.Tensor, white: torch.Tensor, left: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A group's (s, r, in) head rows -> shared (r, in) rows and mixes (s, r, r): heads[i] ≈ mixes[i] @ shared.
 
     ``white`` is heads @ L (or heads itself without calibration); the fit is best in that norm. ``left``
@@ -207,8 +207,11 @@ def similarity_groups(whitened: LayerHeads, kv_heads: int, merge: Merge, rot: Ro
         if len(left) == size:
             group = left
         else:
-            pairs = [(merge_cost(whitened, [i, j], merge, rot, k_normed), i, j)
-                     for n, i in enumerate(left) for j in left[n + 1:]]
+            pairs = [
+                (merge_cost(whitened, [i, j], merge, rot, k_normed), i, j)
+                for n, i in enumerate(left)
+                for j in left[n + 1 :]
+            ]
             _, i, j = min(pairs)
             group = [i, j]
             while len(group) < size:
@@ -241,8 +244,15 @@ def _fold_v(o: torch.Tensor, mixes: torch.Tensor, members: range, reads: int) ->
             o[:, h] = o[:, h] @ mixes[i]  # (out, d) @ (d, d)
 
 
-def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range, reads: int, rot: Rotary,
-           queries: tuple[torch.Tensor, torch.Tensor] | None = None):
+def _fit_k(
+    q: torch.Tensor,
+    ks: torch.Tensor,
+    ksw: torch.Tensor,
+    members: range,
+    reads: int,
+    rot: Rotary,
+    queries: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """A group's shared key head; the coefficients fold into the query heads that read each old head (in place).
 
     ``queries`` (the group's slice of ``query_energy``) weighs each head's key error by the queries reading it.
@@ -266,8 +276,15 @@ def _fit_k(q: torch.Tensor, ks: torch.Tensor, ksw: torch.Tensor, members: range,
     return shared_k
 
 
-def svd_merge(layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotary, k_normed: bool,
-              queries: bool = False, outputs: bool = False) -> LayerHeads:
+def svd_merge(
+    layer: LayerHeads,
+    whitened: LayerHeads,
+    kv_heads: int,
+    rot: Rotary,
+    k_normed: bool,
+    queries: bool = False,
+    outputs: bool = False,
+) -> LayerHeads:
     """Merge consecutive groups of KV heads into ``kv_heads`` heads, folding the mixes into Q and O.
 
     ``whitened`` holds q, k and v whitened (rows @ L of ``whitener``; themselves for plain weight-space fits).

@@ -6,7 +6,8 @@ torch is imported on the first call, so planning and the byte copies that preced
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from convert import layouts
 from convert.merge import METHODS
@@ -39,8 +40,9 @@ def layer_generator(method: str, seed: int, layer: int) -> torch.Generator | Non
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
 
 
-def to_heads(loaded: dict[tuple[str, str], torch.Tensor], layout: str, heads: int, kv_heads: int,
-             head_dim: int) -> tuple[LayerHeads, bool]:
+def to_heads(
+    loaded: dict[tuple[str, str], torch.Tensor], layout: str, heads: int, kv_heads: int, head_dim: int
+) -> tuple[LayerHeads, bool]:
     """A layer's loaded {(role, param): tensor} -> head form with biases as a last input column; has it biases?
 
     Roles not loaded (Q and O where only K and V change) stay None.
@@ -54,21 +56,25 @@ def to_heads(loaded: dict[tuple[str, str], torch.Tensor], layout: str, heads: in
     def of(param: str):
         if fused:
             return layouts.split(layout, loaded["qkv", param], heads, kv_heads, head_dim)
-        return tuple(loaded[r, param].reshape(n, head_dim, *loaded[r, param].shape[1:]) if (r, param) in loaded
-                     else None for r, n in (("q", heads), ("k", kv_heads), ("v", kv_heads)))
+        return tuple(
+            loaded[r, param].reshape(n, head_dim, *loaded[r, param].shape[1:]) if (r, param) in loaded else None
+            for r, n in (("q", heads), ("k", kv_heads), ("v", kv_heads))
+        )
 
     q, k, v = of("weight")  # (H, d, in), (G, d, in), (G, d, in)
     has_bias = ("qkv" if fused else "k", "bias") in loaded
     if has_bias:
-        q, k, v = (None if w is None else torch.cat([w, b.unsqueeze(-1)], dim=-1) for w, b in zip((q, k, v),
-                                                                                                   of("bias")))
+        q, k, v = (
+            None if w is None else torch.cat([w, b.unsqueeze(-1)], dim=-1) for w, b in zip((q, k, v), of("bias"))
+        )
     o = loaded.get(("o", "weight"))
     o = None if o is None else o.reshape(o.shape[0], heads, head_dim)  # (out, H, d)
     return LayerHeads(q, k, v, o), has_bias
 
 
-def from_heads(layer: LayerHeads, has_bias: bool, fused_layout: str | None,
-               wanted: Callable[[str], bool]) -> dict[tuple[str, str], torch.Tensor]:
+def from_heads(
+    layer: LayerHeads, has_bias: bool, fused_layout: str | None, wanted: Callable[[str], bool]
+) -> dict[tuple[str, str], torch.Tensor]:
     """Inverse of ``to_heads`` for the roles ``wanted`` (``qkv`` when ``fused_layout`` is set), in float32."""
     q, k, v, o = (None if t is None else t.float() for t in (layer.q, layer.k, layer.v, layer.o))
     out = {("o", "weight"): o.reshape(o.shape[0], -1)} if wanted("o") else {}

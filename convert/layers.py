@@ -17,9 +17,10 @@ straddle two output shards stays held in between). ``LayerResults.computed`` cou
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from convert.heads import from_heads, layer_generator, to_heads
 from convert.merge import GROUPINGS, METHODS
@@ -102,14 +103,19 @@ def rewrite(plan: LayerPlan, state: LayerState, load: Callable[[str], Any], laye
     if moment is not None and not has_bias:
         moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
     new, state.orders[layer] = rewrite_layer(
-        heads, kv_heads=plan.kv_heads, method=plan.method, grouping=plan.grouping,
-        rot=Rotary.of(plan.rotary, plan.dims.head_dim, plan.rotary_dim), k_normed=plan.k_normed, moment=moment,
-        generator=layer_generator(plan.method, plan.seed, layer))
+        heads,
+        kv_heads=plan.kv_heads,
+        method=plan.method,
+        grouping=plan.grouping,
+        rot=Rotary.of(plan.rotary, plan.dims.head_dim, plan.rotary_dim),
+        k_normed=plan.k_normed,
+        moment=moment,
+        generator=layer_generator(plan.method, plan.seed, layer),
+    )
     return new, has_bias
 
 
-def rewrite_layer(layer, *, kv_heads: int, method: str, grouping: str, rot, k_normed: bool, moment,
-                  generator=None):
+def rewrite_layer(layer, *, kv_heads: int, method: str, grouping: str, rot, k_normed: bool, moment, generator=None):
     """One layer's heads (``convert.fits.LayerHeads``) -> the converted ones and the KV-head order the grouping chose.
 
     The grouping strategy may first permute the heads so that similar ones share a group; then the merge method
@@ -119,8 +125,9 @@ def rewrite_layer(layer, *, kv_heads: int, method: str, grouping: str, rot, k_no
 
     merge, strategy = METHODS[method], GROUPINGS[grouping]
     precise = merge.calibrated or strategy.permutes or moment is not None
-    layer = LayerHeads(*(None if t is None else (t.double() if precise else t.float())
-                         for t in (layer.q, layer.k, layer.v, layer.o)))
+    layer = LayerHeads(
+        *(None if t is None else (t.double() if precise else t.float()) for t in (layer.q, layer.k, layer.v, layer.o))
+    )
     white = whitener(moment)
     whitened = layer
     if white is not None:

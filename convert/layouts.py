@@ -23,8 +23,11 @@ def split(layout: str, fused: torch.Tensor, heads: int, kv_heads: int, head_dim:
     rest = fused.shape[1:]
     if layout == "contiguous":
         q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
-        return (q.reshape(heads, head_dim, *rest), k.reshape(kv_heads, head_dim, *rest),
-                v.reshape(kv_heads, head_dim, *rest))
+        return (
+            q.reshape(heads, head_dim, *rest),
+            k.reshape(kv_heads, head_dim, *rest),
+            v.reshape(kv_heads, head_dim, *rest),
+        )
     if layout == "grouped":
         group = heads // kv_heads
         blocks = fused.reshape(kv_heads, group + 2, head_dim, *rest)  # (G, g + 2, d, *rest)

@@ -31,13 +31,21 @@ class Merge:
     uses_queries: ClassVar[bool] = False  # its fit reads the whitened queries (Q L)
     seeded: ClassVar[bool] = False  # draws random numbers (--seed): one generator per layer
 
-    def pool(self, heads: torch.Tensor, kv_heads: int, generator: torch.Generator | None,
-             is_norm: bool = False) -> torch.Tensor:
+    def pool(
+        self, heads: torch.Tensor, kv_heads: int, generator: torch.Generator | None, is_norm: bool = False
+    ) -> torch.Tensor:
         """Pool (G, ...) per-head blocks (rows with a bias column, or K-norm weights) into float32 (N, ...)."""
         raise NotImplementedError
 
-    def fit(self, layer: LayerHeads, whitened: LayerHeads, kv_heads: int, rot: Rotary, k_normed: bool,
-            generator: torch.Generator | None) -> LayerHeads:
+    def fit(
+        self,
+        layer: LayerHeads,
+        whitened: LayerHeads,
+        kv_heads: int,
+        rot: Rotary,
+        k_normed: bool,
+        generator: torch.Generator | None,
+    ) -> LayerHeads:
         """A layer's heads -> merged heads (K, V: (N, d, in)); ``whitened`` holds K and V times L (or themselves)."""
         k = self.pool(layer.k, kv_heads, generator).to(layer.k.dtype)
         v = self.pool(layer.v, kv_heads, generator).to(layer.v.dtype)
@@ -103,8 +111,10 @@ class Random(Merge):
 @register
 class Svd(Merge):
     name = "svd"
-    help = ("activation-aware low-rank fit of each group in the input's norm, folded into Q and O "
-            "(needs --calibration-data)")
+    help = (
+        "activation-aware low-rank fit of each group in the input's norm, folded into Q and O "
+        "(needs --calibration-data)"
+    )
     calibrated = True
     changes = frozenset({"q", "k", "v", "o"})
     k_normed_note = "mean (this family normalizes K before RoPE, so no mix can be folded through it)"
@@ -128,8 +138,10 @@ class Svd(Merge):
 @register
 class Aware(Svd):
     name = "aware"
-    help = ("svd fitted to what attention reads: each key head weighed by the queries that read it, each value "
-            "head by the O columns that carry it (needs --calibration-data; recommended)")
+    help = (
+        "svd fitted to what attention reads: each key head weighed by the queries that read it, each value "
+        "head by the O columns that carry it (needs --calibration-data; recommended)"
+    )
     uses_queries = True
     queries = True
     outputs = True

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
-from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.source import WeightSource
+from kvshrink_base.errors import first_line
 
 
 def build_skeleton(src_dir: Path, dtype):
@@ -35,8 +36,7 @@ def build_skeleton(src_dir: Path, dtype):
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise ConversionError(f"transformers cannot build the model of {src_dir} "
-                              f"({first_line(exc)})") from None
+        raise ConversionError(f"transformers cannot build the model of {src_dir} ({first_line(exc)})") from None
     return model.eval()
 
 
@@ -85,8 +85,9 @@ class LayerLoader:
         materialize: read the resident parameters (embeddings) now; False: names and sizes only (a dry run).
     """
 
-    def __init__(self, src_dir: Path, weights: WeightSource, anchors: list[str], device, dtype,
-                 materialize: bool = True):
+    def __init__(
+        self, src_dir: Path, weights: WeightSource, anchors: list[str], device, dtype, materialize: bool = True
+    ):
         self.weights, self.device, self.dtype = weights, device, dtype
         self.model = build_skeleton(src_dir, dtype)
         self.model_name = self._model_names(weights)  # checkpoint tensor name -> model parameter name
@@ -96,13 +97,17 @@ class LayerLoader:
         in_layers = {n for names in self.layer_tensors for n in names}
         head = output_head(self.model)
         self.resident = [n for n in weights.tensors if n not in in_layers and not (head and n.startswith(head + "."))]
-        self.layer_params = [[n for n, _ in self.model.named_parameters() if n.startswith(d + ".")]
-                             for d in self.decoders]
+        self.layer_params = [
+            [n for n, _ in self.model.named_parameters() if n.startswith(d + ".")] for d in self.decoders
+        ]
         self.peak_layers = 0  # the most decoder layers ever materialized at once (tests read it)
         self.use_transformers = _transformers_loader() is not None
         in_layers = {n for names in self.layer_params for n in names}
-        self.resident_params = [n for n, _ in self.model.named_parameters()
-                                if n not in in_layers and not (head and n.startswith(head + "."))]
+        self.resident_params = [
+            n
+            for n, _ in self.model.named_parameters()
+            if n not in in_layers and not (head and n.startswith(head + "."))
+        ]
         if materialize:
             self.materialize(self.resident)
             for name, buffer in list(self.model.named_buffers()):
@@ -142,8 +147,11 @@ class LayerLoader:
             if self.use_transformers:
                 mapping, load, config = _transformers_loader()
                 with _quiet_transformers():  # its "Loading weights" bar, once per layer, says nothing here
-                    load(self.model, tensors, config(weight_mapping=mapping(self.model), dtype=self.dtype,
-                                                     device_map={"": str(self.device)}))
+                    load(
+                        self.model,
+                        tensors,
+                        config(weight_mapping=mapping(self.model), dtype=self.dtype, device_map={"": str(self.device)}),
+                    )
                 return
             for name, tensor in tensors.items():
                 if name in self.model_name:
@@ -152,8 +160,10 @@ class LayerLoader:
     def _check_loaded(self, params: list[str]) -> None:
         missing = [n for n in params if self.model.get_parameter(n).is_meta]
         if missing:
-            raise ConversionError(f"calibration runs the source one layer at a time, but its checkpoint gave no "
-                                  f"tensor for the model's {missing[0]}; use an uncalibrated method (--method mean)")
+            raise ConversionError(
+                f"calibration runs the source one layer at a time, but its checkpoint gave no "
+                f"tensor for the model's {missing[0]}; use an uncalibrated method (--method mean)"
+            )
 
     def onload(self, layer: int):
         """Read decoder layer ``layer`` from the checkpoint onto the device; returns its module."""
@@ -215,13 +225,18 @@ def check_positions(model, seq_len: int) -> str | None:
     if not isinstance(positions, int) or seq_len <= positions:
         return None
     tokens = model.get_input_embeddings()
-    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == positions
-                  for m in model.modules())
+    learned = any(
+        isinstance(m, torch.nn.Embedding) and m is not tokens and m.num_embeddings == positions for m in model.modules()
+    )
     if learned:
-        raise ConversionError(f"--calibration-seq-len {seq_len} is beyond the model's learned positions: the model "
-                              f"has {positions} positions; give --calibration-seq-len {positions} or less")
-    return (f"--calibration-seq-len {seq_len} is beyond the {positions} positions the model was trained on "
-            "(max_position_embeddings); calibration runs, on positions the model never saw")
+        raise ConversionError(
+            f"--calibration-seq-len {seq_len} is beyond the model's learned positions: the model "
+            f"has {positions} positions; give --calibration-seq-len {positions} or less"
+        )
+    return (
+        f"--calibration-seq-len {seq_len} is beyond the {positions} positions the model was trained on "
+        "(max_position_embeddings); calibration runs, on positions the model never saw"
+    )
 
 
 def _return_freed_memory() -> None:
@@ -278,6 +293,7 @@ def stood_in(decoders: list, stand_in: Callable[[int], Callable]):
 def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
     """Every decoder layer's forward replaced by one that records its call and passes the hidden states on
     unchanged (the layers are on ``meta``: nothing of theirs runs); the last one stops the model."""
+
     def stand_in(index: int):
         def forward(*args, **kwargs):
             hidden, rest = _hidden_of(args, kwargs)
@@ -285,13 +301,15 @@ def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
             if index == len(decoders) - 1:
                 raise _Stop
             return Through((hidden,))
+
         return forward
 
     return stood_in(decoders, stand_in)
 
 
-def layer_calls(model, decoders: list, blocks, device,
-                place: Callable[[Any], Any] = lambda t: t) -> tuple[list[Any], list[LayerCall]]:
+def layer_calls(
+    model, decoders: list, blocks, device, place: Callable[[Any], Any] = lambda t: t
+) -> tuple[list[Any], list[LayerCall]]:
     """The hidden states with which the model calls its first decoder layer, per block, and how it calls each
     layer (``LayerCall``), read from the model's own forward: each layer gets the mask of its own attention type
     (sliding, full, chunked), its own RoPE where a family has one per layer type, and whatever else the forward
@@ -320,15 +338,21 @@ def layer_calls(model, decoders: list, blocks, device,
             except _Stop:
                 pass
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                raise ConversionError(f"calibration cannot run the source's layers one at a time: its forward "
-                                      f"failed between layers ({first_line(exc)}); use --method mean") from None
+                raise ConversionError(
+                    f"calibration cannot run the source's layers one at a time: its forward "
+                    f"failed between layers ({first_line(exc)}); use --method mean"
+                ) from None
     for index, (call, other) in enumerate(zip(calls, last)):
         if call is None:
-            raise ConversionError(f"calibration cannot run the source's layers one at a time: the model never "
-                                  f"called decoder layer {index}; use --method mean")
+            raise ConversionError(
+                f"calibration cannot run the source's layers one at a time: the model never "
+                f"called decoder layer {index}; use --method mean"
+            )
         if other is not None and not _same(call, other):
-            raise ConversionError(f"calibration cannot run the source's layers one at a time: decoder layer "
-                                  f"{index} is called with other arguments for other blocks; use --method mean")
+            raise ConversionError(
+                f"calibration cannot run the source's layers one at a time: decoder layer "
+                f"{index} is called with other arguments for other blocks; use --method mean"
+            )
     return firsts, calls
 
 
@@ -338,8 +362,12 @@ def _same(a: LayerCall, b: LayerCall) -> bool:
 
     def same(x, y) -> bool:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-            return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-                    and bool(torch.equal(x, y)))
+            return (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.shape == y.shape
+                and bool(torch.equal(x, y))
+            )
         if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
             return len(x) == len(y) and all(same(p, q) for p, q in zip(x, y))
         if isinstance(x, dict) and isinstance(y, dict):

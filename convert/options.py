@@ -84,21 +84,28 @@ class ConvertOptions:
         if self.grouping not in GROUPINGS:
             raise ConversionError(f"--grouping {self.grouping!r} is not one of {', '.join(GROUPINGS)}")
         if self.calibration_data and not self.uses_calibration:
-            raise ConversionError(f"--calibration-data is used by --method {'/'.join(calibrated_names())} or "
-                                  f"--grouping similarity, not by --method {self.method} with {self.grouping} groups")
+            raise ConversionError(
+                f"--calibration-data is used by --method {'/'.join(calibrated_names())} or "
+                f"--grouping similarity, not by --method {self.method} with {self.grouping} groups"
+            )
         if self.calibration_tokens < 1 or self.calibration_seq_len < 1:
             raise ConversionError("--calibration-tokens and --calibration-seq-len must be positive")
         if self.calibration_order not in CALIBRATION_ORDERS:
-            raise ConversionError(f"--calibration-order {self.calibration_order!r} is not one of "
-                                  f"{', '.join(CALIBRATION_ORDERS)}")
+            raise ConversionError(
+                f"--calibration-order {self.calibration_order!r} is not one of {', '.join(CALIBRATION_ORDERS)}"
+            )
         if self.refit_o and (self.calibration_order != "sequential" or "o" not in METHODS[self.method].changes):
-            raise ConversionError("--refit-o needs --calibration-order sequential and a method that rewrites O "
-                                  f"({', '.join(n for n, m in METHODS.items() if 'o' in m.changes)})")
+            raise ConversionError(
+                "--refit-o needs --calibration-order sequential and a method that rewrites O "
+                f"({', '.join(n for n, m in METHODS.items() if 'o' in m.changes)})"
+            )
         if self.local_steps < 0:
             raise ConversionError(f"--local-steps must be 0 or more, got {self.local_steps}")
         if self.local_steps and (self.calibration_order != "sequential" or METHODS[self.method].changes != QKVO):
-            raise ConversionError("--local-steps needs --calibration-order sequential and a method that rewrites "
-                                  f"Q, K, V and O ({', '.join(n for n, m in METHODS.items() if m.changes == QKVO)})")
+            raise ConversionError(
+                "--local-steps needs --calibration-order sequential and a method that rewrites "
+                f"Q, K, V and O ({', '.join(n for n, m in METHODS.items() if m.changes == QKVO)})"
+            )
         if not valid_name(self.device):
             raise ConversionError(f"--device {self.device!r} is not one of {DEVICE_CHOICES}")
         if self.dtype not in DTYPES:

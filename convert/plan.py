@@ -11,15 +11,16 @@ from __future__ import annotations
 import copy
 import math
 import re
-from dataclasses import dataclass, field
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from convert import renames
-from convert.heads import kv_norm, norm_heads
 from convert.errors import ConversionError
 from convert.families import Family
+from convert.heads import kv_norm, norm_heads
 from convert.layers import LayerPlan, LayerResults, LayerState, NormTensor, changed_roles
 from convert.merge import GROUPINGS
 from convert.roles import LAYER_ROLES, ROLES, Dims, expected_elements, expected_shape
@@ -74,15 +75,20 @@ def check_kv_heads(kv_heads: int, dims: Dims, family: str, spec: Family) -> None
     if not isinstance(kv_heads, int) or kv_heads < 1:
         raise ConversionError(f"--kv-heads must be a positive integer, got {kv_heads!r}")
     if kv_heads > current:
-        raise ConversionError(f"--kv-heads {kv_heads} is more than the {current} KV heads of the source; "
-                              "the converter only merges heads")
+        raise ConversionError(
+            f"--kv-heads {kv_heads} is more than the {current} KV heads of the source; the converter only merges heads"
+        )
     if current % kv_heads:
         choices = [n for n in range(1, current + 1) if current % n == 0]
-        raise ConversionError(f"--kv-heads {kv_heads} does not divide the {current} KV heads of the source; "
-                              f"choose one of {', '.join(map(str, choices))}")
+        raise ConversionError(
+            f"--kv-heads {kv_heads} does not divide the {current} KV heads of the source; "
+            f"choose one of {', '.join(map(str, choices))}"
+        )
     if spec.kv_choices == "mha_or_mqa" and kv_heads not in (1, current):
-        raise ConversionError(f"--kv-heads {kv_heads}: a {family} checkpoint in this layout can only become MHA "
-                              f"(--kv-heads {current}) or MQA (--kv-heads 1); the architecture has no GQA form")
+        raise ConversionError(
+            f"--kv-heads {kv_heads}: a {family} checkpoint in this layout can only become MHA "
+            f"(--kv-heads {current}) or MQA (--kv-heads 1); the architecture has no GQA form"
+        )
 
 
 class _Roles:
@@ -111,8 +117,10 @@ class _Roles:
             if match:
                 head = int(match["head"]) if "head" in pattern.groupindex else None
                 return role, layer, head, match["param"]
-        raise ConversionError(f"unexpected attention tensor {name}: this {self.spec.architectures[0]} table "
-                              f"knows {', '.join(self.spec.tensors.values())}")
+        raise ConversionError(
+            f"unexpected attention tensor {name}: this {self.spec.architectures[0]} table "
+            f"knows {', '.join(self.spec.tensors.values())}"
+        )
 
     def _check_complete(self) -> None:
         found: dict[tuple[int, str, str], set] = {}
@@ -127,8 +135,9 @@ class _Roles:
         per_head = {"k_norm_per_head": self.dims.kv_heads, "q_norm_per_head": self.dims.heads}
         for (layer, role, _), heads in found.items():
             if role in per_head and heads != set(range(per_head[role])):
-                raise ConversionError(f"layer {layer}: {role} norms for heads {sorted(heads)}, "
-                                      f"expected 0..{per_head[role] - 1}")
+                raise ConversionError(
+                    f"layer {layer}: {role} norms for heads {sorted(heads)}, expected 0..{per_head[role] - 1}"
+                )
         self._check_biases(found)
 
     def _check_biases(self, found: dict) -> None:
@@ -139,9 +148,11 @@ class _Roles:
                 expected = rule if isinstance(rule, bool) else self.config.get(rule)
                 if expected is not None and has != (set(range(self.dims.layers)) if expected else set()):
                     what = "has" if has else "lacks"
-                    raise ConversionError(f"the checkpoint {what} {self.spec.tensors[role]} biases, but "
-                                          f"{'the family' if isinstance(rule, bool) else 'config.json ' + rule} "
-                                          f"says {'they exist' if expected else 'there are none'}")
+                    raise ConversionError(
+                        f"the checkpoint {what} {self.spec.tensors[role]} biases, but "
+                        f"{'the family' if isinstance(rule, bool) else 'config.json ' + rule} "
+                        f"says {'they exist' if expected else 'there are none'}"
+                    )
 
 
 def _check_shapes(roles: _Roles, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -152,8 +163,10 @@ def _check_shapes(roles: _Roles, shapes: dict[str, tuple[int, ...]]) -> None:
         ok = shape == expected if expected else math.prod(shape) in expected_elements(role, d)
         if not ok:
             want = expected if expected else f"{d.kv_heads if role == 'k_norm' else d.heads} x {d.head_dim} elements"
-            raise ConversionError(f"{name} has shape {tuple(shape)}, but config.json implies {want} "
-                                  f"({d.heads} heads, {d.kv_heads} KV heads, head_dim {d.head_dim}, hidden {d.hidden})")
+            raise ConversionError(
+                f"{name} has shape {tuple(shape)}, but config.json implies {want} "
+                f"({d.heads} heads, {d.kv_heads} KV heads, head_dim {d.head_dim}, hidden {d.hidden})"
+            )
 
 
 def _out_dtype(src: str, requested: str | None) -> str:
@@ -183,12 +196,24 @@ def _rotary_dim(spec: Family, config: dict, head_dim: int) -> int:
     raise ConversionError(f"config.json does not say {key}, which this family's merges need")
 
 
-def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads: int, method: str, grouping: str,
-                seed: int, canonical: dict[str, str], transposed: set[str], out_dtypes: dict[str, str]) -> LayerPlan:
+def _layer_plan(
+    spec: Family,
+    config: dict,
+    dims: Dims,
+    roles: _Roles,
+    kv_heads: int,
+    method: str,
+    grouping: str,
+    seed: int,
+    canonical: dict[str, str],
+    transposed: set[str],
+    out_dtypes: dict[str, str],
+) -> LayerPlan:
     """The settings of the layer-wise rewrite, with each layer's source tensors of the roles that change."""
     if GROUPINGS[grouping].permutes and any(r in spec.tensors for r in ("k_norm", "k_norm_per_head")):
-        raise ConversionError(f"--grouping {grouping} cannot yet permute the per-head K norms of this family; "
-                              "use --grouping contiguous")
+        raise ConversionError(
+            f"--grouping {grouping} cannot yet permute the per-head K norms of this family; use --grouping contiguous"
+        )
     changed = changed_roles(method, grouping, "qkv" in spec.tensors)
     sources: dict[int, dict[tuple[str, str], str]] = {}
     norms: dict[int, list[NormTensor]] = {}
@@ -199,13 +224,24 @@ def _layer_plan(spec: Family, config: dict, dims: Dims, roles: _Roles, kv_heads:
             norms.setdefault(layer, []).append(NormTensor(name, ROLES[role].operation, head))
     anchor = next(n for r, n in spec.tensors.items() if r in ("qkv", "q"))
     return LayerPlan(
-        method=method, grouping=grouping, kv_heads=kv_heads, dims=dims, layout=spec.layout,
-        out_layout=_out_layout(spec, dims, kv_heads), rotary=spec.rotary,
-        rotary_dim=_rotary_dim(spec, config, dims.head_dim), k_normed=spec.k_normed, seed=seed, sources=sources,
-        changed=changed, anchors=[spec.attention.format(layer=layer) + "." + anchor + ".weight"
-                                  for layer in range(dims.layers)],
-        norms=norms, source_names=canonical, transposed=frozenset(transposed),
-        out_dtypes={n: out_dtypes[n] for members in sources.values() for n in members.values()})
+        method=method,
+        grouping=grouping,
+        kv_heads=kv_heads,
+        dims=dims,
+        layout=spec.layout,
+        out_layout=_out_layout(spec, dims, kv_heads),
+        rotary=spec.rotary,
+        rotary_dim=_rotary_dim(spec, config, dims.head_dim),
+        k_normed=spec.k_normed,
+        seed=seed,
+        sources=sources,
+        changed=changed,
+        anchors=[spec.attention.format(layer=layer) + "." + anchor + ".weight" for layer in range(dims.layers)],
+        norms=norms,
+        source_names=canonical,
+        transposed=frozenset(transposed),
+        out_dtypes={n: out_dtypes[n] for members in sources.values() for n in members.values()},
+    )
 
 
 def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int, results: LayerResults) -> dict[str, Change]:
@@ -231,8 +267,9 @@ def _out_layout(spec: Family, dims: Dims, kv_heads: int) -> str:
     return spec.mha_layout or spec.layout
 
 
-def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int,
-                  method: str) -> dict[str, Change | None]:
+def _norm_changes(
+    spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tuple[int, ...]], kv_heads: int, method: str
+) -> dict[str, Change | None]:
     """Source name -> its Change for every K norm spanning the KV heads (None: folded into its group's first)."""
     group = dims.kv_heads // kv_heads
     changes: dict[str, Change | None] = {}
@@ -250,13 +287,25 @@ def _norm_changes(spec: Family, dims: Dims, roles: _Roles, shapes: dict[str, tup
             template = spec.attention + "." + spec.tensors[role] + "." + param
             members = [template.format(layer=layer, head=h) for h in range(head, head + group)]
             pool = partial(norm_heads, method=method)
-            changes[name] = Change(template.format(layer=layer, head=head // group), shapes[name],
-                                   lambda load, ms=members, f=pool: f(*map(load, ms)))
+            changes[name] = Change(
+                template.format(layer=layer, head=head // group),
+                shapes[name],
+                lambda load, ms=members, f=pool: f(*map(load, ms)),
+            )
     return changes
 
 
-def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dims, kv_heads: int,
-                    method: str, dtype: str | None, seed: int, grouping: str = "contiguous") -> Plan:
+def plan_conversion(
+    weights: WeightSource,
+    config: dict,
+    spec: Family,
+    dims: Dims,
+    kv_heads: int,
+    method: str,
+    dtype: str | None,
+    seed: int,
+    grouping: str = "contiguous",
+) -> Plan:
     """Decide every output tensor (name, dtype, shape, how to make it) and the output config."""
     canonical = renames.canonical_names(list(weights.tensors), spec.rename)  # output name -> source name
     transposed = renames.transposed(canonical, spec.rename)
@@ -275,19 +324,30 @@ def plan_conversion(weights: WeightSource, config: dict, spec: Family, dims: Dim
     layers, state = None, LayerState()
     if kv_heads != dims.kv_heads or _out_layout(spec, dims, kv_heads) != spec.layout:  # else: every tensor a copy
         out_dtypes = {n: _out_dtype(weights.tensors[src].dtype, dtype) for n, src in canonical.items()}
-        layers = _layer_plan(spec, config, dims, roles, kv_heads, method, grouping, seed, canonical, transposed,
-                             out_dtypes)
+        layers = _layer_plan(
+            spec, config, dims, roles, kv_heads, method, grouping, seed, canonical, transposed, out_dtypes
+        )
         planned = Counter({layer: len(members) for layer, members in layers.sources.items()})
         results = LayerResults(layers, state, planned, load)  # computes nothing until a tensor is taken
-        changes = {**_norm_changes(spec, dims, roles, shapes, kv_heads, method),
-                   **_layer_changes(layers, shapes, kv_heads, results)}
+        changes = {
+            **_norm_changes(spec, dims, roles, shapes, kv_heads, method),
+            **_layer_changes(layers, shapes, kv_heads, results),
+        }
     tensors = _out_tensors(weights, canonical, transposed, shapes, changes, load, dtype)
     return Plan(tensors, output_config(config, spec, dims, kv_heads, dtype), sorted(changes), layers, load, state)
 
 
-def _out_tensors(weights: WeightSource, canonical: dict[str, str], transposed: set[str], shapes: dict,
-                 changes: dict[str, Change | None], load: Callable, dtype: str | None) -> list[OutTensor]:
+def _out_tensors(
+    weights: WeightSource,
+    canonical: dict[str, str],
+    transposed: set[str],
+    shapes: dict,
+    changes: dict[str, Change | None],
+    load: Callable,
+    dtype: str | None,
+) -> list[OutTensor]:
     """The output tensors in the source's file order: byte copies, and computed ones (changed, cast or transposed)."""
+
     def located(name: str) -> tuple[str, int]:
         info = weights.tensors[canonical[name]]
         return str(info.file), info.start
@@ -302,8 +362,15 @@ def _out_tensors(weights: WeightSource, canonical: dict[str, str], transposed: s
         if name not in changes and name not in transposed and target_dtype == src_dtype:
             out.append(OutTensor(name, src_dtype, shapes[name], partial(weights.copy_raw, canonical[name])))
         else:
-            out.append(OutTensor(change.target, target_dtype, change.shape,
-                                 partial(_write_computed, change, load, target_dtype), computed=True))
+            out.append(
+                OutTensor(
+                    change.target,
+                    target_dtype,
+                    change.shape,
+                    partial(_write_computed, change, load, target_dtype),
+                    computed=True,
+                )
+            )
     return out
 
 

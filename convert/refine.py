@@ -9,7 +9,8 @@ Adam steps towards them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from convert.heads import from_heads
 from convert.walk import Walk, hidden
@@ -106,11 +107,13 @@ def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool
     fit = _LocalFit(walk, layer, heads, has_bias)
     generator = torch.Generator().manual_seed(walk.seed + layer)
     with torch.inference_mode(False), torch.enable_grad():
-        trained = {role: getattr(heads, role).to(fit.device, torch.float32, copy=True).requires_grad_(True)
-                   for role in "qkvo"}
+        trained = {
+            role: getattr(heads, role).to(fit.device, torch.float32, copy=True).requires_grad_(True) for role in "qkvo"
+        }
         before = fit.error(trained, seen)
-        optimizer = torch.optim.Adam([{"params": [t], "lr": LOCAL_LR * t.detach().pow(2).mean().sqrt().item()}
-                                      for t in trained.values()])  # steps in proportion to each tensor's scale
+        optimizer = torch.optim.Adam(
+            [{"params": [t], "lr": LOCAL_LR * t.detach().pow(2).mean().sqrt().item()} for t in trained.values()]
+        )  # steps in proportion to each tensor's scale
         for _step in range(steps):
             optimizer.zero_grad(set_to_none=True)
             for i in torch.randperm(len(seen), generator=generator)[:LOCAL_BLOCKS].tolist():
@@ -141,17 +144,26 @@ class _LocalFit:
         """The attention module's output (float32) with ``trained``'s Q, K/V (each repeated for its group), O."""
         from torch.func import functional_call
 
-        heads = self.start.replace(q=trained["q"], o=trained["o"], k=trained["k"].repeat_interleave(self.repeat, 0),
-                                   v=trained["v"].repeat_interleave(self.repeat, 0))
+        heads = self.start.replace(
+            q=trained["q"],
+            o=trained["o"],
+            k=trained["k"].repeat_interleave(self.repeat, 0),
+            v=trained["v"].repeat_interleave(self.repeat, 0),
+        )
         tensors = from_heads(heads, self.has_bias, self.fused, lambda role: True)
-        params = {self.walk.relative(self.names[key], self.path): self.walk.source_layout(self.names[key], t)
-                  .to(self.dtype) for key, t in tensors.items() if key in self.names}
+        params = {
+            self.walk.relative(self.names[key], self.path): self.walk.source_layout(self.names[key], t).to(self.dtype)
+            for key, t in tensors.items()
+            if key in self.names
+        }
         return hidden(functional_call(self.module, params, args, kwargs)).float()
 
     def error(self, trained: dict, seen: list) -> float:
         import torch
 
         with torch.no_grad():
-            wrong = sum((self.output(trained, *_usable((a, k), self.device)) - t.to(self.device).float())
-                        .pow(2).sum().item() for a, k, t in seen)
+            wrong = sum(
+                (self.output(trained, *_usable((a, k), self.device)) - t.to(self.device).float()).pow(2).sum().item()
+                for a, k, t in seen
+            )
         return (wrong / sum(t.float().pow(2).sum().item() for _a, _k, t in seen)) ** 0.5

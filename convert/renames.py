@@ -40,8 +40,15 @@ def transposed(canonical: dict[str, str], rename: Rename | None) -> set[str]:
     return {name for name in canonical if name.endswith(suffixes)}
 
 
-_GPT2_ONLY = {"summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-              "summary_first_dropout", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"}
+_GPT2_ONLY = {
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_proj_to_labels",
+    "summary_first_dropout",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+}
 
 
 def gpt2_to_gpt_bigcode(config: dict[str, Any], kv_heads: int) -> dict[str, Any]:

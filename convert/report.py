@@ -99,8 +99,18 @@ class ConversionReport:
         return json.dumps(data, indent=2) + "\n"
 
 
-def build_report(source: str, output: Path, family: str, spec: Family, dims: Dims, options: ConvertOptions,
-                 weights: WeightSource, plan: Plan, shards: int, dry_run: bool) -> ConversionReport:
+def build_report(
+    source: str,
+    output: Path,
+    family: str,
+    spec: Family,
+    dims: Dims,
+    options: ConvertOptions,
+    weights: WeightSource,
+    plan: Plan,
+    shards: int,
+    dry_run: bool,
+) -> ConversionReport:
     """The facts of a conversion known before writing (the rest is filled in as it runs)."""
     params_before = sum(math.prod(i.shape) for i in weights.tensors.values())
     params_after = sum(math.prod(t.shape) for t in plan.tensors)
@@ -113,22 +123,41 @@ def build_report(source: str, output: Path, family: str, spec: Family, dims: Dim
     merge = METHODS[options.method]
     calibration = None
     if options.calibrates:
-        calibration = {"files": [str(f) for f in options.calibration_data or []],
-                       "sampled": not options.calibration_data, "tokens_wanted": options.calibration_tokens}
+        calibration = {
+            "files": [str(f) for f in options.calibration_data or []],
+            "sampled": not options.calibration_data,
+            "tokens_wanted": options.calibration_tokens,
+        }
     return ConversionReport(
         tool=f"kvshrink {VERSION}",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        source=str(source), output=str(output), family=family,
-        architecture=plan.config.get("architectures", [None])[0], method=options.method, grouping=options.grouping,
-        dtype_before=TENSOR_DTYPES[src_dtype][1], dtype_after=TENSOR_DTYPES[out_dtype][1],
-        layers=dims.layers, heads=dims.heads, head_dim=dims.head_dim,
-        kv_heads_before=dims.kv_heads, kv_heads_after=kv_heads,
+        source=str(source),
+        output=str(output),
+        family=family,
+        architecture=plan.config.get("architectures", [None])[0],
+        method=options.method,
+        grouping=options.grouping,
+        dtype_before=TENSOR_DTYPES[src_dtype][1],
+        dtype_after=TENSOR_DTYPES[out_dtype][1],
+        layers=dims.layers,
+        heads=dims.heads,
+        head_dim=dims.head_dim,
+        kv_heads_before=dims.kv_heads,
+        kv_heads_after=kv_heads,
         kv_heads_per_layer=[[dims.kv_heads, kv_heads] for _ in range(dims.layers)],
-        kv_cache_bytes_per_token_before=before, kv_cache_bytes_per_token_after=after,
-        kv_cache_bytes_4k_context_before=before * 4096, kv_cache_bytes_4k_context_after=after * 4096,
-        parameters_before=params_before, parameters_after=params_after, changed_tensors=plan.changed,
-        note=spec.note, tensor_bytes_after=sum(t.nbytes for t in plan.tensors), shards=shards, dry_run=dry_run,
-        k_merge=merge.k_normed_note if plan.layers and plan.layers.k_normed else None, calibration=calibration,
+        kv_cache_bytes_per_token_before=before,
+        kv_cache_bytes_per_token_after=after,
+        kv_cache_bytes_4k_context_before=before * 4096,
+        kv_cache_bytes_4k_context_after=after * 4096,
+        parameters_before=params_before,
+        parameters_after=params_after,
+        changed_tensors=plan.changed,
+        note=spec.note,
+        tensor_bytes_after=sum(t.nbytes for t in plan.tensors),
+        shards=shards,
+        dry_run=dry_run,
+        k_merge=merge.k_normed_note if plan.layers and plan.layers.k_normed else None,
+        calibration=calibration,
     )
 
 
@@ -170,13 +199,15 @@ def format_report(report: ConversionReport) -> str:
     """The human-readable summary printed at the end of a conversion."""
     r = report
     per_layer = {tuple(x) for x in r.kv_heads_per_layer}
-    layers = (f"all {r.layers} layers: {r.kv_heads_before} -> {r.kv_heads_after}" if len(per_layer) == 1
-              else ", ".join(f"{i}: {a} -> {b}" for i, (a, b) in enumerate(r.kv_heads_per_layer)))
+    layers = (
+        f"all {r.layers} layers: {r.kv_heads_before} -> {r.kv_heads_after}"
+        if len(per_layer) == 1
+        else ", ".join(f"{i}: {a} -> {b}" for i, (a, b) in enumerate(r.kv_heads_per_layer))
+    )
     ratio = r.kv_cache_bytes_per_token_before / r.kv_cache_bytes_per_token_after
     lines = [
         f"{'plan (dry run, nothing written)' if r.dry_run else 'converted'}: {r.source} -> {r.output}",
-        f"  family            {r.family} -> {r.architecture}, method {r.method}, "
-        f"{r.dtype_before} -> {r.dtype_after}",
+        f"  family            {r.family} -> {r.architecture}, method {r.method}, {r.dtype_before} -> {r.dtype_after}",
         f"  KV heads          {layers} ({r.heads} query heads, head_dim {r.head_dim})",
         f"  KV cache / token  {_bytes(r.kv_cache_bytes_per_token_before)} -> "
         f"{_bytes(r.kv_cache_bytes_per_token_after)} ({ratio:.1f}x smaller)",

@@ -24,7 +24,6 @@ class Dims:
     hidden: int
 
 
-
 @dataclass(frozen=True)
 class RoleInfo:
     """What a role is and what a conversion does to it.
@@ -62,9 +61,16 @@ SUBSETS: dict[str, tuple[str, ...]] = {  # train.trainable: "attention" is Q, K,
 def expected_shape(role: str, param: str, dims: Dims) -> tuple[int, ...] | None:
     """The shape config.json implies for a role's weight or bias (None where only the element count is fixed)."""
     d = dims
-    rows = {"q": d.heads * d.head_dim, "k": d.kv_heads * d.head_dim, "v": d.kv_heads * d.head_dim,
-            "qkv": (d.heads + 2 * d.kv_heads) * d.head_dim, "o": d.hidden,
-            "k_norm_per_head": d.head_dim, "q_norm_per_head": d.head_dim, "k_norm_shared": d.head_dim}.get(role)
+    rows = {
+        "q": d.heads * d.head_dim,
+        "k": d.kv_heads * d.head_dim,
+        "v": d.kv_heads * d.head_dim,
+        "qkv": (d.heads + 2 * d.kv_heads) * d.head_dim,
+        "o": d.hidden,
+        "k_norm_per_head": d.head_dim,
+        "q_norm_per_head": d.head_dim,
+        "k_norm_shared": d.head_dim,
+    }.get(role)
     if rows is None:
         return None
     if param == "bias" or role.endswith(("per_head", "shared")):

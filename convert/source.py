@@ -16,15 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
+from kvshrink_base.errors import first_line
 
 # safetensors dtype -> (bytes per element, torch name). Planning works on these names alone, so a
 # conversion can start copying before torch has finished importing.
 DTYPES: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U8": (1, "uint8"),
     "BOOL": (1, "bool"),
 }
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -47,6 +55,8 @@ def dtype_name(dtype) -> str:
     """torch dtype -> safetensors name."""
     label = str(dtype).removeprefix("torch.")
     return next(name for name, (_, torch_name) in DTYPES.items() if torch_name == label)
+
+
 _MAX_HEADER = 100_000_000
 _CHUNK = 64 << 20
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
@@ -270,8 +280,9 @@ def _check_against_index(weight_map: dict[str, str], found: dict[str, str], inde
         raise ConversionError(f"{index_path} lists {len(missing)} tensor(s) not in their shard, e.g. {missing[0]}")
     extra = sorted(set(found) - set(weight_map))
     if extra:
-        raise ConversionError(f"shard {found[extra[0]]} holds {len(extra)} tensor(s) missing from {index_path.name}, "
-                              f"e.g. {extra[0]}")
+        raise ConversionError(
+            f"shard {found[extra[0]]} holds {len(extra)} tensor(s) missing from {index_path.name}, e.g. {extra[0]}"
+        )
     moved = sorted(n for n in weight_map if weight_map[n] != found[n])
     if moved:
         raise ConversionError(f"{index_path} puts {moved[0]} in {weight_map[moved[0]]}, but it is in {found[moved[0]]}")
@@ -339,8 +350,9 @@ def _open_pickle(directory: Path) -> WeightSource:
             raise ConversionError(f"cannot load {file}: {first_line(exc)}") from None
         for name, tensor in state.items():
             pickled[name], found[name] = tensor, file.name
-            tensors[name] = TensorInfo(file, dtype_name(tensor.dtype), tuple(tensor.shape), 0,
-                                       tensor.numel() * tensor.element_size())
+            tensors[name] = TensorInfo(
+                file, dtype_name(tensor.dtype), tuple(tensor.shape), 0, tensor.numel() * tensor.element_size()
+            )
     if weight_map is not None:
         _check_against_index(weight_map, found, bin_index)
     return WeightSource(tensors, files, pickled)

@@ -3,8 +3,9 @@
 The stages: ``read`` (the layer from the checkpoint onto the device, and back to ``meta``), ``forward`` (the
 layer's passes over the calibration blocks, the hooks' own work aside), ``moments`` (the input moments),
 ``fits`` (the merge's fits and the write-back into the running model), ``refit`` (the O refit's moments and
-solve; its pass over the blocks counts as forward), ``local`` (the local steps) and ``write`` (the converted tensors to the spill). On CUDA the device
-is synchronized at each boundary, so that asynchronous kernels are counted where they run.
+solve; its pass over the blocks counts as forward), ``local`` (the local steps) and ``write`` (the converted
+tensors to the spill). On CUDA the device is synchronized at each boundary, so that asynchronous kernels are
+counted where they run.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ layer onloaded (``convert.onload.LayerLoader``), the layer plan, the calibration
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from convert.heads import from_heads, kv_norm, norm_heads
 from convert.layers import LayerPlan, LayerState

@@ -13,15 +13,26 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from convert.errors import ConversionError
 from convert.source import DTYPES
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -82,8 +93,11 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offsets, offset = {}, 0
     for tensor in ordered:
-        header[tensor.name] = {"dtype": tensor.dtype, "shape": list(tensor.shape),
-                               "data_offsets": [offset, offset + tensor.nbytes]}
+        header[tensor.name] = {
+            "dtype": tensor.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
         offsets[tensor.name] = offset
         offset += tensor.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -96,8 +110,10 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
             out.seek(start + offsets[tensor.name])
             tensor.write(out)
             if out.tell() != start + offsets[tensor.name] + tensor.nbytes:
-                raise RuntimeError(f"internal error: {tensor.name} wrote {out.tell() - start - offsets[tensor.name]} "
-                                   f"bytes, expected {tensor.nbytes}")
+                raise RuntimeError(
+                    f"internal error: {tensor.name} wrote {out.tell() - start - offsets[tensor.name]} "
+                    f"bytes, expected {tensor.nbytes}"
+                )
             progress(tensor.nbytes)
 
 

@@ -68,8 +68,13 @@ def smollm2(cache: Path | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF-loaded model refuses save_pretrained (it carries a quantization config); rebuild a plain one.
-    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items()
-                                     if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")})
+    config = AutoConfig.for_model(
+        **{
+            k: v
+            for k, v in quantized.config.to_dict().items()
+            if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")
+        }
+    )
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
@@ -81,10 +86,10 @@ def smollm2(cache: Path | None = None) -> Path:
 
 
 _MARKUP = [
-    (re.compile(r"^#+\s*", re.M), ""),        # headings: "## ACT I"
+    (re.compile(r"^#+\s*", re.M), ""),  # headings: "## ACT I"
     (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),  # speaker names: **HAMLET**
     (re.compile(r"(?<!\w)_([^_]+)_(?!\w)"), r"[\1]"),  # stage directions: _Exit_
-    (re.compile(r"[ \t]+$", re.M), ""),       # Markdown line breaks (two trailing spaces)
+    (re.compile(r"[ \t]+$", re.M), ""),  # Markdown line breaks (two trailing spaces)
 ]
 
 

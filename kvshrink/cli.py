@@ -29,16 +29,31 @@ class Subcommand:
 SUBCOMMANDS = (
     Subcommand("convert", "convert.cli", "stream a checkpoint into one with fewer KV heads (python -m convert)"),
     Subcommand("uptrain", "uptrain.__main__", "uptrain a converted checkpoint from a recipe (python -m uptrain)"),
-    Subcommand("evaluate", "uptrain.evaluate",
-               "held-out perplexity and downstream tasks of checkpoints, side by side (python -m uptrain.evaluate)"),
-    Subcommand("sample", "uptrain.sample.cli",
-               "training text sampled from the original model itself (python -m uptrain.sample)"),
-    Subcommand("merge", "uptrain.merge",
-               "a LoRA run's adapters merged into its base, tensor by tensor (python -m uptrain.merge)"),
-    Subcommand("decode-bench", "kvshrink.decode_bench.cli",
-               "KV-cache bytes and decoding speed, measured (python -m kvshrink.decode_bench)"),
-    Subcommand("demo", "kvshrink.demo.demo",
-               "SmolLM2-135M made MQA, evaluated and uptrained back, offline (python -m kvshrink.demo)"),
+    Subcommand(
+        "evaluate",
+        "uptrain.evaluate",
+        "held-out perplexity and downstream tasks of checkpoints, side by side (python -m uptrain.evaluate)",
+    ),
+    Subcommand(
+        "sample",
+        "uptrain.sample.cli",
+        "training text sampled from the original model itself (python -m uptrain.sample)",
+    ),
+    Subcommand(
+        "merge",
+        "uptrain.merge",
+        "a LoRA run's adapters merged into its base, tensor by tensor (python -m uptrain.merge)",
+    ),
+    Subcommand(
+        "decode-bench",
+        "kvshrink.decode_bench.cli",
+        "KV-cache bytes and decoding speed, measured (python -m kvshrink.decode_bench)",
+    ),
+    Subcommand(
+        "demo",
+        "kvshrink.demo.demo",
+        "SmolLM2-135M made MQA, evaluated and uptrained back, offline (python -m kvshrink.demo)",
+    ),
 )
 BY_NAME = {s.name: s for s in SUBCOMMANDS}
 
@@ -46,9 +61,12 @@ BY_NAME = {s.name: s for s in SUBCOMMANDS}
 def parser() -> OneLineParser:
     width = max(len(s.name) for s in SUBCOMMANDS)
     listing = "\n".join(f"  {s.name:<{width}}  {s.summary}" for s in SUBCOMMANDS)
-    p = OneLineParser(prog="kvshrink", formatter_class=argparse.RawDescriptionHelpFormatter,
-                      description="Convert Hugging Face MHA checkpoints to GQA/MQA and uptrain them.",
-                      epilog=f"commands:\n{listing}\n\n`kvshrink COMMAND --help` shows a command's options.")
+    p = OneLineParser(
+        prog="kvshrink",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert Hugging Face MHA checkpoints to GQA/MQA and uptrain them.",
+        epilog=f"commands:\n{listing}\n\n`kvshrink COMMAND --help` shows a command's options.",
+    )
     p.add_argument("command", metavar="COMMAND", choices=list(BY_NAME), help="one of the commands below")
     p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="the command's own arguments")
     return p

@@ -14,7 +14,7 @@ def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
         inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
         with torch.inference_mode():
             ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        new = ids[0, inputs["input_ids"].shape[1]:]
+        new = ids[0, inputs["input_ids"].shape[1] :]
         ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
         texts.append(tokenizer.decode(new, skip_special_tokens=True) + (" [end of text]" if ended else ""))
     return texts

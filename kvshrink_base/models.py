@@ -12,22 +12,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvshrink_base.errors import first_line
-from kvshrink_base.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError, first_line
 
 if TYPE_CHECKING:
     import torch
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 class ModelError(KvshrinkError):
     """A model or tokenizer that does not load, or a device it cannot go to: one line, exit code 2."""
 
 
-def load_model(path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
-               what: str = "model", **kwargs: Any):
+def load_model(
+    path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None, what: str = "model", **kwargs: Any
+):
     """A checkpoint as ``AutoModelForCausalLM``, in eval mode.
 
     Args:
@@ -85,13 +91,16 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError) as exc:
         directory = Path(path).expanduser()
         if directory.is_dir() and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-            raise ModelError(f"{path} has no tokenizer (no {', '.join(TOKENIZER_FILES[:4])}): save the tokenizer "
-                             "of the model it came from into it") from None
+            raise ModelError(
+                f"{path} has no tokenizer (no {', '.join(TOKENIZER_FILES[:4])}): save the tokenizer "
+                "of the model it came from into it"
+            ) from None
         raise ModelError(f"the tokenizer of {path} does not load: {first_line(exc)}") from None
 
 
-def load_model_and_tokenizer(path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
-                             what: str = "model", **kwargs: Any):
+def load_model_and_tokenizer(
+    path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None, what: str = "model", **kwargs: Any
+):
     """(model in eval mode, tokenizer) of a checkpoint: the tokenizer first, as it fails faster.
 
     Args and Raises: as ``load_model`` and ``load_tokenizer``.

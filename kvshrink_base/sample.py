@@ -18,15 +18,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from kvshrink_base.atomic import write_text
 from kvshrink_base.device import pick_device
+from kvshrink_base.errors import KvshrinkError
 from kvshrink_base.generate import with_cache
 from kvshrink_base.models import load_model_and_tokenizer
-from kvshrink_base.errors import KvshrinkError
 
 MIN_TOKENS = 16
 SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other text): in cached file names
@@ -34,6 +34,7 @@ SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other
 
 class SamplingError(KvshrinkError):
     """The model cannot be sampled as asked (it ends every sample at once): one line, exit code 2."""
+
 
 @dataclass
 class Sampling:
@@ -49,8 +50,10 @@ class Sampling:
     def file_name(self) -> str:
         """``samples-TOKENS-bBATCH-lLENGTH-tTEMPERATURE-seedSEED-vSAMPLER.jsonl``: every setting that shapes the
         text, and the version of the sampler (``SAMPLER``) that drew it."""
-        return (f"samples-{self.tokens}-b{self.batch_size}-l{self.length}-t{self.temperature:g}-seed{self.seed}"
-                f"-v{SAMPLER}.jsonl")
+        return (
+            f"samples-{self.tokens}-b{self.batch_size}-l{self.length}-t{self.temperature:g}-seed{self.seed}"
+            f"-v{SAMPLER}.jsonl"
+        )
 
 
 def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
@@ -69,14 +72,16 @@ def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int
             kept = 0
             for row in draw(model, start, rows, how, tokenizer.eos_token_id):
                 if tokenizer.eos_token_id in row:
-                    row = row[:row.index(tokenizer.eos_token_id)]
+                    row = row[: row.index(tokenizer.eos_token_id)]
                 if len(row) >= MIN_TOKENS:
                     written, kept = written + len(row), kept + 1
                     yield row
             barren = 0 if kept else barren + 1
             if barren == 3:
-                raise SamplingError(f"three batches of samples in a row all ended shorter than {MIN_TOKENS} tokens: "
-                                  "the model ends its text at once (raise --temperature, or check the model)")
+                raise SamplingError(
+                    f"three batches of samples in a row all ended shorter than {MIN_TOKENS} tokens: "
+                    "the model ends its text at once (raise --temperature, or check the model)"
+                )
             if progress:
                 progress(written)
 
@@ -140,8 +145,11 @@ def write_samples(model_dir: str, out: Path, how: Sampling, device: str = "auto"
     started = time.perf_counter()
 
     def progress(written: int) -> None:
-        print(f"sample: {written:,} of {how.tokens:,} tokens, {time.perf_counter() - started:.0f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"sample: {written:,} of {how.tokens:,} tokens, {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     rows = list(samples(model, tokenizer, how, progress))
     documents = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
@@ -157,6 +165,9 @@ def cached_samples(model_dir: str | Path, directory: Path, how: Sampling) -> Pat
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         done = write_samples(str(model_dir), path, how)
-        print(f"sampled {done['tokens']:,} tokens ({done['documents']:,} documents) from {model_dir} in "
-              f"{done['seconds']:,.0f} s: {path}", flush=True)
+        print(
+            f"sampled {done['tokens']:,} tokens ({done['documents']:,} documents) from {model_dir} in "
+            f"{done['seconds']:,.0f} s: {path}",
+            flush=True,
+        )
     return path

@@ -12,8 +12,7 @@ import itertools
 import os
 from pathlib import Path
 
-from kvshrink_base.errors import first_line
-from kvshrink_base.errors import KvshrinkError
+from kvshrink_base.errors import KvshrinkError, first_line
 
 
 class DataError(KvshrinkError):
@@ -38,8 +37,10 @@ def local_files(entry: str) -> list[str] | None:
     if path.is_dir():
         files = sorted(str(p) for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
         if not files:
-            raise DataError(f"data {entry} is a directory with no data files in it ({', '.join(BUILDERS)}); "
-                            "give a text file, or a directory that holds some")
+            raise DataError(
+                f"data {entry} is a directory with no data files in it ({', '.join(BUILDERS)}); "
+                "give a text file, or a directory that holds some"
+            )
         return files
     if path.is_file():
         return [str(path)]
@@ -63,8 +64,7 @@ def check_file(path: str) -> None:
         with open(path, "rb") as fh:
             head = fh.read(PROBE)
     except IsADirectoryError:
-        raise DataError(f"data file {path} is a directory; give a file (or the directory itself as an entry)") \
-            from None
+        raise DataError(f"data file {path} is a directory; give a file (or the directory itself as an entry)") from None
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     if not head:
@@ -76,8 +76,9 @@ def check_file(path: str) -> None:
             raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
         codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < PROBE)
     except UnicodeDecodeError as exc:
-        raise DataError(f"data file {path} is not UTF-8 text (byte {exc.start} is {head[exc.start]:#04x}); "
-                        "give a text file") from None
+        raise DataError(
+            f"data file {path} is not UTF-8 text (byte {exc.start} is {head[exc.start]:#04x}); give a text file"
+        ) from None
 
 
 def check_entries(entries: list[str]) -> None:
@@ -115,8 +116,13 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
-def load_documents(entries: list[str], text_field: str, streaming: bool = False, hub_config: str | None = None,
-                   hub_split: str = "train"):
+def load_documents(
+    entries: list[str],
+    text_field: str,
+    streaming: bool = False,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+):
     """One dataset with a single ``text_field`` column, from local files and/or hub dataset names."""
     import datasets
 
@@ -127,13 +133,15 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
             try:
                 parts.append(datasets.load_dataset(entry, hub_config, split=hub_split, streaming=streaming))
             except Exception as exc:
-                raise DataError(f"data {entry!r} is not a local file and could not be loaded from the hub "
-                                  f"({first_line(exc)})") from None
+                raise DataError(
+                    f"data {entry!r} is not a local file and could not be loaded from the hub ({first_line(exc)})"
+                ) from None
             continue
         for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
+            group = list(group)
             if suffix not in BUILDERS:
-                raise DataError(f"data file {next(group)} has an unsupported type; use {', '.join(BUILDERS)}")
-            builder, group = BUILDERS[suffix], list(group)
+                raise DataError(f"data file {group[0]} has an unsupported type; use {', '.join(BUILDERS)}")
+            builder = BUILDERS[suffix]
             for f in group:
                 check_file(f)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -151,8 +159,9 @@ def load_documents(entries: list[str], text_field: str, streaming: bool = False,
         if columns is None:  # datasets 5 streams do not know their columns before the first row
             columns = list(next(iter(part), {}))
         if text_field not in columns:
-            raise DataError(f"data {entry} has no column {text_field!r} (columns: {', '.join(columns)}); "
-                              "set data.text_field")
+            raise DataError(
+                f"data {entry} has no column {text_field!r} (columns: {', '.join(columns)}); set data.text_field"
+            )
     parts = [p.select_columns([text_field]) for p in parts]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
@@ -169,8 +178,9 @@ def read_documents(entries: list[str], text_field: str = "text", max_chars: int 
         try:
             row = next(rows, None)
         except UnicodeDecodeError as exc:  # past the bytes check_file probed
-            raise DataError(f"{', '.join(entries)}: not UTF-8 text ({exc.reason} at byte {exc.start} of a "
-                            "chunk); give text files") from None
+            raise DataError(
+                f"{', '.join(entries)}: not UTF-8 text ({exc.reason} at byte {exc.start} of a chunk); give text files"
+            ) from None
         if row is None:
             break
         text = row[text_field]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -154,38 +154,117 @@ class Command:
 
 
 COMMANDS = [
-    Command("convert", lambda model, out, good, files, data: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
-            ("model", "out")),
-    Command("convert --calibration-data",
-            lambda model, out, good, files, data: ["-m", "convert", str(model), str(out), "--kv-heads", "1",
-                                                   "--method", "svd", "--calibration-data", str(data or _text(files))],
-            ("data",)),
-    Command("decode_bench", lambda model, out, good, files, data: ["-m", "kvshrink.decode_bench", str(model), str(good),
-                                                                   "--out", str(out), "--device", "cpu"],
-            ("model", "out")),
+    Command(
+        "convert",
+        lambda model, out, good, files, data: ["-m", "convert", str(model), str(out), "--kv-heads", "1"],
+        ("model", "out"),
+    ),
+    Command(
+        "convert --calibration-data",
+        lambda model, out, good, files, data: [
+            "-m",
+            "convert",
+            str(model),
+            str(out),
+            "--kv-heads",
+            "1",
+            "--method",
+            "svd",
+            "--calibration-data",
+            str(data or _text(files)),
+        ],
+        ("data",),
+    ),
+    Command(
+        "decode_bench",
+        lambda model, out, good, files, data: [
+            "-m",
+            "kvshrink.decode_bench",
+            str(model),
+            str(good),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        ("model", "out"),
+    ),
     # The demo's model is the packaged SmolLM2 (its --model is a test hook): only --out is the user's.
-    Command("kvshrink_demo", lambda model, out, good, files, data: ["-m", "kvshrink.demo", "--out", str(out)],
-            ("out",)),
-    Command("uptrain.evaluate", lambda model, out, good, files, data: ["-m", "uptrain.evaluate", str(model), "--data",
-                                                                       str(data or _text(files)), "--seq-len", "16"],
-            ("model", "data")),
-    Command("uptrain.sample", lambda model, out, good, files, data: ["-m", "uptrain.sample", str(model),
-                                                                     str(files / "samples.jsonl"), "--tokens", "8"],
-            ("model",)),
-    Command("uptrain", lambda model, out, good, files, data: ["-m", "uptrain",
-                                                              str(_recipe(model, out, files, data or _text(files)))],
-            ("model", "out", "data")),
-    Command("uptrain lora", lambda model, out, good, files, data: [
-        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA))], ("model", "out", "data")),
-    Command("uptrain offline teacher", lambda model, out, good, files, data: [
-        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), teacher=str(good),
-                                     distill={"weight": 0.5, "mode": "offline", "top_k": 4}))],
-        ("model", "out", "data")),
-    Command("uptrain --dry-run", lambda model, out, good, files, data: [
-        "-m", "uptrain", str(_recipe(model, out, files, data or _text(files), **LORA)), "--dry-run"],
-        ("model", "out", "data")),
-    Command("uptrain.merge", lambda model, out, good, files, data: ["-m", "uptrain.merge", str(_adapter(good, files)),
-                                                                    str(model), str(out)], ("model", "out")),
+    Command(
+        "kvshrink_demo", lambda model, out, good, files, data: ["-m", "kvshrink.demo", "--out", str(out)], ("out",)
+    ),
+    Command(
+        "uptrain.evaluate",
+        lambda model, out, good, files, data: [
+            "-m",
+            "uptrain.evaluate",
+            str(model),
+            "--data",
+            str(data or _text(files)),
+            "--seq-len",
+            "16",
+        ],
+        ("model", "data"),
+    ),
+    Command(
+        "uptrain.sample",
+        lambda model, out, good, files, data: [
+            "-m",
+            "uptrain.sample",
+            str(model),
+            str(files / "samples.jsonl"),
+            "--tokens",
+            "8",
+        ],
+        ("model",),
+    ),
+    Command(
+        "uptrain",
+        lambda model, out, good, files, data: ["-m", "uptrain", str(_recipe(model, out, files, data or _text(files)))],
+        ("model", "out", "data"),
+    ),
+    Command(
+        "uptrain lora",
+        lambda model, out, good, files, data: [
+            "-m",
+            "uptrain",
+            str(_recipe(model, out, files, data or _text(files), **LORA)),
+        ],
+        ("model", "out", "data"),
+    ),
+    Command(
+        "uptrain offline teacher",
+        lambda model, out, good, files, data: [
+            "-m",
+            "uptrain",
+            str(
+                _recipe(
+                    model,
+                    out,
+                    files,
+                    data or _text(files),
+                    teacher=str(good),
+                    distill={"weight": 0.5, "mode": "offline", "top_k": 4},
+                )
+            ),
+        ],
+        ("model", "out", "data"),
+    ),
+    Command(
+        "uptrain --dry-run",
+        lambda model, out, good, files, data: [
+            "-m",
+            "uptrain",
+            str(_recipe(model, out, files, data or _text(files), **LORA)),
+            "--dry-run",
+        ],
+        ("model", "out", "data"),
+    ),
+    Command(
+        "uptrain.merge",
+        lambda model, out, good, files, data: ["-m", "uptrain.merge", str(_adapter(good, files)), str(model), str(out)],
+        ("model", "out"),
+    ),
 ]
 
 

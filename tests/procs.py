@@ -14,8 +14,9 @@ def run_group(argv: list[str], timeout: float, **kwargs) -> subprocess.Completed
     Raises:
         subprocess.TimeoutExpired: after the group is killed and reaped.
     """
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -16,7 +16,7 @@ def attend(layer: LayerHeads, x: torch.Tensor) -> torch.Tensor:
     for h in range(layer.q.shape[0]):
         i = h // reads
         q, k, v = x @ layer.q[h].T, x @ layer.k[i].T, x @ layer.v[i].T  # (T, D)
-        scores = (q @ k.T / D ** 0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        scores = (q @ k.T / D**0.5).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
         out = out + scores.softmax(-1) @ v @ layer.o[:, h].T
     return out
 

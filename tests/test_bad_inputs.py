@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from badinputs import needs_reader, sweep
 from textlm import make_lm, train_tokenizer, write_corpus
 from tiny import make_model
@@ -41,8 +40,11 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(command, case, good, g
     scratch.mkdir()
     cwd.mkdir()
     bad = case.make(scratch, good)
-    model, out, data = {"model": (bad, scratch / "out", None), "out": (good, bad, None),
-                        "data": (good, scratch / "out", bad)}[case.role]
+    model, out, data = {
+        "model": (bad, scratch / "out", None),
+        "out": (good, bad, None),
+        "data": (good, scratch / "out", bad),
+    }[case.role]
     files = tmp_path / "files"
     files.mkdir()
     argv = command.argv(model, out, good, files, data)

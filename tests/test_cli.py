@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from badinputs import default_sigint
-from convert.cli import main
+from safetensors.torch import save_file
 from tiny import make_model
+
+from convert.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,14 @@ def test_cli_dry_run(good, tmp_path, capsys):
     assert "dry run" in capsys.readouterr().out and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("n, expected", [("0", "positive integer"), ("8", "more than the 4 KV heads"),
-                                         ("3", "does not divide the 4 KV heads of the source; choose one of 1, 2, 4")])
+@pytest.mark.parametrize(
+    "n, expected",
+    [
+        ("0", "positive integer"),
+        ("8", "more than the 4 KV heads"),
+        ("3", "does not divide the 4 KV heads of the source; choose one of 1, 2, 4"),
+    ],
+)
 def test_bad_kv_heads(good, tmp_path, capsys, n, expected):
     _run_error(capsys, tmp_path, [good, "--kv-heads", n], expected)
 
@@ -69,8 +75,13 @@ def test_unknown_family(good, tmp_path, capsys, model_type):
     config = json.loads((src / "config.json").read_text())
     config.update(model_type=model_type, architectures=["SomethingElse"])
     (src / "config.json").write_text(json.dumps(config))
-    _run_error(capsys, tmp_path, [src, "--kv-heads", "1"], f"model type '{model_type}' is not supported; "
-               "supported families: cohere, falcon, gemma, gemma2, gpt2, gpt_bigcode, granite, llama")
+    _run_error(
+        capsys,
+        tmp_path,
+        [src, "--kv-heads", "1"],
+        f"model type '{model_type}' is not supported; "
+        "supported families: cohere, falcon, gemma, gemma2, gpt2, gpt_bigcode, granite, llama",
+    )
 
 
 def test_missing_and_unreadable_config(good, tmp_path, capsys):
@@ -89,8 +100,12 @@ def test_missing_source_and_missing_weights(good, tmp_path, capsys):
 
 
 def test_hub_id_offline(tmp_path, capsys):
-    _run_error(capsys, tmp_path, ["some-org/some-model", "--kv-heads", "1"],
-               "is not a local directory and could not be fetched from the hub")
+    _run_error(
+        capsys,
+        tmp_path,
+        ["some-org/some-model", "--kv-heads", "1"],
+        "is not a local directory and could not be fetched from the hub",
+    )
 
 
 def _edit_index(src, edit):
@@ -172,8 +187,12 @@ def test_existing_output_and_overlap(good, tmp_path, capsys):
 def test_module_entry_point_exit_code(tmp_path):
     """`python -m convert` itself: exit 2, one line on stderr, no traceback."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "convert", str(tmp_path / "none"), str(tmp_path / "out"),
-                           "--kv-heads", "1"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "convert", str(tmp_path / "none"), str(tmp_path / "out"), "--kv-heads", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 
@@ -198,10 +217,13 @@ def test_killed_conversion_leaves_no_checkpoint_looking_output(good, tmp_path, s
     import time
 
     out, marker = tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-first-tensor-written"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(good), str(out), "--kv-heads", "1",
-                             "--dtype", "bfloat16"], env=dict(os.environ, HF_HUB_OFFLINE="1",
-                                                              KVSHRINK_TEST_MARKER=str(marker)),
-                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CONVERT, str(good), str(out), "--kv-heads", "1", "--dtype", "bfloat16"],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", KVSHRINK_TEST_MARKER=str(marker)),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     deadline = time.time() + 120
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

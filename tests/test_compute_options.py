@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
 from test_uptrain import setup  # noqa: F401  (the module fixture is shared)
 from tiny import make_model
+from transformers import AutoModelForCausalLM
+
 from uptrain import checkpoints, train
 from uptrain.loss import chunked_loss, liger_loss, select_fused_loss
 from uptrain.recipe import RecipeError, load_recipe
@@ -23,12 +23,24 @@ from uptrain.recipe import RecipeError, load_recipe
 def recipe_at(tmp_path: Path, setup, name: str, **sections) -> Path:
     """A short run (4 steps of 4 x 64 tokens, logged every step) with ``sections`` merged in."""
     text, held, mha, mqa = setup
-    recipe = {"model": str(mqa), "output_dir": str(tmp_path / name), "resume": "never",
-              "data": {"train": [str(text)], "eval": [str(held)], "seq_len": 64},
-              "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "lr": 3.0e-3, "min_lr": 3.0e-4,
-                        "warmup_steps": 1, "loss_chunk_tokens": 64},
-              "eval": {"every_steps": 4, "max_tokens": 1024}, "save": {"every_steps": 2, "keep_last": 2},
-              "log": {"every_steps": 1}}
+    recipe = {
+        "model": str(mqa),
+        "output_dir": str(tmp_path / name),
+        "resume": "never",
+        "data": {"train": [str(text)], "eval": [str(held)], "seq_len": 64},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "lr": 3.0e-3,
+            "min_lr": 3.0e-4,
+            "warmup_steps": 1,
+            "loss_chunk_tokens": 64,
+        },
+        "eval": {"every_steps": 4, "max_tokens": 1024},
+        "save": {"every_steps": 2, "keep_last": 2},
+        "log": {"every_steps": 1},
+    }
     for section, values in sections.items():
         if isinstance(values, dict):
             recipe.setdefault(section, {}).update(values)
@@ -84,8 +96,13 @@ def test_compiled_run_matches_eager_and_its_checkpoints_load_without_prefixes(se
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled" / "final")
     assert torch.equal(model.model.layers[0].self_attn.k_proj.weight, final["model.layers.0.self_attn.k_proj.weight"])
     # A compiled run resumes from its own step-2 checkpoint (load_state into the compiled module): same end.
-    resumed = recipe_at(tmp_path, setup, "compiled", resume=str(tmp_path / "compiled" / "checkpoints" / "step-2"),
-                        train={"compile": True, "compile_backend": "aot_eager"})
+    resumed = recipe_at(
+        tmp_path,
+        setup,
+        "compiled",
+        resume=str(tmp_path / "compiled" / "checkpoints" / "step-2"),
+        train={"compile": True, "compile_backend": "aot_eager"},
+    )
     train.run(load_recipe(resumed))
     for name, tensor in load_file(tmp_path / "compiled" / "final" / "model.safetensors").items():
         assert torch.allclose(tensor, final[name], rtol=0, atol=1e-6), name
@@ -99,11 +116,21 @@ def test_bf16_on_cpu_autocasts_keeps_fp32_master_weights_and_a_bf16_teacher(setu
         student = self.acc.unwrap_model(self.model)
         if not seen:  # the dtype the student's attention projection computes in, under accelerate's autocast
             student.model.layers[0].self_attn.q_proj.register_forward_hook(
-                lambda m, i, out: seen.append(("q_proj output", out.dtype)))
+                lambda m, i, out: seen.append(("q_proj output", out.dtype))
+            )
         result = window_loss(self, window)
         seen.append(("parameters", {p.dtype for p in student.parameters()}))
-        seen.append(("optimizer state", {v.dtype for s in self.optimizer.state.values() for v in s.values()
-                                         if v.is_floating_point() and v.dim() > 0}))
+        seen.append(
+            (
+                "optimizer state",
+                {
+                    v.dtype
+                    for s in self.optimizer.state.values()
+                    for v in s.values()
+                    if v.is_floating_point() and v.dim() > 0
+                },
+            )
+        )
         seen.append(("teacher", {p.dtype for p in self.teacher.parameters()}))
         return result
 
@@ -140,9 +167,18 @@ def test_teacher_under_inference_mode_gives_the_no_grad_losses_and_weights(setup
     runs = {}
     for inference in (False, True):
         name = f"inference-{inference}"
-        train.run(load_recipe(recipe_at(
-            tmp_path, setup, name, teacher=str(setup[2]), train={"loss_chunk_tokens": chunk},
-            distill={"weight": 0.5, "temperature": 2.0, "teacher_inference_mode": inference})))
+        train.run(
+            load_recipe(
+                recipe_at(
+                    tmp_path,
+                    setup,
+                    name,
+                    teacher=str(setup[2]),
+                    train={"loss_chunk_tokens": chunk},
+                    distill={"weight": 0.5, "temperature": 2.0, "teacher_inference_mode": inference},
+                )
+            )
+        )
         runs[inference] = (losses(tmp_path / name), load_file(tmp_path / name / "final" / "model.safetensors"))
         assert set(modes) == {inference}  # the teacher really ran in that mode
         modes.clear()
@@ -174,8 +210,10 @@ def test_liger_requested_without_it_is_a_one_line_recipe_error(setup, tmp_path):
     recipe = recipe_at(tmp_path, setup, "liger", train={"fused_loss": "liger"})
     done = subprocess.run([sys.executable, "-m", "uptrain", str(recipe)], capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: train.fused_loss: liger needs Liger Kernel: "
-                                                "`pip install liger-kernel` (CUDA only), or set train.fused_loss=auto"]
+    assert done.stderr.strip().splitlines() == [
+        "error: train.fused_loss: liger needs Liger Kernel: "
+        "`pip install liger-kernel` (CUDA only), or set train.fused_loss=auto"
+    ]
     assert not (tmp_path / "liger").exists()  # failed before writing anything
     with pytest.raises(RecipeError, match="train.fused_loss: 'fast' is not one of auto, liger, off"):
         load_recipe(recipe, ["train.fused_loss=fast"])
@@ -203,10 +241,12 @@ def _reference_liger(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", functional)
 
 
-@pytest.mark.parametrize("family, weight, temperature",
-                         [("llama", 0.0, 1.0), ("llama", 0.5, 2.0), ("llama", 1.0, 0.7), ("phi", 0.0, 1.0)])
-def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(monkeypatch, family, weight,
-                                                                                temperature):
+@pytest.mark.parametrize(
+    "family, weight, temperature", [("llama", 0.0, 1.0), ("llama", 0.5, 2.0), ("llama", 1.0, 0.7), ("phi", 0.0, 1.0)]
+)
+def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(
+    monkeypatch, family, weight, temperature
+):
     """Not Liger itself (Triton, CUDA): the wrapper's arithmetic (sum, x tokens, x T^2) against chunked_loss;
     phi's lm_head has a bias (CE only: the JSD kernel takes none)."""
     _reference_liger(monkeypatch)
@@ -215,17 +255,25 @@ def test_liger_call_converts_to_our_loss_against_a_reference_with_its_semantics(
     assert (student.lm_head.bias is not None) == (family == "phi")
     ids = torch.randint(0, student.config.vocab_size, (2, 9))
     grads = []
-    for loss_fn in (lambda h, th: liger_loss(h, student.lm_head, ids, th, teacher.lm_head, weight, temperature),
-                    lambda h, th: chunked_loss(h, student.lm_head, ids, th, teacher.lm_head, weight, temperature, 5)):
+    for loss_fn in (
+        lambda h, th: liger_loss(h, student.lm_head, ids, th, teacher.lm_head, weight, temperature),
+        lambda h, th: chunked_loss(h, student.lm_head, ids, th, teacher.lm_head, weight, temperature, 5),
+    ):
         student.zero_grad()
         hidden = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         with torch.no_grad():
             teacher_hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
         loss, ce = loss_fn(hidden, teacher_hidden)
         loss.backward()
-        grads.append((loss.detach(), ce, student.lm_head.weight.grad.clone(),
-                      student.model.layers[0].self_attn.q_proj.weight.grad.clone(),
-                      *(() if student.lm_head.bias is None else (student.lm_head.bias.grad.clone(),))))
+        grads.append(
+            (
+                loss.detach(),
+                ce,
+                student.lm_head.weight.grad.clone(),
+                student.model.layers[0].self_attn.q_proj.weight.grad.clone(),
+                *(() if student.lm_head.bias is None else (student.lm_head.bias.grad.clone(),)),
+            )
+        )
     for ours, reference in zip(*grads):
         assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
 
@@ -237,10 +285,12 @@ def test_benchmarks_import_nothing_from_the_tests():
     test_modules = {p.stem for p in (root / "tests").glob("*.py")}
     for script in (root / "bench").glob("*.py"):
         tree = ast.parse(script.read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {
+            alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        imported |= {
+            node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+        }
         assert not imported & (test_modules | {"tests"}), script.name
         assert '"tests"' not in script.read_text(), script.name  # no sys.path entry into tests/
 

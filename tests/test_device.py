@@ -8,20 +8,20 @@ Machines are simulated by replacing torch's own answers (``torch.cuda.is_availab
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from tiny import make_model
 
 from convert.cli import main as convert_main
 from kvshrink.decode_bench import cli as decode_bench
-from uptrain.decoding import bench
+from kvshrink_base import sample as sampler
 from kvshrink_base.device import DeviceError, pick_device, valid_name
 from kvshrink_base.errors import KvshrinkError
-from tiny import make_model
 from uptrain import compare, evaluate
-from kvshrink_base import sample as sampler
+from uptrain.decoding import bench
 from uptrain.evaluate import main as evaluate_main
 from uptrain.sample.cli import main as sample_main
 
@@ -47,8 +47,9 @@ def machine(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
     return simulate
 
 
-@pytest.mark.parametrize("name, expected", [("two GPUs and MPS", "cuda"), ("one GPU", "cuda"),
-                                            ("MPS only", "mps"), ("CPU only", "cpu")])
+@pytest.mark.parametrize(
+    "name, expected", [("two GPUs and MPS", "cuda"), ("one GPU", "cuda"), ("MPS only", "mps"), ("CPU only", "cpu")]
+)
 def test_auto_takes_cuda_then_mps_then_the_cpu(machine, name, expected):
     machine(name)
     assert pick_device("auto") == pick_device(None) == pick_device() == torch.device(expected)
@@ -60,9 +61,18 @@ def test_a_present_device_is_the_one_named(machine, name):
     assert pick_device(name) == torch.device(name)
 
 
-@pytest.mark.parametrize("name, absent", [("CPU only", "cuda"), ("CPU only", "cuda:0"), ("CPU only", "mps"),
-                                          ("MPS only", "cuda"), ("one GPU", "mps"), ("one GPU", "cuda:1"),
-                                          ("two GPUs and MPS", "cuda:2")])
+@pytest.mark.parametrize(
+    "name, absent",
+    [
+        ("CPU only", "cuda"),
+        ("CPU only", "cuda:0"),
+        ("CPU only", "mps"),
+        ("MPS only", "cuda"),
+        ("one GPU", "mps"),
+        ("one GPU", "cuda:1"),
+        ("two GPUs and MPS", "cuda:2"),
+    ],
+)
 def test_an_absent_device_is_one_line_naming_the_flag(machine, name, absent):
     machine(name)
     with pytest.raises(DeviceError) as refused:
@@ -95,17 +105,19 @@ COMMANDS = {  # name -> (main, argv(model, text, scratch folder) before --device
     "convert --recommended": (convert_main, lambda m, t, tmp: [m, tmp / "out", "--kv-heads", "1", "--recommended"]),
     "uptrain.sample": (sample_main, lambda m, t, tmp: [m, tmp / "samples.jsonl", "--tokens", "8"]),
     "uptrain.evaluate": (evaluate_main, lambda m, t, tmp: [m, "--data", t, "--seq-len", "16"]),
-    "uptrain.evaluate, compared": (evaluate_main, lambda m, t, tmp: [m, m, "--data", t, "--seq-len", "16",
-                                                                     "--out", tmp / "out", "--decode"]),
+    "uptrain.evaluate, compared": (
+        evaluate_main,
+        lambda m, t, tmp: [m, m, "--data", t, "--seq-len", "16", "--out", tmp / "out", "--decode"],
+    ),
     "decode_bench": (decode_bench.main, lambda m, t, tmp: [m, m, "--out", tmp / "out"]),
 }
 
 
-@pytest.mark.parametrize("name, device", [("CPU only", "cuda:7"), ("CPU only", "mps"), ("one GPU", "cuda:1"),
-                                          ("two GPUs and MPS", "tpu")])
+@pytest.mark.parametrize(
+    "name, device", [("CPU only", "cuda:7"), ("CPU only", "mps"), ("one GPU", "cuda:1"), ("two GPUs and MPS", "tpu")]
+)
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_command_refuses_a_bad_device_through_the_chooser(machine, good, tmp_path, capsys, command, name,
-                                                                 device):
+def test_every_command_refuses_a_bad_device_through_the_chooser(machine, good, tmp_path, capsys, command, name, device):
     machine(name)
     with pytest.raises(DeviceError) as chooser:
         pick_device(device)
@@ -126,12 +138,19 @@ LOADERS = {  # name -> (module whose load_model_and_tokenizer the command calls,
 }
 
 
-@pytest.mark.parametrize("name, given, expected", [("MPS only", [], "mps"), ("two GPUs and MPS", [], "cuda"),
-                                                   ("two GPUs and MPS", ["--device", "cuda:1"], "cuda:1"),
-                                                   ("two GPUs and MPS", ["--device", "cpu"], "cpu")])
+@pytest.mark.parametrize(
+    "name, given, expected",
+    [
+        ("MPS only", [], "mps"),
+        ("two GPUs and MPS", [], "cuda"),
+        ("two GPUs and MPS", ["--device", "cuda:1"], "cuda:1"),
+        ("two GPUs and MPS", ["--device", "cpu"], "cpu"),
+    ],
+)
 @pytest.mark.parametrize("command", list(LOADERS))
-def test_every_command_loads_onto_the_device_chosen(machine, good, tmp_path, capsys, monkeypatch, command, name,
-                                                     given, expected):
+def test_every_command_loads_onto_the_device_chosen(
+    machine, good, tmp_path, capsys, monkeypatch, command, name, given, expected
+):
     module, main, argv = LOADERS[command]
     seen = []
 
@@ -150,13 +169,17 @@ SMALL = [[1, 4], [256, 1024], 16, 1024]  # the CPU's grid: batch, context, new t
 LARGE = [[1, 8, 32, 128], [512, 2048, 8192], 32, 32768]  # CUDA's
 
 
-@pytest.mark.parametrize("name, device, expected, grid", [("MPS only", "auto", "mps", SMALL),
-                                                          ("CPU only", "auto", "cpu", SMALL),
-                                                          ("two GPUs and MPS", "auto", "cuda", LARGE),
-                                                          ("two GPUs and MPS", "cuda:1", "cuda:1", LARGE),
-                                                          ("two GPUs and MPS", "mps", "mps", SMALL)])
-def test_the_decode_bench_takes_the_grid_of_the_device_chosen(machine, good, tmp_path, name, device, expected,
-                                                             grid):
+@pytest.mark.parametrize(
+    "name, device, expected, grid",
+    [
+        ("MPS only", "auto", "mps", SMALL),
+        ("CPU only", "auto", "cpu", SMALL),
+        ("two GPUs and MPS", "auto", "cuda", LARGE),
+        ("two GPUs and MPS", "cuda:1", "cuda:1", LARGE),
+        ("two GPUs and MPS", "mps", "mps", SMALL),
+    ],
+)
+def test_the_decode_bench_takes_the_grid_of_the_device_chosen(machine, good, tmp_path, name, device, expected, grid):
     machine(name)
     options = bench.checkpoint_options([str(good[0])] * 2, tmp_path / "out", device)
     assert options.device == expected

@@ -29,8 +29,16 @@ README_MAX_LINES = 250
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}  # fenced blocks whose lines are commands
 NOT_OURS = {"pytest", "pip"}  # python -m modules of other projects
 # Every command a user is told about; each must appear in the documents at least once.
-COMMANDS = {"convert", "uptrain", "uptrain.evaluate", "uptrain.sample", "uptrain.merge", "kvshrink.decode_bench",
-            "kvshrink.demo", "kvshrink"}
+COMMANDS = {
+    "convert",
+    "uptrain",
+    "uptrain.evaluate",
+    "uptrain.sample",
+    "uptrain.merge",
+    "kvshrink.decode_bench",
+    "kvshrink.demo",
+    "kvshrink",
+}
 
 
 class _Parsed(BaseException):
@@ -94,7 +102,7 @@ def command_of(words: list[str], document: str) -> Command | None:
     """The command ``words`` run, or None for another program (pip, git, cd, ...)."""
     if words[:2] == ["accelerate", "launch"] and "-m" in words:
         i = words.index("-m")
-        return Command(document, "module", words[i + 1], tuple(words[i + 2:]))
+        return Command(document, "module", words[i + 1], tuple(words[i + 2 :]))
     if words[0] == "kvshrink":
         return Command(document, "kvshrink", "kvshrink", tuple(words[1:]))
     if words[0] in {"python", "python3"} and len(words) > 1:

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 import yaml
+from textlm import make_lm, train_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from convert import convert_checkpoint
 from kvshrink.demo import cloze
-from textlm import make_lm, train_tokenizer, write_corpus
 from uptrain import downstream
 from uptrain.evaluate import main as evaluate_main
 
@@ -42,12 +42,13 @@ def planted_items(model_dir, text: str, seed: int = 0) -> list[dict]:
     rng, items = random.Random(seed), []
     while len(items) < ITEMS:
         start = rng.randrange(len(words) - 8)
-        context = " ".join(words[start:start + 6])
+        context = " ".join(words[start : start + 6])
         choices = [rng.choice(words)]
         while len(choices) < 4:  # same token count as the first (the tokenizer alone decides: cheap)
             candidate = rng.choice(words)
-            if candidate not in choices and n_tokens(tokenizer, context, candidate) == n_tokens(tokenizer, context,
-                                                                                                  choices[0]):
+            if candidate not in choices and n_tokens(tokenizer, context, candidate) == n_tokens(
+                tokenizer, context, choices[0]
+            ):
                 choices.append(candidate)
         scores = [continuation(model, tokenizer, context, " " + c)[1] for c in choices]
         best, second = sorted(scores, reverse=True)[:2]
@@ -65,9 +66,17 @@ def task_yaml(directory, name: str, items: list[dict]):
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"{name}.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in items))
-    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-              "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
-              "doc_to_choice": "choices", "doc_to_target": "label", "metric_list": [{"metric": "acc"}]}
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "context",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}],
+    }
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -100,8 +109,21 @@ def accuracy(cell: str) -> float:
 def test_planted_task_scores_the_original_100_percent_and_others_near_chance(models, tmp_path, capsys):
     _, held, original, mqa, other, task = models
     out = tmp_path / "report"
-    argv = [str(original), str(mqa), str(other), "--tasks", str(task), "--data", str(held), "--seq-len", "64",
-            "--max-tokens", "1024", "--out", str(out)]
+    argv = [
+        str(original),
+        str(mqa),
+        str(other),
+        "--tasks",
+        str(task),
+        "--data",
+        str(held),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "1024",
+        "--out",
+        str(out),
+    ]
     assert evaluate_main(argv) == 0
     printed = capsys.readouterr().out
     rows = table_rows(printed)
@@ -205,7 +227,7 @@ def test_cloze_items_are_deterministic_and_well_formed():
         assert "\n".join(context[1:] + [answer]) in text  # the true next line of the same speech
         assert cloze.SPEAKER.fullmatch(context[0]) and 2 <= len(context) - 1 <= cloze.CONTEXT_LINES
         speech = next(b for b in text.split("\n\n") if b.startswith(context[0] + "\n") and context[-1] in b)
-        for choice in choices[:label] + choices[label + 1:]:
+        for choice in choices[:label] + choices[label + 1 :]:
             assert choice in text and choice not in speech  # from elsewhere in the same play
             assert abs(len(choice) - len(answer)) <= cloze.LENGTH_SLACK * len(answer)
         assert not any(c.startswith("[") for c in choices)
@@ -218,7 +240,8 @@ def test_cloze_task_runs_through_lm_eval(models, tmp_path):
     _, _, original, _, _, _ = models
     task = cloze.write_task(cloze.make_items({"play": PLAY}, seed=0), tmp_path / "cloze")
     assert yaml.safe_load(task.read_text())["dataset_kwargs"]["data_files"]["test"] == str(
-        (tmp_path / "cloze" / "verse_cloze.jsonl").resolve())
+        (tmp_path / "cloze" / "verse_cloze.jsonl").resolve()
+    )
     n = len((tmp_path / "cloze" / "verse_cloze.jsonl").read_text().splitlines())
     tasks = downstream.load_tasks([str(task)])
     model, tokenizer = AutoModelForCausalLM.from_pretrained(original), AutoTokenizer.from_pretrained(original)
@@ -239,12 +262,15 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
 
     train, held, original, mqa, _, task = models
     out = tmp_path / "run"
-    recipe = {"model": str(mqa), "output_dir": str(out),
-              "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
-              "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "warmup_steps": 1},
-              "eval": {"every_steps": 2, "max_tokens": 512, "tasks": [str(task)], "tasks_before": True,
-                       "tasks_limit": 8},
-              "save": {"every_steps": 4}, "log": {"every_steps": 1, "tracker": "tensorboard"}}
+    recipe = {
+        "model": str(mqa),
+        "output_dir": str(out),
+        "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
+        "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "warmup_steps": 1},
+        "eval": {"every_steps": 2, "max_tokens": 512, "tasks": [str(task)], "tasks_before": True, "tasks_limit": 8},
+        "save": {"every_steps": 4},
+        "log": {"every_steps": 1, "tracker": "tensorboard"},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     summary = run(load_recipe(tmp_path / "r.yaml"))
     key = "downstream/planted/acc"
@@ -252,8 +278,7 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
     assert 0 <= summary.downstream[key] <= 1 and "planted/acc" in summary.format()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in records if key in r]
-    assert [(r["step"], r[key]) for r in scored] == [(0, summary.downstream_before[key]),
-                                                      (4, summary.downstream[key])]
+    assert [(r["step"], r[key]) for r in scored] == [(0, summary.downstream_before[key]), (4, summary.downstream[key])]
 
     hparams = yaml.safe_load(next(out.rglob("hparams.yml")).read_text())  # the recipe, flat (tracker_config)
     assert hparams["train.lr"] == 1.0e-4 and hparams["eval.tasks"] == json.dumps([str(task)])
@@ -275,8 +300,19 @@ def test_recipe_tasks_run_before_and_after_and_reach_tensorboard(models, tmp_pat
 def test_decode_adds_the_decode_benchmark_to_the_report(models, tmp_path, capsys):
     _, held, original, mqa, _, _ = models
     out = tmp_path / "report"
-    argv = [str(original), str(mqa), "--data", str(held), "--seq-len", "64", "--max-tokens", "512", "--decode",
-            "--out", str(out)]
+    argv = [
+        str(original),
+        str(mqa),
+        "--data",
+        str(held),
+        "--seq-len",
+        "64",
+        "--max-tokens",
+        "512",
+        "--decode",
+        "--out",
+        str(out),
+    ]
     assert evaluate_main(argv) == 0
     report = (out / "report.md").read_text()
     assert "## Decoding (decode_bench)" in report and f"python -m kvshrink.decode_bench {original} {mqa}" in report

@@ -4,10 +4,10 @@ block length), so that the demo's table and the training plot can be compared (t
 
 import torch
 from accelerate import Accelerator
-
 from tiny import make_model
-from uptrain.plot import eval_title, plot_metrics
+
 from uptrain.perplexity import eval_metrics
+from uptrain.plot import eval_title, plot_metrics
 
 
 def test_in_loop_eval_records_the_tokens_it_scored():
@@ -18,8 +18,10 @@ def test_in_loop_eval_records_the_tokens_it_scored():
 
 
 def test_plot_title_says_the_eval_setting(tmp_path):
-    records = [{"step": 0, "tokens": 0, "eval_ppl": 90.0, "eval_tokens": 4080},
-               {"step": 1, "tokens": 1024, "loss": 4.1}]
+    records = [
+        {"step": 0, "tokens": 0, "eval_ppl": 90.0, "eval_tokens": 4080},
+        {"step": 1, "tokens": 1024, "loss": 4.1},
+    ]
     assert eval_title(records, 256) == "eval perplexity\n(4,080 tokens scored in blocks of 256)"
     assert eval_title([{"step": 0, "tokens": 0, "eval_ppl": 90.0}], 256) == "eval perplexity"  # older metrics
     plot_metrics(records, tmp_path / "training.png", 256)

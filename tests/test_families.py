@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny import FAMILIES, HEADS, kv_key, logits, make_model, mha_twin
 from transformers import AutoModelForCausalLM
 
 from convert import ConversionError, convert_checkpoint
-from tiny import FAMILIES, HEADS, kv_key, logits, make_model, mha_twin
 
 DIVISIBLE = list(FAMILIES)  # families whose architecture has any number of KV heads
 
@@ -83,9 +83,9 @@ def test_gpt2_with_equal_kv_heads_becomes_exact_mqa(tmp_path):
     with torch.no_grad():
         for block in gpt2.transformer.h:  # Conv1D (in, out), out = [Q | K | V], each H heads of d
             for part in (1, 2):
-                w = block.attn.c_attn.weight[:, part * e:(part + 1) * e]
+                w = block.attn.c_attn.weight[:, part * e : (part + 1) * e]
                 w.copy_(w[:, :d].repeat(1, HEADS))
-                b = block.attn.c_attn.bias[part * e:(part + 1) * e]
+                b = block.attn.c_attn.bias[part * e : (part + 1) * e]
                 b.copy_(b[:d].repeat(HEADS))
     gpt2.save_pretrained(tmp_path / "src")
     convert_checkpoint(tmp_path / "src", tmp_path / "mqa", kv_heads=1)
@@ -100,8 +100,9 @@ def test_gpt2_hub_names_without_prefix_and_mask_buffers(tmp_path):
 
     gpt2 = make_model("gpt2", HEADS)
     gpt2.save_pretrained(tmp_path / "ref")
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in gpt2.state_dict().items()
-             if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v.contiguous() for k, v in gpt2.state_dict().items() if k != "lm_head.weight"
+    }
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     (tmp_path / "src").mkdir()
     save_file(state, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
@@ -118,6 +119,7 @@ def test_qk_layernorm_variants(family, tmp_path):
         small = make_model("phi", 2, qk_layernorm=True)
         mha = make_model("phi", HEADS, seed=1, qk_layernorm=True)
         from tiny import expand_kv
+
         mha.load_state_dict(expand_kv("phi", small.state_dict(), 2))
     _assert_same_logits(mha, small, "test helper")
     mha.save_pretrained(tmp_path / "src")

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from textlm import make_lm, train_tokenizer, write_corpus
 
 ROOT = Path(__file__).parents[1]
@@ -16,13 +15,45 @@ ROOT = Path(__file__).parents[1]
 def test_tiny_suite_runs_every_step(tmp_path):
     train, held = write_corpus(tmp_path / "text")
     model = make_lm(tmp_path / "tiny-llama", train_tokenizer(train), kv_heads=4)
-    demo = ["--model", str(model), "--eval-text", str(held), "--off-domain-text", str(train), "--max-steps", "2",
-            "--eval-tokens", "512", "--eval-seq-len", "64", "--new-tokens", "3", "--calibration-tokens", "512",
-            "data.seq_len=64", "train.micro_batch_size=4", "train.warmup_steps=1", "eval.max_tokens=256"]
+    demo = [
+        "--model",
+        str(model),
+        "--eval-text",
+        str(held),
+        "--off-domain-text",
+        str(train),
+        "--max-steps",
+        "2",
+        "--eval-tokens",
+        "512",
+        "--eval-seq-len",
+        "64",
+        "--new-tokens",
+        "3",
+        "--calibration-tokens",
+        "512",
+        "data.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.warmup_steps=1",
+        "eval.max_tokens=256",
+    ]
     out = tmp_path / "suite"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--tiny", "--out", str(out),
-                           "--fsdp-steps", "4", "--demo-args", shlex.join(demo)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_suite.py"),
+            "--tiny",
+            "--out",
+            str(out),
+            "--fsdp-steps",
+            "4",
+            "--demo-args",
+            shlex.join(demo),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = (out / "suite.md").read_text()
     assert done.returncode == 0, report[-4000:]
     names = ["throughput", "decode", "decode-static", "demo", "fsdp-half", "fsdp-resume", "fsdp-load"]

@@ -7,6 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
+from textlm import train_tokenizer, write_corpus
+from tiny import FAMILIES, logits, make_model, mha_twin
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint, families, layouts
@@ -14,8 +16,6 @@ from convert.layers import LayerResults, LayerState
 from convert.merge import GROUPINGS, METHODS
 from convert.plan import plan_conversion, read_dims
 from convert.source import open_weights, read_config
-from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, logits, make_model, mha_twin
 
 H, G, D = 4, 2, 2
 
@@ -31,14 +31,17 @@ def rows(*blocks: tuple[int, int]) -> list[int]:
     return [kind * 100 + h * 10 + i for kind, h in blocks for i in range(D)]
 
 
-@pytest.mark.parametrize("layout, kv, expected", [
-    # [Q1 .. QH | K1 .. KG | V1 .. VG]
-    ("contiguous", G, rows((1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (3, 0), (3, 1))),
-    # [q1 .. qg, k1, v1, q(g+1) .. q2g, k2, v2]
-    ("grouped", G, rows((1, 0), (1, 1), (2, 0), (3, 0), (1, 2), (1, 3), (2, 1), (3, 1))),
-    # [q1, k1, v1, q2, k2, v2, ...] (G = H)
-    ("per_head", H, rows(*[(kind, h) for h in range(H) for kind in (1, 2, 3)])),
-])
+@pytest.mark.parametrize(
+    "layout, kv, expected",
+    [
+        # [Q1 .. QH | K1 .. KG | V1 .. VG]
+        ("contiguous", G, rows((1, 0), (1, 1), (1, 2), (1, 3), (2, 0), (2, 1), (3, 0), (3, 1))),
+        # [q1 .. qg, k1, v1, q(g+1) .. q2g, k2, v2]
+        ("grouped", G, rows((1, 0), (1, 1), (2, 0), (3, 0), (1, 2), (1, 3), (2, 1), (3, 1))),
+        # [q1, k1, v1, q2, k2, v2, ...] (G = H)
+        ("per_head", H, rows(*[(kind, h) for h in range(H) for kind in (1, 2, 3)])),
+    ],
+)
 def test_fused_layouts_order_rows_as_documented_and_round_trip(layout, kv, expected):
     q, k, v = labelled(1, H), labelled(2, kv), labelled(3, kv)
     fused = layouts.join(layout, q, k, v)  # (rows, 3)

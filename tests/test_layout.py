@@ -13,8 +13,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = ("kvshrink_base", "convert", "uptrain", "kvshrink")  # lowest first
 MAX_FUNCTION_LINES = 60
@@ -86,7 +84,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     def visit(node: str, path: list[str]) -> None:
         for dep in sorted(graph.get(node, ())):
             if dep in path:
-                found.append(path[path.index(dep):] + [dep])
+                found.append(path[path.index(dep) :] + [dep])
             elif dep not in done:
                 visit(dep, path + [dep])
         done.add(node)
@@ -99,8 +97,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """``module -> dep`` for every import of a package on the same floor or above the importer's."""
     floor = {p: i for i, p in enumerate(FLOORS)}
-    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
-                  if m.split(".")[0] != d.split(".")[0] and floor[d.split(".")[0]] >= floor[m.split(".")[0]])
+    return sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        for d in deps
+        if m.split(".")[0] != d.split(".")[0] and floor[d.split(".")[0]] >= floor[m.split(".")[0]]
+    )
 
 
 def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
@@ -110,13 +112,16 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function():
 
 
 def test_the_graph_counts_imports_inside_functions_and_skips_type_checking():
-    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from uptrain import recipe\n"
-              "def f():\n    from kvshrink import cli\n")
+    source = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from uptrain import recipe\n"
+        "def f():\n    from kvshrink import cli\n"
+    )
     nodes = list(_runtime_nodes(ast.parse(source)))
     names = [a.name for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names]
     assert sorted(names) == ["TYPE_CHECKING", "cli"]
     assert upward_imports({"convert.x": {"uptrain.recipe"}, "uptrain.y": {"convert.x"}}) == [
-        "convert.x -> uptrain.recipe"]
+        "convert.x -> uptrain.recipe"
+    ]
 
 
 def test_packages_stand_in_floors():
@@ -134,8 +139,13 @@ def test_no_import_cycle_between_modules():
 
 def test_the_base_imports_nothing_of_the_project():
     graph = import_graph()
-    assert {d for m, deps in graph.items() if m.startswith(f"{FLOORS[0]}.") or m == FLOORS[0]
-            for d in deps if not d.startswith(FLOORS[0])} == set()
+    assert {
+        d
+        for m, deps in graph.items()
+        if m.startswith(f"{FLOORS[0]}.") or m == FLOORS[0]
+        for d in deps
+        if not d.startswith(FLOORS[0])
+    } == set()
 
 
 def long_functions() -> list[str]:

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from convert import convert_checkpoint
 from textlm import make_lm, train_tokenizer, write_corpus
 from tiny import make_model
+
+from convert import convert_checkpoint
 from uptrain.adapters import add_adapters, set_trainable
 from uptrain.merge import merge
 from uptrain.recipe import Lora, load_recipe
@@ -41,10 +41,20 @@ def setup(tmp_path_factory):
 def lora_recipe(path: Path, setup, model: Path, out: Path, **sections) -> Path:
     train, held, mha, *_ = setup
     recipe = {
-        "model": str(model), "teacher": str(mha), "output_dir": str(out),
+        "model": str(model),
+        "teacher": str(mha),
+        "output_dir": str(out),
         "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
-        "train": {"max_steps": 6, "micro_batch_size": 8, "grad_accum": 2, "lr": 1.0e-2, "min_lr": 1.0e-3,
-                  "warmup_steps": 2, "trainable": "none", "gradient_checkpointing": True},
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 8,
+            "grad_accum": 2,
+            "lr": 1.0e-2,
+            "min_lr": 1.0e-3,
+            "warmup_steps": 2,
+            "trainable": "none",
+            "gradient_checkpointing": True,
+        },
         "lora": {"r": R, "alpha": 8, "dropout": 0.1, "targets": ["q", "k", "v", "o"]},
         "distill": {"weight": 0.5},
         "eval": {"every_steps": 6, "max_tokens": 2048},
@@ -69,8 +79,14 @@ def bf16_run(setup, tmp_path_factory):
 def fp32_run(setup, tmp_path_factory):
     """``trainable: kv`` with adapters on q and o, in float32 (exact ranks and logits)."""
     root = tmp_path_factory.mktemp("fp32run")
-    recipe = lora_recipe(root / "r.yaml", setup, setup[4], root / "out", train={"trainable": "kv"},
-                         lora={"targets": ["q", "o"], "dropout": 0.0})
+    recipe = lora_recipe(
+        root / "r.yaml",
+        setup,
+        setup[4],
+        root / "out",
+        train={"trainable": "kv"},
+        lora={"targets": ["q", "o"], "dropout": 0.0},
+    )
     return root / "out", run(load_recipe(recipe))
 
 
@@ -115,7 +131,7 @@ def test_fully_trained_and_adapted_weights_move_by_their_kind(setup, fp32_run):
         if ".k_proj." in name or ".v_proj." in name:
             assert s[R] > 1e-3 * s[0], name  # a full update, not low rank
         else:
-            assert s[R - 1] > 1e-3 * s[0] and s[R] < 1e-5 * s[0], (name, s[:R + 1])
+            assert s[R - 1] > 1e-3 * s[0] and s[R] < 1e-5 * s[0], (name, s[: R + 1])
     trained = load_file(out / "final-adapter" / "trained.safetensors")
     assert set(trained) == {k for k in moved if ".k_proj." in k or ".v_proj." in k}
 
@@ -134,14 +150,21 @@ def test_merged_final_equals_the_peft_model_and_loads_without_peft(setup, fp32_r
     ids = torch.randint(3, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
-    code = ("import sys, torch; sys.modules['peft'] = None\n"  # any import of peft fails
-            "from transformers import AutoModelForCausalLM\n"
-            f"m = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, dtype=torch.float32).eval()\n"
-            f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
-            "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n")
+    code = (
+        "import sys, torch; sys.modules['peft'] = None\n"  # any import of peft fails
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, dtype=torch.float32).eval()\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad(): torch.save(m(input_ids=ids).logits, sys.argv[1])\n"
+    )
     torch.save(ids, tmp_path / "ids.pt")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "logits.pt")], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "logits.pt")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     merged = torch.load(tmp_path / "logits.pt")
     assert (merged - expected).abs().max() <= 1e-5
@@ -177,8 +200,12 @@ def test_resume_refuses_a_checkpoint_of_other_trained_parameters(setup, bf16_run
 
 # Families whose attention fuses Q, K and V or stores Conv1D weights: the module names read off the model code,
 # not the family table the code under test uses.
-FUSED = {"phi3": ("qkv_proj", "o_proj", "self_attn"), "falcon": ("query_key_value", "dense", "self_attention"),
-         "gpt_bigcode": ("c_attn", "c_proj", "attn"), "gpt2": ("c_attn", "c_proj", "attn")}
+FUSED = {
+    "phi3": ("qkv_proj", "o_proj", "self_attn"),
+    "falcon": ("query_key_value", "dense", "self_attention"),
+    "gpt_bigcode": ("c_attn", "c_proj", "attn"),
+    "gpt2": ("c_attn", "c_proj", "attn"),
+}
 
 
 @pytest.mark.parametrize("family", sorted(FUSED))
@@ -189,8 +216,12 @@ def test_fused_and_conv1d_families_adapt_exactly_their_modules_and_keep_bf16(fam
     qkv, o, attention = FUSED[family]
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     prefix = "transformer.h" if family != "phi3" else "model.layers"
-    expected = {f"base_model.model.{prefix}.{i}.{attention}.{m}.lora_{ab}.default.weight"
-                for i in range(2) for m in (qkv, o) for ab in "AB"}
+    expected = {
+        f"base_model.model.{prefix}.{i}.{attention}.{m}.lora_{ab}.default.weight"
+        for i in range(2)
+        for m in (qkv, o)
+        for ab in "AB"
+    }
     assert names == expected
     assert count == sum(p.numel() for n, p in model.named_parameters() if n in expected)
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -233,8 +264,14 @@ def test_quantized_base_trains_and_merges_into_the_original_bf16_weights(setup, 
     the dequantized weights would change them all)."""
     gqa = tmp_path / "gqa2"  # 32-row K/V projections, like real models
     convert_checkpoint(setup[2], gqa, kv_heads=2, dtype="bfloat16")
-    recipe = lora_recipe(tmp_path / "r.yaml", setup, gqa, tmp_path / "out",
-                         train={"base_quantization": bits, "max_steps": 3}, lora={"targets": ["q", "o"]})
+    recipe = lora_recipe(
+        tmp_path / "r.yaml",
+        setup,
+        gqa,
+        tmp_path / "out",
+        train={"base_quantization": bits, "max_steps": 3},
+        lora={"targets": ["q", "o"]},
+    )
     summary = run(load_recipe(recipe))
     moved = changed(gqa, tmp_path / "out" / "final")
     assert {k.split(".")[-2] for k in moved} == {"q_proj", "o_proj"} and len(moved) == 4
@@ -242,20 +279,29 @@ def test_quantized_base_trains_and_merges_into_the_original_bf16_weights(setup, 
 
 
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "uptrain", *argv], cwd=cwd, capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "uptrain", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("override, says", [
-    ("lora.r=0", "lora.r must be positive"),
-    ("lora.targets=[q,gate]", "'gate' is not a role"),
-    ("lora.targets=[qkv]", "has no qkv module"),
-    ("train.trainable=all", "lora needs train.trainable none or kv"),
-    ("train.trainable=attention", "also trained fully by train.trainable: attention"),
-    ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
-    ("train.base_quantization=3bit", "is not one of none, 4bit, 8bit"),
-    ("lora=null", "train.trainable: none trains nothing without a lora section"),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("lora.r=0", "lora.r must be positive"),
+        ("lora.targets=[q,gate]", "'gate' is not a role"),
+        ("lora.targets=[qkv]", "has no qkv module"),
+        ("train.trainable=all", "lora needs train.trainable none or kv"),
+        ("train.trainable=attention", "also trained fully by train.trainable: attention"),
+        ("lora.dropout=1.5", "lora.dropout must be in [0, 1)"),
+        ("train.base_quantization=3bit", "is not one of none, 4bit, 8bit"),
+        ("lora=null", "train.trainable: none trains nothing without a lora section"),
+    ],
+)
 def test_bad_lora_settings_are_one_line_exit_2_and_create_nothing(setup, tmp_path, override, says):
     recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out")
     done = _cli(str(recipe), override, cwd=tmp_path)
@@ -295,14 +341,18 @@ def test_dry_run_prints_the_plan_term_by_term_and_writes_nothing(setup, tmp_path
 
     model, _, _, count = load_models(recipe, Stand(), str(setup[3]))
     assert count == plan.trainable_parameters
-    frozen = {q.untyped_storage().data_ptr(): q.untyped_storage().nbytes() for q in model.parameters()
-              if not q.requires_grad}
+    frozen = {
+        q.untyped_storage().data_ptr(): q.untyped_storage().nbytes() for q in model.parameters() if not q.requires_grad
+    }
     assert sum(frozen.values()) == plan.frozen
 
     done = _cli(str(recipe_path), "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    rows = {line.rsplit(None, 2)[0].strip(): float(line.rsplit(None, 2)[1]) for line in done.stdout.splitlines()
-            if line.endswith(" GB")}
+    rows = {
+        line.rsplit(None, 2)[0].strip(): float(line.rsplit(None, 2)[1])
+        for line in done.stdout.splitlines()
+        if line.endswith(" GB")
+    }
     assert rows["frozen weights"] == round(plan.frozen / 1e9, 2) and rows["runtime"] == 0.6
     assert not (tmp_path / "out").exists()
 
@@ -312,9 +362,24 @@ def _launch(recipe: Path, *overrides: str, port: int, script: Path | None = None
 
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
     target = [str(script)] if script else ["-m", "uptrain"]
-    return run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                      "--num_processes", "2", "--main_process_port", str(port), *target, str(recipe), *overrides],
-                     env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+    return run_group(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            *target,
+            str(recipe),
+            *overrides,
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -322,10 +387,26 @@ def test_lora_on_two_processes_matches_one_and_resumes_exactly(setup, tmp_path):
     """2 DDP processes x 4 blocks equal 1 process x 4 x accumulation 2 (the same global batch): the same adapters;
     the 2-process run's copy without its last checkpoint resumes on 2 processes to the same adapters again."""
     steps = {"max_steps": 4, "micro_batch_size": 4}
-    two = lora_recipe(tmp_path / "two.yaml", setup, setup[3], tmp_path / "two", train={**steps, "grad_accum": 1},
-                      save={"every_steps": 2}, eval={"every_steps": 4}, lora={"dropout": 0.0})
-    one = lora_recipe(tmp_path / "one.yaml", setup, setup[3], tmp_path / "one", train={**steps, "grad_accum": 2},
-                      save={"every_steps": 4}, eval={"every_steps": 4}, lora={"dropout": 0.0})
+    two = lora_recipe(
+        tmp_path / "two.yaml",
+        setup,
+        setup[3],
+        tmp_path / "two",
+        train={**steps, "grad_accum": 1},
+        save={"every_steps": 2},
+        eval={"every_steps": 4},
+        lora={"dropout": 0.0},
+    )
+    one = lora_recipe(
+        tmp_path / "one.yaml",
+        setup,
+        setup[3],
+        tmp_path / "one",
+        train={**steps, "grad_accum": 2},
+        save={"every_steps": 4},
+        eval={"every_steps": 4},
+        lora={"dropout": 0.0},
+    )
     done = _launch(two, port=29571)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU)" in done.stdout
@@ -362,9 +443,10 @@ def test_a_process_that_never_joins_stops_the_run_with_one_line(setup, tmp_path)
     done = _launch(recipe, "train.collective_timeout_s=10", port=29573, script=script)
     assert done.returncode != 0 and time.monotonic() - started < 200
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert lines == ["error: the processes waited 10 s in a collective that not all of them joined "
-                     "(train.collective_timeout_s): one stopped or stalled; no checkpoint was written yet"], \
-        done.stderr[-3000:]
+    assert lines == [
+        "error: the processes waited 10 s in a collective that not all of them joined "
+        "(train.collective_timeout_s): one stopped or stalled; no checkpoint was written yet"
+    ], done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -376,8 +458,14 @@ def test_the_plans_activations_match_what_autograd_keeps(dtype):
     from uptrain import plan as p
     from uptrain.recipe import Data, Recipe, Train
 
-    config = LlamaConfig(hidden_size=384, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=500)
+    config = LlamaConfig(
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=500,
+    )
     torch.manual_seed(0)
     model = add_adapters(LlamaForCausalLM(config).to(dtype), Lora(r=16)).train()
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
@@ -389,8 +477,10 @@ def test_the_plans_activations_match_what_autograd_keeps(dtype):
         return t
 
     ids = torch.randint(0, 500, (2, 128), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+    ):
         model(input_ids=ids, logits_to_keep=1)
     recipe = Recipe(output_dir="unused", data=Data(train=["unused"], seq_len=128), train=Train(micro_batch_size=2))
     element = 2 if dtype == torch.bfloat16 else 4
@@ -400,12 +490,21 @@ def test_the_plans_activations_match_what_autograd_keeps(dtype):
 
 def test_a_quantized_base_without_bitsandbytes_is_one_line_before_any_work(setup, tmp_path):
     recipe = lora_recipe(tmp_path / "r.yaml", setup, setup[3], tmp_path / "out", train={"base_quantization": "4bit"})
-    code = ("import sys; sys.modules['bitsandbytes'] = None\n"  # as if it were not installed
-            "from uptrain.__main__ import main\nsys.exit(main(sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
-    assert done.returncode == 2 and done.stderr == ("error: train.base_quantization: 4bit needs bitsandbytes: "
-                                                    "pip install 'kvshrink[quant]'\n"), done.stderr
+    code = (
+        "import sys; sys.modules['bitsandbytes'] = None\n"  # as if it were not installed
+        "from uptrain.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(recipe)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr == (
+        "error: train.base_quantization: 4bit needs bitsandbytes: pip install 'kvshrink[quant]'\n"
+    ), done.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -421,8 +520,9 @@ def test_a_4bit_base_keeps_its_gradient_after_an_eval(setup, tmp_path):
 
     def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
         torch.manual_seed(0)
-        model = keep_4bit_trainable(load_model(gqa, quantization_config=quantization("4bit", torch.bfloat16),
-                                               device_map={"": "cpu"}))
+        model = keep_4bit_trainable(
+            load_model(gqa, quantization_config=quantization("4bit", torch.bfloat16), device_map={"": "cpu"})
+        )
         model = add_adapters(model, Lora(r=R, targets=["q", "o"]))
         set_trainable(model, "none", adapters=True)
         with torch.no_grad():

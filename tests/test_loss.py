@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from tiny import make_model
+
 from uptrain.loss import chunkable, chunked_loss, distill_kl, token_losses
 
 
@@ -22,8 +22,16 @@ def full_and_chunked(family: str, w: float, temperature: float, chunk: int):
     grads_full = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
     hidden = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    loss, ce = chunked_loss(hidden, student.get_output_embeddings(), ids, t_out.hidden_states[-1],
-                            teacher.get_output_embeddings(), w, temperature, chunk)
+    loss, ce = chunked_loss(
+        hidden,
+        student.get_output_embeddings(),
+        ids,
+        t_out.hidden_states[-1],
+        teacher.get_output_embeddings(),
+        w,
+        temperature,
+        chunk,
+    )
     loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
     return (full.detach(), ce_full, grads_full), (loss.detach(), ce, grads)

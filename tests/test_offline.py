@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
-from convert import convert_checkpoint
 from textlm import make_lm, train_tokenizer, write_corpus
 from tiny import make_model
+
+from convert import convert_checkpoint
 from uptrain import teacher as t
 from uptrain.recipe import load_recipe
 from uptrain.train import run
@@ -35,14 +35,25 @@ def setup(tmp_path_factory):
 
 def recipe(path: Path, setup, out: Path, **sections) -> Path:
     train, held, mha, mqa = setup
-    raw = {"model": str(mqa), "teacher": str(mha), "output_dir": str(out),
-           "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
-           "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 2, "lr": 3.0e-3, "min_lr": 3.0e-4,
-                     "warmup_steps": 1, "precision": "fp32"},
-           "distill": {"weight": 0.5, "temperature": 2.0, "mode": "offline", "top_k": None,
-                       "logits_dtype": "float32"},
-           "eval": {"every_steps": 4, "max_tokens": 1024}, "save": {"every_steps": 2, "keep_last": 2},
-           "log": {"every_steps": 1}}
+    raw = {
+        "model": str(mqa),
+        "teacher": str(mha),
+        "output_dir": str(out),
+        "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3.0e-3,
+            "min_lr": 3.0e-4,
+            "warmup_steps": 1,
+            "precision": "fp32",
+        },
+        "distill": {"weight": 0.5, "temperature": 2.0, "mode": "offline", "top_k": None, "logits_dtype": "float32"},
+        "eval": {"every_steps": 4, "max_tokens": 1024},
+        "save": {"every_steps": 2, "keep_last": 2},
+        "log": {"every_steps": 1},
+    }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(raw))
@@ -65,8 +76,9 @@ def test_offline_whole_vocabulary_in_float32_equals_online(setup, tmp_path, loss
     as online distillation, through the chunked loss and the full-logits loss, with accumulation."""
     train = {"loss_chunk_tokens": loss_chunk}
     offline = run(load_recipe(recipe(tmp_path / "off.yaml", setup, tmp_path / "off", train=train)))
-    online = run(load_recipe(recipe(tmp_path / "on.yaml", setup, tmp_path / "on", train=train,
-                                    distill={"mode": "online"})))
+    online = run(
+        load_recipe(recipe(tmp_path / "on.yaml", setup, tmp_path / "on", train=train, distill={"mode": "online"}))
+    )
     close(weights(tmp_path / "off"), weights(tmp_path / "on"))
     assert offline.eval_ppl_after == pytest.approx(online.eval_ppl_after, rel=1e-4)
     assert (tmp_path / "off" / "teacher" / t.KEY_FILE).exists() and not (tmp_path / "on" / "teacher").exists()
@@ -93,8 +105,20 @@ def test_the_layer_wise_teacher_pass_equals_the_whole_model(family, tmp_path):
     blocks = torch.randint(3, vocab, (3, 16), generator=torch.Generator().manual_seed(0))
     rows = np.array([5, 1, 7])
     key = t.teacher_key(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 8, 2.0, "float32")
-    t.teacher_pass(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 16, 8, 2.0, "float32",
-                   tmp_path / "files", key, torch.device("cpu"), group=2, progress=False)
+    t.teacher_pass(
+        tmp_path / "teacher",
+        lambda a, b: blocks[a:b],
+        rows,
+        16,
+        8,
+        2.0,
+        "float32",
+        tmp_path / "files",
+        key,
+        torch.device("cpu"),
+        group=2,
+        progress=False,
+    )
     files = t.TeacherFiles(tmp_path / "files", key)
     stored = files.targets(torch.tensor([1, 7, 5]), "cpu")  # rows in another order than written
     expected = _whole_model_log_probs(tmp_path / "teacher", blocks[[1, 2, 0]], 2.0).flatten(0, 1)
@@ -106,8 +130,13 @@ def test_the_layer_wise_teacher_pass_equals_the_whole_model(family, tmp_path):
 
 
 def test_the_key_follows_teacher_data_seq_len_and_k_and_a_new_key_rebuilds(setup, tmp_path):
-    first = recipe(tmp_path / "a.yaml", setup, tmp_path / "out", distill={"top_k": 8, "logits_dtype": "bfloat16"},
-                   train={"max_steps": 1})
+    first = recipe(
+        tmp_path / "a.yaml",
+        setup,
+        tmp_path / "out",
+        distill={"top_k": 8, "logits_dtype": "bfloat16"},
+        train={"max_steps": 1},
+    )
     run(load_recipe(first))
     directory = tmp_path / "out" / "teacher"
     key = json.loads((directory / t.KEY_FILE).read_text())["key"]
@@ -115,8 +144,12 @@ def test_the_key_follows_teacher_data_seq_len_and_k_and_a_new_key_rebuilds(setup
     shutil.rmtree(tmp_path / "out" / "final")
     run(load_recipe(first))  # resumes the finished run: the files are read again, not recomputed
     assert (directory / "logprobs.npy").stat().st_mtime_ns == stamp  # the same key: reused, not recomputed
-    changes = {"distill.top_k=4": "k", "data.seq_len=32": "seq_len", "train.seed=3": "data order",
-               "distill.temperature=1.0": "temperature"}
+    changes = {
+        "distill.top_k=4": "k",
+        "data.seq_len=32": "seq_len",
+        "train.seed=3": "data order",
+        "distill.temperature=1.0": "temperature",
+    }
     seen = {key}
     for override in changes:
         out = tmp_path / override.replace("=", "-")
@@ -129,6 +162,7 @@ def test_the_key_follows_teacher_data_seq_len_and_k_and_a_new_key_rebuilds(setup
         state = load_file(other / "model.safetensors")
         state["model.norm.weight"] += 0.5
         from safetensors.torch import save_file
+
         save_file(state, other / "model.safetensors", metadata={"format": "pt"})
     for done in ("checkpoints", "final"):
         shutil.rmtree(tmp_path / "out" / done)
@@ -139,13 +173,19 @@ def test_the_key_follows_teacher_data_seq_len_and_k_and_a_new_key_rebuilds(setup
 
 def test_resuming_against_teacher_files_of_another_key_is_one_line(setup, tmp_path):
     out = tmp_path / "out"
-    first = recipe(tmp_path / "a.yaml", setup, out, distill={"top_k": 8}, train={"max_steps": 4},
-                   save={"every_steps": 2})
+    first = recipe(
+        tmp_path / "a.yaml", setup, out, distill={"top_k": 8}, train={"max_steps": 4}, save={"every_steps": 2}
+    )
     run(load_recipe(first))
     shutil.rmtree(out / "final")
     shutil.rmtree(out / "checkpoints" / "step-4")
-    done = subprocess.run([sys.executable, "-m", "uptrain", str(first), "distill.top_k=4"], capture_output=True,
-                          text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "uptrain", str(first), "distill.top_k=4"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "was trained against other teacher files" in done.stderr
     assert (out / "checkpoints" / "step-2").exists()  # nothing of the run lost
@@ -163,8 +203,13 @@ def test_damaged_teacher_files_are_one_line(setup, tmp_path, damage):
         path.write_bytes(path.read_bytes()[:-100])
     else:
         np.save(out / "teacher" / "rows.npy", np.arange(3))  # the rows of another pass
-    done = subprocess.run([sys.executable, "-m", "uptrain", str(first)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "uptrain", str(first)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "teacher files" in done.stderr and "remove" in done.stderr
     assert (out / "checkpoints" / "step-2").exists()
@@ -174,8 +219,13 @@ def test_a_teacher_with_another_vocabulary_is_one_line_before_any_work(setup, tm
     other = tmp_path / "other"
     make_model("llama", kv_heads=4, vocab_size=77).save_pretrained(other)
     path = recipe(tmp_path / "a.yaml", setup, tmp_path / "out")
-    done = subprocess.run([sys.executable, "-m", "uptrain", str(path), f"teacher={other}"], capture_output=True,
-                          text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "uptrain", str(path), f"teacher={other}"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "vocabulary (77)" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
 
@@ -211,14 +261,19 @@ def test_sigkill_mid_training_resumes_on_the_same_files_to_the_same_lora_weights
     import signal
     import time
 
-    lora = {"train": {"max_steps": 6, "trainable": "none"}, "lora": {"r": 4, "targets": ["q", "o"]},
-            "distill": {"top_k": 16}, "save": {"every_steps": 2, "keep_last": 3}}
+    lora = {
+        "train": {"max_steps": 6, "trainable": "none"},
+        "lora": {"r": 4, "targets": ["q", "o"]},
+        "distill": {"top_k": 16},
+        "save": {"every_steps": 2, "keep_last": 3},
+    }
     straight = recipe(tmp_path / "s.yaml", setup, tmp_path / "straight", **lora)
     run(load_recipe(straight))
     killed = recipe(tmp_path / "k.yaml", setup, tmp_path / "killed", **lora)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLABLE, str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "checkpoints" / "step-2" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before step 2"
@@ -226,8 +281,9 @@ def test_sigkill_mid_training_resumes_on_the_same_files_to_the_same_lora_weights
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stamp = (tmp_path / "killed" / "teacher" / "logprobs.npy").stat().st_mtime_ns
-    done = subprocess.run([sys.executable, "-m", "uptrain", str(killed)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "uptrain", str(killed)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and "resuming from step-" in done.stdout, done.stderr[-2000:]
     assert (tmp_path / "killed" / "teacher" / "logprobs.npy").stat().st_mtime_ns == stamp
     name = "final-adapter/adapter_model.safetensors"
@@ -244,9 +300,24 @@ def test_offline_on_two_processes_equals_one_with_accumulation(setup, tmp_path):
     two = recipe(tmp_path / "two.yaml", setup, tmp_path / "two", train={"grad_accum": 1})
     one = recipe(tmp_path / "one.yaml", setup, tmp_path / "one")
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
-    done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                      "--num_processes", "2", "--main_process_port", "29581", "-m", "uptrain", str(two)],
-                     env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+    done = run_group(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "29581",
+            "-m",
+            "uptrain",
+            str(two),
+        ],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
     assert done.returncode == 0 and "2 process(es) (MULTI_CPU)" in done.stdout, done.stderr[-3000:]
     run(load_recipe(one))
     close(weights(tmp_path / "two"), weights(tmp_path / "one"))
@@ -262,8 +333,19 @@ def test_stored_targets_are_distributions_and_the_gradient_sums_to_zero(tmp_path
     blocks = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     rows = np.array([0, 1])
     key = t.teacher_key(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 8, 1.0, "bfloat16")
-    t.teacher_pass(tmp_path / "teacher", lambda a, b: blocks[a:b], rows, 16, 8, 1.0, "bfloat16",
-                   tmp_path / "files", key, torch.device("cpu"), progress=False)
+    t.teacher_pass(
+        tmp_path / "teacher",
+        lambda a, b: blocks[a:b],
+        rows,
+        16,
+        8,
+        1.0,
+        "bfloat16",
+        tmp_path / "files",
+        key,
+        torch.device("cpu"),
+        progress=False,
+    )
     stored = t.TeacherFiles(tmp_path / "files", key).targets(torch.tensor([0, 1]), "cpu")
     total = torch.logaddexp(stored.logprobs.logsumexp(-1), stored.tail)
     assert total.abs().max() <= 1e-6

@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from textlm import train_tokenizer, write_corpus
+from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
 from convert.cli import main
-from kvshrink_base.device import pick_device
 from convert.onload import LayerLoader
 from convert.walk import Walk
-from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, save_tiny
+from kvshrink_base.device import pick_device
 
 TOKENS, SEQ = 256, 32
 ALL_FAMILIES = [*FAMILIES, "gpt2", "gpt_bigcode"]
@@ -62,8 +62,15 @@ def _convert(src: Path, out: Path, train: Path, monkeypatch, loader=None, **opti
         patch.setattr(calibrate, "rewrite", spy)
         if loader is not None:
             patch.setattr(calibrate, "LayerLoader", loader)
-        convert_checkpoint(src, out, kv_heads=_kv(src.name.split("-")[0]), calibration_data=[str(train)],
-                           calibration_tokens=TOKENS, calibration_seq_len=SEQ, **options)
+        convert_checkpoint(
+            src,
+            out,
+            kv_heads=_kv(src.name.split("-")[0]),
+            calibration_data=[str(train)],
+            calibration_tokens=TOKENS,
+            calibration_seq_len=SEQ,
+            **options,
+        )
     return load_file(out / "model.safetensors"), [moments[n] for n in sorted(moments)]
 
 
@@ -189,8 +196,9 @@ def test_bad_input_of_the_calibrated_path_is_one_line(case, corpus, tmp_path, ca
         text.write_text("a")
     else:
         extra = ["--device", "cuda:9" if case == "absent device" else "gpu"]
-    code, errors = _run([src, tmp_path / "out", "--kv-heads", "2", "--recommended", "--calibration-data", text,
-                         *extra], capsys)
+    code, errors = _run(
+        [src, tmp_path / "out", "--kv-heads", "2", "--recommended", "--calibration-data", text, *extra], capsys
+    )
     assert code == 2 and len(errors) == 1, errors
     assert not [p for p in tmp_path.iterdir() if p.name not in ("src", "empty.txt", "short.txt")]
 
@@ -198,9 +206,27 @@ def test_bad_input_of_the_calibrated_path_is_one_line(case, corpus, tmp_path, ca
 def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpus, tmp_path, capsys):
     train, _ = corpus
     src = _source("llama", corpus, tmp_path / "src")
-    assert main([str(src), str(tmp_path / "out"), "--kv-heads", "2", "--recommended", "--dry-run",
-                 "--calibration-data", str(train), "--calibration-tokens", "256", "--calibration-seq-len", "32",
-                 "--local-steps", "3"]) == 0
+    assert (
+        main(
+            [
+                str(src),
+                str(tmp_path / "out"),
+                "--kv-heads",
+                "2",
+                "--recommended",
+                "--dry-run",
+                "--calibration-data",
+                str(train),
+                "--calibration-tokens",
+                "256",
+                "--calibration-seq-len",
+                "32",
+                "--local-steps",
+                "3",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if "calibration peak" in line)
     assert "GB on cpu (float32): the larger of the start" in line and "and the walk: one layer" in line
@@ -212,30 +238,57 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
 
     options = ConvertOptions.recommended(2, on_cpu=True, calibration_data=[str(train)], local_steps=3)
     plan = _prepare(str(src), tmp_path / "x", options, False, True).plan
-    loader = LayerLoader(src, open_weights(src), [plan.layers.source_names[a] for a in plan.layers.anchors],
-                         pick_device("cpu"), torch.float32, materialize=False)
+    loader = LayerLoader(
+        src,
+        open_weights(src),
+        [plan.layers.source_names[a] for a in plan.layers.anchors],
+        pick_device("cpu"),
+        torch.float32,
+        materialize=False,
+    )
     memory = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"))
     attention = 4 * 64 * 64  # Q, K, V and O, each 64 x 64
     layer = attention + 3 * 64 * 96 + 2 * 64
     assert memory.layer == 4 * layer and memory.read == 4 * layer  # float32 run, float32 checkpoint, nothing fused
     assert memory.fit == 24 * attention
     assert memory.hidden == 256 * 64 * 4 and memory.copies == 2 + 2 + 1 and memory.block == 32 * 64 * 4
-    assert memory.moments == 2 * 65 ** 2 * 8
-    assert memory.local == 16 * attention + 16 * (8 * 32 * 64 + 8 * 32 ** 2)
+    assert memory.moments == 2 * 65**2 * 8
+    assert memory.local == 16 * attention + 16 * (8 * 32 * 64 + 8 * 32**2)
     assert memory.sampling == 0 and memory.on_device
-    assert memory.total == max(memory.resident + memory.hidden, memory.layer + 5 * memory.hidden + memory.local
-                               + memory.read + memory.moments + memory.fit)
-    sampled = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3),
-                              pick_device("cpu"), sampled=True)
+    assert memory.total == max(
+        memory.resident + memory.hidden,
+        memory.layer + 5 * memory.hidden + memory.local + memory.read + memory.moments + memory.fit,
+    )
+    sampled = memory_estimate(
+        loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"), sampled=True
+    )
     model = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
     assert sampled.sampling == int(model * 4 * 1.2)
     assert memory.advice(10**12, 10**12) is None
     advice = memory.advice(memory.total - memory.hidden, 10**12)
     assert "--calibration-tokens" in advice and "exceeds this machine" in advice
     assert not (tmp_path / "out").exists()
-    assert main([str(src), str(tmp_path / "out"), "--kv-heads", "2", "--recommended", "--calibration-data",
-                 str(train), "--calibration-tokens", "256", "--calibration-seq-len", "32", "--local-steps", "3",
-                 "--no-refit-o"]) == 0
+    assert (
+        main(
+            [
+                str(src),
+                str(tmp_path / "out"),
+                "--kv-heads",
+                "2",
+                "--recommended",
+                "--calibration-data",
+                str(train),
+                "--calibration-tokens",
+                "256",
+                "--calibration-seq-len",
+                "32",
+                "--local-steps",
+                "3",
+                "--no-refit-o",
+            ]
+        )
+        == 0
+    )
     import json
 
     report = json.loads((tmp_path / "out" / "conversion.json").read_text())
@@ -247,8 +300,23 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
 def test_without_text_calibration_samples_from_the_source(corpus, tmp_path, capsys):
     """No --calibration-data: text is drawn from the source itself; nothing of it remains beside the output."""
     src = _source("llama", corpus, tmp_path / "src")
-    assert main([str(src), str(tmp_path / "out"), "--kv-heads", "2", "--method", "aware",
-                 "--calibration-tokens", "128", "--calibration-seq-len", "32"]) == 0
+    assert (
+        main(
+            [
+                str(src),
+                str(tmp_path / "out"),
+                "--kv-heads",
+                "2",
+                "--method",
+                "aware",
+                "--calibration-tokens",
+                "128",
+                "--calibration-seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )
     import json
 
     calibration = json.loads((tmp_path / "out" / "conversion.json").read_text())["calibration"]

@@ -7,10 +7,10 @@ import errno
 
 import pytest
 import yaml
+from tiny import make_model
 
 from convert import engine
 from convert.cli import main as convert_main
-from tiny import make_model
 from uptrain.__main__ import main as uptrain_main
 
 
@@ -27,9 +27,14 @@ def one_line(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "No space left on device"),
-                                         (errno.EROFS, "Read-only file system"),
-                                         (errno.EACCES, "Permission denied")])
+@pytest.mark.parametrize(
+    "code, cause",
+    [
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EROFS, "Read-only file system"),
+        (errno.EACCES, "Permission denied"),
+    ],
+)
 def test_a_failing_write_is_one_line_and_leaves_nothing(source, tmp_path, capsys, monkeypatch, code, cause):
     def failing_write(path, *args, **kwargs):
         raise OSError(code, cause, str(path))
@@ -56,8 +61,11 @@ def test_uptrain_output_that_cannot_be_a_directory(source, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"model": str(source), "output_dir": str(blocker / "run"),
-                                      "data": {"train": [str(recipe)], "seq_len": 16}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model": str(source), "output_dir": str(blocker / "run"), "data": {"train": [str(recipe)], "seq_len": 16}}
+        )
+    )
     assert uptrain_main([str(recipe)]) == 2
     line = one_line(capsys)
     assert line.startswith(f"error: output_dir {blocker / 'run'}") and "is a file" in line  # refused before any write

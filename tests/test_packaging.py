@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).parents[1]
 # The venv sees the system site-packages (torch and the rest), where the suite's own editable install of this
 # project also lives; its import hook is switched off so that only the wheel installed in the venv can answer.
-NO_EDITABLE = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+NO_EDITABLE = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
+)
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
 
 
@@ -24,55 +26,109 @@ def venv(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     # What `pip install .` does, offline: build the wheel (with this interpreter's setuptools; the venv's own
     # may be too old), install it; torch and the rest come from the system site-packages.
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                            "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(ROOT)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("kvshrink-*.whl"))
-    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed", "--disable-pip-version-check",
-                           str(wheel)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--ignore-installed",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return venv
 
 
 def run_in(venv: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
     """``code`` run by the venv's python in ``cwd``, with the editable install's import hook switched off."""
-    return subprocess.run([str(venv / "bin" / "python"), "-c", NO_EDITABLE + code], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-c", NO_EDITABLE + code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def test_non_editable_install_finds_the_demo_recipe_from_anywhere(venv, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    probe = ("import kvshrink.demo.demo as d, yaml; print(d.RECIPE); "
-             "print(yaml.safe_load(d.RECIPE.read_text())['train']['trainable'])")
+    probe = (
+        "import kvshrink.demo.demo as d, yaml; print(d.RECIPE); "
+        "print(yaml.safe_load(d.RECIPE.read_text())['train']['trainable'])"
+    )
     found = run_in(venv, probe, elsewhere)
     assert found.returncode == 0, found.stderr[-2000:]
     recipe, trainable = found.stdout.split()
-    assert Path(recipe).is_relative_to(venv) and Path(recipe).read_text() == (ROOT / "recipes" / Path(recipe).name).read_text()
+    assert (
+        Path(recipe).is_relative_to(venv)
+        and Path(recipe).read_text() == (ROOT / "recipes" / Path(recipe).name).read_text()
+    )
     assert trainable == "attention"
     fsdp = venv.glob("lib/python*/site-packages/kvshrink_recipes/accelerate/fsdp.yaml")
     assert next(fsdp).read_text() == (ROOT / "recipes" / "accelerate" / "fsdp.yaml").read_text()
-    template = run_in(venv, "import importlib.resources as r, kvshrink.demo; "
-                            "print(r.files(kvshrink.demo) / 'verse_cloze.yaml')", elsewhere)
+    template = run_in(
+        venv,
+        "import importlib.resources as r, kvshrink.demo; print(r.files(kvshrink.demo) / 'verse_cloze.yaml')",
+        elsewhere,
+    )
     shipped = Path(template.stdout.strip())  # the verse cloze task's template (kvshrink.demo.cloze)
-    assert shipped.is_relative_to(venv) and shipped.read_text() == (ROOT / "kvshrink" / "demo" / "verse_cloze.yaml").read_text()
-    helped = run_in(venv, "import runpy, sys; sys.argv[1:] = ['--help']; "
-                          "runpy.run_module('kvshrink.demo', run_name='__main__')", elsewhere)
+    assert (
+        shipped.is_relative_to(venv)
+        and shipped.read_text() == (ROOT / "kvshrink" / "demo" / "verse_cloze.yaml").read_text()
+    )
+    helped = run_in(
+        venv,
+        "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('kvshrink.demo', run_name='__main__')",
+        elsewhere,
+    )
     assert helped.returncode == 0 and "usage" in helped.stdout
 
 
 def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(venv, tmp_path):
-    probe = ("import importlib.util as u, kvshrink.demo.cloze, kvshrink.decode_bench.cli, uptrain.decoding.mha_twin; "
-             "print(kvshrink.decode_bench.cli.__file__); print(kvshrink.demo.cloze.__file__); "
-             "print(u.find_spec('kvshrink_demo'), u.find_spec('decode_bench'))")
+    probe = (
+        "import importlib.util as u, kvshrink.demo.cloze, kvshrink.decode_bench.cli, uptrain.decoding.mha_twin; "
+        "print(kvshrink.decode_bench.cli.__file__); print(kvshrink.demo.cloze.__file__); "
+        "print(u.find_spec('kvshrink_demo'), u.find_spec('decode_bench'))"
+    )
     found = run_in(venv, probe, tmp_path)
     assert found.returncode == 0, found.stderr[-2000:]
     decode_bench, cloze, old = found.stdout.splitlines()
     assert Path(decode_bench).is_relative_to(venv) and Path(cloze).is_relative_to(venv)
     assert old == "None None"  # no shims: the old top-level names are gone
-    helped = run_in(venv, "import runpy, sys; sys.argv[1:] = ['--help']; "
-                          "runpy.run_module('kvshrink.decode_bench', run_name='__main__')", tmp_path)
+    helped = run_in(
+        venv,
+        "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('kvshrink.decode_bench', run_name='__main__')",
+        tmp_path,
+    )
     assert helped.returncode == 0 and "usage: python -m kvshrink.decode_bench" in helped.stdout
 
 
@@ -81,9 +137,12 @@ def kvshrink_script(venv: Path, args: list[str], cwd: Path) -> subprocess.Comple
     editable install's hook can be switched off first)."""
     script = venv / "bin" / "kvshrink"
     assert script.is_file(), "pip install . made no kvshrink console script"
-    return run_in(venv, f"import runpy, kvshrink.cli; assert kvshrink.cli.__file__.startswith({str(venv)!r}); "
-                        f"sys.argv[:] = {[str(script), *args]!r}; runpy.run_path({str(script)!r}, run_name='__main__')",
-                  cwd)
+    return run_in(
+        venv,
+        f"import runpy, kvshrink.cli; assert kvshrink.cli.__file__.startswith({str(venv)!r}); "
+        f"sys.argv[:] = {[str(script), *args]!r}; runpy.run_path({str(script)!r}, run_name='__main__')",
+        cwd,
+    )
 
 
 def test_the_console_script_runs_each_subcommand_help(venv, tmp_path):

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture is shared)
 
 import uptrain.train as train_module
-from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture is shared)
 from kvshrink_base.errors import KvshrinkError
 from uptrain.__main__ import main
 from uptrain.evaluate import main as evaluate_main
@@ -97,22 +97,34 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
         load_recipe(_write(tmp_path, BASE + "modle: x\n"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("train: {lr: fast}\n", "train.lr: expected float"),
-    ("train: {micro_batch_size: 2.5}\n", "train.micro_batch_size: expected int"),
-    ("train: {precision: fp8}\n", "train.precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
-    ("train: {max_tokens: 1000}\n", "exactly one of train.max_steps or train.max_tokens"),
-    ("distill: {weight: 0.5}\n", "needs a teacher"),
-    ("train: {lr: 1.0e-5, min_lr: 1.0e-4}\n", "is above train.lr"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {lr: fast}\n", "train.lr: expected float"),
+        ("train: {micro_batch_size: 2.5}\n", "train.micro_batch_size: expected int"),
+        ("train: {precision: fp8}\n", "train.precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
+        ("train: {max_tokens: 1000}\n", "exactly one of train.max_steps or train.max_tokens"),
+        ("distill: {weight: 0.5}\n", "needs a teacher"),
+        ("train: {lr: 1.0e-5, min_lr: 1.0e-4}\n", "is above train.lr"),
+    ],
+)
 def test_bad_values(tmp_path, text, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_write(tmp_path, BASE + text))
 
 
 def test_overrides(tmp_path):
-    recipe = load_recipe(_write(tmp_path, BASE), ["train.lr=2e-4", "data.seq_len=128", "train.max_steps=null",
-                                                   "train.max_tokens=5000", "teacher=t", "distill.weight=0.5"])
+    recipe = load_recipe(
+        _write(tmp_path, BASE),
+        [
+            "train.lr=2e-4",
+            "data.seq_len=128",
+            "train.max_steps=null",
+            "train.max_tokens=5000",
+            "teacher=t",
+            "distill.weight=0.5",
+        ],
+    )
     assert recipe.train.lr == 2e-4 and recipe.data.seq_len == 128 and recipe.train.max_tokens == 5000
     with pytest.raises(RecipeError, match="not key=value"):
         load_recipe(_write(tmp_path, BASE), ["train.lr"])
@@ -126,12 +138,15 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: recipe") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(data={"train": ["/nonexistent/train.txt"]}), "data file /nonexistent/train.txt does not exist"),
-    (dict(data={"seq_len": 4096}), "data.seq_len 4096 is beyond the model's 128 positions"),
-    (dict(data={"seq_len": 100, "eval": ["EMPTY"]}), "data file .*empty.txt is empty"),
-    (dict(data={"seq_len": 100, "eval": ["SHORT"]}), "the eval data gives no block of 100 tokens"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(data={"train": ["/nonexistent/train.txt"]}), "data file /nonexistent/train.txt does not exist"),
+        (dict(data={"seq_len": 4096}), "data.seq_len 4096 is beyond the model's 128 positions"),
+        (dict(data={"seq_len": 100, "eval": ["EMPTY"]}), "data file .*empty.txt is empty"),
+        (dict(data={"seq_len": 100, "eval": ["SHORT"]}), "the eval data gives no block of 100 tokens"),
+    ],
+)
 def test_bad_input_before_training(setup, tmp_path, change, message):  # noqa: F811
     if change["data"].get("eval") == ["EMPTY"]:
         (tmp_path / "empty.txt").write_text("")
@@ -149,8 +164,7 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):  # noqa: F
     from textlm import make_lm, train_tokenizer
 
     other = make_lm(tmp_path / "other", train_tokenizer(setup[0], vocab_size=300))
-    recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", teacher=str(other),
-                          distill={"weight": 0.5})
+    recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", teacher=str(other), distill={"weight": 0.5})
     with pytest.raises(RecipeError, match="teacher's vocabulary"):
         run(load_recipe(recipe))
 
@@ -171,10 +185,19 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypat
         return result * math.nan if chunk == 0 else (result[0] * math.nan, result[1])
 
     monkeypatch.setattr(train_module, name, poisoned)
-    recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", eval={"every_steps": 100},
-                          save={"every_steps": 5, "keep_last": 2}, train={"loss_chunk_tokens": chunk})
-    with pytest.raises(TrainingError, match=r"loss became nan at step 13; stopped before the update; "
-                                            r"the last good checkpoint is .*step-10"):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        setup,
+        tmp_path / "out",
+        eval={"every_steps": 100},
+        save={"every_steps": 5, "keep_last": 2},
+        train={"loss_chunk_tokens": chunk},
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"loss became nan at step 13; stopped before the update; "
+        r"the last good checkpoint is .*step-10",
+    ):
         run(load_recipe(recipe))
     assert not (tmp_path / "out" / "final").exists()
 

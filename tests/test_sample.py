@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from textlm import make_lm, train_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from textlm import make_lm, train_tokenizer, write_corpus
 from kvshrink_base.sample import MIN_TOKENS, Sampling, SamplingError, batch_rows, draw, samples
 from uptrain.sample.cli import main
 
@@ -41,8 +41,12 @@ def test_writes_at_least_the_tokens_asked_for_as_jsonl_documents_reproducibly(lm
     again = tmp_path / "b.jsonl"
     main([str(lm), str(again), "--tokens", "300", "--batch-size", "4", "--length", "40"])
     assert again.read_bytes() == out.read_bytes()
-    assert main([str(lm), str(out), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1",
-                 "--overwrite"]) == 0
+    assert (
+        main(
+            [str(lm), str(out), "--tokens", "300", "--batch-size", "4", "--length", "40", "--seed", "1", "--overwrite"]
+        )
+        == 0
+    )
     assert out.read_bytes() != again.read_bytes()  # replaced, by another seed's samples
 
 
@@ -77,8 +81,7 @@ def test_samples_follow_the_model_distribution_at_the_temperature_without_trunca
     a, b = [t for t in range(10) if t != eos][:2]
     model = _planted(lm, {a: 0.8, b: 0.2})
     for temperature, expected in [(1.0, 0.8), (0.5, 0.8**2 / (0.8**2 + 0.2**2))]:  # softmax(log p / T)
-        rows = list(samples(model, tokenizer, Sampling(tokens=4000, batch_size=8, length=500,
-                                                          temperature=temperature)))
+        rows = list(samples(model, tokenizer, Sampling(tokens=4000, batch_size=8, length=500, temperature=temperature)))
         drawn = torch.tensor([t for r in rows for t in r])
         assert set(drawn.tolist()) == {a, b}
         assert abs((drawn == a).float().mean().item() - expected) < 0.03  # stderr about 0.006
@@ -86,8 +89,16 @@ def test_samples_follow_the_model_distribution_at_the_temperature_without_trunca
     # uniform over 100 tokens: no top-k (transformers' default is 50) or top-p cuts the tail, not even where the
     # model's generation_config.json asks for them (generate() fills what it is not given from there)
     uniform = _planted(lm, {t: 0.01 for t in range(101) if t != eos})
-    uniform.generation_config.update(top_k=5, top_p=0.5, min_p=0.5, typical_p=0.5, repetition_penalty=3.0,
-                                     no_repeat_ngram_size=1, epsilon_cutoff=0.5, eta_cutoff=0.5)
+    uniform.generation_config.update(
+        top_k=5,
+        top_p=0.5,
+        min_p=0.5,
+        typical_p=0.5,
+        repetition_penalty=3.0,
+        no_repeat_ngram_size=1,
+        epsilon_cutoff=0.5,
+        eta_cutoff=0.5,
+    )
     rows = list(samples(uniform, tokenizer, Sampling(tokens=2000, batch_size=4, length=500)))
     assert len({t for r in rows for t in r}) == 100
 
@@ -115,22 +126,27 @@ def test_samples_are_training_data(lm, tmp_path):
     out = tmp_path / "s.jsonl"
     main([str(lm), str(out), "--tokens", "600", "--batch-size", "8", "--length", "64"])
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {lm}\noutput_dir: {tmp_path / 'run'}\n"
-                      f"data: {{train: [{out}], eval: [{out}], seq_len: 32}}\n")
+    recipe.write_text(
+        f"model: {lm}\noutput_dir: {tmp_path / 'run'}\ndata: {{train: [{out}], eval: [{out}], seq_len: 32}}\n"
+    )
     train, _ = build_datasets(load_recipe(recipe), AutoTokenizer.from_pretrained(lm))
     # documents joined with EOS and cut into 32-token blocks: every sampled token but the last remainder
-    tokens = sum(len(AutoTokenizer.from_pretrained(lm)(d, add_special_tokens=False)["input_ids"]) + 1
-                 for d in _documents(out))
+    tokens = sum(
+        len(AutoTokenizer.from_pretrained(lm)(d, add_special_tokens=False)["input_ids"]) + 1 for d in _documents(out)
+    )
     assert len(train) == tokens // 32
 
 
-@pytest.mark.parametrize("args, message", [
-    (["OUT.txt"], "give a .jsonl file name"),
-    (["missing/x.jsonl"], "does not exist"),
-    (["x.jsonl", "--tokens", "0"], "must be a positive integer"),
-    (["x.jsonl", "--temperature", "0"], "--temperature must be above 0"),
-    (["kept.jsonl"], "exists; give --overwrite"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["OUT.txt"], "give a .jsonl file name"),
+        (["missing/x.jsonl"], "does not exist"),
+        (["x.jsonl", "--tokens", "0"], "must be a positive integer"),
+        (["x.jsonl", "--temperature", "0"], "--temperature must be above 0"),
+        (["kept.jsonl"], "exists; give --overwrite"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(lm, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept.jsonl").write_text("the user's")
@@ -150,7 +166,6 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nothing"), str(tmp_path / "x.jsonl"), "--tokens", "10"]) == 2
     assert "nothing: no such directory" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
-
 
 
 def test_samples_that_end_leave_the_batch_and_the_cache_without_changing_the_others(lm, monkeypatch):
@@ -186,7 +201,9 @@ def test_samples_that_end_leave_the_batch_and_the_cache_without_changing_the_oth
 
 def test_the_sampler_loads_nothing_of_the_converter_or_the_uptrainer():
     """The sampler is in the base (the converter calibrates on its text): importing it loads no command."""
-    code = ("import sys, kvshrink_base.sample; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('convert', 'uptrain', 'kvshrink')))")
+    code = (
+        "import sys, kvshrink_base.sample; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('convert', 'uptrain', 'kvshrink')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from textlm import make_lm, train_tokenizer, write_corpus
+from tiny import logits, mha_twin
 from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
@@ -12,8 +14,6 @@ from convert.calibrate import read_text, token_blocks
 from convert.errors import ConversionError
 from convert.options import ConvertOptions
 from convert.walk import Walk
-from textlm import make_lm, train_tokenizer, write_corpus
-from tiny import logits, mha_twin
 
 TOKENS, SEQ = 1024, 64
 
@@ -53,6 +53,7 @@ def whole_model_moments(path: Path, blocks: torch.Tensor) -> list[torch.Tensor]:
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
             moments[layer] = x.T @ x if moments[layer] is None else moments[layer] + x.T @ x
+
         return add
 
     for n, decoder in enumerate(model.model.layers):
@@ -66,8 +67,9 @@ def whole_model_moments(path: Path, blocks: torch.Tensor) -> list[torch.Tensor]:
 def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path, monkeypatch):
     train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
-    options = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=TOKENS,
-                   calibration_seq_len=SEQ)
+    options = dict(
+        kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=TOKENS, calibration_seq_len=SEQ
+    )
     work = tmp_path / "work"
     work.mkdir()
     sequential = _moments(src, work, monkeypatch, calibration_order="sequential", **options)
@@ -86,11 +88,21 @@ def test_each_layer_is_calibrated_on_the_converted_layers_below(corpus, tmp_path
     assert _relative(sequential[1], converted[1]) < 1e-6  # measured: 0.0 (and 0.117 from the original's)
 
 
-@pytest.mark.parametrize("family, refit_o, local_steps, tolerance", [
-    *((f, False, 0, 1e-4) for f in ("llama", "qwen2", "phi3", "falcon", "cohere", "olmo2", "stablelm")),
-    ("llama", True, 0, 1e-3), ("phi3", True, 0, 1e-3), ("llama", True, 5, 1e-3), ("phi3", False, 5, 1e-3),
-    ("falcon", True, 5, 1e-3), ("cohere", True, 5, 1e-3), ("olmo2", True, 5, 1e-3), ("stablelm", True, 5, 3e-3),
-    ("gpt_bigcode", True, 5, 1e-3)])
+@pytest.mark.parametrize(
+    "family, refit_o, local_steps, tolerance",
+    [
+        *((f, False, 0, 1e-4) for f in ("llama", "qwen2", "phi3", "falcon", "cohere", "olmo2", "stablelm")),
+        ("llama", True, 0, 1e-3),
+        ("phi3", True, 0, 1e-3),
+        ("llama", True, 5, 1e-3),
+        ("phi3", False, 5, 1e-3),
+        ("falcon", True, 5, 1e-3),
+        ("cohere", True, 5, 1e-3),
+        ("olmo2", True, 5, 1e-3),
+        ("stablelm", True, 5, 3e-3),
+        ("gpt_bigcode", True, 5, 1e-3),
+    ],
+)
 def test_sequential_keeps_exact_conversions_exact(family, refit_o, local_steps, tolerance, corpus, tmp_path):
     """Sequential calibration, the O refit and the local refinement on top of it keep a conversion that should be
     exact exact (Adam steps near a zero loss wander; the refinement keeps them only where the error falls). The O
@@ -101,9 +113,18 @@ def test_sequential_keeps_exact_conversions_exact(family, refit_o, local_steps, 
     small, mha = mha_twin(family, kv, vocab_size=len(tokenizer))
     mha.save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=kv, method="aware", calibration_data=[str(train)],
-                       calibration_tokens=TOKENS, calibration_seq_len=SEQ, calibration_order="sequential",
-                       refit_o=refit_o, local_steps=local_steps)
+    convert_checkpoint(
+        tmp_path / "src",
+        tmp_path / "out",
+        kv_heads=kv,
+        method="aware",
+        calibration_data=[str(train)],
+        calibration_tokens=TOKENS,
+        calibration_seq_len=SEQ,
+        calibration_order="sequential",
+        refit_o=refit_o,
+        local_steps=local_steps,
+    )
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     a, b = logits(converted), logits(small)
     assert (a - b).abs().max().item() <= tolerance * max(b.abs().max().item(), 1.0)
@@ -125,8 +146,14 @@ def test_refit_o_and_local_steps_bring_the_attention_output_closer_to_the_origin
     or the wrong blocks, would not). Measured: 0.485 -> 0.424 -> 0.390 relative error."""
     train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
-    common = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=4096,
-                  calibration_seq_len=SEQ, calibration_order="sequential")
+    common = dict(
+        kv_heads=1,
+        method="aware",
+        calibration_data=[str(train)],
+        calibration_tokens=4096,
+        calibration_seq_len=SEQ,
+        calibration_order="sequential",
+    )
     convert_checkpoint(src, tmp_path / "plain", **common)
     report = convert_checkpoint(src, tmp_path / "refit", refit_o=True, **common)
     assert report.calibration["refit_o"] is True
@@ -141,13 +168,18 @@ def test_refit_o_and_local_steps_bring_the_attention_output_closer_to_the_origin
     assert local < 0.95 * refit, (local, refit)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(refit_o=True, calibration_order="parallel"), "--refit-o needs --calibration-order sequential"),
-    (dict(refit_o=True, method="mean", calibration_data=None, calibration_order="sequential"),
-     r"--refit-o needs .* \(svd, aware\)"),
-    (dict(local_steps=3), "--local-steps needs --calibration-order sequential"),
-    (dict(local_steps=-1, calibration_order="sequential"), "--local-steps must be 0 or more, got -1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(refit_o=True, calibration_order="parallel"), "--refit-o needs --calibration-order sequential"),
+        (
+            dict(refit_o=True, method="mean", calibration_data=None, calibration_order="sequential"),
+            r"--refit-o needs .* \(svd, aware\)",
+        ),
+        (dict(local_steps=3), "--local-steps needs --calibration-order sequential"),
+        (dict(local_steps=-1, calibration_order="sequential"), "--local-steps must be 0 or more, got -1"),
+    ],
+)
 def test_refinements_need_sequential_order_and_a_method_that_rewrites_q_and_o(change, message):
     options = ConvertOptions(**{"kv_heads": 1, "method": "aware", "calibration_data": ["t.txt"], **change})
     with pytest.raises(ConversionError, match=message):
@@ -161,8 +193,16 @@ def test_refinements_run_in_the_calibration_models_dtype(corpus, tmp_path, monke
     and 0.3904 (bfloat16) relative error (0.485 for the merge alone: the test above)."""
     train, tokenizer, _ = corpus
     src = make_lm(tmp_path / "src", tokenizer, kv_heads=4)
-    common = dict(kv_heads=1, method="aware", calibration_data=[str(train)], calibration_tokens=4096,
-                  calibration_seq_len=SEQ, calibration_order="sequential", refit_o=True, local_steps=100)
+    common = dict(
+        kv_heads=1,
+        method="aware",
+        calibration_data=[str(train)],
+        calibration_tokens=4096,
+        calibration_seq_len=SEQ,
+        calibration_order="sequential",
+        refit_o=True,
+        local_steps=100,
+    )
     ran = {}  # run dtype -> the dtypes of every layer's parameters and of the inputs its Q projection saw
     walk_run = Walk.run
 
@@ -183,6 +223,7 @@ def test_refinements_run_in_the_calibration_models_dtype(corpus, tmp_path, monke
     assert ran == {torch.float32: {torch.float32}, torch.bfloat16: {torch.bfloat16}}  # the layers really ran in it
     ids = token_blocks(tokenizer, read_text([str(train)], 4096), 4096, SEQ)
     original = _layer0_attention_output(src, ids)
-    f32, bf16 = (_relative(_layer0_attention_output(tmp_path / name, ids), original)
-                 for name in ("float32", "bfloat16"))
+    f32, bf16 = (
+        _relative(_layer0_attention_output(tmp_path / name, ids), original) for name in ("float32", "bfloat16")
+    )
     assert abs(bf16 - f32) < 0.02 * f32, (f32, bf16)

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from textlm import train_tokenizer, write_corpus
+from tiny import FAMILIES, logits, make_model
 from transformers import AutoModelForCausalLM
 
 from convert import ConversionError, convert_checkpoint
-from convert.fits import LayerHeads, permute
 from convert.cli import main
-from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, logits, make_model
+from convert.fits import LayerHeads, permute
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +67,11 @@ def _plant(model, family: str, groups: list[list[int]], style: str, fraction: fl
                     z = torch.complex(base[a], base[b]) * c[:, None]
                     heads[h, a], heads[h, b] = z.real, z.imag
                     if rest:
-                        heads[h, rest] = (torch.eye(len(rest)) + 0.4 * torch.randn(len(rest), len(rest),
-                                                                                   generator=gen)) @ base[rest]
+                        heads[h, rest] = (
+                            torch.eye(len(rest)) + 0.4 * torch.randn(len(rest), len(rest), generator=gen)
+                        ) @ base[rest]
             rows = heads.reshape(rows.shape)
-            w.copy_(rows[:, :w.shape[1]])
+            w.copy_(rows[:, : w.shape[1]])
             if bias is not None:
                 bias.copy_(rows[:, -1])
     return model
@@ -94,8 +95,15 @@ def _load(path):
 def test_svd_is_exact_on_heads_that_are_transforms_of_each_other(family, corpus, tmp_path):
     model, src = _source(tmp_path, corpus, family, [[0, 1], [2, 3]])
     want = logits(model)
-    convert_checkpoint(src, tmp_path / "svd", kv_heads=2, method="svd", calibration_data=[str(corpus["train"])],
-                       calibration_tokens=2048, calibration_seq_len=128)
+    convert_checkpoint(
+        src,
+        tmp_path / "svd",
+        kv_heads=2,
+        method="svd",
+        calibration_data=[str(corpus["train"])],
+        calibration_tokens=2048,
+        calibration_seq_len=128,
+    )
     convert_checkpoint(src, tmp_path / "mean", kv_heads=2)
     svd, mean = _load(tmp_path / "svd"), _load(tmp_path / "mean")
     assert svd.config.num_key_value_heads == 2
@@ -111,14 +119,29 @@ def test_svd_is_exact_on_heads_that_are_transforms_of_each_other(family, corpus,
 def test_similarity_grouping_finds_a_planted_grouping_and_stays_exact(corpus, tmp_path):
     model, src = _source(tmp_path, corpus, "llama", [[0, 2], [1, 3]])
     want = logits(model)
-    convert_checkpoint(src, tmp_path / "out", kv_heads=2, method="svd", grouping="similarity",
-                       calibration_data=[str(corpus["train"])], calibration_tokens=2048, calibration_seq_len=128)
+    convert_checkpoint(
+        src,
+        tmp_path / "out",
+        kv_heads=2,
+        method="svd",
+        grouping="similarity",
+        calibration_data=[str(corpus["train"])],
+        calibration_tokens=2048,
+        calibration_seq_len=128,
+    )
     report = json.loads((tmp_path / "out" / "conversion.json").read_text())
     assert report["kv_head_order"] == [[0, 2, 1, 3]] * 2
     assert (logits(_load(tmp_path / "out")) - want).abs().max() < 1e-4 * want.abs().max()
     # contiguous groups pair heads that are not alike: no longer exact
-    convert_checkpoint(src, tmp_path / "contig", kv_heads=2, method="svd", calibration_data=[str(corpus["train"])],
-                       calibration_tokens=2048, calibration_seq_len=128)
+    convert_checkpoint(
+        src,
+        tmp_path / "contig",
+        kv_heads=2,
+        method="svd",
+        calibration_data=[str(corpus["train"])],
+        calibration_tokens=2048,
+        calibration_seq_len=128,
+    )
     assert (logits(_load(tmp_path / "contig")) - want).abs().max() > 1e-2 * want.abs().max()
 
 
@@ -156,8 +179,10 @@ def test_permutation_alone_keeps_the_function():
             state[p + name + ".weight"].copy_(t[:, :-1])
             state[p + name + ".bias"].copy_(t[:, -1])
         state[p + "o_proj.weight"].copy_(o.reshape(64, -1))
-    assert not torch.equal(state["model.layers.0.self_attn.k_proj.weight"], make_model("qwen2", 4).state_dict()[
-        "model.layers.0.self_attn.k_proj.weight"])
+    assert not torch.equal(
+        state["model.layers.0.self_attn.k_proj.weight"],
+        make_model("qwen2", 4).state_dict()["model.layers.0.self_attn.k_proj.weight"],
+    )
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
 
 
@@ -169,9 +194,16 @@ def test_svd_and_similarity_convert_every_family_to_a_loadable_model(family, cor
     model.save_pretrained(tmp_path / "src")
     corpus["tokenizer"].save_pretrained(tmp_path / "src")
     grouping = "contiguous" if family in ("olmo2", "cohere", "stablelm") else "similarity"
-    report = convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=target, method="svd", grouping=grouping,
-                                calibration_data=[str(corpus["train"])], calibration_tokens=1024,
-                                calibration_seq_len=64)
+    report = convert_checkpoint(
+        tmp_path / "src",
+        tmp_path / "out",
+        kv_heads=target,
+        method="svd",
+        grouping=grouping,
+        calibration_data=[str(corpus["train"])],
+        calibration_tokens=1024,
+        calibration_seq_len=64,
+    )
     out = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert torch.isfinite(logits(out)).all()
     if family in ("qwen3", "olmo2", "cohere", "stablelm"):
@@ -182,11 +214,37 @@ def test_bad_calibration_input_is_refused_before_writing(corpus, tmp_path, capsy
     make_model("llama", 4).save_pretrained(tmp_path / "src")
     with pytest.raises(ConversionError, match="calibration needs the source's tokenizer"):
         convert_checkpoint(tmp_path / "src", tmp_path / "out", kv_heads=2, method="svd")  # would sample: no tokenizer
-    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--kv-heads", "2", "--method", "svd",
-                 "--calibration-data", str(tmp_path / "missing.txt")]) == 2
+    assert (
+        main(
+            [
+                str(tmp_path / "src"),
+                str(tmp_path / "out"),
+                "--kv-heads",
+                "2",
+                "--method",
+                "svd",
+                "--calibration-data",
+                str(tmp_path / "missing.txt"),
+            ]
+        )
+        == 2
+    )
     assert "missing.txt does not exist" in capsys.readouterr().err
-    assert main([str(tmp_path / "src"), str(tmp_path / "out"), "--kv-heads", "2", "--method", "svd",
-                 "--calibration-data", str(corpus["train"])]) == 2  # no tokenizer in src
+    assert (
+        main(
+            [
+                str(tmp_path / "src"),
+                str(tmp_path / "out"),
+                "--kv-heads",
+                "2",
+                "--method",
+                "svd",
+                "--calibration-data",
+                str(corpus["train"]),
+            ]
+        )
+        == 2
+    )  # no tokenizer in src
     assert "tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     make_model("olmo2", 4).save_pretrained(tmp_path / "olmo2")
@@ -202,11 +260,18 @@ def test_calibration_improves_held_out_loss_over_mean(corpus, tmp_path):
     model.save_pretrained(tmp_path / "src")
     corpus["tokenizer"].save_pretrained(tmp_path / "src")
     for method in ("svd", "mean"):
-        extra = dict(calibration_data=[str(corpus["train"])], calibration_tokens=4096,
-                     calibration_seq_len=128) if method == "svd" else {}
+        extra = (
+            dict(calibration_data=[str(corpus["train"])], calibration_tokens=4096, calibration_seq_len=128)
+            if method == "svd"
+            else {}
+        )
         convert_checkpoint(tmp_path / "src", tmp_path / method, kv_heads=1, method=method, **extra)
-    ppl = {m: perplexity(_load(tmp_path / m), corpus["tokenizer"], [str(corpus["eval"])], seq_len=128,
-                         max_tokens=4096)["ppl"] for m in ("src", "svd", "mean")}
+    ppl = {
+        m: perplexity(_load(tmp_path / m), corpus["tokenizer"], [str(corpus["eval"])], seq_len=128, max_tokens=4096)[
+            "ppl"
+        ]
+        for m in ("src", "svd", "mean")
+    }
     assert all(math.isfinite(p) for p in ppl.values())
     assert abs(math.log(ppl["svd"] / ppl["src"])) < abs(math.log(ppl["mean"] / ppl["src"]))
 
@@ -216,8 +281,13 @@ def test_calibration_prints_a_line_per_stage_and_per_layer(corpus, tmp_path, cap
     silent; the library call without ``progress`` is quiet."""
     make_model("llama", 4, vocab_size=len(corpus["tokenizer"])).save_pretrained(tmp_path / "src")
     corpus["tokenizer"].save_pretrained(tmp_path / "src")
-    options = dict(kv_heads=2, method="svd", calibration_data=[str(corpus["train"])], calibration_tokens=20 * 32,
-                   calibration_seq_len=32)
+    options = dict(
+        kv_heads=2,
+        method="svd",
+        calibration_data=[str(corpus["train"])],
+        calibration_tokens=20 * 32,
+        calibration_seq_len=32,
+    )
     report = convert_checkpoint(tmp_path / "src", tmp_path / "out", progress=True, **options)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("calibration: ")]
     assert report.calibration["tokens"] == 20 * 32

@@ -9,18 +9,24 @@ from convert import families, roles
 from convert.families import FAMILIES, LLAMA_LIKE, MqaForm, Variant
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"rotary": "halve"}, "rotary"),
-    ({"layout": "fused"}, "layout"),
-    ({"kv_choices": "any"}, "kv_choices"),
-    ({"mha_layout": "per-head"}, "mha_layout"),
-    ({"tensors": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "shared_norm": "n"}}, "unknown roles"),
-    ({"tensors": {"q": "q_proj", "k": "k_proj", "o": "o_proj"}}, "needs roles"),
-    ({"kv_choices": "mha_or_mqa"}, "mqa form"),
-    ({"attention": "model.layers.self_attn"}, "placeholder"),
-    ({"variants": (Variant(when={"x": True}, changes={"rotary": "halve"}),)}, "rotary"),
-    ({"variants": (Variant(when={"x": True}, changes={"rotery": "half"}),)}, "unknown fields"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rotary": "halve"}, "rotary"),
+        ({"layout": "fused"}, "layout"),
+        ({"kv_choices": "any"}, "kv_choices"),
+        ({"mha_layout": "per-head"}, "mha_layout"),
+        (
+            {"tensors": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "shared_norm": "n"}},
+            "unknown roles",
+        ),
+        ({"tensors": {"q": "q_proj", "k": "k_proj", "o": "o_proj"}}, "needs roles"),
+        ({"kv_choices": "mha_or_mqa"}, "mqa form"),
+        ({"attention": "model.layers.self_attn"}, "placeholder"),
+        ({"variants": (Variant(when={"x": True}, changes={"rotary": "halve"}),)}, "rotary"),
+        ({"variants": (Variant(when={"x": True}, changes={"rotery": "half"}),)}, "unknown fields"),
+    ],
+)
 def test_a_broken_table_is_refused_at_construction(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(LLAMA_LIKE, **changes)

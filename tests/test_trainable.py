@@ -4,12 +4,12 @@ included, the module a substring match on the attention's c_proj also caught).""
 
 import pytest
 import torch
+from tiny import FAMILIES, make_model
 
 from convert import convert_checkpoint
 from convert.families import resolve
-from tiny import FAMILIES, make_model
-from uptrain.recipe import RecipeError
 from uptrain.adapters import set_trainable as _set_trainable
+from uptrain.recipe import RecipeError
 from uptrain.student import param_groups
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from procs import run_group
 from safetensors.torch import load_file
+from textlm import make_lm, train_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM
 
 from convert import convert_checkpoint
-from procs import run_group
-from textlm import make_lm, train_tokenizer, write_corpus
-from uptrain.recipe import load_recipe
 from uptrain.loss import distill_kl
+from uptrain.recipe import load_recipe
 from uptrain.train import run
 
 
@@ -41,8 +41,14 @@ def write_recipe(path: Path, setup, output: Path, **sections) -> Path:
         "model": str(mqa),
         "output_dir": str(output),
         "data": {"train": [str(train)], "eval": [str(held)], "seq_len": 64},
-        "train": {"max_steps": 30, "micro_batch_size": 8, "grad_accum": 2, "lr": 3.0e-3, "min_lr": 3.0e-4,
-                  "warmup_steps": 5},
+        "train": {
+            "max_steps": 30,
+            "micro_batch_size": 8,
+            "grad_accum": 2,
+            "lr": 3.0e-3,
+            "min_lr": 3.0e-4,
+            "warmup_steps": 5,
+        },
         "eval": {"every_steps": 10, "max_tokens": 8192},
         "save": {"every_steps": 10, "keep_last": 2},
         "log": {"every_steps": 5},
@@ -98,8 +104,9 @@ def test_kill_and_resume_matches_uninterrupted_run(setup, trained, tmp_path):
     killed = tmp_path / "killed"
     recipe = write_recipe(tmp_path / "b.yaml", setup, killed)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "uptrain", str(recipe)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uptrain", str(recipe)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-20" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before step 20"
@@ -127,8 +134,14 @@ def test_kl_is_zero_for_identical_models_and_positive_otherwise():
 @pytest.mark.slow
 def test_distillation_from_the_mha_original_trains(setup, tmp_path):
     out = tmp_path / "distill"
-    recipe = write_recipe(tmp_path / "d.yaml", setup, out, teacher=str(setup[2]),
-                          distill={"weight": 0.5, "temperature": 2.0}, train={"max_steps": 10})
+    recipe = write_recipe(
+        tmp_path / "d.yaml",
+        setup,
+        out,
+        teacher=str(setup[2]),
+        distill={"weight": 0.5, "temperature": 2.0},
+        train={"max_steps": 10},
+    )
     summary = run(load_recipe(recipe))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
@@ -139,8 +152,15 @@ def test_distillation_from_the_mha_original_trains(setup, tmp_path):
 
 def test_teacher_equal_to_student_adds_no_kl(setup, tmp_path):
     out = tmp_path / "self"
-    recipe = write_recipe(tmp_path / "s.yaml", setup, out, teacher=str(setup[3]),
-                          distill={"weight": 0.5, "temperature": 1.0}, train={"max_steps": 1}, log={"every_steps": 1})
+    recipe = write_recipe(
+        tmp_path / "s.yaml",
+        setup,
+        out,
+        teacher=str(setup[3]),
+        distill={"weight": 0.5, "temperature": 1.0},
+        train={"max_steps": 1},
+        log={"every_steps": 1},
+    )
     run(load_recipe(recipe))
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if "loss" in r)
@@ -158,17 +178,45 @@ def test_same_global_batch_three_ways_gives_the_same_weights(setup, tmp_path):
     recipes/accelerate/ddp.yaml) x 8 x accumulation 2: the same blocks in every step, so the same weights,
     logged loss and grad_norm. max_grad_norm is low enough that clipping acts in every step: a gradient scaled
     by the accumulation steps (accelerate divides each backward by them) would clip differently."""
-    ways = {"one": {"micro_batch_size": 32, "grad_accum": 1}, "accum": {"micro_batch_size": 8, "grad_accum": 4},
-            "ddp": {"micro_batch_size": 8, "grad_accum": 2}}
-    recipes = {name: write_recipe(tmp_path / f"{name}.yaml", setup, tmp_path / name,
-                                  train={"max_steps": 5, "max_grad_norm": 0.05, **train}, eval={"every_steps": 5},
-                                  save={"every_steps": 3}, log={"every_steps": 1})
-               for name, train in ways.items()}
+    ways = {
+        "one": {"micro_batch_size": 32, "grad_accum": 1},
+        "accum": {"micro_batch_size": 8, "grad_accum": 4},
+        "ddp": {"micro_batch_size": 8, "grad_accum": 2},
+    }
+    recipes = {
+        name: write_recipe(
+            tmp_path / f"{name}.yaml",
+            setup,
+            tmp_path / name,
+            train={"max_steps": 5, "max_grad_norm": 0.05, **train},
+            eval={"every_steps": 5},
+            save={"every_steps": 3},
+            log={"every_steps": 1},
+        )
+        for name, train in ways.items()
+    }
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     config = Path(__file__).parents[1] / "recipes" / "accelerate" / "ddp.yaml"
-    done = run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                      "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29533",
-                      "-m", "uptrain", str(recipes["ddp"])], env=env, timeout=600)
+    done = run_group(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            "29533",
+            "-m",
+            "uptrain",
+            str(recipes["ddp"]),
+        ],
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU)" in done.stdout
     for name in ("one", "accum"):
@@ -188,7 +236,9 @@ def test_same_global_batch_three_ways_gives_the_same_weights(setup, tmp_path):
     assert all(r["grad_norm"] > 0.05 for r in logs["one"])  # clipping acted in every step
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final")
     assert model.config.num_key_value_heads == 1
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "ddp" / "final").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "ddp" / "final").iterdir()
+    }
 
 
 def test_accelerate_backward_divides_by_the_accumulation_steps():
@@ -209,9 +259,16 @@ def test_accelerate_backward_divides_by_the_accumulation_steps():
 def test_convert_step_and_streaming_data(setup, tmp_path):
     """`convert:` converts the MHA source first; `streaming: true` trains from a stream of the same files."""
     out = tmp_path / "stream"
-    recipe = write_recipe(tmp_path / "c.yaml", setup, out, model=None,
-                          convert={"source": str(setup[2]), "kv_heads": 2, "method": "mean"},
-                          data={"streaming": True}, train={"max_steps": 12}, eval={"every_steps": 6})
+    recipe = write_recipe(
+        tmp_path / "c.yaml",
+        setup,
+        out,
+        model=None,
+        convert={"source": str(setup[2]), "kv_heads": 2, "method": "mean"},
+        data={"streaming": True},
+        train={"max_steps": 12},
+        eval={"every_steps": 6},
+    )
     summary = run(load_recipe(recipe))
     assert (out / "converted" / "conversion.json").exists()
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_key_value_heads == 2
@@ -224,10 +281,23 @@ def test_convert_step_with_svd_calibrates_on_given_or_training_text(setup, tmp_p
     recipe's data.train files."""
     train, held = setup[0], setup[1]
     out = tmp_path / "svd"
-    convert = {"source": str(setup[2]), "kv_heads": 1, "method": "svd", "calibration_tokens": 1024,
-               "calibration_seq_len": 64, **({"calibration_data": [str(held)]} if given else {})}
-    recipe = write_recipe(tmp_path / "s.yaml", setup, out, model=None, convert=convert, train={"max_steps": 2},
-                          eval={"every_steps": 2, "max_tokens": 1024})
+    convert = {
+        "source": str(setup[2]),
+        "kv_heads": 1,
+        "method": "svd",
+        "calibration_tokens": 1024,
+        "calibration_seq_len": 64,
+        **({"calibration_data": [str(held)]} if given else {}),
+    }
+    recipe = write_recipe(
+        tmp_path / "s.yaml",
+        setup,
+        out,
+        model=None,
+        convert=convert,
+        train={"max_steps": 2},
+        eval={"every_steps": 2, "max_tokens": 1024},
+    )
     summary = run(load_recipe(recipe))
     report = json.loads((out / "converted" / "conversion.json").read_text())
     assert report["method"] == "svd" and report["kv_heads_after"] == 1
@@ -243,10 +313,23 @@ def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text
     from uptrain.student import convert_options
 
     out = tmp_path / "hub"
-    convert = {"source": str(setup[2]), "kv_heads": 1, "method": "svd", "calibration_tokens": 512,
-               "calibration_seq_len": 64}
-    recipe = load_recipe(write_recipe(tmp_path / "h.yaml", setup, out, model=None, convert=convert,
-                                      data={"train": ["someone/a-hub-dataset"], "streaming": True}))
+    convert = {
+        "source": str(setup[2]),
+        "kv_heads": 1,
+        "method": "svd",
+        "calibration_tokens": 512,
+        "calibration_seq_len": 64,
+    }
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "h.yaml",
+            setup,
+            out,
+            model=None,
+            convert=convert,
+            data={"train": ["someone/a-hub-dataset"], "streaming": True},
+        )
+    )
     options = convert_options(recipe)
     [samples] = options.calibration_data
     assert Path(samples).parent == out / "calibration-samples"
@@ -260,12 +343,15 @@ def test_convert_step_calibrates_on_samples_of_the_source_when_the_training_text
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainable, changes", [("kv", (".k_proj.", ".v_proj.")),
-                                                ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))])
+@pytest.mark.parametrize(
+    "trainable, changes",
+    [("kv", (".k_proj.", ".v_proj.")), ("attention", (".q_proj.", ".k_proj.", ".v_proj.", ".o_proj."))],
+)
 def test_trainable_subsets_leave_everything_else_bit_equal(setup, tmp_path, trainable, changes):
     out = tmp_path / trainable
-    recipe = write_recipe(tmp_path / "t.yaml", setup, out, train={"max_steps": 3, "trainable": trainable,
-                                                                  "gradient_checkpointing": True})
+    recipe = write_recipe(
+        tmp_path / "t.yaml", setup, out, train={"max_steps": 3, "trainable": trainable, "gradient_checkpointing": True}
+    )
     run(load_recipe(recipe))
     before, after = load_file(setup[3] / "model.safetensors"), _final_weights(out)
     for name, tensor in before.items():
@@ -294,8 +380,9 @@ def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(se
     from uptrain.train import TrainingError
 
     out = tmp_path / "full"
-    recipe = write_recipe(tmp_path / "f.yaml", setup, out, train={"max_steps": 9}, save={"every_steps": 3},
-                          eval={"every_steps": 9})
+    recipe = write_recipe(
+        tmp_path / "f.yaml", setup, out, train={"max_steps": 9}, save={"every_steps": 3}, eval={"every_steps": 9}
+    )
     real_save, calls, seen = Accelerator.save_state, [], {}
 
     def digest(folder: Path) -> dict[str, str]:
@@ -314,7 +401,9 @@ def test_full_disk_during_save_stops_with_the_last_complete_checkpoint_intact(se
     with pytest.raises(TrainingError) as failed:
         run(load_recipe(recipe))
     message = str(failed.value)
-    assert "step-6" in message and "No space left on device" in message and str(out / "checkpoints" / "step-3") in message
+    assert (
+        "step-6" in message and "No space left on device" in message and str(out / "checkpoints" / "step-3") in message
+    )
     assert "\n" not in message
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
     assert seen and digest(out / "checkpoints" / "step-3") == seen
@@ -330,9 +419,16 @@ def test_chunked_and_full_logits_losses_train_the_same_weights(setup, tmp_path):
     runs = {}
     for chunk in (0, 100):
         out = tmp_path / f"chunk{chunk}"
-        recipe = write_recipe(tmp_path / f"c{chunk}.yaml", setup, out, teacher=str(setup[2]),
-                              distill={"weight": 0.5, "temperature": 2.0}, eval={"every_steps": 3},
-                              train={"max_steps": 3, "loss_chunk_tokens": chunk}, log={"every_steps": 1})
+        recipe = write_recipe(
+            tmp_path / f"c{chunk}.yaml",
+            setup,
+            out,
+            teacher=str(setup[2]),
+            distill={"weight": 0.5, "temperature": 2.0},
+            eval={"every_steps": 3},
+            train={"max_steps": 3, "loss_chunk_tokens": chunk},
+            log={"every_steps": 1},
+        )
         run(load_recipe(recipe))
         runs[chunk] = (_final_weights(out), _records(out))
     (full, full_log), (chunked, chunked_log) = runs[0], runs[100]
@@ -345,9 +441,27 @@ def test_chunked_and_full_logits_losses_train_the_same_weights(setup, tmp_path):
 def _launch(recipe: Path, config: str, *overrides: str, port: int = 29541) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     path = Path(__file__).parents[1] / "recipes" / "accelerate" / config
-    return run_group([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path),
-                      "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
-                      "-m", "uptrain", str(recipe), *overrides], env=env, timeout=600)
+    return run_group(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(path),
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "uptrain",
+            str(recipe),
+            *overrides,
+        ],
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -360,19 +474,27 @@ def test_fsdp_config_on_cpu_runs_as_data_parallel_trains_resumes_and_matches_one
     x 8 x accumulation 4 (the same global batch); a run stopped after step 3 and launched again resumes from
     step-3 to the same weights; the gathered final checkpoint loads."""
     train = {"max_steps": 6, "micro_batch_size": 8, "grad_accum": 2, "max_grad_norm": 0.05}
-    whole = write_recipe(tmp_path / "w.yaml", setup, tmp_path / "fsdp", train=train, save={"every_steps": 3},
-                         eval={"every_steps": 6})
+    whole = write_recipe(
+        tmp_path / "w.yaml", setup, tmp_path / "fsdp", train=train, save={"every_steps": 3}, eval={"every_steps": 6}
+    )
     done = _launch(whole, "fsdp.yaml")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU)" in done.stdout
-    parted = write_recipe(tmp_path / "p.yaml", setup, tmp_path / "parted", train=train, save={"every_steps": 3},
-                          eval={"every_steps": 6})
+    parted = write_recipe(
+        tmp_path / "p.yaml", setup, tmp_path / "parted", train=train, save={"every_steps": 3}, eval={"every_steps": 6}
+    )
     first = _launch(parted, "fsdp.yaml", "train.max_steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
     second = _launch(parted, "fsdp.yaml")
     assert second.returncode == 0 and "resuming from step-3" in second.stdout, second.stderr[-3000:]
-    one = write_recipe(tmp_path / "o.yaml", setup, tmp_path / "one", train={**train, "grad_accum": 4},
-                       save={"every_steps": 6}, eval={"every_steps": 6})
+    one = write_recipe(
+        tmp_path / "o.yaml",
+        setup,
+        tmp_path / "one",
+        train={**train, "grad_accum": 4},
+        save={"every_steps": 6},
+        eval={"every_steps": 6},
+    )
     run(load_recipe(one))
     fsdp, resumed, single = (_final_weights(tmp_path / n) for n in ("fsdp", "parted", "one"))
     assert fsdp.keys() == single.keys() == resumed.keys()
@@ -387,13 +509,31 @@ def test_training_summary_prints_every_figure_and_round_trips_through_json():
     to results.json rebuilds the same summary."""
     from uptrain.summary import TrainingSummary
 
-    summary = TrainingSummary(eval_ppl_before=812.25, eval_ppl_after=31.5, steps=1200, tokens=4_915_200,
-                              seconds=95.04, tokens_per_s=51_718.0, final="/o/final", plot="/o/training.png",
-                              downstream_before={"downstream/arc/acc": 0.25, "downstream/arc/acc_stderr": 0.01},
-                              downstream={"downstream/arc/acc": 0.3125, "downstream/arc/acc_stderr": 0.01})
+    summary = TrainingSummary(
+        eval_ppl_before=812.25,
+        eval_ppl_after=31.5,
+        steps=1200,
+        tokens=4_915_200,
+        seconds=95.04,
+        tokens_per_s=51_718.0,
+        final="/o/final",
+        plot="/o/training.png",
+        downstream_before={"downstream/arc/acc": 0.25, "downstream/arc/acc_stderr": 0.01},
+        downstream={"downstream/arc/acc": 0.3125, "downstream/arc/acc_stderr": 0.01},
+    )
     rows = [re.split(r"\s{2,}", line.strip())[-1] for line in summary.format().splitlines()]
-    assert rows == ["812.25", "31.50", "1,200", "4,915,200", "95.0 s", "51,718", "/o/final", "/o/training.png",
-                    "0.2500", "0.3125"]
+    assert rows == [
+        "812.25",
+        "31.50",
+        "1,200",
+        "4,915,200",
+        "95.0 s",
+        "51,718",
+        "/o/final",
+        "/o/training.png",
+        "0.2500",
+        "0.3125",
+    ]
     assert "arc/acc (before)" in summary.format() and "stderr" not in summary.format()
     assert TrainingSummary(**json.loads(json.dumps(summary.to_dict()))) == summary
     assert re.search(r"final checkpoint +\n", TrainingSummary(1.0, 1.0, 1, 1, 1.0, 1.0).format())  # not main: empty

@@ -3,7 +3,6 @@ nothing left behind, packing keeps every token, Ctrl-C names the checkpoint to r
 saved without a warning and stay tied, checkpoints stay bounded on disk."""
 
 import itertools
-from collections import OrderedDict
 import json
 import math
 import random
@@ -13,16 +12,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
 from accelerate import Accelerator
-from safetensors import safe_open
-
 from badinputs import default_sigint
+from safetensors import safe_open
 from test_uptrain import setup, write_recipe  # noqa: F401  (the module fixture is shared)
+
 from uptrain.__main__ import main as uptrain_main
 from uptrain.data import pack
 from uptrain.evaluate import main as evaluate_main
@@ -48,12 +48,15 @@ def error_line(capsys) -> str:
 # 1. evaluate's settings
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seq-len", "0"], "--seq-len must be positive, got 0"),
-    (["--seq-len", "9000"], "--seq-len 9000 is beyond the model's 128 positions; use at most 128"),
-    (["--max-tokens", "0"], "--max-tokens must be positive, got 0"),
-    (["--batch-size", "-1"], "--batch-size must be positive, got -1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seq-len", "0"], "--seq-len must be positive, got 0"),
+        (["--seq-len", "9000"], "--seq-len 9000 is beyond the model's 128 positions; use at most 128"),
+        (["--max-tokens", "0"], "--max-tokens must be positive, got 0"),
+        (["--batch-size", "-1"], "--batch-size must be positive, got -1"),
+    ],
+)
 def test_evaluate_refuses_settings_that_cannot_run(setup, capsys, flags, message):  # noqa: F811
     _, held, _, mqa = setup
     assert evaluate_main([str(mqa), "--data", str(held), *flags]) == 2
@@ -100,16 +103,20 @@ def _bad_model(kind: str, setup, tmp_path: Path) -> tuple[Path, str]:  # noqa: F
         return tmp_path / "notes", f"{tmp_path / 'notes'} is not a Hugging Face checkpoint (no config.json)"
     if kind == "file":
         (tmp_path / "model.safetensors").write_bytes(b"x")
-        return tmp_path / "model.safetensors", f"{tmp_path / 'model.safetensors'} is a file; give the " \
-                                               "checkpoint's directory"
+        return (
+            tmp_path / "model.safetensors",
+            f"{tmp_path / 'model.safetensors'} is a file; give the checkpoint's directory",
+        )
     copy = shutil.copytree(setup[3], tmp_path / "broken")
     data = (copy / "model.safetensors").read_bytes()
     if kind == "corrupt":
         (copy / "model.safetensors").write_bytes(data[:8] + b"}" + data[9:])
         return copy, f"{copy / 'model.safetensors'} is corrupt: its header is not valid JSON"
     (copy / "model.safetensors").write_bytes(data[: len(data) // 2])
-    return copy, f"{copy / 'model.safetensors'} is truncated: header describes {len(data)} bytes, " \
-                 f"file has {len(data) // 2}"
+    return (
+        copy,
+        f"{copy / 'model.safetensors'} is truncated: header describes {len(data)} bytes, file has {len(data) // 2}",
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "not-a-checkpoint", "truncated", "corrupt"])
@@ -132,10 +139,14 @@ def test_no_tokenizer_and_an_uncached_hub_name_offline(setup, tmp_path, capsys, 
     when the hub is offline and its cache does not have it."""
     monkeypatch.chdir(tmp_path)
     bare = shutil.copytree(setup[3], tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*", "special*"))
-    for model, message in ((bare, f"{bare} has no tokenizer (no tokenizer.json, tokenizer_config.json, "
-                                  "tokenizer.model, vocab.json): save the tokenizer of the model it came from into it"),
-                           ("runs/x", "runs/x: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE is "
-                                      "set)")):
+    for model, message in (
+        (
+            bare,
+            f"{bare} has no tokenizer (no tokenizer.json, tokenizer_config.json, "
+            "tokenizer.model, vocab.json): save the tokenizer of the model it came from into it",
+        ),
+        ("runs/x", "runs/x: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE is set)"),
+    ):
         assert evaluate_main([str(model), "--data", str(setup[1]), "--seq-len", "64"]) == 2
         assert one_line(capsys) == f"error: {message}"
         recipe = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "out", model=str(model))
@@ -172,12 +183,23 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_pat
     """A real SIGINT once step-4 is saved: one line naming the newest complete checkpoint and the command,
     exit 130, no traceback; that command resumes from it and finishes."""
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", setup, out, train={"max_steps": 16}, eval={"every_steps": 16},
-                          save={"every_steps": 4, "keep_last": 5})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        setup,
+        out,
+        train={"max_steps": 16},
+        eval={"every_steps": 16},
+        save={"every_steps": 4, "keep_last": 5},
+    )
     # python -m uptrain whose saves from step 4 on stall, so that the signal lands mid-run however loaded the
     # machine (the printed command is built from the arguments, so it is the plain one)
-    proc = subprocess.Popen([sys.executable, "-c", _STALL_AFTER_STEP_4, str(recipe), "log.every_steps=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STALL_AFTER_STEP_4, str(recipe), "log.every_steps=1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step-4" / "trainer_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before step 4"
@@ -188,8 +210,9 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_pat
     assert "Traceback" not in stderr and not (out / "final").exists()
     line = stderr.strip().splitlines()[-1]
     last = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
-    prefix = f"error: interrupted; the last complete checkpoint is {out / 'checkpoints' / f'step-{last}'}; " \
-             "resume with: "
+    prefix = (
+        f"error: interrupted; the last complete checkpoint is {out / 'checkpoints' / f'step-{last}'}; resume with: "
+    )
     assert line.startswith(prefix), line
     command = shlex.split(line.removeprefix(prefix))
     assert command == ["python", "-m", "uptrain", str(recipe), "log.every_steps=1"]
@@ -220,7 +243,7 @@ def test_packing_keeps_every_token_but_the_final_remainder(seq_len, batch_size):
     rng = random.Random(0)
     docs = [" ".join(str(rng.randrange(1, 500)) for _ in range(rng.randrange(0, 30))) for _ in range(2500)]
     stream = list(itertools.chain.from_iterable([int(w) for w in d.split()] + [0] for d in docs))
-    expected = [stream[i:i + seq_len] for i in range(0, len(stream) // seq_len * seq_len, seq_len)]
+    expected = [stream[i : i + seq_len] for i in range(0, len(stream) // seq_len * seq_len, seq_len)]
     assert len(stream) - len(expected) * seq_len < seq_len and len(expected) >= 30
     dataset = datasets.Dataset.from_dict({"text": docs})
     sizes = {} if batch_size is None else {"batch_size": batch_size}
@@ -247,12 +270,21 @@ def test_failed_run_leaves_no_output_directory(setup, tmp_path, capsys):  # noqa
     assert (tmp_path / "kept").is_dir()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=5e-4", "error: unknown recipe key train.lrr; valid keys in train: max_steps, "),
-    ("train.lr=fast", "error: train.lr: expected float, got 'fast'"),
-])
-def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys, monkeypatch, override,  # noqa: F811
-                                                          message):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=5e-4", "error: unknown recipe key train.lrr; valid keys in train: max_steps, "),
+        ("train.lr=fast", "error: train.lr: expected float, got 'fast'"),
+    ],
+)
+def test_override_typo_is_refused_before_any_model_loads(
+    setup,
+    tmp_path,
+    capsys,
+    monkeypatch,
+    override,  # noqa: F811
+    message,
+):
     import uptrain.student
 
     def no_load(*args, **kwargs):
@@ -268,8 +300,15 @@ def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys
 # 6. paths in recipes
 
 
-@pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "/xdg"}, {"KVSHRINK_CACHE": "/data/kv"},
-                                 {"KVSHRINK_CACHE": "/data/kv", "XDG_CACHE_HOME": "/xdg"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"XDG_CACHE_HOME": "/xdg"},
+        {"KVSHRINK_CACHE": "/data/kv"},
+        {"KVSHRINK_CACHE": "/data/kv", "XDG_CACHE_HOME": "/xdg"},
+    ],
+)
 def test_demo_recipe_reads_the_demo_cache(monkeypatch, env):
     """recipes/demo-smollm2-mqa.yaml run alone reads the samples and the tragedies where the demo's CPU branch
     writes them."""
@@ -291,14 +330,25 @@ def test_every_path_field_expands_home_and_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("RUNS", "/runs")
     monkeypatch.delenv("UNSET_HERE", raising=False)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "model": "~/models/m", "teacher": "$RUNS/teacher", "output_dir": "${RUNS}/out",
-        "resume": "${UNSET_HERE:-~/ckpt}", "data": {"train": ["~/a.txt", "${UNSET_HERE:-$RUNS}/b.txt"],
-                                                    "eval": ["$RUNS/e.txt"]}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": "~/models/m",
+                "teacher": "$RUNS/teacher",
+                "output_dir": "${RUNS}/out",
+                "resume": "${UNSET_HERE:-~/ckpt}",
+                "data": {"train": ["~/a.txt", "${UNSET_HERE:-$RUNS}/b.txt"], "eval": ["$RUNS/e.txt"]},
+            }
+        )
+    )
     r = load_recipe(recipe)
     home = str(Path.home())
-    assert (r.model, r.teacher, r.output_dir, r.resume) == (f"{home}/models/m", "/runs/teacher", "/runs/out",
-                                                            f"{home}/ckpt")
+    assert (r.model, r.teacher, r.output_dir, r.resume) == (
+        f"{home}/models/m",
+        "/runs/teacher",
+        "/runs/out",
+        f"{home}/ckpt",
+    )
     assert (r.data.train, r.data.eval) == ([f"{home}/a.txt", "/runs/b.txt"], ["/runs/e.txt"])
     convert = load_recipe(recipe, ["model=null", "convert={source: '$RUNS/src', kv_heads: 1}"])
     assert convert.convert.source == "/runs/src"
@@ -322,8 +372,14 @@ def test_tied_checkpoints_eval_lines_and_bounded_disk(setup, tmp_path, capsys, c
         return real_save(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    path = write_recipe(tmp_path / "r.yaml", setup, tmp_path / "run", eval={"every_steps": 4},
-                        save={"every_steps": 2}, log={"every_steps": 2})
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        setup,
+        tmp_path / "run",
+        eval={"every_steps": 4},
+        save={"every_steps": 2},
+        log={"every_steps": 2},
+    )
     raw = yaml.safe_load(path.read_text())
     del raw["save"]["keep_last"]
     path.write_text(yaml.safe_dump(raw))
@@ -349,8 +405,10 @@ def test_tied_checkpoints_eval_lines_and_bounded_disk(setup, tmp_path, capsys, c
     evals = [r for r in records if "eval_ppl" in r]
     assert [r["step"] for r in evals] == [0, 4, 8] and all(r["eval_tokens"] % 63 == 0 for r in evals)
     for r in evals:
-        assert (f"step {r['step']}: eval perplexity {r['eval_ppl']:.2f} (loss {r['eval_loss']:.4f}) on "
-                f"{r['eval_tokens']:,} tokens in 64-token blocks") in first + second
+        assert (
+            f"step {r['step']}: eval perplexity {r['eval_ppl']:.2f} (loss {r['eval_loss']:.4f}) on "
+            f"{r['eval_tokens']:,} tokens in 64-token blocks"
+        ) in first + second
     steps = [line.split(":")[0] for line in (first + second).splitlines() if "tokens/s" in line]
     assert steps == ["step 2/4", "step 4/4", "step 6/8", "step 8/8"]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from textlm import train_tokenizer, write_corpus
+from tiny import save_tiny
 
 from convert import calibrate
 from convert.cli import main
 from convert.walk import HiddenStates
-from textlm import train_tokenizer, write_corpus
-from tiny import save_tiny
 
 SEQ = 32
 
@@ -28,8 +28,21 @@ def _source(family: str, corpus, path: Path, layers: int = 2) -> Path:
 
 def _convert(src: Path, out: Path, corpus, *flags) -> int:
     kv = "1" if src.name.startswith("gpt") else "2"
-    return main([str(src), str(out), "--kv-heads", kv, "--method", "aware", "--calibration-data", str(corpus[0]),
-                 "--calibration-tokens", "512", *map(str, flags)])
+    return main(
+        [
+            str(src),
+            str(out),
+            "--kv-heads",
+            kv,
+            "--method",
+            "aware",
+            "--calibration-data",
+            str(corpus[0]),
+            "--calibration-tokens",
+            "512",
+            *map(str, flags),
+        ]
+    )
 
 
 def _blocks(monkeypatch) -> list:
@@ -51,8 +64,10 @@ def test_a_sequence_beyond_learned_positions_is_one_line_before_any_work(family,
     for flags in ([], ["--dry-run"]):
         assert _convert(src, tmp_path / "out", corpus, "--calibration-seq-len", 128, *flags) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-        assert errors == ["error: --calibration-seq-len 128 is beyond the model's learned positions: the model has "
-                          "64 positions; give --calibration-seq-len 64 or less"]
+        assert errors == [
+            "error: --calibration-seq-len 128 is beyond the model's learned positions: the model has "
+            "64 positions; give --calibration-seq-len 64 or less"
+        ]
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"{family}-src"]
     assert _convert(src, tmp_path / "out", corpus, "--calibration-seq-len", 64) == 0  # the limit itself runs
 
@@ -74,10 +89,26 @@ def test_with_calibration_bos_every_block_starts_with_bos(corpus, tmp_path, monk
     assert with_bos.shape == without.shape == (512 // SEQ, SEQ)
     assert (with_bos[:, 0] == bos).all()
     assert (with_bos[:, 1:] != bos).any() and not (without[:, 0] == bos).all()  # text follows; none added without
-    assert torch.equal(with_bos[0, 1:], without[0, :SEQ - 1])  # the text fills the rest, in order
+    assert torch.equal(with_bos[0, 1:], without[0, : SEQ - 1])  # the text fills the rest, in order
     seen.clear()
-    assert main([str(src), str(tmp_path / "sampled"), "--kv-heads", "2", "--method", "aware", "--calibration-bos",
-                 "--calibration-tokens", "128", "--calibration-seq-len", "32"]) == 0  # data-free: sampled
+    assert (
+        main(
+            [
+                str(src),
+                str(tmp_path / "sampled"),
+                "--kv-heads",
+                "2",
+                "--method",
+                "aware",
+                "--calibration-bos",
+                "--calibration-tokens",
+                "128",
+                "--calibration-seq-len",
+                "32",
+            ]
+        )
+        == 0
+    )  # data-free: sampled
     assert (seen[0][:, 0] == bos).all()
 
 
@@ -110,8 +141,21 @@ def test_offloaded_outputs_leave_the_device_as_they_are_made(corpus, tmp_path, m
     monkeypatch.setattr(calibrate, "open_walk", forced)
     monkeypatch.setattr(calibrate, "HiddenStates", _Tracking)
     _Tracking.alive, _Tracking.most, _Tracking.calls = [], 0, 0
-    assert _convert(src, tmp_path / "out", corpus, "--calibration-seq-len", SEQ, "--calibration-order",
-                    "sequential", "--refit-o", "--local-steps", 2) == 0
+    assert (
+        _convert(
+            src,
+            tmp_path / "out",
+            corpus,
+            "--calibration-seq-len",
+            SEQ,
+            "--calibration-order",
+            "sequential",
+            "--refit-o",
+            "--local-steps",
+            2,
+        )
+        == 0
+    )
     # per layer: 16 outputs (the measuring pass keeps none), 16 heads' outputs, 16 attention inputs and 16
     # attention outputs; plus the first layer's inputs
     assert _Tracking.calls == 2 * 4 * 16 + 16

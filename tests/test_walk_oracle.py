@@ -10,18 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from textlm import train_tokenizer, write_corpus
+from tiny import FAMILIES, save_tiny
 from transformers import AutoModelForCausalLM
 
 from convert import calibrate, convert_checkpoint
-from textlm import train_tokenizer, write_corpus
-from tiny import FAMILIES, save_tiny
 
 ALL_FAMILIES = [*FAMILIES, "gpt2", "gpt_bigcode"]
 # Layers of mixed attention types: (family, config overrides), sequences of 64 tokens.
 MIXED = {
     "gemma2-sliding": ("gemma2", dict(sliding_window=16)),  # sliding, full, sliding
     "mistral-sliding": ("mistral", dict(sliding_window=16)),  # every layer sliding
-    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),  # full, sliding...
+    "qwen2-sliding": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+    ),  # full, sliding...
 }
 
 
@@ -53,8 +56,15 @@ def _walk_layers(src: Path, train: Path, seq: int, monkeypatch) -> tuple[torch.T
     monkeypatch.setattr(calibrate, "open_walk", spy_open)
     monkeypatch.setattr(calibrate, "_parallel_layer", spy_layer)
     kv = 1 if src.name.startswith("gpt") else 2
-    convert_checkpoint(src, src.parent / "out", kv_heads=kv, method="aware", calibration_data=[str(train)],
-                       calibration_tokens=4 * seq, calibration_seq_len=seq)
+    convert_checkpoint(
+        src,
+        src.parent / "out",
+        kv_heads=kv,
+        method="aware",
+        calibration_data=[str(train)],
+        calibration_tokens=4 * seq,
+        calibration_seq_len=seq,
+    )
     return blocks[0], inputs, outputs
 
 
@@ -67,9 +77,11 @@ def _oracle_layers(src: Path, blocks: torch.Tensor) -> tuple[list, list]:
     for index, decoder in enumerate(decoders):
         decoder.register_forward_pre_hook(
             lambda _m, args, kwargs, i=index: inputs[i].append((args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True)
+            with_kwargs=True,
+        )
         decoder.register_forward_hook(
-            lambda _m, _a, out, i=index: outputs[i].append((out[0] if isinstance(out, tuple) else out).clone()))
+            lambda _m, _a, out, i=index: outputs[i].append((out[0] if isinstance(out, tuple) else out).clone())
+        )
     with torch.no_grad():
         for block in blocks:
             model(block.unsqueeze(0), use_cache=False)
@@ -77,8 +89,9 @@ def _oracle_layers(src: Path, blocks: torch.Tensor) -> tuple[list, list]:
 
 
 def _worst(walk: list, oracle: list) -> float:
-    return max(((a - b).norm() / b.norm()).item() for layer_a, layer_b in zip(walk, oracle)
-               for a, b in zip(layer_a, layer_b))
+    return max(
+        ((a - b).norm() / b.norm()).item() for layer_a, layer_b in zip(walk, oracle) for a, b in zip(layer_a, layer_b)
+    )
 
 
 def _check(src: Path, train: Path, seq: int, monkeypatch) -> None:

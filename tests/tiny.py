@@ -14,8 +14,17 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 HEADS = 8
-BASE = dict(hidden_size=64, num_attention_heads=HEADS, num_hidden_layers=2, intermediate_size=96, vocab_size=96,
-            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+BASE = dict(
+    hidden_size=64,
+    num_attention_heads=HEADS,
+    num_hidden_layers=2,
+    intermediate_size=96,
+    vocab_size=96,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 FAMILIES = {
     "llama": {},
     "mistral": {},
@@ -44,8 +53,9 @@ def kv_key(family: str) -> str:
 def make_model(family: str, kv_heads: int, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random model with weights scaled so that every head matters to the logits."""
     if family in ("gpt2", "gpt_bigcode", "falcon_legacy"):
-        kwargs = dict(GPT_KWARGS) if family != "falcon_legacy" else dict(BASE, new_decoder_architecture=False,
-                                                                          bias=True)
+        kwargs = (
+            dict(GPT_KWARGS) if family != "falcon_legacy" else dict(BASE, new_decoder_architecture=False, bias=True)
+        )
         if family == "gpt_bigcode":
             kwargs["multi_query"] = kv_heads == 1
         if family == "falcon_legacy":
@@ -98,8 +108,8 @@ def expand_kv(family: str, state: dict[str, torch.Tensor], kv: int, heads: int =
         elif family == "falcon" and "query_key_value" in name:  # grouped [q..q, k, v] -> one q per group
             blocks = t.reshape(kv, reps + 2, head_dim, *t.shape[1:])
             q = blocks[:, :reps]  # (kv, reps, d, ...)
-            k = blocks[:, reps:reps + 1].expand_as(q)
-            v = blocks[:, reps + 1:].expand_as(q)
+            k = blocks[:, reps : reps + 1].expand_as(q)
+            v = blocks[:, reps + 1 :].expand_as(q)
             t = torch.stack([q, k, v], dim=2).reshape(-1, *t.shape[1:])
         elif family in ("gpt_bigcode", "falcon_legacy") and ("c_attn" in name or "query_key_value" in name):
             # MQA [Q | k | v] -> MHA per head [q_h, k, v]

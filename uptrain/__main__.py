@@ -7,8 +7,8 @@ from pathlib import Path
 
 from kvshrink_base.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
-from uptrain.plan import dry_run
 from uptrain.errors import RecipeError
+from uptrain.plan import dry_run
 from uptrain.recipe import load_recipe
 from uptrain.train import check_paths, run
 
@@ -17,10 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m uptrain", description="Uptrain a converted checkpoint.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the recipe and print its peak-memory plan per device, then stop")
-    parser.add_argument("--teacher-only", action="store_true",
-                        help="with distill.mode: offline, compute the teacher files (OUTPUT_DIR/teacher), then stop")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the recipe and print its peak-memory plan per device, then stop"
+    )
+    parser.add_argument(
+        "--teacher-only",
+        action="store_true",
+        help="with distill.mode: offline, compute the teacher files (OUTPUT_DIR/teacher), then stop",
+    )
     args = parser.parse_args(argv)
     loaded = []
 

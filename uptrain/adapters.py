@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -41,8 +42,10 @@ def subset_family(config: Mapping[str, Any], subset: str) -> Family:
     """The family table a ``train.trainable`` subset selects from; kv needs separate K and V modules."""
     spec = family(config, f"train.trainable: {subset}")
     if subset == "kv" and "qkv" in spec.tensors:
-        raise RecipeError("train.trainable: kv needs separate k/v projections; this family fuses them "
-                          "(use attention, or none with lora)")
+        raise RecipeError(
+            "train.trainable: kv needs separate k/v projections; this family fuses them "
+            "(use attention, or none with lora)"
+        )
     return spec
 
 
@@ -75,8 +78,14 @@ def lora_config(model, lora: Lora):
     spec = family(model.config.to_dict(), "lora")
     pattern = spec.module_pattern(target_modules(model.config.to_dict(), lora.targets))
     conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if pattern.fullmatch(n))
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern.pattern,
-                      bias="none", fan_in_fan_out=conv1d)  # Conv1D stores (in, out): peft's flag for it
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=pattern.pattern,
+        bias="none",
+        fan_in_fan_out=conv1d,
+    )  # Conv1D stores (in, out): peft's flag for it
 
 
 def add_adapters(model, lora: Lora):

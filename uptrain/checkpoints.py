@@ -7,8 +7,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from convert.errors import ConversionError
 from convert.source import check_checkpoint
@@ -39,8 +39,9 @@ def find_resume(out: Path, resume: str) -> Path | None:
         return newest(out)
     if resume == "never":
         if _complete(out):
-            raise RecipeError(f"{out} already has checkpoints and resume is never; use resume: auto or a new "
-                              "output_dir")
+            raise RecipeError(
+                f"{out} already has checkpoints and resume is never; use resume: auto or a new output_dir"
+            )
         return None
     path = Path(resume)
     if not (path / STATE).exists():
@@ -64,8 +65,9 @@ def check_model(path: str, what: str = "") -> None:
         except ValueError:  # not a valid repo id either
             cached = False
         if constants.HF_HUB_OFFLINE and not cached:
-            raise RecipeError(f"{what} {path}: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE "
-                              "is set)".strip())
+            raise RecipeError(
+                f"{what} {path}: no such directory (nor a hub model in the cache; HF_HUB_OFFLINE is set)".strip()
+            )
 
 
 def check_teacher_files(checkpoint: Path, key: str | None) -> None:
@@ -73,9 +75,11 @@ def check_teacher_files(checkpoint: Path, key: str | None) -> None:
     or teacher) than this run's: its steps so far learned another target."""
     saved = read_state(checkpoint).get("teacher")
     if saved != key:
-        raise RecipeError(f"resume: {checkpoint} was trained against other teacher files than this recipe makes "
-                          f"({'offline distillation' if saved else 'no offline teacher'} then); resume with the "
-                          "recipe that wrote it, or use a new output_dir")
+        raise RecipeError(
+            f"resume: {checkpoint} was trained against other teacher files than this recipe makes "
+            f"({'offline distillation' if saved else 'no offline teacher'} then); resume with the "
+            "recipe that wrote it, or use a new output_dir"
+        )
 
 
 def read_state(path: Path) -> dict:
@@ -145,8 +149,10 @@ def check_trained_match(checkpoint: Path, model) -> None:
     trained = {name.removeprefix("module.") for name in trained_names(model)}
     if saved != trained:
         odd = sorted(saved ^ trained)[0]
-        raise RecipeError(f"resume: {checkpoint} trained other parameters than this recipe does (e.g. {odd}); "
-                          "resume with the recipe that wrote it, or use a new output_dir")
+        raise RecipeError(
+            f"resume: {checkpoint} trained other parameters than this recipe does (e.g. {odd}); "
+            "resume with the recipe that wrote it, or use a new output_dir"
+        )
 
 
 def save(accelerator, out: Path, step: int, keep_last: int, facts: dict | None = None) -> Path:

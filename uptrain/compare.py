@@ -74,8 +74,12 @@ def check(c: Comparison) -> tuple[Tasks | None, argparse.Namespace | None]:
     pick_device(c.device)  # a bad --device first: it is refused whatever else is asked
     if not c.tasks and not c.data:
         raise RecipeError("nothing to measure: give --tasks TASK... (downstream) and/or --data FILE... (perplexity)")
-    positive = {"--batch-size": c.batch_size, "--seq-len": c.seq_len, "--max-tokens": c.max_tokens,
-                "--limit": c.limit if c.limit is not None else 1}
+    positive = {
+        "--batch-size": c.batch_size,
+        "--seq-len": c.seq_len,
+        "--max-tokens": c.max_tokens,
+        "--limit": c.limit if c.limit is not None else 1,
+    }
     for flag, value in positive.items():
         if value <= 0:
             raise RecipeError(f"{flag} must be positive, got {value}")
@@ -92,8 +96,9 @@ def check(c: Comparison) -> tuple[Tasks | None, argparse.Namespace | None]:
         raise RecipeError(f"--out {c.out} is a file; give a directory")
     check_entries(c.data or [])
     bench = decode_options(c) if c.decode else None  # its own checks: same vocabulary, width and tokenizer
-    tasks = downstream.load_tasks(c.tasks, c.num_fewshot, downstream.task_limit(c.limit), c.batch_size) \
-        if c.tasks else None
+    tasks = (
+        downstream.load_tasks(c.tasks, c.num_fewshot, downstream.task_limit(c.limit), c.batch_size) if c.tasks else None
+    )
     return tasks, bench
 
 
@@ -119,8 +124,16 @@ def measure(c: Comparison, tasks: Tasks | None) -> list[Row]:
         model, tokenizer = load_model_and_tokenizer(model_arg, device=device)
         row = describe(model_arg, model)
         if c.data:
-            row.ppl = perplexity(model, tokenizer, c.data, c.seq_len, c.max_tokens, c.batch_size, c.text_field,
-                                 progress=f"perplexity {Path(model_arg).name}")["ppl"]
+            row.ppl = perplexity(
+                model,
+                tokenizer,
+                c.data,
+                c.seq_len,
+                c.max_tokens,
+                c.batch_size,
+                c.text_field,
+                progress=f"perplexity {Path(model_arg).name}",
+            )["ppl"]
         if tasks is not None:
             row.scores = downstream.evaluate(model, tokenizer, tasks)
         rows.append(row)
@@ -138,14 +151,26 @@ def metric_columns(rows: list[Row]) -> list[str]:
 def format_table(rows: list[Row]) -> str:
     """The comparison as a Markdown table: a row per model, the original (first) at the top."""
     columns = metric_columns(rows)
-    head = ["model", "method", "KV heads", "KV cache/token", f"KV cache, {CONTEXT // 1024}k context", "parameters",
-            *[c if c == "perplexity" else f"{c} ± stderr" for c in columns]]
+    head = [
+        "model",
+        "method",
+        "KV heads",
+        "KV cache/token",
+        f"KV cache, {CONTEXT // 1024}k context",
+        "parameters",
+        *[c if c == "perplexity" else f"{c} ± stderr" for c in columns],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         known = r.kv_bytes_per_token is not None
-        cells = [r.model, r.method or "—", str(r.kv_heads) if known else "?",
-                 f"{r.kv_bytes_per_token:,} B" if known else "?",
-                 f"{r.kv_bytes_per_token * CONTEXT / 2**20:,.1f} MiB" if known else "?", f"{r.parameters:,}"]
+        cells = [
+            r.model,
+            r.method or "—",
+            str(r.kv_heads) if known else "?",
+            f"{r.kv_bytes_per_token:,} B" if known else "?",
+            f"{r.kv_bytes_per_token * CONTEXT / 2**20:,.1f} MiB" if known else "?",
+            f"{r.parameters:,}",
+        ]
         for column in columns:
             cells.append(value_text(r, column))
         lines.append("| " + " | ".join(cells) + " |")
@@ -202,15 +227,24 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
     text = ["# Model comparison", "", f"`{command}`", "", format_table(rows), ""]
     if tasks is not None:
         shots = "each task's default" if tasks.num_fewshot is None else str(tasks.num_fewshot)
-        text.append(f"Downstream tasks through lm-evaluation-harness: few-shot {shots}, "
-                    f"{'all documents' if tasks.limit is None else f'limit {tasks.limit}'} per task; "
-                    "the main metric is the first of the task's metric_list.")
-    text += [f"KV cache: bytes per token of every layer's K and V in the model's dtype, and for one sequence of "
-             f"{CONTEXT:,} tokens.", "", "![metrics, original first](report.png)", ""]
+        text.append(
+            f"Downstream tasks through lm-evaluation-harness: few-shot {shots}, "
+            f"{'all documents' if tasks.limit is None else f'limit {tasks.limit}'} per task; "
+            "the main metric is the first of the task's metric_list."
+        )
+    text += [
+        f"KV cache: bytes per token of every layer's K and V in the model's dtype, and for one sequence of "
+        f"{CONTEXT:,} tokens.",
+        "",
+        "![metrics, original first](report.png)",
+        "",
+    ]
     if decode:
         text += ["## Decoding (decode_bench)", "", *decode, ""]
-    for name, write in (("report.png", lambda p: plot(rows, p)),
-                        ("report.md", lambda p: p.write_text("\n".join(text)))):
+    for name, write in (
+        ("report.png", lambda p: plot(rows, p)),
+        ("report.md", lambda p: p.write_text("\n".join(text))),
+    ):
         tmp = out / f".{name}.tmp{Path(name).suffix}"
         write(tmp)
         os.replace(tmp, out / name)

@@ -9,13 +9,14 @@ streaming and in-memory mode and for every run.
 from __future__ import annotations
 
 import itertools
-
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from kvshrink_base.text import load_documents
 from uptrain.errors import RecipeError
+
 
 def _is_eval(index: int, fraction: float, seed: int) -> bool:
     return ((index * 2654435761 + seed * 97) % 2**32) / 2**32 < fraction
@@ -52,7 +53,7 @@ def pack(docs, tokenizer, text_field: str, seq_len: int, batch_size: int = 1000)
         flat = carry + list(itertools.chain.from_iterable(batch["ids"]))
         usable = len(flat) // seq_len * seq_len
         carry[:] = flat[usable:]
-        return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
     tokenized = docs.map(tokenize, batched=True, remove_columns=[text_field])
     return tokenized.map(blocks, batched=True, batch_size=batch_size, with_indices=True, remove_columns=["ids"])
@@ -75,8 +76,9 @@ def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
     else:
         evals = evals.select(range(min(eval_blocks, len(evals))))
         if len(train) == 0:
-            raise RecipeError(f"data.train gives no block of {d.seq_len} tokens: the data is empty or shorter "
-                              "than data.seq_len")
+            raise RecipeError(
+                f"data.train gives no block of {d.seq_len} tokens: the data is empty or shorter than data.seq_len"
+            )
         if len(evals) == 0:
             raise RecipeError(f"the eval data gives no block of {d.seq_len} tokens; add data or lower data.seq_len")
     return train.with_format("torch"), evals.with_format("torch")
@@ -115,8 +117,8 @@ def training_rows(count: int, batch_size: int, seed: int, blocks: int) -> list[i
     taken, epoch = 0, 0
     while taken < blocks:
         order = torch.randperm(count, generator=epoch_generator(seed, epoch)).tolist()
-        usable = order[:count // batch_size * batch_size]
-        for index in usable[:blocks - taken]:
+        usable = order[: count // batch_size * batch_size]
+        for index in usable[: blocks - taken]:
             rows.setdefault(index)
         taken += len(usable)
         epoch += 1
@@ -136,8 +138,13 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils
         shuffled = dataset.shuffle(seed=seed + epoch, buffer_size=10_000)
         return torch.utils.data.DataLoader(shuffled, batch_size=batch_size, collate_fn=collate, generator=generator)
     order = torch.randperm(len(dataset), generator=generator).tolist()
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(Indexed(dataset), order), batch_size=batch_size,
-                                       collate_fn=collate, drop_last=True, generator=generator)
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(Indexed(dataset), order),
+        batch_size=batch_size,
+        collate_fn=collate,
+        drop_last=True,
+        generator=generator,
+    )
 
 
 def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int = 0) -> Iterator[dict]:
@@ -162,6 +169,8 @@ def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int =
                 yielded += 1
                 yield batch
             if not yielded and per_epoch is None:  # a stream with no full micro-batch would loop forever
-                raise RecipeError("the training stream has no full micro-batch: add data or lower "
-                                  "train.micro_batch_size / data.seq_len")
+                raise RecipeError(
+                    "the training stream has no full micro-batch: add data or lower "
+                    "train.micro_batch_size / data.seq_len"
+                )
         epoch += 1

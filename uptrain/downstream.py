@@ -69,8 +69,9 @@ def is_task_file(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or Path(spec).exists()
 
 
-def load_tasks(specs: list[str], num_fewshot: int | None = None, limit: float | None = None,
-               batch_size: int = 8) -> Tasks:
+def load_tasks(
+    specs: list[str], num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8
+) -> Tasks:
     """Check every task before any model is loaded: files exist, names are registered, data loads.
 
     Raises RecipeError (one line) for a missing file, an unknown name, or a task whose data cannot be read
@@ -88,8 +89,10 @@ def load_tasks(specs: list[str], num_fewshot: int | None = None, limit: float | 
     manager = TaskManager(include_defaults=bool(names_only))
     for name in names_only:
         if name not in manager.all_tasks:
-            raise RecipeError(f"unknown task {name!r}: not one of lm-eval's tasks (list them with `lm-eval ls "
-                              "tasks`) nor a task YAML file")
+            raise RecipeError(
+                f"unknown task {name!r}: not one of lm-eval's tasks (list them with `lm-eval ls "
+                "tasks`) nor a task YAML file"
+            )
     resolved = [str(Path(s).resolve()) if is_task_file(s) else s for s in specs]
     names = [_load_one(manager, spec) for spec in resolved]
     return Tasks(resolved, names, manager, num_fewshot, limit, batch_size)
@@ -117,8 +120,14 @@ def evaluate(model: Any, tokenizer: Any, tasks: Tasks) -> dict[str, Score]:
 
     quiet()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=tasks.batch_size)
-    results = simple_evaluate(model=lm, tasks=list(tasks.specs), num_fewshot=tasks.num_fewshot,
-                              limit=tasks.limit, task_manager=tasks.manager, log_samples=False)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks.specs),
+        num_fewshot=tasks.num_fewshot,
+        limit=tasks.limit,
+        task_manager=tasks.manager,
+        log_samples=False,
+    )
     return {name: main_score(results, name) for name in tasks.names}
 
 
@@ -134,8 +143,12 @@ def main_score(results: dict[str, Any], name: str) -> Score:
     metric, filt = key.split(",", 1)
     stderr = entry.get(f"{metric}_stderr,{filt}")
     samples = results.get("n-samples", {}).get(name, {}).get("effective", 0)
-    return Score(metric, float(entry[key]),
-                 float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None, samples)
+    return Score(
+        metric,
+        float(entry[key]),
+        float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+        samples,
+    )
 
 
 def checkpoint_scores(tasks: Tasks, path: str, device: Any) -> dict[str, float]:
@@ -147,6 +160,9 @@ def checkpoint_scores(tasks: Tasks, path: str, device: Any) -> dict[str, float]:
         flat[f"downstream/{name}/{score.metric}"] = score.value
         if score.stderr is not None:
             flat[f"downstream/{name}/{score.metric}_stderr"] = score.stderr
-    print("downstream " + ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in flat.items()
-                                    if not k.endswith("_stderr")), flush=True)
+    print(
+        "downstream "
+        + ", ".join(f"{k.removeprefix('downstream/')} {v:.4f}" for k, v in flat.items() if not k.endswith("_stderr")),
+        flush=True,
+    )
     return flat

@@ -24,8 +24,15 @@ from uptrain.perplexity import check_setting, perplexities, perplexity
 __all__ = ["check_setting", "main", "perplexities", "perplexity", "score"]
 
 
-def score(model: str, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000, batch_size: int = 4,
-          text_field: str = "text", device: str = "auto") -> dict[str, float]:
+def score(
+    model: str,
+    files: list[str],
+    seq_len: int = 1024,
+    max_tokens: int = 200_000,
+    batch_size: int = 4,
+    text_field: str = "text",
+    device: str = "auto",
+) -> dict[str, float]:
     """Perplexity of the checkpoint ``model`` on ``files``, on ``device`` (``kvshrink_base.device.pick_device``'s
     names; auto: the fastest present): every input checked before the weights load.
 
@@ -50,18 +57,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="python -m uptrain.evaluate",
         description="Held-out perplexity of causal LM checkpoints, and downstream tasks through "
-                    "lm-evaluation-harness, side by side: the text is packed as in training (documents joined with "
-                    "EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. The figure "
-                    "depends on both: compare models at the same setting.")
+        "lm-evaluation-harness, side by side: the text is packed as in training (documents joined with "
+        "EOS, cut into --seq-len blocks) and the first --max-tokens worth of blocks scored. The figure "
+        "depends on both: compare models at the same setting.",
+    )
     parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint directories or hub ids (original first)")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="text files (.txt/.md/.jsonl/.json/.parquet/.csv)")
-    parser.add_argument("--seq-len", type=int, default=1024, metavar="N",
-                        help="tokens per block, at most the model's positions (default 1024)")
-    parser.add_argument("--max-tokens", type=int, default=200_000, metavar="N",
-                        help="score the first N // seq-len blocks (at least one; default 200000)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="tokens per block, at most the model's positions (default 1024)",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=200_000,
+        metavar="N",
+        help="score the first N // seq-len blocks (at least one; default 200000)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward pass (default 4)")
-    parser.add_argument("--text-field", default="text", metavar="NAME",
-                        help="the text column of .jsonl/.json/.parquet/.csv files (default text)")
+    parser.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="the text column of .jsonl/.json/.parquet/.csv files (default text)",
+    )
     # Downstream tasks and the comparison report (uptrain.compare, uptrain.downstream).
     parser.add_argument("--tasks", nargs="+", help="lm-eval task names or task YAML files (needs the eval extra)")
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples per task (default: each task's own)")
@@ -75,9 +97,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def comparison(args: argparse.Namespace) -> compare.Comparison:
     """The comparison the command line asks for."""
     return compare.Comparison(
-        models=args.models, data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, text_field=args.text_field, tasks=args.tasks, num_fewshot=args.num_fewshot,
-        limit=args.limit, device=args.device, out=args.out, decode=args.decode)
+        models=args.models,
+        data=args.data,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        text_field=args.text_field,
+        tasks=args.tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        device=args.device,
+        out=args.out,
+        decode=args.decode,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.data:
             raise RecipeError("give --data FILE... (perplexity) and/or --tasks TASK... (downstream)")
         model = args.models[0]
-        result = score(model, args.data, args.seq_len, args.max_tokens, args.batch_size, args.text_field,
-                       args.device)
-        print(f"{model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
-              f"({args.seq_len}-token blocks)")
+        result = score(model, args.data, args.seq_len, args.max_tokens, args.batch_size, args.text_field, args.device)
+        print(
+            f"{model}: perplexity {result['ppl']:.3f} (loss {result['loss']:.4f}) on {result['tokens']:,} tokens "
+            f"({args.seq_len}-token blocks)"
+        )
         return 0
 
     return run_cli(body)

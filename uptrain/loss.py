@@ -55,7 +55,9 @@ class Stored:
     tail: torch.Tensor
 
     def rows(self, rows: slice, keep: torch.Tensor) -> Stored:
-        pick = (lambda t: None if t is None else t[rows][keep])
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows][keep]
+
         return Stored(pick(self.ids), pick(self.logprobs), pick(self.tail))
 
 
@@ -116,12 +118,44 @@ def loss_chunk(chunk_tokens: int, accelerator, model, teacher) -> int:
     return chunk_tokens
 
 
+def online_kl(
+    log_ps: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(teacher || student) summed over rows, and the teacher's probabilities: the chunked loss's online term.
+
+    ``log_ps`` (n, V) are the student's log-probabilities at ``temperature``; ``teacher_hidden`` (n, H) the
+    teacher's final hidden states of the same rows, projected here by its lm_head.
+    """
+    bias = None if teacher_bias is None else teacher_bias.to(teacher_hidden.dtype)
+    t = F.linear(teacher_hidden, teacher_weight.to(teacher_hidden.dtype), bias).float()  # (n, V)
+    log_pt = (t / temperature).log_softmax(-1)
+    del t
+    p_t = log_pt.exp()
+    return (p_t * (log_pt - log_ps)).sum(), p_t
+
+
 class ChunkedLoss(torch.autograd.Function):
     """Summed (1 - w) CE + w T^2 KL over chunks; returns (loss, CE) sums, differentiable in hidden, weight, bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, teacher_hidden, teacher_weight, teacher_bias, w, temperature,
-                chunk, stored=None):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        w,
+        temperature,
+        chunk,
+        stored=None,
+    ):
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         # A frozen lm_head (adapters, trainable subsets) gets no (vocab, H) gradient buffer.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -145,23 +179,18 @@ class ChunkedLoss(torch.autograd.Function):
             dz[torch.arange(len(y)), y] -= 1
             dz *= 1 - w
             chunk_loss = (1 - w) * ce
-            if w > 0 and stored is not None:  # the offline teacher's stored distribution
-                kl, target = stored_kl(log_ps, stored.rows(rows, keep))
+            if w > 0:  # the offline teacher's stored distribution, or the teacher's logits here
+                if stored is not None:
+                    kl, target = stored_kl(log_ps, stored.rows(rows, keep))
+                else:
+                    kl, target = online_kl(
+                        log_ps, teacher_hidden[rows][keep], teacher_weight, teacher_bias, temperature
+                    )
                 chunk_loss = chunk_loss + w * temperature**2 * kl
                 dz += log_ps.exp_().sub_(target).mul_(w * temperature)
-            elif w > 0:
-                th = teacher_hidden[rows][keep]
-                t = F.linear(th, teacher_weight.to(th.dtype), None if teacher_bias is None else
-                             teacher_bias.to(th.dtype)).float()
-                log_pt = (t / temperature).log_softmax(-1)
-                del t
-                p_t = log_pt.exp()
-                chunk_loss = chunk_loss + w * temperature**2 * (p_t * (log_pt - log_ps)).sum()
-                del log_pt
-                dz += log_ps.exp_().sub_(p_t).mul_(w * temperature)
             loss += chunk_loss
             ce_sum += ce
-            grad_hidden[start:start + chunk][keep] = (dz.to(mm) @ weight.to(mm)).float()  # (n, H)
+            grad_hidden[start : start + chunk][keep] = (dz.to(mm) @ weight.to(mm)).float()  # (n, H)
             if grad_weight is not None:
                 grad_weight += dz.T @ h.float()  # (V, H)
             if grad_bias is not None:
@@ -177,14 +206,25 @@ class ChunkedLoss(torch.autograd.Function):
         grad_weight = rest.pop(0) if ctx.has_weight else None
         grad_bias = rest.pop(0) if ctx.has_bias else None
         scale = grad_loss.float()
-        return ((grad_hidden * scale).to(ctx.hidden_dtype), None if grad_weight is None else grad_weight * scale,
-                None if grad_bias is None else grad_bias * scale, *(None,) * 8)
+        return (
+            (grad_hidden * scale).to(ctx.hidden_dtype),
+            None if grad_weight is None else grad_weight * scale,
+            None if grad_bias is None else grad_bias * scale,
+            *(None,) * 8,
+        )
 
 
-def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
-                 teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
-                 weight: float = 0.0, temperature: float = 1.0, chunk: int = 512,
-                 stored: Stored | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.nn.Module | None = None,
+    weight: float = 0.0,
+    temperature: float = 1.0,
+    chunk: int = 512,
+    stored: Stored | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss sum, CE sum) of a (B, T) block from final hidden states (B, T, H); positions 0..T-2 predict 1..T-1.
     The distillation target is the teacher's hidden states and head, or its ``stored`` distribution."""
     labels = F.pad(input_ids[:, 1:], (0, 1), value=-100).flatten()  # (B*T,)
@@ -192,8 +232,9 @@ def chunked_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torc
     t_flat = None if teacher_hidden is None else teacher_hidden.flatten(0, 1)
     t_weight = None if teacher_head is None else teacher_head.weight
     t_bias = None if teacher_head is None else teacher_head.bias
-    return ChunkedLoss.apply(flat, lm_head.weight, lm_head.bias, labels, t_flat, t_weight, t_bias, weight,
-                             temperature, chunk, stored)
+    return ChunkedLoss.apply(
+        flat, lm_head.weight, lm_head.bias, labels, t_flat, t_weight, t_bias, weight, temperature, chunk, stored
+    )
 
 
 def liger_available() -> bool:
@@ -201,8 +242,9 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def select_fused_loss(option: str, device_type: str, biased_distill: bool, available: bool | None = None,
-                      offline: bool = False) -> str:
+def select_fused_loss(
+    option: str, device_type: str, biased_distill: bool, available: bool | None = None, offline: bool = False
+) -> str:
     """``"liger"`` or ``"chunked"`` for ``train.fused_loss`` (auto | liger | off) on ``device_type``.
 
     auto takes Liger where it can run (installed, CUDA, and no lm_head bias under distillation: its fused JSD
@@ -211,26 +253,39 @@ def select_fused_loss(option: str, device_type: str, biased_distill: bool, avail
     available = liger_available() if available is None else available
     if option == "liger":
         if not available:
-            raise RecipeError("train.fused_loss: liger needs Liger Kernel: `pip install liger-kernel` (CUDA only), "
-                              "or set train.fused_loss=auto")
+            raise RecipeError(
+                "train.fused_loss: liger needs Liger Kernel: `pip install liger-kernel` (CUDA only), "
+                "or set train.fused_loss=auto"
+            )
         if device_type != "cuda":
-            raise RecipeError(f"train.fused_loss: liger runs on CUDA only; this run is on {device_type} "
-                              "(set train.fused_loss=auto)")
+            raise RecipeError(
+                f"train.fused_loss: liger runs on CUDA only; this run is on {device_type} (set train.fused_loss=auto)"
+            )
         if biased_distill:
-            raise RecipeError("train.fused_loss: Liger's fused JSD has no lm_head bias and this model's lm_head "
-                              "has one (set train.fused_loss=auto)")
+            raise RecipeError(
+                "train.fused_loss: Liger's fused JSD has no lm_head bias and this model's lm_head "
+                "has one (set train.fused_loss=auto)"
+            )
         if offline:
-            raise RecipeError("train.fused_loss: Liger has no loss against a stored top-k distribution "
-                              "(distill.mode: offline); set train.fused_loss=auto")
+            raise RecipeError(
+                "train.fused_loss: Liger has no loss against a stored top-k distribution "
+                "(distill.mode: offline); set train.fused_loss=auto"
+            )
         return "liger"
     if option == "auto" and available and device_type == "cuda" and not biased_distill and not offline:
         return "liger"
     return "chunked"
 
 
-def liger_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.Tensor,
-               teacher_hidden: torch.Tensor | None = None, teacher_head: torch.nn.Module | None = None,
-               weight: float = 0.0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def liger_loss(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    input_ids: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: torch.nn.Module | None = None,
+    weight: float = 0.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunked_loss`` through Liger Kernel's fused linear cross-entropy and fused linear JSD (NOT yet run on a GPU).
 
     Semantics read from liger-kernel 0.8.2's source (ops/fused_linear_cross_entropy.py, ops/fused_linear_jsd.py,
@@ -249,7 +304,15 @@ def liger_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, input_ids: torch.
     if weight == 0:
         return ce, ce.detach()
     t_flat = teacher_hidden.flatten(0, 1)
-    kl_mean = liger_fused_linear_jsd(flat, head_weight, t_flat, teacher_head.weight.to(t_flat.dtype),
-                                     shift_labels=labels, jsd_beta=0.0, ignore_index=-100, temperature=temperature)
+    kl_mean = liger_fused_linear_jsd(
+        flat,
+        head_weight,
+        t_flat,
+        teacher_head.weight.to(t_flat.dtype),
+        shift_labels=labels,
+        jsd_beta=0.0,
+        ignore_index=-100,
+        temperature=temperature,
+    )
     kl = kl_mean * (labels != -100).sum() * temperature**2
     return (1 - weight) * ce + weight * kl, ce.detach()

@@ -20,12 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.source import WeightSource, check_checkpoint, open_weights, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor, shard_names, shard_plan, write_index, write_shard
 from kvshrink_base.atomic import AtomicDirectory
-from kvshrink_base.errors import KvshrinkError, OneLineParser, check_output_dir, run_cli
+from kvshrink_base.errors import KvshrinkError, OneLineParser, check_output_dir, first_line, run_cli
 from uptrain.adapters import base_name, is_adapter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,10 +61,15 @@ def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, object
         weights = load_file(directory / ADAPTER_WEIGHTS)
         trained = load_file(directory / TRAINED) if (directory / TRAINED).exists() else {}
     except (OSError, ValueError) as exc:
-        raise MergeError(f"{directory} is not a saved LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): "
-                         f"{first_line(exc)}") from None
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or \
-            config.get("alpha_pattern"):
+        raise MergeError(
+            f"{directory} is not a saved LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}): {first_line(exc)}"
+        ) from None
+    if (
+        config.get("peft_type") != "LORA"
+        or config.get("use_dora")
+        or config.get("rank_pattern")
+        or config.get("alpha_pattern")
+    ):
         raise MergeError(f"{directory}: only plain LoRA adapters merge here (no DoRA, rank or alpha patterns)")
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -84,8 +88,10 @@ def merged_tensors(base: WeightSource, adapters: dict[str, Adapter], trained: di
     """Every tensor of ``base`` as the output has it: byte copies, trained values, or base plus adapter."""
     missing = sorted((set(adapters) | set(trained)) - set(base.tensors))
     if missing:
-        raise MergeError(f"the base checkpoint has no tensor {missing[0]}, which the adapter changes; merge into "
-                         "the checkpoint the run trained")
+        raise MergeError(
+            f"the base checkpoint has no tensor {missing[0]}, which the adapter changes; merge into "
+            "the checkpoint the run trained"
+        )
     out = []
     for name, info in base.tensors.items():
         if name in trained:
@@ -130,8 +136,12 @@ def merge(adapter_dir: Path, base_dir: Path, output: Path) -> Path:
         if len(shards) > 1:
             write_index(tmp, shards, names)
         for path in sorted(Path(base_dir).iterdir()):
-            if path.is_file() and not path.name.startswith(".") and not path.name.endswith(".safetensors") \
-                    and path.name not in _WEIGHT_FILE:
+            if (
+                path.is_file()
+                and not path.name.startswith(".")
+                and not path.name.endswith(".safetensors")
+                and path.name not in _WEIGHT_FILE
+            ):
                 shutil.copyfile(path, tmp / path.name)
     return Path(output)
 
@@ -144,8 +154,11 @@ def save_adapter(accelerator, model, directory: Path) -> None:
     state = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers)
     if accelerator.is_main_process:
         peft_model = accelerator.unwrap_model(model)
-        full = {name: base_name(name) for name, p in peft_model.named_parameters()
-                if p.requires_grad and not is_adapter(name)}
+        full = {
+            name: base_name(name)
+            for name, p in peft_model.named_parameters()
+            if p.requires_grad and not is_adapter(name)
+        }
         with AtomicDirectory(directory, temp_name=f".tmp-{directory.name}") as tmp:
             peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if full:
@@ -154,9 +167,11 @@ def save_adapter(accelerator, model, directory: Path) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m uptrain.merge") -> int:
-    parser = OneLineParser(prog=prog,
-                           description="Merge a run's LoRA adapters (OUTPUT_DIR/final-adapter) into its base "
-                                       "checkpoint, one tensor at a time.")
+    parser = OneLineParser(
+        prog=prog,
+        description="Merge a run's LoRA adapters (OUTPUT_DIR/final-adapter) into its base "
+        "checkpoint, one tensor at a time.",
+    )
     parser.add_argument("adapter", help="the adapter directory (a run's final-adapter)")
     parser.add_argument("base", help="the checkpoint the adapters were trained on, in its own dtype")
     parser.add_argument("output", help="the merged checkpoint's directory (must not exist, or be empty)")

@@ -28,8 +28,16 @@ def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions:
         raise RecipeError(f"--seq-len {seq_len} is beyond the model's {positions} positions; use at most {positions}")
 
 
-def perplexity(model, tokenizer, files: list[str], seq_len: int = 1024, max_tokens: int = 200_000,
-               batch_size: int = 4, text_field: str = "text", progress: str | None = None) -> dict[str, float]:
+def perplexity(
+    model,
+    tokenizer,
+    files: list[str],
+    seq_len: int = 1024,
+    max_tokens: int = 200_000,
+    batch_size: int = 4,
+    text_field: str = "text",
+    progress: str | None = None,
+) -> dict[str, float]:
     """Mean next-token loss, perplexity and token count of `model` on the blocks of `files`.
 
     `progress`, when given, is the label of a progress bar over the batches.
@@ -57,8 +65,9 @@ def perplexities(model_dir: str | Path, texts: dict[str, Path], seq_len: int, ma
     """{name: perplexity} of the checkpoint at ``model_dir`` (float32, CPU) on each named text file, rounded to
     0.01: the benches' scoring of a model on several texts."""
     model, tokenizer = load_model_and_tokenizer(model_dir, dtype=torch.float32)
-    return {name: round(perplexity(model, tokenizer, [str(f)], seq_len, max_tokens)["ppl"], 2)
-            for name, f in texts.items()}
+    return {
+        name: round(perplexity(model, tokenizer, [str(f)], seq_len, max_tokens)["ppl"], 2) for name, f in texts.items()
+    }
 
 
 def loss_sums(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:

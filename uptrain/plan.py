@@ -35,7 +35,10 @@ from uptrain.loss import chunkable
 
 GB = 1e9
 ADAM_BYTES = 16  # float32 weight, gradient, and AdamW's two moments
-QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64, "8bit": 1.0}  # NF4 plus its double-quantized block scales; int8 plus row scales
+QUANTIZED_BYTES = {
+    "4bit": 0.5 + 1 / 64,
+    "8bit": 1.0,
+}  # NF4 plus its double-quantized block scales; int8 plus row scales
 # What one decoder layer keeps for backward, per token: bytes per hidden unit (the norms and the residual stream
 # stay float32 under autocast, so this hardly depends on the compute dtype) and compute-dtype elements per MLP
 # unit. Measured with autograd's saved-tensor hooks on Llama layers (hidden 512 and 1024, MLP 1376 and 2752,
@@ -74,33 +77,47 @@ class MemoryPlan:
     def table(self) -> str:
         """The dry run's plan: one row per term, in GB, and the device's memory."""
         other = "without" if self.checkpointing else "with"
-        rows = [("frozen weights", self.frozen),
-                (f"trainable ({self.trainable_parameters:,} parameters, gradients, AdamW)", self.trainable),
-                (f"activations per micro-batch ({'with' if self.checkpointing else 'without'} checkpointing)",
-                 self.activations),
-                (f"  ({other} checkpointing it would be {self.activations_other / GB:.2f} GB)", None),
-                ("teacher", self.teacher), ("logits and loss chunk", self.loss), ("runtime", self.runtime)]
+        rows = [
+            ("frozen weights", self.frozen),
+            (f"trainable ({self.trainable_parameters:,} parameters, gradients, AdamW)", self.trainable),
+            (
+                f"activations per micro-batch ({'with' if self.checkpointing else 'without'} checkpointing)",
+                self.activations,
+            ),
+            (f"  ({other} checkpointing it would be {self.activations_other / GB:.2f} GB)", None),
+            ("teacher", self.teacher),
+            ("logits and loss chunk", self.loss),
+            ("runtime", self.runtime),
+        ]
         lines = [f"  {name:<68} {'' if v is None else f'{v / GB:8.2f} GB'}" for name, v in rows]
-        scope = f" x {self.processes} processes on this machine" if self.device == "cpu" and self.processes > 1 \
-            else ""
+        scope = f" x {self.processes} processes on this machine" if self.device == "cpu" and self.processes > 1 else ""
         lines.append(f"  {'peak' + scope:<68} {self.total / GB:8.2f} GB")
-        lines.append(f"  {'device memory (' + self.device + ')':<68} " +
-                     ("unknown" if self.capacity is None else f"{self.capacity / GB:8.2f} GB"))
+        lines.append(
+            f"  {'device memory (' + self.device + ')':<68} "
+            + ("unknown" if self.capacity is None else f"{self.capacity / GB:8.2f} GB")
+        )
         return "\n".join(lines)
 
     def line(self) -> str:
         """The plan in one line, as a real run prints it."""
-        parts = [f"frozen {self.frozen / GB:.2f}", f"trainable {self.trainable / GB:.2f}",
-                 f"activations {self.activations / GB:.2f}", f"teacher {self.teacher / GB:.2f}",
-                 f"loss {self.loss / GB:.2f}", f"runtime {self.runtime / GB:.2f}"]
+        parts = [
+            f"frozen {self.frozen / GB:.2f}",
+            f"trainable {self.trainable / GB:.2f}",
+            f"activations {self.activations / GB:.2f}",
+            f"teacher {self.teacher / GB:.2f}",
+            f"loss {self.loss / GB:.2f}",
+            f"runtime {self.runtime / GB:.2f}",
+        ]
         room = "" if self.capacity is None else f" of {self.capacity / GB:.1f} GB"
         return f"memory plan ({self.device}): {self.total / GB:.2f} GB{room} = " + " + ".join(parts) + " GB"
 
     def warning(self) -> str | None:
         if not self.exceeds:
             return None
-        return (f"warning: the memory plan ({self.total / GB:.1f} GB) exceeds this {self.device}'s "
-                f"{self.capacity / GB:.1f} GB; see python -m uptrain RECIPE --dry-run for its terms")
+        return (
+            f"warning: the memory plan ({self.total / GB:.1f} GB) exceeds this {self.device}'s "
+            f"{self.capacity / GB:.1f} GB; see python -m uptrain RECIPE --dry-run for its terms"
+        )
 
 
 def precision(train, dtype: torch.dtype, device_type: str) -> str:
@@ -237,11 +254,20 @@ def memory_plan(recipe, config, shape: RunShape, teacher_config=None) -> MemoryP
     teacher = 0
     if teacher_config is not None and recipe.distill.mode == "online":  # offline: never in memory
         teacher = sum(p.numel() for p in meta_model(teacher_config).parameters()) * element
-    return MemoryPlan(device=shape.device, capacity=device_memory(shape.device), frozen=frozen,
-                      trainable_parameters=trainable, trainable=states, activations=activations[0],
-                      activations_other=activations[1], checkpointing=checkpointing, teacher=teacher,
-                      loss=_loss_bytes(model, recipe, shape), runtime=int(RUNTIME_BYTES[shape.device]),
-                      processes=shape.processes)
+    return MemoryPlan(
+        device=shape.device,
+        capacity=device_memory(shape.device),
+        frozen=frozen,
+        trainable_parameters=trainable,
+        trainable=states,
+        activations=activations[0],
+        activations_other=activations[1],
+        checkpointing=checkpointing,
+        teacher=teacher,
+        loss=_loss_bytes(model, recipe, shape),
+        runtime=int(RUNTIME_BYTES[shape.device]),
+        processes=shape.processes,
+    )
 
 
 def dry_run(recipe) -> MemoryPlan:
@@ -252,7 +278,12 @@ def dry_run(recipe) -> MemoryPlan:
     device = "cuda" if pick_device("auto").type == "cuda" else "cpu"  # where accelerate will put the run
     config = student_config(recipe)
     dtype = config_dtype(config)
-    shape = RunShape(device, precision(recipe.train, dtype, device), dtype, int(os.environ.get("WORLD_SIZE", "1")),
-                     os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    shape = RunShape(
+        device,
+        precision(recipe.train, dtype, device),
+        dtype,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true",
+    )
     teacher = AutoConfig.from_pretrained(recipe.teacher) if recipe.teacher else None
     return memory_plan(recipe, config, shape, teacher)

@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from kvshrink_base.errors import first_line
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS
 from convert.options import CALIBRATION_ORDERS, DTYPES, ConvertOptions
 from convert.roles import SUBSETS
+from kvshrink_base.errors import first_line
 from uptrain.errors import RecipeError
 
 __all__ = ["LORA_ROLES", "Recipe", "RecipeError", "load_recipe", "lr_at", "schedule"]
@@ -195,8 +195,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise RecipeError(f"unknown recipe key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: "
-                          f"{', '.join(fields)}")
+        raise RecipeError(
+            f"unknown recipe key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(fields)}"
+        )
     values = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
@@ -254,8 +255,16 @@ def _check_convert(r: Recipe) -> None:
         raise RecipeError(f"convert: {exc}") from None
 
 
-PATH_FIELDS = ("model", "teacher", "output_dir", "resume", "convert.source", "convert.calibration_data", "data.train",
-               "data.eval")
+PATH_FIELDS = (
+    "model",
+    "teacher",
+    "output_dir",
+    "resume",
+    "convert.source",
+    "convert.calibration_data",
+    "data.train",
+    "data.eval",
+)
 _NAME = re.compile(r"[A-Za-z_]\w*")
 
 
@@ -336,11 +345,18 @@ def _check_consistency(r: Recipe) -> None:
     t = r.train
     if (t.max_steps is None) == (t.max_tokens is None):
         raise RecipeError("set exactly one of train.max_steps or train.max_tokens (the other to null)")
-    positive = {"train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
-                "data.seq_len": r.data.seq_len, "eval.every_steps": r.eval.every_steps,
-                "save.every_steps": r.save.every_steps, "save.keep_last": r.save.keep_last,
-                "log.every_steps": r.log.every_steps, "train.max_steps": t.max_steps or 1,
-                "train.max_tokens": t.max_tokens or 1, "train.lr": t.lr}
+    positive = {
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum": t.grad_accum,
+        "data.seq_len": r.data.seq_len,
+        "eval.every_steps": r.eval.every_steps,
+        "save.every_steps": r.save.every_steps,
+        "save.keep_last": r.save.keep_last,
+        "log.every_steps": r.log.every_steps,
+        "train.max_steps": t.max_steps or 1,
+        "train.max_tokens": t.max_tokens or 1,
+        "train.lr": t.lr,
+    }
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"{key} must be positive, got {value}")
@@ -376,8 +392,10 @@ def _check_lora(r: Recipe) -> None:
         if t.trainable == "none":
             raise RecipeError("train.trainable: none trains nothing without a lora section")
         if t.base_quantization != "none":
-            raise RecipeError(f"train.base_quantization: {t.base_quantization} needs a lora section (a quantized "
-                              "weight cannot be trained fully)")
+            raise RecipeError(
+                f"train.base_quantization: {t.base_quantization} needs a lora section (a quantized "
+                "weight cannot be trained fully)"
+            )
         return
     if lora.r <= 0:
         raise RecipeError(f"lora.r must be positive, got {lora.r}")
@@ -391,16 +409,21 @@ def _check_lora(r: Recipe) -> None:
     if unknown:
         raise RecipeError(f"lora.targets: {unknown[0]!r} is not a role; the roles are {', '.join(LORA_ROLES)}")
     if t.trainable == "all":
-        raise RecipeError("lora needs train.trainable none or kv: all trains every weight fully, so adapters "
-                          "would add nothing")
+        raise RecipeError(
+            "lora needs train.trainable none or kv: all trains every weight fully, so adapters would add nothing"
+        )
     full = set(SUBSETS[t.trainable]) if t.trainable != "none" else set()
     both = [role for role in lora.targets if role in full]
     if both:
-        raise RecipeError(f"lora.targets: {both[0]} is also trained fully by train.trainable: {t.trainable}; "
-                          "adapt it or train it, not both")
+        raise RecipeError(
+            f"lora.targets: {both[0]} is also trained fully by train.trainable: {t.trainable}; "
+            "adapt it or train it, not both"
+        )
     if t.base_quantization != "none" and t.trainable != "none":
-        raise RecipeError(f"train.base_quantization: {t.base_quantization} needs train.trainable: none (the "
-                          "quantized base cannot be trained fully)")
+        raise RecipeError(
+            f"train.base_quantization: {t.base_quantization} needs train.trainable: none (the "
+            "quantized base cannot be trained fully)"
+        )
 
 
 def _check_offline(r: Recipe) -> None:

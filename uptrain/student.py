@@ -10,17 +10,17 @@ from typing import Any
 
 import torch
 
-from kvshrink_base.errors import first_line
 from convert import ConversionError, convert_checkpoint
 from convert.merge import METHODS
 from convert.options import ConvertOptions
+from kvshrink_base.errors import first_line
 from kvshrink_base.models import load_model
+from kvshrink_base.sample import Sampling, cached_samples
 from kvshrink_base.text import local_files
 from uptrain.adapters import add_adapters, set_trainable, subset_family, target_modules
 from uptrain.errors import RecipeError
 from uptrain.plan import config_dtype, frozen_in_float32
 from uptrain.recipe import Recipe
-from kvshrink_base.sample import Sampling, cached_samples
 
 
 def model_path(recipe: Recipe, state) -> str:
@@ -90,8 +90,10 @@ def check_model_settings(recipe: Recipe, path: str) -> None:
     if recipe.teacher:  # the teacher's vocabulary, in both distillation modes
         vocab = AutoConfig.from_pretrained(recipe.teacher).vocab_size
         if vocab != student.vocab_size:
-            raise RecipeError(f"the teacher's vocabulary ({vocab}) differs from the student's "
-                              f"({student.vocab_size}); distillation needs the same tokenizer")
+            raise RecipeError(
+                f"the teacher's vocabulary ({vocab}) differs from the student's "
+                f"({student.vocab_size}); distillation needs the same tokenizer"
+            )
     if t.trainable == "all" and recipe.lora is None:
         return
     config = student.to_dict()
@@ -109,13 +111,16 @@ def check_quantization(kind: str, state) -> None:
     try:
         import bitsandbytes  # noqa: F401  (its import checks its own backends)
     except ImportError:
-        raise RecipeError(f"train.base_quantization: {kind} needs bitsandbytes: pip install 'kvshrink[quant]'") \
-            from None
+        raise RecipeError(
+            f"train.base_quantization: {kind} needs bitsandbytes: pip install 'kvshrink[quant]'"
+        ) from None
     if state.device.type not in ("cuda", "cpu"):
         raise RecipeError(f"train.base_quantization: {kind} runs on CUDA or the CPU, not {state.device.type}")
     if state.distributed_type.value == "FSDP":
-        raise RecipeError(f"train.base_quantization: {kind} does not run under FSDP here; launch with "
-                          "recipes/accelerate/ddp.yaml or one process")
+        raise RecipeError(
+            f"train.base_quantization: {kind} does not run under FSDP here; launch with "
+            "recipes/accelerate/ddp.yaml or one process"
+        )
 
 
 def checkpoint_dtype(path: str) -> torch.dtype:
@@ -137,8 +142,9 @@ def quantization(kind: str, compute: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if kind == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -158,8 +164,11 @@ def load_student(recipe: Recipe, accelerator, path: str):
     dtype, or quantized by bitsandbytes onto this process's device (``train.base_quantization``)."""
     kind = recipe.train.base_quantization
     if kind != "none":
-        model = load_model(path, quantization_config=quantization(kind, compute_dtype(accelerator)),
-                           device_map={"": accelerator.device})
+        model = load_model(
+            path,
+            quantization_config=quantization(kind, compute_dtype(accelerator)),
+            device_map={"": accelerator.device},
+        )
         return keep_4bit_trainable(model)
     model = load_model(path)
     if frozen_in_float32(recipe.train, accelerator.mixed_precision):

@@ -32,13 +32,21 @@ class TrainingSummary:
 
     def format(self) -> str:
         """The CLI's table: one ``name  value`` row per figure; downstream scores without their stderr."""
-        rows = [("eval perplexity before", f"{self.eval_ppl_before:.2f}"),
-                ("eval perplexity after", f"{self.eval_ppl_after:.2f}"),
-                ("steps", f"{self.steps:,}"), ("tokens trained", f"{self.tokens:,}"),
-                ("time (this run)", f"{self.seconds:.1f} s"), ("tokens/s", f"{self.tokens_per_s:,.0f}"),
-                ("final checkpoint", self.final or ""), ("plot", self.plot or "")]
+        rows = [
+            ("eval perplexity before", f"{self.eval_ppl_before:.2f}"),
+            ("eval perplexity after", f"{self.eval_ppl_after:.2f}"),
+            ("steps", f"{self.steps:,}"),
+            ("tokens trained", f"{self.tokens:,}"),
+            ("time (this run)", f"{self.seconds:.1f} s"),
+            ("tokens/s", f"{self.tokens_per_s:,.0f}"),
+            ("final checkpoint", self.final or ""),
+            ("plot", self.plot or ""),
+        ]
         for scores, suffix in ((self.downstream_before, " (before)"), (self.downstream, "")):
-            rows += [(f"{k.removeprefix('downstream/')}{suffix}", f"{v:.4f}")
-                     for k, v in scores.items() if not k.endswith("_stderr")]
+            rows += [
+                (f"{k.removeprefix('downstream/')}{suffix}", f"{v:.4f}")
+                for k, v in scores.items()
+                if not k.endswith("_stderr")
+            ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

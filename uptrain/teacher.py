@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvshrink_base.errors import first_line
 from convert.families import resolve
 from convert.onload import LayerLoader, Through, layer_calls, output_head, stood_in
 from convert.source import open_weights, read_config
 from convert.walk import HiddenStates, hidden
 from kvshrink_base.atomic import AtomicDirectory
+from kvshrink_base.errors import first_line
 from uptrain.errors import RecipeError
 from uptrain.loss import Stored
 
@@ -44,8 +44,18 @@ FORMAT = 1  # bump when the files' layout or meaning changes
 def teacher_key(teacher: Path, blocks, rows: np.ndarray, top_k: int | None, temperature: float, dtype: str) -> str:
     """The cache key: what the files depend on, hashed (``blocks(start, stop)`` as for ``teacher_pass``)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": FORMAT, "top_k": top_k, "temperature": temperature, "dtype": dtype,
-                              "config": read_config(teacher)}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "top_k": top_k,
+                "temperature": temperature,
+                "dtype": dtype,
+                "config": read_config(teacher),
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for path in sorted(teacher.glob("*.safetensors")):
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -68,8 +78,10 @@ def _anchors(config: dict, weights) -> list[str]:
     try:
         _, spec = resolve(config)
     except KeyError as exc:
-        raise RecipeError(f"distill.mode: offline runs the teacher one layer at a time and needs a family the "
-                          f"converter knows; {exc.args[0]} is not one") from None
+        raise RecipeError(
+            f"distill.mode: offline runs the teacher one layer at a time and needs a family the "
+            f"converter knows; {exc.args[0]} is not one"
+        ) from None
     layers = next(config[k] for k in spec.config.layers if k in config)
     module = spec.tensors.get("q") or spec.tensors["qkv"]
     anchors = []
@@ -85,6 +97,7 @@ def _anchors(config: dict, weights) -> list[str]:
 def _final_states(decoders: list, final: list):
     """The decoder layers stood in by their result: each passes its input on, the last returns ``final[0]`` (a
     block's stored output), so the model's forward goes straight to its final norm and head."""
+
     def stand_in(index: int):
         def forward(*args, **kwargs):
             received = args[0] if args else kwargs["hidden_states"]
@@ -93,6 +106,7 @@ def _final_states(decoders: list, final: list):
             # A model that indexes its layers' outputs (``out[0]``) handed on a plain tensor; one that passes
             # them on whole handed on the stand-in's tuple, and reads the last one whole too.
             return (final[0],) if not isinstance(received, Through) and len(decoders) > 1 else final[0]
+
         return forward
 
     return stood_in(decoders, stand_in)
@@ -143,8 +157,20 @@ def group_size(seq_len: int, hidden: int, budget: int = 2 * 10**9) -> int:
     return max(1, budget // (seq_len * hidden * 4))
 
 
-def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: int | None, temperature: float,
-                 dtype: str, out: Path, key: str, device, group: int | None = None, progress: bool = True) -> None:
+def teacher_pass(
+    teacher: Path,
+    blocks,
+    rows: np.ndarray,
+    seq_len: int,
+    top_k: int | None,
+    temperature: float,
+    dtype: str,
+    out: Path,
+    key: str,
+    device,
+    group: int | None = None,
+    progress: bool = True,
+) -> None:
     """Write the teacher files into ``out`` atomically (see the module): ``blocks(start, stop)`` gives rows
     start..stop-1 of the training blocks as a (n, seq_len) tensor, ``rows`` their dataset indices."""
     weights = open_weights(teacher)
@@ -158,8 +184,7 @@ def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: i
     with torch.inference_mode(), AtomicDirectory(out) as tmp:
         store = np.uint16 if dtype == "bfloat16" else np.float32
         logprobs = np.lib.format.open_memmap(tmp / "logprobs.npy", "w+", store, (count, seq_len, k))
-        ids = None if top_k is None else np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32,
-                                                                    (count, seq_len, k))
+        ids = None if top_k is None else np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (count, seq_len, k))
         tail = np.lib.format.open_memmap(tmp / "tail.npy", "w+", np.float32, (count, seq_len))
         for start in range(0, count, group):
             chunk = blocks(start, min(count, start + group))
@@ -175,12 +200,15 @@ def teacher_pass(teacher: Path, blocks, rows: np.ndarray, seq_len: int, top_k: i
             if array is not None:
                 array.flush()
         np.save(tmp / "rows.npy", rows.astype(np.int64))
-        (tmp / KEY_FILE).write_text(json.dumps({"key": key, "rows": count, "seq_len": seq_len, "top_k": top_k,
-                                                "temperature": temperature, "dtype": dtype}) + "\n")
+        meta = {"key": key, "rows": count, "seq_len": seq_len, "top_k": top_k, "temperature": temperature}
+        (tmp / KEY_FILE).write_text(json.dumps({**meta, "dtype": dtype}) + "\n")
         written = sum(p.stat().st_size for p in tmp.iterdir())
     if progress:
-        print(f"teacher: {count} blocks of {seq_len} tokens, top {k} of {vocab} tokens, {written / 1e6:,.1f} MB "
-              f"written to {out} in {time.perf_counter() - started:.1f} s", flush=True)
+        print(
+            f"teacher: {count} blocks of {seq_len} tokens, top {k} of {vocab} tokens, {written / 1e6:,.1f} MB "
+            f"written to {out} in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
 
 
 def _store_row(log_p: torch.Tensor, k: int, whole: bool, dtype: str, arrays: tuple, row: int) -> None:
@@ -209,12 +237,16 @@ class TeacherFiles:
             self.tail = np.load(directory / "tail.npy", mmap_mode="r")
             self.ids = np.load(directory / "ids.npy", mmap_mode="r") if meta["top_k"] is not None else None
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise RecipeError(f"the teacher files in {directory} are damaged ({first_line(exc)}); remove "
-                              "that directory to compute them again") from None
+            raise RecipeError(
+                f"the teacher files in {directory} are damaged ({first_line(exc)}); remove "
+                "that directory to compute them again"
+            ) from None
         shapes = {self.logprobs.shape[:2], self.tail.shape} | ({self.ids.shape[:2]} if self.ids is not None else set())
         if meta.get("key") != key or len(shapes) != 1 or self.tail.shape[0] != len(rows):
-            raise RecipeError(f"the teacher files in {directory} do not match their key.json; remove that "
-                              "directory to compute them again")
+            raise RecipeError(
+                f"the teacher files in {directory} do not match their key.json; remove that "
+                "directory to compute them again"
+            )
         self.bfloat16 = meta["dtype"] == "bfloat16"
         self.row_of = {int(index): row for row, index in enumerate(rows)}
 
@@ -223,8 +255,10 @@ class TeacherFiles:
         try:
             rows = [self.row_of[int(i)] for i in indices]
         except KeyError as exc:
-            raise RecipeError(f"the teacher files hold no block {exc.args[0]} of the training data; remove "
-                              f"{self.directory} to compute them again") from None
+            raise RecipeError(
+                f"the teacher files hold no block {exc.args[0]} of the training data; remove "
+                f"{self.directory} to compute them again"
+            ) from None
         logprobs = torch.from_numpy(np.stack([self.logprobs[r] for r in rows]))
         logprobs = logprobs.view(torch.bfloat16).float() if self.bfloat16 else logprobs
         tail = torch.from_numpy(np.stack([self.tail[r] for r in rows]))
@@ -234,5 +268,8 @@ class TeacherFiles:
         norm = torch.logaddexp(logprobs.logsumexp(-1), tail)
         logprobs, tail = logprobs - norm[..., None], tail - norm
         ids = None if self.ids is None else torch.from_numpy(np.stack([self.ids[r] for r in rows])).long()
-        return Stored(None if ids is None else ids.flatten(0, 1).to(device), logprobs.flatten(0, 1).to(device),
-                      tail.flatten(0, 1).to(device))
+        return Stored(
+            None if ids is None else ids.flatten(0, 1).to(device),
+            logprobs.flatten(0, 1).to(device),
+            tail.flatten(0, 1).to(device),
+        )

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import timedelta
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,16 @@ from kvshrink_base.text import check_entries
 from uptrain import checkpoints, data, downstream, merge, student
 from uptrain import teacher as teacher_files
 from uptrain.errors import RecipeError, TrainingError
-from uptrain.loss import (Stored, chunked_loss, distill_kl, liger_loss, loss_chunk, select_fused_loss,
-                          stored_distill_kl, token_losses)
+from uptrain.loss import (
+    Stored,
+    chunked_loss,
+    distill_kl,
+    liger_loss,
+    loss_chunk,
+    select_fused_loss,
+    stored_distill_kl,
+    token_losses,
+)
 from uptrain.metrics import MetricsLog, tracker_config
 from uptrain.perplexity import eval_metrics
 from uptrain.plan import RunShape, config_dtype, memory_plan, precision
@@ -70,7 +78,8 @@ def run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
             raise TrainingError(
                 f"the processes waited {recipe.train.collective_timeout_s} s in a collective that not all of them "
                 "joined (train.collective_timeout_s): one stopped or stalled; "
-                + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")) from None
+                + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written yet")
+            ) from None
 
 
 def check_paths(recipe: Recipe) -> None:
@@ -90,8 +99,10 @@ def _process_state(recipe: Recipe):
     # A run in a process that ran one before (the demo, a notebook) may take another precision: accelerate's state
     # is process-wide and refuses a change. The process group itself, once made, stays.
     AcceleratorState._reset_state(reset_partial_state=True)
-    return PartialState(cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
-                        timeout=timedelta(seconds=recipe.train.collective_timeout_s))
+    return PartialState(
+        cpu=not torch.cuda.is_available(),  # with several processes and no GPU: gloo on CPU
+        timeout=timedelta(seconds=recipe.train.collective_timeout_s),
+    )
 
 
 def _accelerator(recipe: Recipe, dtype: torch.dtype):
@@ -130,8 +141,9 @@ def _tasks(recipe: Recipe) -> downstream.Tasks | None:
     e = recipe.eval
     if not e.tasks:
         return None
-    return downstream.load_tasks(e.tasks, e.tasks_num_fewshot, downstream.task_limit(e.tasks_limit),
-                                 recipe.train.micro_batch_size)
+    return downstream.load_tasks(
+        e.tasks, e.tasks_num_fewshot, downstream.task_limit(e.tasks_limit), recipe.train.micro_batch_size
+    )
 
 
 def _scores(tasks: downstream.Tasks | None, path: str, accelerator) -> dict[str, float]:
@@ -164,8 +176,12 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
     _print_plan(recipe, accelerator, model_path)
     model, teacher, source_dtype, trainable = student.load_models(recipe, accelerator, model_path)
     tokens_per_step, total_steps = schedule(recipe, accelerator.num_processes)
-    optimizer = torch.optim.AdamW(student.param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
-                                  fused=accelerator.device.type in ("cuda", "cpu"))  # one kernel, not a loop
+    optimizer = torch.optim.AdamW(
+        student.param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=tuple(t.betas),
+        fused=accelerator.device.type in ("cuda", "cpu"),
+    )  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=data.collate)
     model, optimizer, scheduler, eval_loader = accelerator.prepare(model, optimizer, scheduler, eval_loader)
@@ -182,12 +198,15 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
         accelerator.load_state(str(resume_from), strict=whole)
         start_step = checkpoints.read_state(resume_from)["step"]
     if accelerator.is_main_process:
-        print(f"uptrain: {model_path} -> {recipe.output_dir}: {total_steps} steps of {tokens_per_step:,} tokens, "
-              f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
-              f"({accelerator.distributed_type.value}) on {accelerator.device.type}, precision "
-              f"{accelerator.mixed_precision}" + (f", resuming from {resume_from.name}" if resume_from else ""))
-    return _Setup(model, teacher, source_dtype, optimizer, scheduler, eval_loader, total_steps, tokens_per_step,
-                  start_step)
+        print(
+            f"uptrain: {model_path} -> {recipe.output_dir}: {total_steps} steps of {tokens_per_step:,} tokens, "
+            f"{trainable:,} trainable parameters, {accelerator.num_processes} process(es) "
+            f"({accelerator.distributed_type.value}) on {accelerator.device.type}, precision "
+            f"{accelerator.mixed_precision}" + (f", resuming from {resume_from.name}" if resume_from else "")
+        )
+    return _Setup(
+        model, teacher, source_dtype, optimizer, scheduler, eval_loader, total_steps, tokens_per_step, start_step
+    )
 
 
 def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path | None) -> teacher_files.TeacherFiles:
@@ -208,8 +227,18 @@ def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path |
         checkpoints.check_teacher_files(resume_from, key)
     directory = Path(recipe.output_dir) / teacher_files.DIRECTORY
     if accelerator.is_main_process and teacher_files.stored_key(directory) != key:
-        teacher_files.teacher_pass(source, blocks, rows, recipe.data.seq_len, d.top_k, d.temperature,
-                                   d.logits_dtype, directory, key, pick_device("auto"))
+        teacher_files.teacher_pass(
+            source,
+            blocks,
+            rows,
+            recipe.data.seq_len,
+            d.top_k,
+            d.temperature,
+            d.logits_dtype,
+            directory,
+            key,
+            pick_device("auto"),
+        )
     while teacher_files.stored_key(directory) != key:  # the main process computes them (no collective: it may
         time.sleep(1.0)  # take longer than the collective timeout)
     return teacher_files.TeacherFiles(directory, key)
@@ -221,8 +250,13 @@ def _print_plan(recipe: Recipe, accelerator, model_path: str) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    shape = RunShape(accelerator.device.type, accelerator.mixed_precision, config_dtype(config),
-                     accelerator.num_processes, accelerator.distributed_type == DistributedType.FSDP)
+    shape = RunShape(
+        accelerator.device.type,
+        accelerator.mixed_precision,
+        config_dtype(config),
+        accelerator.num_processes,
+        accelerator.distributed_type == DistributedType.FSDP,
+    )
     plan = memory_plan(recipe, config, shape, AutoConfig.from_pretrained(recipe.teacher) if recipe.teacher else None)
     if accelerator.is_main_process:
         print(plan.line(), flush=True)
@@ -271,10 +305,20 @@ def _run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     s = _prepare(recipe, accelerator, model_path, eval_set, resume_from)
     metrics = _metrics(recipe, accelerator, s.start_step, before)
 
-    loop = _Loop(recipe, accelerator, s.model, s.teacher, s.optimizer, s.scheduler, s.eval_loader, metrics,
-                 s.total_steps, s.tokens_per_step, stored)
-    batches = data.train_batches(train_set, t.micro_batch_size, t.seed, accelerator,
-                                 start=s.start_step * t.grad_accum)
+    loop = _Loop(
+        recipe,
+        accelerator,
+        s.model,
+        s.teacher,
+        s.optimizer,
+        s.scheduler,
+        s.eval_loader,
+        metrics,
+        s.total_steps,
+        s.tokens_per_step,
+        stored,
+    )
+    batches = data.train_batches(train_set, t.micro_batch_size, t.seed, accelerator, start=s.start_step * t.grad_accum)
     summary = loop.train(batches, s.start_step)
 
     final = out / "final"
@@ -307,8 +351,20 @@ def _save_final(recipe: Recipe, accelerator, s: _Setup, tokenizer, model_path: s
 class _Loop:
     """The optimizer-step loop with its logging, evaluation and checkpoints."""
 
-    def __init__(self, recipe, accelerator, model, teacher, optimizer, scheduler, eval_loader, metrics,
-                 total_steps, tokens_per_step, stored=None):
+    def __init__(
+        self,
+        recipe,
+        accelerator,
+        model,
+        teacher,
+        optimizer,
+        scheduler,
+        eval_loader,
+        metrics,
+        total_steps,
+        tokens_per_step,
+        stored=None,
+    ):
         self.r, self.acc, self.model, self.teacher, self.stored = recipe, accelerator, model, teacher, stored
         self.optimizer, self.scheduler, self.eval_loader, self.metrics = optimizer, scheduler, eval_loader, metrics
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
@@ -317,14 +373,16 @@ class _Loop:
         self.chunk = loss_chunk(recipe.train.loss_chunk_tokens, accelerator, model, teacher)
         heads = [accelerator.unwrap_model(model)] + ([teacher] if teacher is not None else [])
         biased = teacher is not None and any(m.get_output_embeddings().bias is not None for m in heads)
-        self.fused = select_fused_loss(recipe.train.fused_loss, accelerator.device.type, biased,
-                                       offline=stored is not None)
+        self.fused = select_fused_loss(
+            recipe.train.fused_loss, accelerator.device.type, biased, offline=stored is not None
+        )
 
     def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
         acc, r = self.acc, self.r
-        tokens = torch.tensor(sum(b["input_ids"][:, 1:].numel() for b in window), device=acc.device,
-                              dtype=torch.float64)
+        tokens = torch.tensor(
+            sum(b["input_ids"][:, 1:].numel() for b in window), device=acc.device, dtype=torch.float64
+        )
         tokens = acc.reduce(tokens, "sum")
         total = torch.zeros((), device=acc.device, dtype=torch.float64)
         ce_total = torch.zeros_like(total)
@@ -360,8 +418,7 @@ class _Loop:
             teacher_head = None if w == 0 else self.teacher.get_output_embeddings()
             if self.fused == "liger":
                 return liger_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature)
-            return chunked_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature,
-                                self.chunk)
+            return chunked_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature, self.chunk)
         logits = self.model(input_ids=ids).logits
         ce = token_losses(logits, ids)
         if w == 0:
@@ -396,17 +453,23 @@ class _Loop:
             checkpoints.save(self.acc, out, self.step, self.r.save.keep_last, facts)
         except OSError as exc:
             last = checkpoints.newest(out)
-            keep = f"the last complete checkpoint, {last}, is intact: rerun to resume from it" if last else \
-                "no complete checkpoint was written yet"
-            raise TrainingError(f"saving the step-{self.step} checkpoint failed "
-                                f"({os_error_line(exc).removeprefix('error: ')}); {keep}") from None
+            keep = (
+                f"the last complete checkpoint, {last}, is intact: rerun to resume from it"
+                if last
+                else "no complete checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"saving the step-{self.step} checkpoint failed ({os_error_line(exc).removeprefix('error: ')}); {keep}"
+            ) from None
 
     def check_finite(self, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
             last = checkpoints.newest(Path(self.r.output_dir))
             keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise TrainingError(f"the loss became {loss.item()} at step {self.step + 1}; stopped before the update; "
-                                f"{keep}. Lower train.lr or check the data")
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {self.step + 1}; stopped before the update; "
+                f"{keep}. Lower train.lr or check the data"
+            )
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -416,8 +479,11 @@ class _Loop:
         result = eval_metrics(self.model, self.eval_loader, self.acc)
         self.log({"step": self.step, "tokens": self.step * self.tokens_per_step, **result})
         if self.acc.is_main_process:
-            tqdm.write(f"step {self.step}: eval perplexity {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f}) "
-                       f"on {result['eval_tokens']:,} tokens in {self.r.data.seq_len}-token blocks", file=sys.stdout)
+            tqdm.write(
+                f"step {self.step}: eval perplexity {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f}) "
+                f"on {result['eval_tokens']:,} tokens in {self.r.data.seq_len}-token blocks",
+                file=sys.stdout,
+            )
         return result
 
     def train(self, batches, start_step: int) -> TrainingSummary:
@@ -429,8 +495,13 @@ class _Loop:
             first_eval = self.eval_now()
         self.model.train()
         self.lines = acc.is_main_process and not sys.stderr.isatty()  # logs get a line per log step, terminals a bar
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_main_process or self.lines,
-                   desc="uptrain", unit="step")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not acc.is_main_process or self.lines,
+            desc="uptrain",
+            unit="step",
+        )
         started = self.interval_start = time.perf_counter()
         self.interval_tokens, last_eval, trained_tokens = 0, None, 0
         try:
@@ -447,15 +518,21 @@ class _Loop:
             raise TrainingError(
                 f"out of GPU memory at train.micro_batch_size={t.micro_batch_size}, data.seq_len="
                 f"{self.r.data.seq_len}: lower train.micro_batch_size (raise train.grad_accum to keep the batch), "
-                "set train.gradient_checkpointing=true, or shorten data.seq_len") from None
+                "set train.gradient_checkpointing=true, or shorten data.seq_len"
+            ) from None
         finally:
             bar.close()
         seconds = time.perf_counter() - started
         if last_eval is None:  # resumed a run that had already finished: its last eval is in the log
             last_eval = self.logged_eval(first=False) or first_eval
-        return TrainingSummary(eval_ppl_before=first_eval["eval_ppl"], eval_ppl_after=last_eval["eval_ppl"],
-                               steps=self.step, tokens=self.step * self.tokens_per_step, seconds=seconds,
-                               tokens_per_s=trained_tokens / seconds if seconds else 0.0)
+        return TrainingSummary(
+            eval_ppl_before=first_eval["eval_ppl"],
+            eval_ppl_after=last_eval["eval_ppl"],
+            steps=self.step,
+            tokens=self.step * self.tokens_per_step,
+            seconds=seconds,
+            tokens_per_s=trained_tokens / seconds if seconds else 0.0,
+        )
 
     def logged_eval(self, first: bool) -> dict[str, Any] | None:
         """The first (or last) eval record of metrics.jsonl as the main process reads it, sent to every process: the
@@ -487,12 +564,21 @@ class _Loop:
     def log_step(self, loss: torch.Tensor, ce: torch.Tensor, bar) -> None:
         """One metrics record: loss, CE, learning rate, gradient norm and tokens/s since the last record."""
         now = time.perf_counter()
-        record = {"step": self.step, "tokens": self.step * self.tokens_per_step, "loss": loss.item(),
-                  "ce": ce.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.grad_norm),
-                  "tokens_per_s": self.interval_tokens / (now - self.interval_start)}
+        record = {
+            "step": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "loss": loss.item(),
+            "ce": ce.item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(self.grad_norm),
+            "tokens_per_s": self.interval_tokens / (now - self.interval_start),
+        }
         self.log(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}")
         if self.lines:
-            print(f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
-                  f"{record['tokens_per_s']:,.0f} tokens/s", flush=True)
+            print(
+                f"step {self.step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                f"{record['tokens_per_s']:,.0f} tokens/s",
+                flush=True,
+            )
         self.interval_start, self.interval_tokens = now, 0

@@ -15,8 +15,7 @@ from uptrain.decoding.bench import check_args, parse_args, run
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.decode_bench") -> int:
     args = parse_args(argv, prog)
-    args.command = prog + " " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    args.command = prog + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
         check_args(args)

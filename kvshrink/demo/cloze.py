@@ -53,7 +53,7 @@ def runs(text: str) -> list[Run]:
         lines = [line.strip() for line in block.splitlines() if line.strip()]
         speaker = lines[0] if len(lines) >= 2 and SPEAKER.fullmatch(lines[0]) else None
         current: list[str] = []
-        for line in lines[speaker is not None:] + ["["]:
+        for line in lines[speaker is not None :] + ["["]:
             if line.startswith("["):
                 if current:
                     out.append(Run(speaker, tuple(current)))
@@ -72,19 +72,23 @@ def document_items(text: str, rng: random.Random, per_document: int) -> list[dic
     """Up to `per_document` items from one document, in document order."""
     all_runs = runs(text)
     pool = sorted({(line, i) for i, r in enumerate(all_runs) for line in r.lines if eligible(line)})
-    targets = [(i, j) for i, r in enumerate(all_runs) for j in range(MIN_CONTEXT, len(r.lines))
-               if eligible(r.lines[j])]
+    targets = [(i, j) for i, r in enumerate(all_runs) for j in range(MIN_CONTEXT, len(r.lines)) if eligible(r.lines[j])]
     items = []
     for i, j in sorted(rng.sample(targets, min(per_document, len(targets)))):
         run, answer = all_runs[i], all_runs[i].lines[j]
-        near = sorted({line for line, k in pool if k != i and line != answer
-                       and abs(len(line) - len(answer)) <= LENGTH_SLACK * len(answer)})
+        near = sorted(
+            {
+                line
+                for line, k in pool
+                if k != i and line != answer and abs(len(line) - len(answer)) <= LENGTH_SLACK * len(answer)
+            }
+        )
         if len(near) < CHOICES - 1:
             continue
         choices = rng.sample(near, CHOICES - 1)
         label = rng.randrange(CHOICES)
         choices.insert(label, answer)
-        context = ([run.speaker] if run.speaker else []) + list(run.lines[max(0, j - CONTEXT_LINES):j])
+        context = ([run.speaker] if run.speaker else []) + list(run.lines[max(0, j - CONTEXT_LINES) : j])
         items.append({"context": "\n".join(context), "choices": choices, "label": label})
     return items
 

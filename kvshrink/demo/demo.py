@@ -18,8 +18,9 @@
 
 The recipe is sized for a 2-core CPU (about 4 minutes of training per model), and on a CPU the recommended
 conversion takes ``convert.options.RECOMMENDED_CPU_LOCAL_STEPS`` local steps and the evals ``EVAL_TOKENS_CPU``
-tokens, so that the whole demo takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M
-sampled tokens (sampled 512 at a time; not yet run on a GPU), with RECOMMENDED's local steps.
+tokens, so that the whole demo takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight
+in bf16 on longer blocks, on 2M sampled tokens (sampled 512 at a time; not yet run on a GPU), with
+RECOMMENDED's local steps.
 """
 
 from __future__ import annotations
@@ -37,16 +38,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from uptrain.recipe import Recipe
     from kvshrink_base.sample import Sampling
+    from uptrain.recipe import Recipe
     from uptrain.summary import TrainingSummary
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
 GPU_OVERRIDES = [  # 60 steps x 32,768 tokens = 2.0M tokens, each sampled from the original once
-    "data.seq_len=1024", "train.micro_batch_size=8", "train.grad_accum=4", "train.max_steps=60",
-    "train.trainable=all", "train.lr=3.0e-4", "train.min_lr=3.0e-5", "train.warmup_steps=6",
-    "train.precision=bf16", "eval.every_steps=10", "eval.max_tokens=65536", "log.every_steps=5",
+    "data.seq_len=1024",
+    "train.micro_batch_size=8",
+    "train.grad_accum=4",
+    "train.max_steps=60",
+    "train.trainable=all",
+    "train.lr=3.0e-4",
+    "train.min_lr=3.0e-5",
+    "train.warmup_steps=6",
+    "train.precision=bf16",
+    "eval.every_steps=10",
+    "eval.max_tokens=65536",
+    "log.every_steps=5",
 ]
 PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "To be, or not to be, that is the question:",
@@ -68,16 +78,26 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") ->
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
     from kvshrink_base.errors import OneLineParser, positive_int
 
-    p = OneLineParser(prog=prog, description="SmolLM2-135M-Instruct converted to "
-                      "MQA by every method, evaluated, uptrained with distillation and compared, offline.")
+    p = OneLineParser(
+        prog=prog,
+        description="SmolLM2-135M-Instruct converted to "
+        "MQA by every method, evaluated, uptrained with distillation and compared, offline.",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--max-steps", type=positive_int, help="uptraining steps instead of the recipe's (or the GPU's)")
-    p.add_argument("--eval-tokens", type=positive_int,
-                   help=f"tokens scored per model and text (default: {EVAL_TOKENS_CPU:,} on CPU, 131,072 on GPU)")
+    p.add_argument(
+        "--eval-tokens",
+        type=positive_int,
+        help=f"tokens scored per model and text (default: {EVAL_TOKENS_CPU:,} on CPU, 131,072 on GPU)",
+    )
     p.add_argument("--eval-seq-len", type=positive_int, default=512, help="block length of the eval (default: 512)")
     p.add_argument("--new-tokens", type=positive_int, default=30, help="tokens generated per prompt (default: 30)")
-    p.add_argument("--calibration-tokens", type=positive_int, default=16_384,
-                   help="calibration tokens for the methods that need them (default: 16,384)")
+    p.add_argument(
+        "--calibration-tokens",
+        type=positive_int,
+        default=16_384,
+        help="calibration tokens for the methods that need them (default: 16,384)",
+    )
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
     # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -102,8 +122,34 @@ def check_eval_seq_len(model: Path, seq_len: int) -> None:
 
     limit = read_config(model).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:
-        raise ConversionError(f"--eval-seq-len {seq_len} is beyond the model's {limit} positions; "
-                              f"give at most {limit}")
+        raise ConversionError(f"--eval-seq-len {seq_len} is beyond the model's {limit} positions; give at most {limit}")
+
+
+def uptrain_all(
+    methods: list[str], converted: dict, original: Path, texts: Texts, args: argparse.Namespace, gpu: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Uptrain each method's conversion with the demo's recipe: mean into OUT, the others into OUT/uptrain-METHOD.
+
+    Returns:
+        The last recipe run and {method: its TrainingSummary}.
+    """
+    out, summaries, recipe = Path(args.out), {}, None
+    for method in methods:
+        target = out if method == "mean" else out / f"uptrain-{method}"
+        recipe = demo_recipe(args, converted[method][0], original, texts, target, gpu)
+        summaries[method] = uptrain(recipe, target)
+    return recipe, summaries
+
+
+def eval_settings(first: dict[str, Any], texts: Texts, seq_len: int) -> dict[str, Any]:
+    """results.json's "eval": the texts scored and how many tokens of each (``first``: the original's row)."""
+    return {
+        "file": str(texts.eval),
+        "tokens": first["eval_tokens"],
+        "seq_len": seq_len,
+        "off_domain_file": str(texts.off_domain),
+        "off_domain_tokens": first["off_domain_tokens"],
+    }
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -123,44 +169,47 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     header(2, f"convert to MQA ({KV_HEADS} KV head): the GQA paper's mean and this project's methods")
     converted = convert_all(original, out, texts.samples, args, gpu)
 
-    header(3, f"eval perplexity on {scoring.tokens:,} tokens of {texts.eval.name} and of {texts.off_domain.name} "
-              f"(blocks of {args.eval_seq_len})")
+    scored = f"{scoring.tokens:,} tokens of {texts.eval.name} and of {texts.off_domain.name}"
+    header(3, f"eval perplexity on {scored} (blocks of {args.eval_seq_len})")
     rows = [row("original", original, scoring.both(original, texts), 0, None)]
     for method, (path, report) in converted.items():
         rows.append(row(f"MQA, {method}", path, scoring.both(path, texts), 0, report.seconds))
 
     trained = [m for m in TRAINED if m in converted]
     header(4, f"uptrain {' and '.join(trained)} the same way, distilling from the original")
-    summaries = {}
-    for method in trained:  # mean trains into OUT itself, the others into OUT/uptrain-METHOD
-        target = out if method == "mean" else out / f"uptrain-{method}"
-        recipe = demo_recipe(args, converted[method][0], original, texts, target, gpu)
-        summaries[method] = uptrain(recipe, target)
+    recipe, summaries = uptrain_all(trained, converted, original, texts, args, gpu)
 
     header(5, "eval the uptrained models, generate side by side")
     finals = {f"MQA, {m}, uptrained": Path(s.final) for m, s in summaries.items()}
     for (label, final), summary in zip(finals.items(), summaries.values()):
         rows.append(row(label, final, scoring.both(final, texts), summary.tokens, summary.seconds))
     cloze_task = add_cloze_column(rows, args, texts.eval, out, gpu)
-    generations = generate_side_by_side({"original": original, "MQA, mean": converted["mean"][0], **finals},
-                                        PROMPTS, args.new_tokens)
+    generations = generate_side_by_side(
+        {"original": original, "MQA, mean": converted["mean"][0], **finals}, PROMPTS, args.new_tokens
+    )
     summary = summaries["mean"]
 
     header(6, "results")
     results = {
-        "model": name, "rows": rows, "generations": generations,
-        "eval": {"file": str(texts.eval), "tokens": rows[0]["eval_tokens"], "seq_len": args.eval_seq_len,
-                 "off_domain_file": str(texts.off_domain), "off_domain_tokens": rows[0]["off_domain_tokens"]},
+        "model": name,
+        "rows": rows,
+        "generations": generations,
+        "eval": eval_settings(rows[0], texts, args.eval_seq_len),
         "texts": {k: str(v) for k, v in asdict(texts).items()},
-        "training_eval": training_eval(out, recipe.data.seq_len), "cloze": cloze_task,
-        "recipe": asdict(recipe), "training": summary.to_dict(),
-        "trainings": {m: s.to_dict() for m, s in summaries.items()}, "machine": machine(),
+        "training_eval": training_eval(out, recipe.data.seq_len),
+        "cloze": cloze_task,
+        "recipe": asdict(recipe),
+        "training": summary.to_dict(),
+        "trainings": {m: s.to_dict() for m, s in summaries.items()},
+        "machine": machine(),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
     print(format_table(rows, results["eval"]) + "\n\n" + eval_note(results))
-    print(f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
-          f"(demo took {results['demo_seconds'] / 60:.1f} min)")
+    print(
+        f"\nwritten: {out / 'results.md'}, {out / 'results.json'}, {out / 'training.png'} "
+        f"(demo took {results['demo_seconds'] / 60:.1f} min)"
+    )
     return results
 
 
@@ -231,8 +280,9 @@ def demo_sampling(budget: int, gpu: bool) -> Sampling:
     return Sampling(tokens=budget, batch_size=512 if gpu else 64)
 
 
-def convert_all(original: Path, out: Path, calibration_text: Path, args: argparse.Namespace, gpu: bool
-                ) -> dict[str, tuple[Path, dict[str, Any]]]:
+def convert_all(
+    original: Path, out: Path, calibration_text: Path, args: argparse.Namespace, gpu: bool
+) -> dict[str, tuple[Path, dict[str, Any]]]:
     """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples); the
     recommended conversion is ``convert.options.ConvertOptions.recommended`` (fewer local steps on a CPU)."""
     from convert import convert_checkpoint
@@ -249,10 +299,13 @@ def convert_all(original: Path, out: Path, calibration_text: Path, args: argpars
                 preset = vars(ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu))
                 extra.update({key: preset[key] for key in RECOMMENDED if key != "method"})
         target = out / f"mqa-{method}"
-        report = convert_checkpoint(original, target, kv_heads=KV_HEADS, method=method, overwrite=True,
-                                    progress=True, **extra)
-        print(f"{method:>8}: {target}  ({report.kv_heads_before} -> {report.kv_heads_after} KV heads, "
-              f"{report.seconds:.1f} s)")
+        report = convert_checkpoint(
+            original, target, kv_heads=KV_HEADS, method=method, overwrite=True, progress=True, **extra
+        )
+        print(
+            f"{method:>8}: {target}  ({report.kv_heads_before} -> {report.kv_heads_after} KV heads, "
+            f"{report.seconds:.1f} s)"
+        )
         converted[method] = (target, report)
     return converted
 
@@ -280,17 +333,24 @@ class Scoring:
 
         model, tokenizer = load(path)
         started = time.perf_counter()
-        result = {key: perplexity(model, tokenizer, [str(text)], self.seq_len, self.tokens,
-                                  progress=f"eval {path.name} on {text.name}")
-                  for key, text in (("eval", texts.eval), ("off_domain", texts.off_domain))}
-        print(f"{path}: {type(model).__name__}, {checkpoint_kv_cache(path)[0]} KV head(s): perplexity "
-              f"{result['eval']['ppl']:,.2f} on {texts.eval.name}, {result['off_domain']['ppl']:,.2f} on "
-              f"{texts.off_domain.name} ({time.perf_counter() - started:.0f} s)", flush=True)
+        result = {
+            key: perplexity(
+                model, tokenizer, [str(text)], self.seq_len, self.tokens, progress=f"eval {path.name} on {text.name}"
+            )
+            for key, text in (("eval", texts.eval), ("off_domain", texts.off_domain))
+        }
+        print(
+            f"{path}: {type(model).__name__}, {checkpoint_kv_cache(path)[0]} KV head(s): perplexity "
+            f"{result['eval']['ppl']:,.2f} on {texts.eval.name}, {result['off_domain']['ppl']:,.2f} on "
+            f"{texts.off_domain.name} ({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
         return result
 
 
-def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path,
-                     gpu: bool) -> dict[str, Any] | None:
+def add_cloze_column(
+    rows: list[dict[str, Any]], args: argparse.Namespace, eval_text: Path, out: Path, gpu: bool
+) -> dict[str, Any] | None:
     """Every row's accuracy on the verse cloze task (``kvshrink.demo.cloze``, through lm-evaluation-harness):
     the held-out tragedies, or the substitute eval text. Skipped, with a note, without the eval extra."""
     import importlib.util
@@ -316,20 +376,30 @@ def add_cloze_column(rows: list[dict[str, Any]], args: argparse.Namespace, eval_
         model, tokenizer = load(Path(r["path"]))
         score = downstream.evaluate(model, tokenizer, tasks)["verse_cloze"]
         r.update(cloze_acc=score.value, cloze_stderr=score.stderr, cloze_items=score.samples)
-        print(f"{r['model']}: verse cloze accuracy {score.value:.3f} ± {score.stderr or 0:.3f} "
-              f"on {score.samples} items (chance 0.25)", flush=True)
+        print(
+            f"{r['model']}: verse cloze accuracy {score.value:.3f} ± {score.stderr or 0:.3f} "
+            f"on {score.samples} items (chance 0.25)",
+            flush=True,
+        )
     return {"task": str(task), "items": rows[0]["cloze_items"], "chance": 1 / cloze.CHOICES}
 
 
-def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, seconds: float | None
-        ) -> dict[str, Any]:
+def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, seconds: float | None) -> dict[str, Any]:
     from convert.report import checkpoint_kv_cache
 
     kv_heads, kv_bytes = checkpoint_kv_cache(path)
-    return {"model": label, "path": str(path), "kv_heads": kv_heads, "kv_cache_bytes_per_token": kv_bytes,
-            "eval_ppl": ppl["eval"]["ppl"], "eval_tokens": ppl["eval"]["tokens"],
-            "off_domain_ppl": ppl["off_domain"]["ppl"], "off_domain_tokens": ppl["off_domain"]["tokens"],
-            "tokens_trained": tokens, "seconds": seconds}
+    return {
+        "model": label,
+        "path": str(path),
+        "kv_heads": kv_heads,
+        "kv_cache_bytes_per_token": kv_bytes,
+        "eval_ppl": ppl["eval"]["ppl"],
+        "eval_tokens": ppl["eval"]["tokens"],
+        "off_domain_ppl": ppl["off_domain"]["ppl"],
+        "off_domain_tokens": ppl["off_domain"]["tokens"],
+        "tokens_trained": tokens,
+        "seconds": seconds,
+    }
 
 
 def _on_cuda() -> bool:
@@ -348,18 +418,26 @@ def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
     return overrides
 
 
-def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, texts: Texts, out: Path, gpu: bool
-                ) -> Recipe:
+def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, texts: Texts, out: Path, gpu: bool) -> Recipe:
     """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
     from uptrain.recipe import load_recipe
 
-    paths = {"model": str(student), "teacher": str(teacher), "output_dir": str(out),
-             "data.train": [str(texts.samples)], "data.eval": [str(texts.eval)]}
+    paths = {
+        "model": str(student),
+        "teacher": str(teacher),
+        "output_dir": str(out),
+        "data.train": [str(texts.samples)],
+        "data.eval": [str(texts.eval)],
+    }
     overrides = [f"{key}={json.dumps(value)}" for key, value in paths.items()]  # JSON is YAML: any path is safe
     overrides += recipe_overrides(args, gpu)
     recipe = load_recipe(args.recipe, overrides + list(args.overrides))
-    print(f"recipe {args.recipe}" + (" with the GPU overrides" if gpu else "") + ":\n  "
-          + "\n  ".join(overrides[5:] + list(args.overrides) or ["(as written)"]))
+    print(
+        f"recipe {args.recipe}"
+        + (" with the GPU overrides" if gpu else "")
+        + ":\n  "
+        + "\n  ".join(overrides[5:] + list(args.overrides) or ["(as written)"])
+    )
     return recipe
 
 
@@ -374,8 +452,10 @@ def uptrain(recipe: Recipe, out: Path) -> TrainingSummary:
         shutil.rmtree(out / stale, ignore_errors=True)
     for stale in ("metrics.jsonl", "training.png"):
         (out / stale).unlink(missing_ok=True)
-    (out / "recipe.yaml").write_text("# The recipe the demo ran (python -m kvshrink.demo), with this run's paths.\n"
-                                     + yaml.safe_dump(asdict(recipe), sort_keys=False))
+    (out / "recipe.yaml").write_text(
+        "# The recipe the demo ran (python -m kvshrink.demo), with this run's paths.\n"
+        + yaml.safe_dump(asdict(recipe), sort_keys=False)
+    )
     return run(recipe)
 
 
@@ -396,8 +476,13 @@ def machine() -> dict[str, Any]:
     """What the demo ran on, for results.json: the device, platform, versions and date."""
     import torch
 
-    return {"device": device_line(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    return {
+        "device": device_line(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def device_line() -> str:
@@ -418,17 +503,21 @@ def format_table(rows: list[dict[str, Any]], e: dict[str, Any]) -> str:
     """The results as a Markdown table; the perplexity columns say their text and setting (``e``: results.json's
     "eval")."""
     cloze = any("cloze_acc" in r for r in rows)
-    lines = [f"| model | KV heads | KV-cache bytes/token | eval ppl, {Path(e['file']).name} ({e['tokens']:,} tokens, "
-             f"blocks of {e['seq_len']}) | off-domain ppl, {Path(e['off_domain_file']).name} "
-             f"({e['off_domain_tokens']:,} tokens) | " + ("verse cloze acc | " if cloze else "")
-             + "tokens trained | time |", "|---|---|---|---|---|---|---|" + ("---|" if cloze else "")]
+    lines = [
+        f"| model | KV heads | KV-cache bytes/token | eval ppl, {Path(e['file']).name} ({e['tokens']:,} tokens, "
+        f"blocks of {e['seq_len']}) | off-domain ppl, {Path(e['off_domain_file']).name} "
+        f"({e['off_domain_tokens']:,} tokens) | " + ("verse cloze acc | " if cloze else "") + "tokens trained | time |",
+        "|---|---|---|---|---|---|---|" + ("---|" if cloze else ""),
+    ]
     for r in rows:
         seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
         acc = "— | " if cloze else ""
         if "cloze_acc" in r:
             acc = f"{r['cloze_acc']:.3f} ± {r['cloze_stderr'] or 0:.3f} | "
-        lines.append(f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
-                     f"| {r['off_domain_ppl']:,.2f} | {acc}{r['tokens_trained']:,} | {seconds} |")
+        lines.append(
+            f"| {r['model']} | {r['kv_heads']} | {r['kv_cache_bytes_per_token']:,} | {r['eval_ppl']:,.2f} "
+            f"| {r['off_domain_ppl']:,.2f} | {acc}{r['tokens_trained']:,} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
@@ -443,13 +532,15 @@ def training_eval(out: Path, seq_len: int) -> dict[str, int]:
 def eval_note(results: dict[str, Any]) -> str:
     """Why the table's perplexities differ from the training plot's (and from uptrain.evaluate's defaults)."""
     e, t = results["eval"], results["training_eval"]
-    return (f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}` (in-domain) and "
-            f"of `{e['off_domain_file']}`, scored in blocks of {e['seq_len']}; the "
-            f"uptraining text is the original's own samples (`{results['texts']['samples']}`), neither of these. "
-            f"The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
-            f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
-            "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
-            "gets other perplexities (README: One model, three perplexities).")
+    return (
+        f"Eval ppl: the first {e['tokens']:,} predicted tokens of `{e['file']}` (in-domain) and "
+        f"of `{e['off_domain_file']}`, scored in blocks of {e['seq_len']}; the "
+        f"uptraining text is the original's own samples (`{results['texts']['samples']}`), neither of these. "
+        f"The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
+        f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
+        "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
+        "gets other perplexities (README: One model, three perplexities)."
+    )
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
@@ -458,16 +549,30 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
-    text = [f"# {results['model']}: MQA conversion and uptraining", "",
-            format_table(results["rows"], e), "", eval_note(results), "",
-            "Time: conversion, or "
-            f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
-            f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
-            *([f"Verse cloze: {c['items']} items of `{c['task']}` (the true next line among {round(1 / c['chance'])}"
-               f"; chance {c['chance']:.2f}), lm-evaluation-harness accuracy ± stderr."] if (c := results["cloze"])
-              else []),
-            "", "![train loss and eval perplexity](training.png)", "",
-            f"## Greedy continuations ({len(results['generations'])} prompts)", ""]
+    text = [
+        f"# {results['model']}: MQA conversion and uptraining",
+        "",
+        format_table(results["rows"], e),
+        "",
+        eval_note(results),
+        "",
+        "Time: conversion, or "
+        f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
+        f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
+        *(
+            [
+                f"Verse cloze: {c['items']} items of `{c['task']}` (the true next line among {round(1 / c['chance'])}"
+                f"; chance {c['chance']:.2f}), lm-evaluation-harness accuracy ± stderr."
+            ]
+            if (c := results["cloze"])
+            else []
+        ),
+        "",
+        "![train loss and eval perplexity](training.png)",
+        "",
+        f"## Greedy continuations ({len(results['generations'])} prompts)",
+        "",
+    ]
     for g in results["generations"]:
         text += [f"**{g['prompt']}**", "", "| model | continuation |", "|---|---|"]
         text += [f"| {label} | {one_line(o).replace('|', '&#124;')} |" for label, o in g["outputs"].items()]

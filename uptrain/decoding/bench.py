@@ -52,16 +52,32 @@ DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid is the i
 }
 SMALL_GRID = "cpu"  # the defaults of a device type without its own entry (mps: memory shared with the CPU)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Shall I compare thee to a summer's day?"]
-LLAMA_1B = dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=16, intermediate_size=5632,
-                vocab_size=32000, max_position_embeddings=16384, tie_word_embeddings=False)
-LLAMA_TINY = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-                  vocab_size=128, max_position_embeddings=256)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_hidden_layers=16,
+    intermediate_size=5632,
+    vocab_size=32000,
+    max_position_embeddings=16384,
+    tie_word_embeddings=False,
+)
+LLAMA_TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=128,
+    max_position_embeddings=256,
+)
 SYNTHETIC = {  # name -> (LlamaConfig kwargs, {variant: KV heads}); random weights: speed and memory only
     "llama-1b": (LLAMA_1B, {"mha": 16, "gqa8": 8, "mqa": 1}),
     "llama-tiny": (LLAMA_TINY, {"mha": 4, "gqa2": 2, "mqa": 1}),
 }
-CACHE_NAMES = {"off": "DynamicCache", "eager": "StaticCache",
-               "compile": "StaticCache + torch.compile(mode=reduce-overhead)"}
+CACHE_NAMES = {
+    "off": "DynamicCache",
+    "eager": "StaticCache",
+    "compile": "StaticCache + torch.compile(mode=reduce-overhead)",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -75,25 +91,34 @@ def parser(prog: str = "python -m kvshrink.decode_bench") -> OneLineParser:
     p = OneLineParser(prog=prog, description="KV-cache bytes and decode speed of a model and its conversions.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="ORIGINAL then CONVERTED... checkpoint directories")
     p.add_argument("--synthetic", choices=list(SYNTHETIC), help="random Llama variants instead of checkpoints")
-    p.add_argument("--mha-twin", action="store_true",
-                   help="also measure ORIGINAL's MHA twin (KV heads repeated: same function), listed first")
+    p.add_argument(
+        "--mha-twin",
+        action="store_true",
+        help="also measure ORIGINAL's MHA twin (KV heads repeated: same function), listed first",
+    )
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (cpu, mps: 1 4; cuda: 1 8 32 128)")
-    p.add_argument("--context", type=int, nargs="+",
-                   help="context lengths (cpu, mps: 256 1024; cuda: 512 2048 8192)")
+    p.add_argument("--context", type=int, nargs="+", help="context lengths (cpu, mps: 256 1024; cuda: 512 2048 8192)")
     p.add_argument("--new-tokens", type=int, help="timed decode steps per repeat (cpu, mps: 16; cuda: 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per cell (default: 5)")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default: 4)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: the checkpoint's dtype (synthetic: bfloat16 on cuda, else float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="auto: the checkpoint's dtype (synthetic: bfloat16 on cuda, else float32)",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", type=Path, default=Path("bench/out/decode"), help="results directory")
     p.add_argument("--memory-budget", type=float, metavar="GB", help="default: the device's total memory")
     p.add_argument("--fit-context", type=int, default=2048, help="context of the largest-batch search")
-    p.add_argument("--prefill-tokens", type=int,
-                   help="most tokens prefilled at once (cpu, mps: 1024; cuda: 32768)")
-    p.add_argument("--static-cache", choices=["off", "eager", "compile"], default="off",
-                   help="decode through a StaticCache (compile: its forward under torch.compile, CUDA graphs "
-                        "on CUDA); the eager DynamicCache path is launch-bound at small batches (default: off)")
+    p.add_argument("--prefill-tokens", type=int, help="most tokens prefilled at once (cpu, mps: 1024; cuda: 32768)")
+    p.add_argument(
+        "--static-cache",
+        choices=["off", "eager", "compile"],
+        default="off",
+        help="decode through a StaticCache (compile: its forward under torch.compile, CUDA graphs "
+        "on CUDA); the eager DynamicCache path is launch-bound at small batches (default: off)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--prompts", nargs="+", default=PROMPTS, help="prompts for the greedy outputs compared")
     p.add_argument("--gen-tokens", type=int, default=24, help="tokens generated per prompt (default: 24)")
@@ -136,9 +161,15 @@ def check_args(args: argparse.Namespace) -> None:
     for key, value in DEFAULTS.get(device.type, DEFAULTS[SMALL_GRID]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    numbers = {"--batch": args.batch, "--context": args.context, "--new-tokens": [args.new_tokens],
-               "--repeats": [args.repeats], "--fit-context": [args.fit_context],
-               "--prefill-tokens": [args.prefill_tokens], "--gen-tokens": [args.gen_tokens]}
+    numbers = {
+        "--batch": args.batch,
+        "--context": args.context,
+        "--new-tokens": [args.new_tokens],
+        "--repeats": [args.repeats],
+        "--fit-context": [args.fit_context],
+        "--prefill-tokens": [args.prefill_tokens],
+        "--gen-tokens": [args.gen_tokens],
+    }
     for flag, values in numbers.items():
         if any(v < 1 for v in values):
             raise DecodeError(f"{flag} must be positive, got {' '.join(map(str, values))}")
@@ -164,13 +195,15 @@ def check_checkpoints(paths: list[str]) -> None:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
             mine, theirs = getattr(config, key, None), getattr(configs[0], key, None)
             if mine != theirs:
-                raise DecodeError(f"{path} has {key} {mine}, {paths[0]} has {theirs}: "
-                                      "compare a model with its own conversions")
+                raise DecodeError(
+                    f"{path} has {key} {mine}, {paths[0]} has {theirs}: compare a model with its own conversions"
+                )
     vocabs = [(path, vocab) for path in paths if (vocab := tokenizer_vocab(Path(path))) is not None]
     for path, vocab in vocabs[1:]:
         if vocab != vocabs[0][1]:
-            raise DecodeError(f"{path} has another tokenizer than {vocabs[0][0]}: "
-                                  "compare a model with its own conversions")
+            raise DecodeError(
+                f"{path} has another tokenizer than {vocabs[0][0]}: compare a model with its own conversions"
+            )
 
 
 def tokenizer_vocab(path: Path) -> dict[str, int] | None:
@@ -187,8 +220,8 @@ def tokenizer_vocab(path: Path) -> dict[str, int] | None:
 
 def load_checkpoint(path: Path, dtype: str):
     """A checkpoint in stock transformers with SDPA attention, on the CPU (moved to the device per use)."""
-    from uptrain.decoding.measure import describe
     from kvshrink_base.models import load_model
+    from uptrain.decoding.measure import describe
 
     return describe(path.name, load_model(path, dtype, attn_implementation="sdpa"), path)
 
@@ -234,8 +267,8 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
     """Greedy continuations of the same prompts by every model, side by side, as report lines."""
     from transformers import AutoTokenizer
 
-    from uptrain.decoding.measure import on_device
     from kvshrink_base.generate import greedy, side_by_side
+    from uptrain.decoding.measure import on_device
 
     if any(m.path is None or tokenizer_vocab(m.path) is None for m in models):
         return ["outputs compared: skipped, a model has no tokenizer in its directory"]
@@ -251,18 +284,32 @@ def table(cells: list, device: str) -> list[str]:
     from uptrain.decoding.measure import is_cuda
 
     cuda = is_cuda(device)
-    head = ["model", "KV heads", "batch", "context", "KV cache", "cache vs first", "ms/step", "tokens/s (median)",
-            "min..max", "speed vs first"] + (["peak memory"] if cuda else [])
+    head = [
+        "model",
+        "KV heads",
+        "batch",
+        "context",
+        "KV cache",
+        "cache vs first",
+        "ms/step",
+        "tokens/s (median)",
+        "min..max",
+        "speed vs first",
+    ] + (["peak memory"] if cuda else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         row = [c.model, str(c.kv_heads), str(c.batch), str(c.context)]
         if c.status != "ok":
             row += [c.status] + [""] * (len(head) - 5)
         else:
-            row += [f"{c.cache_bytes / 1e6:,.1f} MB", f"{c.cache_ratio:.3f}" if c.cache_ratio else "n/a",
-                    f"{c.ms_per_step:,.1f}", f"{c.tokens_per_s:,.1f}",
-                    f"{c.tokens_per_s_min:,.1f}..{c.tokens_per_s_max:,.1f}",
-                    f"{c.speedup:.2f}x" if c.speedup else "n/a"]
+            row += [
+                f"{c.cache_bytes / 1e6:,.1f} MB",
+                f"{c.cache_ratio:.3f}" if c.cache_ratio else "n/a",
+                f"{c.ms_per_step:,.1f}",
+                f"{c.tokens_per_s:,.1f}",
+                f"{c.tokens_per_s_min:,.1f}..{c.tokens_per_s_max:,.1f}",
+                f"{c.speedup:.2f}x" if c.speedup else "n/a",
+            ]
             row += [f"{c.peak_bytes / 1e9:.2f} GB"] if cuda else []
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -270,8 +317,11 @@ def table(cells: list, device: str) -> list[str]:
 
 def fit_table(rows: list[dict]) -> list[str]:
     lines = ["| model | KV heads | context | budget | weights | largest batch | how |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['kv_heads']} | {r['context']} | {r['budget_gb']} GB | {r['weights_gb']} GB | "
-              f"{r['largest_batch']:,} | {r['how']} |" for r in rows]
+    lines += [
+        f"| {r['model']} | {r['kv_heads']} | {r['context']} | {r['budget_gb']} GB | {r['weights_gb']} GB | "
+        f"{r['largest_batch']:,} | {r['how']} |"
+        for r in rows
+    ]
     return lines
 
 
@@ -294,11 +344,17 @@ def plot(cells: list, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, name in enumerate(names):
         for j, batch in enumerate(batches):
-            points = [(c.context, c.tokens_per_s) for c in cells
-                      if c.model == name and c.batch == batch and c.status == "ok"]
+            points = [
+                (c.context, c.tokens_per_s) for c in cells if c.model == name and c.batch == batch and c.status == "ok"
+            ]
             if points:
-                ax.plot(*zip(*points), marker="o", color=f"C{i}", linestyle=["-", "--", ":", "-."][j % 4],
-                        label=f"{name}, batch {batch}")
+                ax.plot(
+                    *zip(*points),
+                    marker="o",
+                    color=f"C{i}",
+                    linestyle=["-", "--", ":", "-."][j % 4],
+                    label=f"{name}, batch {batch}",
+                )
     ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (median)", title=title)
     ax.set_xticks(contexts, labels=[str(x) for x in contexts])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -323,9 +379,12 @@ def run(args: argparse.Namespace) -> list[str]:
     models = load_models(args)
     args.out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out shows in seconds, not minutes
     dtype = str(next(models[0].model.parameters()).dtype).removeprefix("torch.")
-    report = [args.command, f"device {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
-              f"transformers {transformers.__version__}, {dtype}, {CACHE_NAMES[args.static_cache]}, attn_implementation=sdpa",
-              "attention in one decode step (no padding mask, as in every cell):"]
+    report = [
+        args.command,
+        f"device {args.device} ({torch.get_num_threads()} CPU threads), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {dtype}, {CACHE_NAMES[args.static_cache]}, attn_implementation=sdpa",
+        "attention in one decode step (no padding mask, as in every cell):",
+    ]
     for m in models:
         m.attention = attention_path(m, args.device)
         report.append(f"  {m.name}: {m.attention}")
@@ -340,11 +399,28 @@ def run(args: argparse.Namespace) -> list[str]:
             cells += measured
     report[1] += f"; load average {load_before:.1f} before the grid, {os.getloadavg()[0]:.1f} after"
     fit = largest_batches(models, cells, args) if args.static_cache == "off" else []  # memory: the DynamicCache run
-    report += ["", *table(cells, args.device), "", f"largest batch at context {args.fit_context}:",
-               *fit_table(fit), "", *generations(models, args)]
-    write_csv(args.out / "results.csv", [{**asdict(c), "times": " ".join(f"{t:.6f}" for t in c.times),
-                                          "device": args.device, "dtype": dtype, "new_tokens": args.new_tokens}
-                                         for c in cells])
+    report += [
+        "",
+        *table(cells, args.device),
+        "",
+        f"largest batch at context {args.fit_context}:",
+        *fit_table(fit),
+        "",
+        *generations(models, args),
+    ]
+    write_csv(
+        args.out / "results.csv",
+        [
+            {
+                **asdict(c),
+                "times": " ".join(f"{t:.6f}" for t in c.times),
+                "device": args.device,
+                "dtype": dtype,
+                "new_tokens": args.new_tokens,
+            }
+            for c in cells
+        ],
+    )
     if fit:
         write_csv(args.out / "fit.csv", fit)
     plot(cells, args.out / "decode.png", f"decode speed, {args.device}, {dtype}")

@@ -244,7 +244,7 @@ def measure_group(group: list[Model], batch: int, context: int, args: argparse.N
             live[m.name] = state  # (model, cache, ids)
     for _ in range(args.repeats):
         for name in list(live):
-            seconds = guarded(lambda: timed_decode(*live[name], args.new_tokens, args.device), args.device)
+            seconds = guarded(lambda name=name: timed_decode(*live[name], args.new_tokens, args.device), args.device)
             if seconds is None:
                 cells[name].status = "OOM"
                 del live[name]
@@ -382,8 +382,13 @@ def largest_batches(models: list[Model], cells: list[Cell], args: argparse.Names
     """fit.csv rows: measured on CUDA; elsewhere computed as (budget - weights) / measured cache per sequence."""
     budget, rows = memory_budget(args), []
     for m in models:
-        row = dict(model=m.name, kv_heads=m.kv_heads, context=args.fit_context, budget_gb=round(budget / GB, 2),
-                   weights_gb=round(m.weight_bytes / GB, 3))
+        row = dict(
+            model=m.name,
+            kv_heads=m.kv_heads,
+            context=args.fit_context,
+            budget_gb=round(budget / GB, 2),
+            weights_gb=round(m.weight_bytes / GB, 3),
+        )
         if is_cuda(args.device):
             batch, peak = largest_batch_measured(m, budget, args)
             row.update(largest_batch=batch, how=f"measured (peak {peak / GB:.2f} GB)")
@@ -392,7 +397,9 @@ def largest_batches(models: list[Model], cells: list[Cell], args: argparse.Names
             if not ok:
                 continue
             per_seq = ok[0].cache_bytes / (ok[0].batch * ok[0].context) * args.fit_context
-            row.update(largest_batch=int((budget - m.weight_bytes) // per_seq),
-                       how=f"computed, not measured: (budget - weights) / {per_seq / 1e6:.1f} MB cache per sequence")
+            row.update(
+                largest_batch=int((budget - m.weight_bytes) // per_seq),
+                how=f"computed, not measured: (budget - weights) / {per_seq / 1e6:.1f} MB cache per sequence",
+            )
         rows.append(row)
     return rows

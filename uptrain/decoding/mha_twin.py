@@ -36,14 +36,19 @@ def mha_twin(model: torch.nn.Module) -> torch.nn.Module:
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
     state = model.state_dict()
     if kv_heads is None or not any(name.endswith(KV_TENSORS) for name in state):
-        raise DecodeError(f"an MHA twin needs separate k_proj/v_proj and num_key_value_heads (llama-style); "
-                              f"model_type {config.model_type} has not")
+        raise DecodeError(
+            f"an MHA twin needs separate k_proj/v_proj and num_key_value_heads (llama-style); "
+            f"model_type {config.model_type} has not"
+        )
     config.num_key_value_heads = heads
-    state = {name: repeat_heads(t, kv_heads, heads // kv_heads) if name.endswith(KV_TENSORS) else t
-             for name, t in state.items()}
+    state = {
+        name: repeat_heads(t, kv_heads, heads // kv_heads) if name.endswith(KV_TENSORS) else t
+        for name, t in state.items()
+    }
     with torch.device(next(model.parameters()).device):
-        twin = AutoModelForCausalLM.from_config(config, dtype=model.dtype,
-                                                attn_implementation=model.config._attn_implementation)
+        twin = AutoModelForCausalLM.from_config(
+            config, dtype=model.dtype, attn_implementation=model.config._attn_implementation
+        )
     try:
         twin.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # per-KV-head tensors beyond k/v_proj (olmo2's k_norm, ...)

@@ -8,17 +8,19 @@ from pathlib import Path
 
 from kvshrink_base.device import DEVICE_HELP, pick_device
 from kvshrink_base.errors import OneLineParser, positive_int, run_cli
+from kvshrink_base.sample import Sampling, write_samples
 from uptrain.checkpoints import check_model
 from uptrain.errors import RecipeError
-from kvshrink_base.sample import Sampling, write_samples
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command's options (a usage error: one line, exit 2)."""
-    p = OneLineParser(prog="python -m uptrain.sample",
-                      description="Write training text sampled from a model (its own distribution: uptraining "
-                                  "on it keeps the converted model close to the original everywhere, with no "
-                                  "dataset). One JSON object per line, {\"text\": ...}.")
+    p = OneLineParser(
+        prog="python -m uptrain.sample",
+        description="Write training text sampled from a model (its own distribution: uptraining "
+        "on it keeps the converted model close to the original everywhere, with no "
+        'dataset). One JSON object per line, {"text": ...}.',
+    )
     p.add_argument("model", help="the original checkpoint (directory or hub id)")
     p.add_argument("out", help="the .jsonl file to write (it appears when complete)")
     p.add_argument("--tokens", type=positive_int, required=True, help="tokens to write, at least")
