@@ -9,7 +9,14 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, NoReturn
+
+# What ``signal.signal`` returns: the previous handler (a function, SIG_DFL or SIG_IGN), or None when it was not
+# installed from Python.
+_Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
 def write_text(path: Path, text: str) -> None:
@@ -36,7 +43,7 @@ class AtomicDirectory:
         self.target = Path(target)
         self.temp_name = temp_name
         self.path: Path | None = None
-        self._old_handler = None
+        self._old_handler: _Handler = None
 
     def __enter__(self) -> Path:
         if self.temp_name is None:
@@ -51,7 +58,10 @@ class AtomicDirectory:
             self._old_handler = None
         return self.path
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self.path is not None, "AtomicDirectory left without being entered"
         if self._old_handler is not None:
             signal.signal(signal.SIGTERM, self._old_handler)
         if exc_type is not None:
@@ -66,5 +76,5 @@ class AtomicDirectory:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _raise_interrupt(signum, frame):
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")

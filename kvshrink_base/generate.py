@@ -3,8 +3,16 @@ and the one way to hand a forward its KV cache (``with_cache``: the decode bench
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
+if TYPE_CHECKING:
+    import torch
+    from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def greedy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], new_tokens: int
+) -> list[str]:
     """Each prompt's greedy continuation (``[end of text]`` appended where the model stopped by itself)."""
     import torch
 
@@ -13,14 +21,19 @@ def greedy(model, tokenizer, prompts: list[str], new_tokens: int) -> list[str]:
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
         with torch.inference_mode():
-            ids = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            # generate is GenerationMixin's, which the concrete *ForCausalLM class adds to PreTrainedModel
+            ids = model.generate(  # type: ignore[operator]
+                **inputs, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+            )
         new = ids[0, inputs["input_ids"].shape[1] :]
         ended = len(new) > 0 and new[-1].item() == tokenizer.eos_token_id
-        texts.append(tokenizer.decode(new, skip_special_tokens=True) + (" [end of text]" if ended else ""))
+        # decode returns str for one sequence (its annotation also allows a batch's list[str])
+        text: str = tokenizer.decode(new, skip_special_tokens=True)  # type: ignore[assignment]
+        texts.append(text + (" [end of text]" if ended else ""))
     return texts
 
 
-def with_cache(model, cache) -> dict:
+def with_cache(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
     """The keyword argument that hands ``cache`` (a KV cache) to ``model``'s forward: ``cache`` where the
     forward has it (transformers 5.24 renamed it and deprecates ``past_key_values`` until 5.40), else
     ``past_key_values``."""

@@ -16,6 +16,7 @@ from kvshrink_base.errors import KvshrinkError, first_line
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,8 +33,12 @@ class ModelError(KvshrinkError):
 
 
 def load_model(
-    path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None, what: str = "model", **kwargs: Any
-):
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    what: str = "model",
+    **kwargs: Any,
+) -> PreTrainedModel:
     """A checkpoint as ``AutoModelForCausalLM``, in eval mode.
 
     Args:
@@ -58,13 +63,13 @@ def load_model(
         raise ModelError(f"cannot load the {what} {path}: {first_line(exc)}") from None
     if device is not None:
         try:
-            model.to(device)
+            model.to(device)  # type: ignore[arg-type]  # functools.wraps gives .to the unbound Module.to signature
         except RuntimeError as exc:
             raise ModelError(f"--device {device}: {first_line(exc)}") from None
     return model.eval()
 
 
-def load_config(path: str | Path, what: str = "model"):
+def load_config(path: str | Path, what: str = "model") -> PretrainedConfig:
     """A checkpoint's config (``AutoConfig``), to check a setting against before the weights load.
 
     Raises:
@@ -78,7 +83,7 @@ def load_config(path: str | Path, what: str = "model"):
         raise ModelError(f"cannot load the {what} {path}: {first_line(exc)}") from None
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a checkpoint; a checkpoint saved without one is named as such.
 
     Raises:
@@ -99,8 +104,12 @@ def load_tokenizer(path: str | Path):
 
 
 def load_model_and_tokenizer(
-    path: str | Path, dtype: Any = "auto", device: str | torch.device | None = None, what: str = "model", **kwargs: Any
-):
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    what: str = "model",
+    **kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) of a checkpoint: the tokenizer first, as it fails faster.
 
     Args and Raises: as ``load_model`` and ``load_tokenizer``.

@@ -18,15 +18,19 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvshrink_base.atomic import write_text
 from kvshrink_base.device import pick_device
 from kvshrink_base.errors import KvshrinkError
 from kvshrink_base.generate import with_cache
 from kvshrink_base.models import load_model_and_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MIN_TOKENS = 16
 SAMPLER = 2  # 2: ``draw`` (1 drew with generate(); the same settings give other text): in cached file names
@@ -56,7 +60,12 @@ class Sampling:
         )
 
 
-def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int]]:
+def samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    how: Sampling,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[list[int]]:
     """Token ids of one sample after another (EOS removed) until ``how.tokens`` have been written."""
     import torch
 
@@ -86,7 +95,7 @@ def samples(model, tokenizer, how: Sampling, progress=None) -> Iterator[list[int
                 progress(written)
 
 
-def draw(model, start: int, rows: int, how: Sampling, eos: int | None) -> list[list[int]]:
+def draw(model: PreTrainedModel, start: int, rows: int, how: Sampling, eos: int | None) -> list[list[int]]:
     """``rows`` samples of at most ``how.length`` tokens after ``start``, each ending at its first ``eos``
     (kept). Not ``generate()``, which reshapes the distribution with whatever the model's generation_config.json
     asks for (Llama 2's top_p 0.9) and draws with ``multinomial`` (an exponential variate for every vocabulary
@@ -98,6 +107,7 @@ def draw(model, start: int, rows: int, how: Sampling, eos: int | None) -> list[l
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    drawn: list[list[int]]
     cache, going, drawn = DynamicCache(config=model.config), list(range(rows)), [[] for _ in range(rows)]
     through = with_cache(model, cache)
     out = model(input_ids=torch.full((rows, 1), start, device=device), **through, use_cache=True)
@@ -133,7 +143,7 @@ def batch_rows(how: Sampling, written: int, drawn: int) -> int:
     return max(1, min(how.batch_size, math.ceil(needed * 1.25)))
 
 
-def write_samples(model_dir: str, out: Path, how: Sampling, device: str = "auto") -> dict:
+def write_samples(model_dir: str, out: Path, how: Sampling, device: str = "auto") -> dict[str, float]:
     """Sample from ``model_dir`` on ``device`` (``kvshrink_base.device.pick_device``'s names; auto: the fastest
     present) into ``out`` (.jsonl); returns {"tokens", "documents", "seconds"}. The command checks a user's
     checkpoint before (``uptrain.sample.cli``).

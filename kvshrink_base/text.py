@@ -11,8 +11,12 @@ import glob
 import itertools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvshrink_base.errors import KvshrinkError, first_line
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class DataError(KvshrinkError):
@@ -122,7 +126,7 @@ def load_documents(
     streaming: bool = False,
     hub_config: str | None = None,
     hub_split: str = "train",
-):
+) -> datasets.Dataset | datasets.IterableDataset:
     """One dataset with a single ``text_field`` column, from local files and/or hub dataset names."""
     import datasets
 
@@ -137,8 +141,8 @@ def load_documents(
                     f"data {entry!r} is not a local file and could not be loaded from the hub ({first_line(exc)})"
                 ) from None
             continue
-        for suffix, group in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
-            group = list(group)
+        for suffix, grouped in itertools.groupby(sorted(files, key=lambda f: Path(f).suffix), lambda f: Path(f).suffix):
+            group = list(grouped)
             if suffix not in BUILDERS:
                 raise DataError(f"data file {group[0]} has an unsupported type; use {', '.join(BUILDERS)}")
             builder = BUILDERS[suffix]
