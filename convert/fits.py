@@ -1,8 +1,8 @@
-"""The fits of one layer's attention heads: similarity grouping and activation-aware (``svd``, ``aware``) merging.
+"""The fits of one layer's attention heads: activation-aware (``svd``, ``aware``) merging, and the energy a merge loses.
 
 Mean pooling touches K and V alone. The rewrites here also change Q and O, so they
-work on one layer's projections at once, in head form (biases, where the family
-has them, are appended as a last input column: the input is then [x, 1]):
+work on one layer's projections at once, in head form (``convert.head_form``; biases,
+where the family has them, are appended as a last input column: the input is then [x, 1]):
 
     q: (H, d, in)   k: (G, d, in)   v: (G, d, in)   o: (out, H, d)
 
@@ -33,58 +33,12 @@ with C = L Lᵀ (Cholesky, small ridge), the top-r left singular vectors U of S 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from convert.merge import Merge
-
-
-@dataclass(frozen=True)
-class LayerHeads:
-    """One layer's attention projections in head form (a bias is the last input column: the input is [x, 1]).
-
-    q: (H, d, in)   k: (G, d, in)   v: (G, d, in)   o: (out, H, d)
-
-    ``q`` and ``o`` are None where the conversion leaves them as they are (pooling K and V alone).
-    """
-
-    q: torch.Tensor | None
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor | None
-
-    def replace(self, **changes: torch.Tensor) -> LayerHeads:
-        return dataclasses.replace(self, **changes)
-
-
-@dataclass
-class Rotary:
-    """Which key dimensions RoPE rotates together: pairs (a[j], b[j]); ``rest`` it leaves alone."""
-
-    a: torch.Tensor
-    b: torch.Tensor
-    rest: torch.Tensor
-
-    @classmethod
-    def of(cls, style: str, head_dim: int, rotary_dim: int) -> Rotary:
-        """``half``: rotate_half pairs (j, j + r/2); ``interleaved``: (2j, 2j + 1); ``none``: no pairs."""
-        if style == "none" or rotary_dim == 0:
-            return cls(torch.arange(0), torch.arange(0), torch.arange(head_dim))
-        half = rotary_dim // 2
-        if style == "half":
-            a = torch.arange(half)
-            b = a + half
-        elif style == "interleaved":
-            a = torch.arange(0, rotary_dim, 2)
-            b = a + 1
-        else:
-            raise ValueError(f"unknown rotary style {style!r}")
-        return cls(a, b, torch.arange(rotary_dim, head_dim))
+from convert.head_form import LayerHeads, Rotary
 
 
 def _top_eigvecs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +84,9 @@ def _ridged(gram: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     return gram + ridge * scale * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
 
 
-def _complex_fit(heads: torch.Tensor, white: torch.Tensor, rot: Rotary, weight: torch.Tensor | None = None):
+def _complex_fit(
+    heads: torch.Tensor, white: torch.Tensor, rot: Rotary, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per rotary frequency, a group's complex key rows -> shared rows (F, in) and coefficients (s, F).
 
     ``weight`` (s, F), when given, weighs head i's error at frequency f (the energy of the queries that read it
@@ -169,72 +125,37 @@ def output_gram(o: torch.Tensor, reads: int) -> torch.Tensor:
     return gram.reshape(-1, reads, *gram.shape[1:]).sum(1)
 
 
+def mean_lost_energy(heads: torch.Tensor) -> torch.Tensor:
+    """The energy mean-pooling these (s, d, in) heads loses: Σ ||head_i - mean||² (what pooling methods lose, and
+    what ``svd`` loses on K where K is normalized before RoPE, as it mean-pools K there)."""
+    return (heads - heads.mean(0, keepdim=True)).square().sum()
+
+
 def svd_lost_energy(heads: torch.Tensor, which: str, rot: Rotary, k_normed: bool) -> torch.Tensor:
     """The whitened energy the svd fit of these (s, d, in) whitened ``k`` or ``v`` heads loses."""
     if which == "v":
         return _real_fit(heads, heads)[2]
     if k_normed:  # K is mean-pooled in these families
-        return (heads - heads.mean(0, keepdim=True)).square().sum()
+        return mean_lost_energy(heads)
     lost = _complex_fit(heads, heads, rot)[2] if len(rot.a) else heads.new_zeros(())
     if len(rot.rest):
         lost = lost + _real_fit(heads[:, rot.rest], heads[:, rot.rest])[2]
     return lost
 
 
-def merge_cost(whitened: LayerHeads, group: list[int], merge: Merge, rot: Rotary, k_normed: bool) -> float:
-    """How much of K's and V's whitened energy merging ``group`` loses, relative to their energy."""
+def relative_lost_energy(
+    whitened: LayerHeads, group: list[int], lost_energy: Callable[[torch.Tensor, str], torch.Tensor]
+) -> float:
+    """How much of K's and V's whitened energy merging ``group`` loses, relative to their energy.
+
+    ``lost_energy(heads, which)`` is what merging the (s, d, in) whitened ``which`` ("k" or "v") heads loses.
+    """
     idx = torch.tensor(group)
     total = 0.0
     for which, heads in (("k", whitened.k[idx]), ("v", whitened.v[idx])):
         energy = float(heads.square().sum())
-        total += float(merge.lost_energy(heads, which, rot, k_normed)) / max(energy, 1e-30)
+        total += float(lost_energy(heads, which)) / max(energy, 1e-30)
     return total
-
-
-def similarity_groups(whitened: LayerHeads, kv_heads: int, merge: Merge, rot: Rotary, k_normed: bool) -> list[int]:
-    """An equal-size partition of the G KV heads (whitened rows) that loses little when each part is merged.
-
-    Greedy: the cheapest pair of heads left seeds a group, which grows by the head that raises its
-    merge cost least. Returns the KV-head order that makes the chosen groups contiguous.
-    """
-    heads = whitened.k.shape[0]
-    size = heads // kv_heads
-    if size == 1:
-        return list(range(heads))
-    left = list(range(heads))
-    groups: list[list[int]] = []
-    while left:
-        if len(left) == size:
-            group = left
-        else:
-            pairs = [
-                (merge_cost(whitened, [i, j], merge, rot, k_normed), i, j)
-                for n, i in enumerate(left)
-                for j in left[n + 1 :]
-            ]
-            _, i, j = min(pairs)
-            group = [i, j]
-            while len(group) < size:
-                costs = [(merge_cost(whitened, group + [h], merge, rot, k_normed), h) for h in left if h not in group]
-                group.append(min(costs)[1])
-        groups.append(sorted(group))
-        left = [h for h in left if h not in group]
-    return [h for group in sorted(groups) for h in group]  # groups in order of their first head
-
-
-def permute(layer: LayerHeads, order: list[int]) -> LayerHeads:
-    """Reorder KV heads by ``order``, with the query heads that read each one and their O columns.
-
-    [k0, k1, k2] with order [2, 0, 1] -> [k2, k0, k1]; query blocks [q0.. | q1.. | q2..] follow.
-    The model computes the same function: heads are summed by O in any order.
-    """
-    q, k, v, o = layer.q, layer.k, layer.v, layer.o
-    heads, kv = q.shape[0], k.shape[0]
-    idx = torch.tensor(order)
-    reads = heads // kv
-    q = q.reshape(kv, reads, *q.shape[1:])[idx].reshape(q.shape)
-    o = o.reshape(o.shape[0], kv, reads, o.shape[-1])[:, idx].reshape(o.shape)
-    return LayerHeads(q, k[idx], v[idx], o)
 
 
 def _fold_v(o: torch.Tensor, mixes: torch.Tensor, members: range, reads: int) -> None:
@@ -252,7 +173,7 @@ def _fit_k(
     reads: int,
     rot: Rotary,
     queries: tuple[torch.Tensor, torch.Tensor] | None = None,
-):
+) -> torch.Tensor:
     """A group's shared key head; the coefficients fold into the query heads that read each old head (in place).
 
     ``queries`` (the group's slice of ``query_energy``) weighs each head's key error by the queries reading it.
@@ -292,11 +213,10 @@ def svd_merge(
     Gram on unrotated dims). ``outputs``: fit each value head in the norm of the O columns that carry it.
     Returns the layer with k, v: (N, d, in) and the mixes folded into q and o.
     """
-    k, v = layer.k, layer.v
-    group, reads = k.shape[0] // kv_heads, layer.q.shape[0] // k.shape[0]
-    energy, gram = query_energy(whitened.q, reads, rot) if queries else (None, None)
-    o_gram = output_gram(layer.o, reads) if outputs else None
-    q, o = layer.q.clone(), layer.o.clone()
+    k, v, q, o = layer.k, layer.v, layer.loaded("q").clone(), layer.loaded("o").clone()  # q, o: folded into
+    group, reads = k.shape[0] // kv_heads, q.shape[0] // k.shape[0]
+    energy = query_energy(whitened.loaded("q"), reads, rot) if queries else None  # (G, F), (G, r, r)
+    o_gram = output_gram(o, reads) if outputs else None  # before any fold
     new_k = torch.empty(kv_heads, *k.shape[1:], dtype=k.dtype)
     new_v = torch.empty(kv_heads, *v.shape[1:], dtype=v.dtype)
     for n in range(kv_heads):
@@ -307,6 +227,6 @@ def svd_merge(
         if k_normed:
             new_k[n] = k[part].mean(0)
             continue
-        metric = None if energy is None else (energy[part], gram[part])
+        metric = None if energy is None else (energy[0][part], energy[1][part])
         new_k[n] = _fit_k(q, k[part], whitened.k[part], members, reads, rot, metric)
     return LayerHeads(q, new_k, new_v, o)

@@ -20,12 +20,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from convert.head_form import LayerHeads, Rotary, permute
 from convert.heads import from_heads, layer_generator, to_heads
 from convert.merge import GROUPINGS, METHODS
 from convert.roles import Dims
 from convert.source import torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+Tensors = dict[tuple[str, str], "torch.Tensor"]  # (role, param) -> tensor
 
 
 @dataclass(frozen=True)
@@ -85,20 +91,20 @@ def changed_roles(method: str, grouping: str, fused: bool) -> frozenset[str]:
     return frozenset({"k", "v"} | ({"q", "o"} if with_qo else set()))
 
 
-def source_heads(plan: LayerPlan, load: Callable[[str], Any], layer: int):
+def source_heads(plan: LayerPlan, load: Callable[[str], Any], layer: int) -> tuple[LayerHeads, bool]:
     """One layer's source projections in head form: (LayerHeads, whether biases are its last input column)."""
     d = plan.dims
     loaded = {key: load(name) for key, name in plan.sources[layer].items()}
     return to_heads(loaded, plan.layout, d.heads, d.kv_heads, d.head_dim)
 
 
-def rewrite(plan: LayerPlan, state: LayerState, load: Callable[[str], Any], layer: int, moment=None):
+def rewrite(
+    plan: LayerPlan, state: LayerState, load: Callable[[str], Any], layer: int, moment: torch.Tensor | None = None
+) -> tuple[LayerHeads, bool]:
     """One layer's changed projections, loaded and rewritten: (LayerHeads, whether biases are its last column).
 
     ``moment``: the layer's calibration moment Σ [x, 1][x, 1]ᵀ (float64), or None for an uncalibrated rewrite.
     """
-    from convert.fits import Rotary
-
     heads, has_bias = source_heads(plan, load, layer)
     if moment is not None and not has_bias:
         moment = moment[:-1, :-1]  # no bias: the ones column is not part of the input
@@ -115,31 +121,49 @@ def rewrite(plan: LayerPlan, state: LayerState, load: Callable[[str], Any], laye
     return new, has_bias
 
 
-def rewrite_layer(layer, *, kv_heads: int, method: str, grouping: str, rot, k_normed: bool, moment, generator=None):
-    """One layer's heads (``convert.fits.LayerHeads``) -> the converted ones and the KV-head order the grouping chose.
+def rewrite_layer(
+    layer: LayerHeads,
+    *,
+    kv_heads: int,
+    method: str,
+    grouping: str,
+    rot: Rotary,
+    k_normed: bool,
+    moment: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> tuple[LayerHeads, list[int]]:
+    """One layer's heads -> the converted ones and the KV-head order the grouping chose.
 
     The grouping strategy may first permute the heads so that similar ones share a group; then the merge method
     fits each group. Calibrated methods and groupings work in float64, the pooling ones in float32.
     """
-    from convert.fits import LayerHeads, permute, whitener
+    from convert.fits import whitener  # torch: imported when the first layer is rewritten, not when planning
 
     merge, strategy = METHODS[method], GROUPINGS[grouping]
-    precise = merge.calibrated or strategy.permutes or moment is not None
-    layer = LayerHeads(
-        *(None if t is None else (t.double() if precise else t.float()) for t in (layer.q, layer.k, layer.v, layer.o))
-    )
+    layer = _in_precision(layer, double=merge.calibrated or strategy.permutes or moment is not None)
     white = whitener(moment)
     whitened = layer
     if white is not None:
-        q_white = layer.q @ white if merge.uses_queries else layer.q
-        whitened = layer.replace(q=q_white, k=layer.k @ white, v=layer.v @ white)
-    order = strategy.order(whitened, kv_heads, merge, rot, k_normed)
+        whitened = layer.replace(k=layer.k @ white, v=layer.v @ white)
+        if merge.uses_queries:
+            whitened = whitened.replace(q=layer.loaded("q") @ white)
+    order = strategy.order(whitened.k.shape[0], kv_heads, merge.group_cost(whitened, rot, k_normed))
     if order != sorted(order):
         layer, whitened = permute(layer, order), permute(whitened, order)
     return merge.fit(layer, whitened, kv_heads, rot, k_normed, generator), order
 
 
-def output_tensors(plan: LayerPlan, layer: int, new, has_bias: bool) -> dict[tuple[str, str], Any]:
+def _in_precision(layer: LayerHeads, double: bool) -> LayerHeads:
+    """The layer's projections in float64 (``double``) or float32."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if double else t.float()
+
+    q, o = (None if t is None else cast(t) for t in (layer.q, layer.o))
+    return LayerHeads(q, cast(layer.k), cast(layer.v), o)
+
+
+def output_tensors(plan: LayerPlan, layer: int, new: LayerHeads, has_bias: bool) -> Tensors:
     """A converted layer's written tensors, (role, param) -> tensor in the output dtype."""
     tensors = from_heads(new, has_bias, plan.fused_out, lambda role: role in plan.changed)
     names = plan.sources[layer]
@@ -156,16 +180,20 @@ class Spill:
     def _file(self, layer: int) -> Path:
         return self.directory / f"layer-{layer:05d}.safetensors"
 
-    def put(self, layer: int, tensors: dict[tuple[str, str], Any]) -> None:
+    def put(self, layer: int, tensors: Tensors) -> None:
         from safetensors.torch import save_file
 
         save_file({f"{role}.{param}": t.contiguous() for (role, param), t in tensors.items()}, self._file(layer))
         self.layers.add(layer)
 
-    def take(self, layer: int) -> dict[tuple[str, str], Any]:
+    def take(self, layer: int) -> Tensors:
         from safetensors.torch import load_file
 
-        return {tuple(key.split(".")): t for key, t in load_file(self._file(layer)).items()}
+        tensors: Tensors = {}
+        for key, t in load_file(self._file(layer)).items():
+            role, param = key.split(".")
+            tensors[role, param] = t
+        return tensors
 
 
 class LayerResults:
@@ -174,10 +202,10 @@ class LayerResults:
     def __init__(self, plan: LayerPlan, state: LayerState, planned: Counter, load: Callable[[str], Any]):
         self.plan, self.state, self.load = plan, state, load
         self._left = Counter(planned)  # layer -> planned tensors not yet taken
-        self._held: dict[int, dict] = {}
+        self._held: dict[int, Tensors] = {}
         self.computed: Counter = Counter()
 
-    def take(self, layer: int, role: str, param: str):
+    def take(self, layer: int, role: str, param: str) -> torch.Tensor:
         """One converted tensor of ``layer`` (in the output dtype)."""
         if layer not in self._held:
             self._held[layer] = self._compute(layer)
@@ -188,7 +216,7 @@ class LayerResults:
             del self._held[layer]
         return tensor
 
-    def _compute(self, layer: int) -> dict:
+    def _compute(self, layer: int) -> Tensors:
         spill = self.state.spill
         if spill is not None and layer in spill.layers:
             return spill.take(layer)

@@ -3,7 +3,8 @@ it, each key head in the norm of the queries that read it. Planted cases where o
 
 import torch
 
-from convert.fits import LayerHeads, Rotary, svd_merge, whitener
+from convert.fits import svd_merge, whitener
+from convert.head_form import LayerHeads, Rotary
 
 H = G = 2  # two heads, each with its own KV head, merged into one
 D, IN, T = 4, 16, 24

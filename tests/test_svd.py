@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from convert import ConversionError, convert_checkpoint
 from convert.cli import main
-from convert.fits import LayerHeads, permute
+from convert.head_form import LayerHeads, permute
 
 
 @pytest.fixture(scope="module")
