@@ -1,51 +1,76 @@
 """A plain (non-editable) `pip install .` carries what the commands need at run time: the recipes, the demo's
-task template, the moved packages (kvshrink.demo, kvshrink.decode_bench) and the `kvshrink` console script."""
+task template, the moved packages (kvshrink.demo, kvshrink.decode_bench) and the `kvshrink` console script.
 
+The venv the project is installed into sees exactly this interpreter's import path, wherever the suite's
+dependencies live (the system Python, a venv, a user site): a .pth file in the venv's site-packages lists
+``sys.path``, less the source tree and the standard library. The lines of a .pth file are plain paths, so the
+.pth files in those directories are not run, among them the import hook of this project's own editable
+install: only the copy installed in the venv can answer an import of the project."""
+
+import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+from tiny import make_model
 
-ROOT = Path(__file__).parents[1]
-# The venv sees the system site-packages (torch and the rest), where the suite's own editable install of this
-# project also lives; its import hook is switched off so that only the wheel installed in the venv can answer.
-NO_EDITABLE = (
-    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]; "
-)
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+
+
+def outer_import_path() -> list[str]:
+    """This interpreter's import path as directories, less the source tree (and the tests under it), the
+    current directory and the standard library, which the venv's interpreter has of its own."""
+    stdlib = {Path(sysconfig.get_path(key)).resolve() for key in ("stdlib", "platstdlib")}
+    stdlib |= {lib / "lib-dynload" for lib in stdlib}
+    kept: list[str] = []
+    for entry in sys.path:
+        path = Path(entry).resolve() if entry else ROOT
+        if path.is_dir() and not path.is_relative_to(ROOT) and path not in stdlib and str(path) not in kept:
+            kept.append(str(path))
+    return kept
+
+
+def source_copy(destination: Path) -> Path:
+    """The files a clone holds, copied to ``destination``: no build leftovers, caches or venvs, so that the
+    wheel holds only what the source does, and the build writes nothing into the source tree."""
+
+    def ignored(folder: str, names: list[str]) -> set[str]:
+        generated = {"__pycache__", "build", "dist", "runs", *(["out"] if Path(folder) == ROOT / "bench" else [])}
+        return {
+            n
+            for n in names
+            if n.startswith(".") or n in generated or n.endswith(".egg-info") or Path(folder, n, "pyvenv.cfg").exists()
+        }
+
+    return Path(shutil.copytree(ROOT, destination, ignore=ignored))
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """A venv with the project's wheel installed in it, once for this module."""
+    """A venv with the project installed in it by `pip install .`, once for this module."""
     tmp_path = tmp_path_factory.mktemp("install")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # pip and setuptools come from this interpreter's path (the test extra holds setuptools); a venv of its own
+    # pip only where this interpreter has none.
+    has_pip = importlib.util.find_spec("pip") is not None
+    subprocess.run([sys.executable, "-m", "venv", *(["--without-pip"] if has_pip else []), str(venv)], check=True)
     python = venv / "bin" / "python"
-    # What `pip install .` does, offline: build the wheel (with this interpreter's setuptools; the venv's own
-    # may be too old), install it; torch and the rest come from the system site-packages.
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--disable-pip-version-check",
-            "-w",
-            str(tmp_path / "dist"),
-            str(ROOT),
-        ],
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
         capture_output=True,
         text=True,
-        timeout=600,
-    )
-    assert built.returncode == 0, built.stderr[-2000:]
-    wheel = next((tmp_path / "dist").glob("kvshrink-*.whl"))
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "outer_import_path.pth").write_text("".join(f"{p}\n" for p in outer_import_path()))
+    # What `pip install .` does, offline: no build isolation (setuptools is already here), no dependencies
+    # (they are on the outer path); --ignore-installed leaves alone the editable install the outer path shows.
     done = subprocess.run(
         [
             str(python),
@@ -54,27 +79,32 @@ def venv(tmp_path_factory) -> Path:
             "install",
             "--quiet",
             "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
             "--ignore-installed",
             "--disable-pip-version-check",
-            str(wheel),
+            str(source_copy(tmp_path / "source")),
         ],
         capture_output=True,
         text=True,
         timeout=600,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return venv
 
 
+def command(venv: Path, line: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``line`` (``python -m NAME`` or ``kvshrink``) with ``args``, run in ``cwd`` as a user runs it in the
+    activated venv: its bin/ first on PATH."""
+    active = ENV | {"VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([*line.split(), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=active)
+
+
 def run_in(venv: Path, code: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``code`` run by the venv's python in ``cwd``, with the editable install's import hook switched off."""
+    """``code`` run by the venv's python in ``cwd``."""
     return subprocess.run(
-        [str(venv / "bin" / "python"), "-c", NO_EDITABLE + code],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
+        [str(venv / "bin" / "python"), "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300, env=ENV
     )
 
 
@@ -105,12 +135,6 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(venv, tmp_path
         shipped.is_relative_to(venv)
         and shipped.read_text() == (ROOT / "kvshrink" / "demo" / "verse_cloze.yaml").read_text()
     )
-    helped = run_in(
-        venv,
-        "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('kvshrink.demo', run_name='__main__')",
-        elsewhere,
-    )
-    assert helped.returncode == 0 and "usage" in helped.stdout
 
 
 def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(venv, tmp_path):
@@ -124,25 +148,73 @@ def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(ven
     decode_bench, cloze, old = found.stdout.splitlines()
     assert Path(decode_bench).is_relative_to(venv) and Path(cloze).is_relative_to(venv)
     assert old == "None None"  # no shims: the old top-level names are gone
-    helped = run_in(
-        venv,
-        "import runpy, sys; sys.argv[1:] = ['--help']; runpy.run_module('kvshrink.decode_bench', run_name='__main__')",
-        tmp_path,
-    )
+    helped = command(venv, "python -m kvshrink.decode_bench", ["--help"], tmp_path)
     assert helped.returncode == 0 and "usage: python -m kvshrink.decode_bench" in helped.stdout
 
 
-def kvshrink_script(venv: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """The installed ``kvshrink`` console script run with ``args`` (through the venv's python, so that the
-    editable install's hook can be switched off first)."""
-    script = venv / "bin" / "kvshrink"
-    assert script.is_file(), "pip install . made no kvshrink console script"
-    return run_in(
-        venv,
-        f"import runpy, kvshrink.cli; assert kvshrink.cli.__file__.startswith({str(venv)!r}); "
-        f"sys.argv[:] = {[str(script), *args]!r}; runpy.run_path({str(script)!r}, run_name='__main__')",
-        cwd,
+# What a user runs, and the start of the usage line each prints for --help.
+COMMANDS = {
+    "python -m convert": "usage: python -m convert ",
+    "python -m uptrain": "usage: python -m uptrain ",
+    "python -m uptrain.evaluate": "usage: python -m uptrain.evaluate ",
+    "python -m kvshrink.demo": "usage: python -m kvshrink.demo ",
+    "kvshrink": "usage: kvshrink ",
+}
+# The modules behind them: none may come from the source tree.
+MODULES = (
+    "convert.__main__",
+    "convert.cli",
+    "uptrain.__main__",
+    "uptrain.evaluate",
+    "kvshrink.demo.__main__",
+    "kvshrink.cli",
+    "kvshrink_base",
+    "kvshrink_recipes",
+)
+
+
+def test_each_command_runs_from_another_directory(venv, tmp_path):
+    assert not tmp_path.is_relative_to(ROOT)
+    for line, usage in COMMANDS.items():
+        helped = command(venv, line, ["--help"], tmp_path)
+        assert helped.returncode == 0, (line, helped.stderr[-2000:])
+        assert helped.stdout.startswith(usage), (line, helped.stdout[:200])
+
+
+def test_the_commands_import_the_installed_copy(venv, tmp_path):
+    probe = (
+        "import importlib.util, json, sys; "
+        f"print(json.dumps([sys.path, [importlib.util.find_spec(m).origin for m in {MODULES!r}]]))"
     )
+    found = command(venv, "python -c", [probe], tmp_path)
+    assert found.returncode == 0, found.stderr[-2000:]
+    path, origins = json.loads(found.stdout)
+    assert not [p for p in path if p and Path(p).resolve().is_relative_to(ROOT)], path
+    assert all(Path(origin).is_relative_to(venv) for origin in origins), origins
+    shebang = (venv / "bin" / "kvshrink").read_text().splitlines()[0]
+    assert Path(shebang.removeprefix("#!")).parent == venv / "bin", shebang
+
+
+def test_convert_converts_a_checkpoint_from_another_directory(venv, tmp_path):
+    """Mean pooling of a tiny checkpoint, by ``python -m convert`` and by ``kvshrink convert``: the same
+    result, an MQA checkpoint."""
+    source = tmp_path / "source"
+    make_model("llama", 4).save_pretrained(source)
+    for line, out in (("python -m convert", "by-module"), ("kvshrink convert", "by-script")):
+        done = command(venv, line, [str(source), out, "--kv-heads", "1"], tmp_path)
+        assert done.returncode == 0, (line, done.stderr[-2000:])
+        assert "all 2 layers: 4 -> 1" in done.stdout, (line, done.stdout)
+        assert json.loads((tmp_path / out / "config.json").read_text())["num_key_value_heads"] == 1
+    by_module, by_script = (load_file(tmp_path / out / "model.safetensors") for out in ("by-module", "by-script"))
+    assert by_module.keys() == by_script.keys()
+    assert all(by_module[name].equal(by_script[name]) for name in by_module)
+    assert by_module["model.layers.0.self_attn.k_proj.weight"].shape == (8, 64)  # one KV head of head_dim 8
+
+
+def kvshrink_script(venv: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The installed ``kvshrink`` console script run with ``args`` in ``cwd``."""
+    assert (venv / "bin" / "kvshrink").is_file(), "pip install . made no kvshrink console script"
+    return command(venv, "kvshrink", args, cwd)
 
 
 def test_the_console_script_runs_each_subcommand_help(venv, tmp_path):
