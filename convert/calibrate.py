@@ -23,13 +23,16 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from convert.device import available_ram, estimate, free_bytes, hidden_on_device, run_dtype
+from convert.device import MemoryEstimate, available_ram, estimate, free_bytes, hidden_on_device, run_dtype
 from convert.errors import ConversionError
+from convert.head_form import LayerHeads
 from convert.layers import LayerPlan, LayerState, output_tensors, rewrite
 from convert.onload import LayerLoader, layer_calls
+from convert.options import ConvertOptions
 from convert.refine import AttentionIO, refine, refit_o
 from convert.source import WeightSource, torch_dtype
 from convert.stages import Stages
@@ -38,22 +41,13 @@ from kvshrink_base.device import pick_device
 from kvshrink_base.errors import first_line
 from kvshrink_base.text import DataError, read_documents
 
-DEFAULT_TOKENS = 65536
-DEFAULT_SEQ_LEN = 512
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
 SAMPLE_LENGTH = 320  # tokens per sample drawn from the source (uptrain.sample's default)
-
-
-@dataclass
-class Calibration:
-    """How calibration runs (``convert.options.ConvertOptions`` gives these)."""
-
-    tokens: int = DEFAULT_TOKENS
-    seq_len: int = DEFAULT_SEQ_LEN
-    order: str = "parallel"
-    refit_o: bool = False
-    local_steps: int = 0
-    device: str = "auto"
-    hidden_limit: int | None = None  # bytes; replaces the free memory measured (tests force the offload)
+Moments = list["torch.Tensor | None"]  # per hooked module, Σ [x, 1][x, 1]ᵀ (float64) so far
+Hook = Callable[["torch.nn.Module", tuple[Any, ...]], None]  # a forward pre-hook: (module, positional args)
 
 
 def say(enabled: bool, text: str) -> None:
@@ -71,7 +65,7 @@ def read_text(files: list[str], tokens: int) -> list[str]:
         raise ConversionError(f"--calibration-data: {exc}") from None
 
 
-def load_tokenizer(source: Path):
+def load_tokenizer(source: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -81,7 +75,9 @@ def load_tokenizer(source: Path):
         raise ConversionError(f"calibration needs the source's tokenizer, which {source} lacks ({reason})") from None
 
 
-def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos: bool = False):
+def token_blocks(
+    tokenizer: PreTrainedTokenizerBase, documents: list[str], tokens: int, seq_len: int, bos: bool = False
+) -> torch.Tensor:
     """Documents tokenized, joined with EOS, cut into (n, seq_len) blocks of at most ``tokens`` in all.
 
     With ``bos`` every block starts with the tokenizer's BOS where it has one, as many models saw sequences
@@ -115,24 +111,24 @@ def token_blocks(tokenizer, documents: list[str], tokens: int, seq_len: int, bos
     return torch.cat([torch.tensor(head, dtype=text.dtype).expand(n, len(head)), text], dim=1)
 
 
-def layer_dtype(weights: WeightSource, plan: LayerPlan, device):
+def layer_dtype(weights: WeightSource, plan: LayerPlan, device: torch.device) -> torch.dtype:
     """The dtype the decoder layers run in on ``device`` (``convert.device.run_dtype`` of the layers' own)."""
     return run_dtype(device, torch_dtype(weights.tensors[plan.source_names[plan.anchors[0]]].dtype))
 
 
-def model_dtype(weights: WeightSource, device):
+def model_dtype(weights: WeightSource, device: torch.device) -> torch.dtype:
     """The dtype the whole source model runs in on ``device`` (sampling)."""
     return run_dtype(device, torch_dtype(next(iter(weights.tensors.values())).dtype))
 
 
-def sampling_bytes(weights: WeightSource, device) -> int:
+def sampling_bytes(weights: WeightSource, device: torch.device) -> int:
     """Memory for sampling text from the whole source model on ``device``: its weights in the run dtype, plus a
     fifth for activations and the cache."""
     elements = sum(info.nbytes // max(1, torch_dtype(info.dtype).itemsize) for info in weights.tensors.values())
     return int(elements * model_dtype(weights, device).itemsize * 1.2)
 
 
-def check_model_fits(weights: WeightSource, device) -> None:
+def check_model_fits(weights: WeightSource, device: torch.device) -> None:
     """Sampling runs the whole source model: refuse, before any work, where it cannot fit."""
     dtype = model_dtype(weights, device)
     needed = sampling_bytes(weights, device)
@@ -145,7 +141,7 @@ def check_model_fits(weights: WeightSource, device) -> None:
         )
 
 
-def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool):
+def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool) -> list[str]:
     """Text sampled from the source itself (``uptrain.sample``, from BOS at temperature 1): ``tokens`` of it."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -165,12 +161,12 @@ def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_n
     return documents
 
 
-def moment_hook(moments: list, index: int, stages: Stages | None = None):
+def moment_hook(moments: Moments, index: int, stages: Stages | None = None) -> Hook:
     """A forward pre-hook adding [x, 1][x, 1]ᵀ of its module's input to ``moments[index]``: each block's moment
     in float32 where the input is (an accelerator's fast matmul), summed in float64 on the CPU."""
     import torch
 
-    def add(_module, args):
+    def add(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         with stages.timed("moments") if stages is not None else contextlib.nullcontext():
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
@@ -185,12 +181,16 @@ def calibrate_layers(
     weights: WeightSource,
     plan: LayerPlan,
     state: LayerState,
-    load,
-    blocks,
-    how: Calibration,
+    load: Callable[[str], torch.Tensor],
+    blocks: torch.Tensor,
+    options: ConvertOptions,
     progress: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Walk the decoder layers over the calibration blocks, converting and spilling each (``state.spill``).
+
+    Args:
+        blocks: the calibration token blocks, (n, seq_len).
+        options: the conversion's options: the device, the calibration order, the O refit and the local steps.
 
     Returns:
         {"tokens": n, "seconds": s, "device": ..., "peak_layers": the most layers ever materialized at once,
@@ -199,23 +199,25 @@ def calibrate_layers(
     import torch
 
     started = time.perf_counter()
-    device = pick_device(how.device)
-    loader, walk = open_walk(src_dir, weights, plan, state, load, blocks, how, device)
+    device = pick_device(options.device)
+    loader, walk = open_walk(src_dir, weights, plan, state, load, blocks, options, device)
     say(
         progress,
         f"{blocks.shape[0]} sequences of {blocks.shape[1]} tokens through {plan.dims.layers} layers "
         f"on {device} in {str(loader.dtype).removeprefix('torch.')}, hidden states "
         f"{'in CPU memory, moved per block' if not walk.states.on_device else 'on ' + str(device)}",
     )
-    step = _sequential_layer if how.order == "sequential" else _parallel_layer
-    stages = walk.stages
+    step = _sequential_layer if options.calibration_order == "sequential" else _parallel_layer
+    stages, spill = walk.stages, state.spill
+    if spill is None:
+        raise ValueError("calibrate_layers needs state.spill, where the converted layers go")
     with torch.inference_mode():
         for layer in range(plan.dims.layers):
             with stages.timed("read"):
                 decoder = loader.onload(layer)
-            new, has_bias, note = step(walk, layer, decoder, how)
+            new, has_bias, note = step(walk, layer, decoder, options)
             with stages.timed("write"):
-                state.spill.put(layer, output_tensors(plan, layer, new, has_bias))
+                spill.put(layer, output_tensors(plan, layer, new, has_bias))
             with stages.timed("read"):
                 loader.offload(layer)
             say(
@@ -233,12 +235,23 @@ def calibrate_layers(
     }
 
 
-def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, device):
+def open_walk(
+    src_dir: Path,
+    weights: WeightSource,
+    plan: LayerPlan,
+    state: LayerState,
+    load: Callable[[str], torch.Tensor],
+    blocks: torch.Tensor,
+    options: ConvertOptions,
+    device: torch.device,
+    hidden_limit: int | None = None,
+) -> tuple[LayerLoader, Walk]:
     """The loader with its skeleton, and the walk holding the first layer's inputs for every block and how the
-    model calls each layer."""
+    model calls each layer. ``hidden_limit`` (bytes) replaces the free memory measured (tests force the offload)."""
     dtype = layer_dtype(weights, plan, device)
     loader = LayerLoader(src_dir, weights, [plan.source_names[a] for a in plan.anchors], device, dtype)
-    states = HiddenStates(device, memory_estimate(loader, plan, blocks.numel(), how, device).on_device)
+    memory = memory_estimate(loader, plan, blocks.numel(), options, device, hidden_limit=hidden_limit)
+    states = HiddenStates(device, memory.on_device)
     decoders = [loader.model.get_submodule(name) for name in loader.decoders]
     firsts, calls = layer_calls(loader.model, decoders, blocks, device, place=states.keep)
     states.replace(firsts)
@@ -247,9 +260,18 @@ def open_walk(src_dir, weights, plan, state, load, blocks, how: Calibration, dev
     return loader, walk
 
 
-def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Calibration, device, sampled: bool = False):
+def memory_estimate(
+    loader: LayerLoader,
+    plan: LayerPlan,
+    tokens: int,
+    options: ConvertOptions,
+    device: torch.device,
+    sampled: bool = False,
+    hidden_limit: int | None = None,
+) -> MemoryEstimate:
     """``convert.device.estimate`` for this model (its largest decoder layer, its resident parameters, the whole
-    model where text is sampled from it first), with the hidden states' placement the walk will choose."""
+    model where text is sampled from it first) and the options' calibration settings, with the hidden states'
+    placement the walk will choose (``hidden_limit``, bytes, replaces the free memory measured)."""
     weights = loader.weights
     names = max(loader.layer_tensors, key=loader.elements)
     attention = max(
@@ -263,15 +285,15 @@ def memory_estimate(loader: LayerLoader, plan: LayerPlan, tokens: int, how: Cali
         plan.dims,
         device,
         loader.dtype,
-        refit_o=how.refit_o,
-        local_steps=how.local_steps,
-        seq_len=min(how.seq_len, tokens),
+        refit_o=options.refit_o,
+        local_steps=options.local_steps,
+        seq_len=min(options.calibration_seq_len, tokens),
         read_bytes=sum(weights.tensors[n].nbytes for n in names),
         fused_elements=loader.elements([n for n in names if n not in loader.model_name]),
         sampling_bytes=sampling_bytes(weights, device) if sampled else 0,
     )
-    if device.type != "cpu" or how.hidden_limit is not None:  # on the CPU the device is CPU memory
-        memory.on_device = hidden_on_device(device, int(memory.hidden * memory.copies), how.hidden_limit)
+    if device.type != "cpu" or hidden_limit is not None:  # on the CPU the device is CPU memory
+        memory.on_device = hidden_on_device(device, int(memory.hidden * memory.copies), hidden_limit)
     return memory
 
 
@@ -279,9 +301,11 @@ def _q_path(walk: Walk, layer: int) -> str:
     return walk.path(walk.plan.anchors[layer])
 
 
-def _parallel_layer(walk: Walk, layer: int, decoder, how: Calibration):
+def _parallel_layer(
+    walk: Walk, layer: int, decoder: torch.nn.Module, options: ConvertOptions
+) -> tuple[LayerHeads, bool, str]:
     """Measure the layer's moment on the original model's activations, pass them on through the original layer."""
-    moments = [None]
+    moments: Moments = [None]
     outputs = walk.run(layer, decoder, {_q_path(walk, layer): moment_hook(moments, 0, walk.stages)}, keep=True)
     walk.states.replace(outputs)
     with walk.stages.timed("fits"):
@@ -289,16 +313,18 @@ def _parallel_layer(walk: Walk, layer: int, decoder, how: Calibration):
     return new, has_bias, ""
 
 
-def _sequential_layer(walk: Walk, layer: int, decoder, how: Calibration):
+def _sequential_layer(
+    walk: Walk, layer: int, decoder: torch.nn.Module, options: ConvertOptions
+) -> tuple[LayerHeads, bool, str]:
     """Measure, convert, refine the layer on the converted layers' outputs; pass them on through the converted one."""
     plan, keep = walk.plan, walk.states.keep
-    moments: list = [None]
-    hooks = {_q_path(walk, layer): moment_hook(moments, 0, walk.stages)}
-    heads_out: list = []  # the original heads' outputs (o_proj's input), for the refit; off the device when offloaded
-    if how.refit_o:
+    moments: Moments = [None]
+    hooks: dict[str, Hook] = {_q_path(walk, layer): moment_hook(moments, 0, walk.stages)}
+    heads_out: list[torch.Tensor] = []  # the original heads' outputs (o_proj's input), for the refit
+    if options.refit_o:
         hooks[walk.path(plan.sources[layer]["o", "weight"])] = lambda _m, args: heads_out.append(keep(args[0].detach()))
     attention = (
-        AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer)), keep) if how.local_steps else None
+        AttentionIO(walk.loader.model.get_submodule(walk.attention_path(layer)), keep) if options.local_steps else None
     )
     walk.run(layer, decoder, hooks, keep=False)
     if attention is not None:
@@ -306,13 +332,13 @@ def _sequential_layer(walk: Walk, layer: int, decoder, how: Calibration):
     with walk.stages.timed("fits"):
         new, has_bias = rewrite(plan, walk.state, walk.load, layer, moments[0])
         walk.write_converted(layer, new, has_bias)
-    if how.refit_o:
+    if options.refit_o:
         with walk.stages.timed("refit"):
             new = refit_o(walk, layer, decoder, heads_out, new)
     note = ""
     if attention is not None:
         with walk.stages.timed("local"):
-            first, last, better = refine(walk, layer, how.local_steps, attention.seen, new, has_bias)
+            first, last, better = refine(walk, layer, options.local_steps, attention.seen, new, has_bias)
             note = f", local relative error {first:.4f} -> {last:.4f}"
             if better is not None:
                 new = better

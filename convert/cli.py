@@ -8,12 +8,13 @@ import shlex
 import sys
 import threading
 
-from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.engine import convert_checkpoint
 from convert.families import supported
 from convert.merge import GROUPINGS, METHODS, choices_help
 from convert.options import (
     CALIBRATION_ORDERS,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_TOKENS,
     DTYPES,
     RECOMMENDED,
     RECOMMENDED_CPU_LOCAL_STEPS,

@@ -15,7 +15,6 @@ from typing import Any
 
 from convert import families
 from convert.calibrate import (
-    Calibration,
     calibrate_layers,
     check_model_fits,
     layer_dtype,
@@ -162,17 +161,6 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
     return _Prepared(src_dir, plan, report, shards, weights, blocks)
 
 
-def _calibration(options: ConvertOptions) -> Calibration:
-    return Calibration(
-        options.calibration_tokens,
-        options.calibration_seq_len,
-        options.calibration_order,
-        options.refit_o,
-        options.local_steps,
-        options.device,
-    )
-
-
 def _check_calibration(
     src_dir: Path, weights: WeightSource, plan: Plan, report: ConversionReport, options: ConvertOptions
 ):
@@ -201,7 +189,7 @@ def _check_calibration(
     else:
         check_model_fits(weights, device)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
-    memory = memory_estimate(loader, layers, tokens, _calibration(options), device, sampled=blocks is None)
+    memory = memory_estimate(loader, layers, tokens, options, device, sampled=blocks is None)
     report.calibration["memory"] = memory.line()
     advice = memory.advice(free_bytes(device), available_ram())
     if advice:
@@ -227,7 +215,7 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress
         )
     plan.state.spill = Spill(Path(work))
     found = calibrate_layers(
-        prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks, _calibration(options), progress
+        prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks, options, progress
     )
     prepared.report.calibration.update(
         order=options.calibration_order,

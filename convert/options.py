@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from convert.calibrate import DEFAULT_SEQ_LEN, DEFAULT_TOKENS
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
 from kvshrink_base.device import DEVICE_CHOICES, valid_name
 
+DEFAULT_TOKENS = 65536  # --calibration-tokens
+DEFAULT_SEQ_LEN = 512  # --calibration-seq-len
 CALIBRATION_ORDERS = ("parallel", "sequential")
 QKVO = frozenset("qkvo")
 # ``--recommended``: the conversion docs/convert.md recommends and the demo runs. On a CPU, fewer calibration

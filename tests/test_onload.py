@@ -1,5 +1,6 @@
 """Calibration one decoder layer at a time: the same numbers as the whole model, one layer in memory, any device."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,7 @@ def test_hidden_states_waiting_in_cpu_memory_change_nothing(corpus, tmp_path, mo
     open_walk = calibrate.open_walk
 
     def limited(*args):
-        how = args[6]
-        how.hidden_limit = 1
-        loader, walk = open_walk(*args)
+        loader, walk = open_walk(*args, hidden_limit=1)
         placed.append(walk.states.on_device)
         return loader, walk
 
@@ -231,7 +230,7 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
     line = next(line for line in printed.splitlines() if "calibration peak" in line)
     assert "GB on cpu (float32): the larger of the start" in line and "and the walk: one layer" in line
     # the formula, term by term, for this model: 64 wide, MHA (8 heads of 8), MLP 96
-    from convert.calibrate import Calibration, memory_estimate
+    from convert.calibrate import memory_estimate
     from convert.engine import _prepare
     from convert.options import ConvertOptions
     from convert.source import open_weights
@@ -246,7 +245,8 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
         torch.float32,
         materialize=False,
     )
-    memory = memory_estimate(loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"))
+    calibration = dataclasses.replace(options, calibration_tokens=256, calibration_seq_len=32)
+    memory = memory_estimate(loader, plan.layers, 256, calibration, pick_device("cpu"))
     attention = 4 * 64 * 64  # Q, K, V and O, each 64 x 64
     layer = attention + 3 * 64 * 96 + 2 * 64
     assert memory.layer == 4 * layer and memory.read == 4 * layer  # float32 run, float32 checkpoint, nothing fused
@@ -259,9 +259,7 @@ def test_dry_run_prints_calibration_memory_and_recommended_sets_the_preset(corpu
         memory.resident + memory.hidden,
         memory.layer + 5 * memory.hidden + memory.local + memory.read + memory.moments + memory.fit,
     )
-    sampled = memory_estimate(
-        loader, plan.layers, 256, Calibration(256, 32, "sequential", True, 3), pick_device("cpu"), sampled=True
-    )
+    sampled = memory_estimate(loader, plan.layers, 256, calibration, pick_device("cpu"), sampled=True)
     model = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(src).parameters())
     assert sampled.sampling == int(model * 4 * 1.2)
     assert memory.advice(10**12, 10**12) is None

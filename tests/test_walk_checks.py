@@ -135,8 +135,7 @@ def test_offloaded_outputs_leave_the_device_as_they_are_made(corpus, tmp_path, m
     open_walk = calibrate.open_walk
 
     def forced(*args):
-        args[6].hidden_limit = 1  # the offload, as for states that do not fit the device
-        return open_walk(*args)
+        return open_walk(*args, hidden_limit=1)  # the offload, as for states that do not fit the device
 
     monkeypatch.setattr(calibrate, "open_walk", forced)
     monkeypatch.setattr(calibrate, "HiddenStates", _Tracking)
