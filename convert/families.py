@@ -186,8 +186,13 @@ LLAMA_LIKE = Family(
 )
 
 
+def _like(base: Family, architecture: str, **changes: Any) -> Family:
+    """``base``'s table for another architecture, with the fields that differ."""
+    return dataclasses.replace(base, architectures=(architecture,), **changes)
+
+
 def _like_llama(architecture: str, **changes: Any) -> Family:
-    return dataclasses.replace(LLAMA_LIKE, architectures=(architecture,), **changes)
+    return _like(LLAMA_LIKE, architecture, **changes)
 
 
 PHI_TENSORS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "dense"}
@@ -201,6 +206,25 @@ PER_HEAD_NORMS = {
     "q_norm_per_head": "q_layernorm.norms.{head}",
     "k_norm_per_head": "k_layernorm.norms.{head}",
 }
+
+GPT_BIGCODE = Family(  # gpt2 is written as this architecture (Rename), so shares its attention
+    architectures=("GPTBigCodeForCausalLM",),
+    attention="transformer.h.{layer}.attn",
+    tensors={"qkv": "c_attn", "o": "c_proj"},
+    layout="per_head",
+    qkv_bias=True,
+    o_bias=True,
+    config=ConfigKeys(
+        layers=("n_layer", "num_hidden_layers"),
+        heads=("n_head", "num_attention_heads"),
+        hidden=("n_embd", "hidden_size"),
+        kv_heads=("num_key_value_heads",),
+    ),
+    kv_choices="mha_or_mqa",
+    mqa=MQA_FUSED,
+    rotary="none",
+    variants=LEGACY_MQA,
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA_LIKE,
@@ -289,36 +313,14 @@ FAMILIES: dict[str, Family] = {
             *LEGACY_MQA,
         ),
     ),
-    "gpt_bigcode": Family(
-        architectures=("GPTBigCodeForCausalLM",),
-        attention="transformer.h.{layer}.attn",
-        tensors={"qkv": "c_attn", "o": "c_proj"},
-        layout="per_head",
-        qkv_bias=True,
-        o_bias=True,
-        config=ConfigKeys(
-            layers=("n_layer", "num_hidden_layers"),
-            heads=("n_head", "num_attention_heads"),
-            hidden=("n_embd", "hidden_size"),
-            kv_heads=("num_key_value_heads",),
-        ),
-        kv_choices="mha_or_mqa",
-        mqa=MQA_FUSED,
-        rotary="none",
-        variants=LEGACY_MQA,
-    ),
-    "gpt2": Family(
-        architectures=("GPT2LMHeadModel",),
-        attention="transformer.h.{layer}.attn",
-        tensors={"qkv": "c_attn", "o": "c_proj"},
+    "gpt_bigcode": GPT_BIGCODE,
+    "gpt2": _like(
+        GPT_BIGCODE,
+        "GPT2LMHeadModel",
         layout="contiguous",
-        qkv_bias=True,
-        o_bias=True,
         config=ConfigKeys(layers=("n_layer",), heads=("n_head",), hidden=("n_embd",)),
-        kv_choices="mha_or_mqa",
-        mqa=MQA_FUSED,
         mha_layout="per_head",
-        rotary="none",
+        variants=(),
         rename=Rename(
             prefix="transformer.",
             transpose=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
