@@ -10,7 +10,7 @@ import threading
 
 from convert.engine import convert_checkpoint
 from convert.families import supported
-from convert.merge import GROUPINGS, METHODS, choices_help
+from convert.merge import GROUPINGS, METHODS, calibrated_names, choices_help
 from convert.options import (
     CALIBRATION_ORDERS,
     DEFAULT_SEQ_LEN,
@@ -56,14 +56,15 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=list(METHODS),
         default=None,
-        help=f"how a group's KV heads become one: {choices_help(METHODS)}. Default mean (needs no "
+        help=f"what each merged KV head is, by method. {choices_help(METHODS)}. {' and '.join(calibrated_names())} run the "
+        "source on --calibration-data or, without it, on text sampled from the source. Default mean (needs no "
         "data, fastest); for the best start use --recommended (docs/convert.md)",
     )
     parser.add_argument(
         "--grouping",
         choices=list(GROUPINGS),
         default="contiguous",
-        help=f"which KV heads merge: {choices_help(GROUPINGS)} (default: contiguous)",
+        help=f"which KV heads merge. {choices_help(GROUPINGS)}. Default contiguous",
     )
 
 

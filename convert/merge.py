@@ -243,5 +243,5 @@ def calibrated_names() -> list[str]:
 
 
 def choices_help(registry: Mapping[str, Merge | Grouping]) -> str:
-    """``name: help`` for every entry, for the CLI's help text."""
-    return "; ".join(f"{name}: {entry.help}" for name, entry in registry.items())
+    """``name: help`` for every entry, one sentence each, for the CLI's help text."""
+    return ". ".join(f"{name}: {entry.help}" for name, entry in registry.items())

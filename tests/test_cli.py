@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from safetensors.torch import save_file
 from tiny import make_model
 
 from convert.cli import main
+from convert.merge import METHODS
+from uptrain.recipe import RecipeError, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +241,60 @@ def test_killed_conversion_leaves_no_checkpoint_looking_output(good, tmp_path, s
         assert all(p.name.startswith(".out.tmp-") for p in leftovers)
     else:
         assert leftovers == [] and "interrupted" in proc.stderr.read()
+
+
+def _shown_method_help() -> str:
+    """The help of --method in ``python -m convert --help``, on one line."""
+    done = subprocess.run(
+        [sys.executable, "-m", "convert", "--help"],
+        env=dict(os.environ, COLUMNS="100000"),  # no wrapping (textwrap would break at hyphens)
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    options = " ".join(done.stdout.split("options:", 1)[1].split())
+    return options.split(" --method ", 1)[1].split(" --grouping ", 1)[0]
+
+
+def _docs_methods_table() -> dict[str, tuple[str, str]]:
+    """docs/convert.md's methods table: method -> (what each new K/V head is, the projections it changes)."""
+    text = (Path(__file__).parents[1] / "docs" / "convert.md").read_text()
+    section = text.split("\n## Methods\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = (cells[1].replace("`", ""), cells[2])  # markdown's code quotes aside
+    return rows
+
+
+def test_method_help_shows_each_registered_help_once():
+    """``--method``'s help is the registry's: every method's ``help``, once, in the registry's order."""
+    shown = _shown_method_help()
+    expected = ". ".join(f"{name}: {merge.help}" for name, merge in METHODS.items())
+    assert expected in shown
+    for name, merge in METHODS.items():
+        assert shown.count(merge.help) == 1, name
+    calibrated = [name for name, merge in METHODS.items() if merge.calibrated]
+    assert f"{' and '.join(calibrated)} run the source on --calibration-data or, without it, on text sampled" in shown
+
+
+def test_recipe_error_for_an_unknown_method_names_the_registered_ones(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: m\noutput_dir: out\ndata: {train: [a.txt]}\nconvert: {source: s, kv_heads: 1, method: nope}\n"
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    assert str(caught.value) == f"convert.method: 'nope' is not one of {', '.join(METHODS)}"
+
+
+def test_docs_methods_table_shows_each_registered_help():
+    """docs/convert.md's methods table lists the registered methods in order, each with its ``help`` as what a
+    merged head is and its ``changes`` as the projections it rewrites: a help edited in one place fails here."""
+    table = _docs_methods_table()
+    assert list(table) == list(METHODS)
+    for name, merge in METHODS.items():
+        what, changes = table[name]
+        assert what == merge.help, name
+        assert {p.strip().lower() for p in changes.split(",")} == set(merge.changes), name
