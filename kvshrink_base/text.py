@@ -11,12 +11,15 @@ import glob
 import itertools
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from kvshrink_base.errors import KvshrinkError, first_line
 
 if TYPE_CHECKING:
     import datasets
+
+    # A datasets table: in memory, or streamed (``streaming=True``).
+    HFDataset: TypeAlias = datasets.Dataset | datasets.IterableDataset
 
 
 class DataError(KvshrinkError):
@@ -126,7 +129,7 @@ def load_documents(
     streaming: bool = False,
     hub_config: str | None = None,
     hub_split: str = "train",
-) -> datasets.Dataset | datasets.IterableDataset:
+) -> HFDataset:
     """One dataset with a single ``text_field`` column, from local files and/or hub dataset names."""
     import datasets
 

@@ -9,7 +9,7 @@ from kvshrink_base.errors import OneLineParser, check_output_dir, run_cli
 from uptrain.checkpoints import newest
 from uptrain.errors import RecipeError
 from uptrain.plan import dry_run
-from uptrain.recipe import load_recipe
+from uptrain.recipe import Recipe, load_recipe
 from uptrain.train import check_paths, run
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with distill.mode: offline, compute the teacher files (OUTPUT_DIR/teacher), then stop",
     )
     args = parser.parse_args(argv)
-    loaded = []
+    loaded: list[Recipe] = []  # the recipe, once it has loaded: Ctrl-C's line names its checkpoints
 
     def body() -> int:
         loaded.append(load_recipe(args.recipe, args.overrides))
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(body, interrupted)
 
 
-def interrupted_line(recipe, recipe_path: str, overrides: list[str]) -> str:
+def interrupted_line(recipe: Recipe | None, recipe_path: str, overrides: list[str]) -> str:
     """The one line a Ctrl-C ends with: the last complete checkpoint and the command that resumes from it."""
     if recipe is None:
         return "error: interrupted"

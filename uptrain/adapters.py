@@ -13,13 +13,20 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from convert.families import Family, resolve
 from uptrain.errors import RecipeError
 from uptrain.recipe import Lora
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
+
+    # The student as a run holds it before accelerate wraps it: the model itself, or a PeftModel with adapters.
+    Student: TypeAlias = PreTrainedModel | PeftModel
 
 # bitsandbytes (imported by peft and by transformers' quantizer) looks for an optional CPU kernel on the hub at
 # import and warns on two loggers when it cannot have it; its own CPU code runs instead.
@@ -70,7 +77,7 @@ def target_modules(config: Mapping[str, Any], targets: list[str]) -> list[str]:
     return modules
 
 
-def lora_config(model, lora: Lora):
+def lora_config(model: PreTrainedModel, lora: Lora) -> LoraConfig:
     """peft's LoraConfig for the student: the targeted modules as one exact pattern over their full paths."""
     from peft import LoraConfig
     from transformers.pytorch_utils import Conv1D
@@ -80,7 +87,7 @@ def lora_config(model, lora: Lora):
     conv1d = any(isinstance(m, Conv1D) for n, m in model.named_modules() if pattern.fullmatch(n))
     return LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; its scale alpha / r takes a float
         lora_dropout=lora.dropout,
         target_modules=pattern.pattern,
         bias="none",
@@ -88,7 +95,7 @@ def lora_config(model, lora: Lora):
     )  # Conv1D stores (in, out): peft's flag for it
 
 
-def add_adapters(model, lora: Lora):
+def add_adapters(model: PreTrainedModel, lora: Lora) -> PeftModel:
     """The student wrapped in a PeftModel with float32 adapters; the base frozen as it is."""
     from peft import get_peft_model
 
@@ -103,7 +110,7 @@ def base_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
 
 
-def set_trainable(model, subset: str, adapters: bool) -> int:
+def set_trainable(model: Student, subset: str, adapters: bool) -> int:
     """Train ``subset``'s modules fully (none, all, attention or kv; ``convert.roles.SUBSETS``) and the LoRA
     adapters where ``adapters``; freeze the rest. Trained parameters become float32, frozen ones keep their dtype.
     Returns the trainable parameter count."""

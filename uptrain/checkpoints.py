@@ -9,11 +9,17 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from convert.errors import ConversionError
 from convert.source import check_checkpoint
 from kvshrink_base.atomic import AtomicDirectory
 from uptrain.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
 
 _STEP = re.compile(r"step-(\d+)")
 STATE = "trainer_state.json"
@@ -25,7 +31,7 @@ def _complete(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP.fullmatch(p.name) and (p / STATE).exists()]
-    return sorted(found, key=lambda p: int(_STEP.fullmatch(p.name)[1]))
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))  # step-N, as _STEP matched
 
 
 def newest(out: Path) -> Path | None:
@@ -82,7 +88,7 @@ def check_teacher_files(checkpoint: Path, key: str | None) -> None:
         )
 
 
-def read_state(path: Path) -> dict:
+def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
@@ -101,9 +107,10 @@ def removed_on_failure(out: Path) -> Iterator[None]:
         raise
 
 
-def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
+def save_tied_once(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
     """accelerate ``save_state`` pre-hook: tied tensors (a tied ``lm_head.weight`` is the embedding) are saved
-    once, under their first name, as safetensors requires.
+    once, under their first name, as safetensors requires. ``weights`` are the models' state dicts: tensors, and
+    whatever extra state a module keeps.
 
     accelerate would drop the same names itself, but with a warning on every save; its ``load_state``
     (safetensors ``load_model``) accepts the missing alias and the tie, a shared Parameter, is untouched.
@@ -111,7 +118,7 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
     from accelerate.utils import id_tensor_storage
 
     for state in weights:
-        seen = set()
+        seen: set[tuple[torch.device, int, int]] = set()
         for name in list(state):
             tensor = state[name]
             if not hasattr(tensor, "untyped_storage"):
@@ -122,11 +129,11 @@ def save_tied_once(models: list, weights: list[dict], output_dir: str) -> None:
             seen.add(storage)
 
 
-def trained_names(model) -> set[str]:
+def trained_names(model: torch.nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trained_only(models: list, weights: list[dict], output_dir: str) -> None:
+def save_trained_only(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
     """accelerate ``save_state`` pre-hook for runs that train a subset or adapters: each model's state keeps its
     trained parameters alone, never the frozen base (which the run reloads from its checkpoint)."""
     for model, state in zip(models, weights):
@@ -136,7 +143,7 @@ def save_trained_only(models: list, weights: list[dict], output_dir: str) -> Non
                 del state[name]
 
 
-def check_trained_match(checkpoint: Path, model) -> None:
+def check_trained_match(checkpoint: Path, model: torch.nn.Module) -> None:
     """Refuse to resume from a checkpoint whose saved parameters are not exactly the ones this run trains (another
     lora section or train.trainable), before anything loads."""
     from safetensors import safe_open
@@ -155,7 +162,7 @@ def check_trained_match(checkpoint: Path, model) -> None:
         )
 
 
-def save(accelerator, out: Path, step: int, keep_last: int, facts: dict | None = None) -> Path:
+def save(accelerator: Accelerator, out: Path, step: int, keep_last: int, facts: dict[str, str] | None = None) -> Path:
     """accelerator.save_state into checkpoints/step-N via a temporary name, then keep the newest keep_last.
 
     Every process writes its part of the state into the same temporary directory between barriers, and process
@@ -184,7 +191,14 @@ def save(accelerator, out: Path, step: int, keep_last: int, facts: dict | None =
     return final
 
 
-def save_final(accelerator, model, tokenizer, source: str, final: Path, dtype) -> None:
+def save_final(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    final: Path,
+    dtype: torch.dtype,
+) -> None:
     """OUTPUT_DIR/final: safetensors in the student's original dtype, its own config.json, the tokenizer.
 
     The config is the source checkpoint's file, not a re-serialization through transformers (which can

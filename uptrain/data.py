@@ -10,26 +10,36 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvshrink_base.text import load_documents
 from uptrain.errors import RecipeError
 
+if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from kvshrink_base.text import HFDataset
+    from uptrain.recipe import Recipe
+
 
 def _is_eval(index: int, fraction: float, seed: int) -> bool:
     return ((index * 2654435761 + seed * 97) % 2**32) / 2**32 < fraction
 
 
-def split_documents(docs, fraction: float, seed: int):
+def split_documents(docs: HFDataset, fraction: float, seed: int) -> tuple[HFDataset, HFDataset]:
     """(train, eval) documents: each document goes to eval with probability `fraction`, by its index."""
     train = docs.filter(lambda _, i: not _is_eval(i, fraction, seed), with_indices=True)
     held = docs.filter(lambda _, i: _is_eval(i, fraction, seed), with_indices=True)
     return train, held
 
 
-def pack(docs, tokenizer, text_field: str, seq_len: int, batch_size: int = 1000):
+def pack(
+    docs: HFDataset, tokenizer: PreTrainedTokenizerBase, text_field: str, seq_len: int, batch_size: int = 1000
+) -> HFDataset:
     """Documents -> ``input_ids`` blocks of exactly seq_len tokens, EOS after each document.
 
     The token stream is packed whole: what does not fill a block at the end of one map batch of
@@ -59,7 +69,7 @@ def pack(docs, tokenizer, text_field: str, seq_len: int, batch_size: int = 1000)
     return tokenized.map(blocks, batched=True, batch_size=batch_size, with_indices=True, remove_columns=["ids"])
 
 
-def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
+def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> tuple[HFDataset, HFDataset]:
     """(train blocks, eval blocks) for a recipe; eval is capped at eval.max_tokens."""
     d = recipe.data
     docs = load_documents(d.train, d.text_field, d.streaming, d.hub_config, d.hub_split)
@@ -84,7 +94,7 @@ def build_datasets(recipe, tokenizer) -> tuple[Any, Any]:
     return train.with_format("torch"), evals.with_format("torch")
 
 
-def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor]:
     """Blocks stacked into ``input_ids`` (B, T); their dataset indices as ``index`` (B,) where they have one."""
     batch = {"input_ids": torch.stack([torch.as_tensor(r["input_ids"]) for r in rows])}
     if all("index" in r for r in rows):
@@ -92,16 +102,16 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-class Indexed(torch.utils.data.Dataset):
+class Indexed(torch.utils.data.Dataset[dict[str, torch.Tensor | int]]):
     """A map-style dataset's blocks with their index (``index``): the offline teacher's rows are found by it."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: datasets.Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         return {"input_ids": self.dataset[i]["input_ids"], "index": i}
 
 
@@ -127,7 +137,7 @@ def training_rows(count: int, batch_size: int, seed: int, blocks: int) -> list[i
     return list(rows)
 
 
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
+def epoch_loader(dataset: HFDataset, batch_size: int, seed: int, epoch: int) -> torch.utils.data.DataLoader:
     """Epoch `epoch`'s loader: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
 
     The loader has its own generator: starting to iterate a DataLoader draws a seed, from the global RNG when it
@@ -147,7 +157,9 @@ def epoch_loader(dataset, batch_size: int, seed: int, epoch: int) -> torch.utils
     )
 
 
-def train_batches(dataset, batch_size: int, seed: int, accelerator, start: int = 0) -> Iterator[dict]:
+def train_batches(
+    dataset: HFDataset, batch_size: int, seed: int, accelerator: Accelerator, start: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches forever (epoch after epoch), starting after `start` batches already consumed."""
     epoch = 0
     while True:

@@ -18,11 +18,18 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from uptrain.errors import RecipeError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel
+
+    from uptrain.adapters import Student
 
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # gemma2, cohere, granite
 
@@ -55,10 +62,10 @@ class Stored:
     tail: torch.Tensor
 
     def rows(self, rows: slice, keep: torch.Tensor) -> Stored:
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[rows][keep]
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t[rows][keep]
 
-        return Stored(pick(self.ids), pick(self.logprobs), pick(self.tail))
+        return Stored(None if self.ids is None else pick(self.ids), pick(self.logprobs), pick(self.tail))
 
 
 def stored_kl(log_q: torch.Tensor, stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,13 +107,15 @@ def stored_distill_kl(student_logits: torch.Tensor, stored: Stored, temperature:
     return kl * temperature**2
 
 
-def chunkable(model) -> bool:
+def chunkable(model: Student) -> bool:
     """Whether logits are exactly lm_head(final hidden state): no softcapping or scaling after the lm_head."""
     config = model.config
     return all(getattr(config, key, None) in (None, 1.0) for key in SCALED_LOGITS)
 
 
-def loss_chunk(chunk_tokens: int, accelerator, model, teacher) -> int:
+def loss_chunk(
+    chunk_tokens: int, accelerator: Accelerator, model: torch.nn.Module, teacher: PreTrainedModel | None
+) -> int:
     """Tokens per loss chunk (``train.loss_chunk_tokens``), or 0 for the full-logits path: when the recipe asks
     for it, under FSDP (whose sharded lm_head weight the chunked loss cannot read) and where logits are scaled
     after the lm_head."""
@@ -143,19 +152,19 @@ class ChunkedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        labels,
-        teacher_hidden,
-        teacher_weight,
-        teacher_bias,
-        w,
-        temperature,
-        chunk,
-        stored=None,
-    ):
+        ctx: Any,  # autograd's context, as torch types it: forward keeps its own attributes on it for backward
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        teacher_hidden: torch.Tensor | None,
+        teacher_weight: torch.Tensor | None,
+        teacher_bias: torch.Tensor | None,
+        w: float,
+        temperature: float,
+        chunk: int,
+        stored: Stored | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
         # A frozen lm_head (adapters, trainable subsets) gets no (vocab, H) gradient buffer.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -179,10 +188,11 @@ class ChunkedLoss(torch.autograd.Function):
             dz[torch.arange(len(y)), y] -= 1
             dz *= 1 - w
             chunk_loss = (1 - w) * ce
-            if w > 0:  # the offline teacher's stored distribution, or the teacher's logits here
+            if log_ps is not None:  # w > 0: the offline teacher's stored distribution, or the teacher's logits here
                 if stored is not None:
                     kl, target = stored_kl(log_ps, stored.rows(rows, keep))
                 else:
+                    assert teacher_hidden is not None and teacher_weight is not None, "no teacher to distil"
                     kl, target = online_kl(
                         log_ps, teacher_hidden[rows][keep], teacher_weight, teacher_bias, temperature
                     )
@@ -201,7 +211,7 @@ class ChunkedLoss(torch.autograd.Function):
         return loss, ce_sum
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_ce: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, *rest = ctx.saved_tensors
         grad_weight = rest.pop(0) if ctx.has_weight else None
         grad_bias = rest.pop(0) if ctx.has_bias else None
@@ -303,6 +313,7 @@ def liger_loss(
     ce = liger_fused_linear_cross_entropy(flat, head_weight, labels, bias=bias, ignore_index=-100, reduction="sum")
     if weight == 0:
         return ce, ce.detach()
+    assert teacher_hidden is not None and teacher_head is not None, "distillation needs the teacher's states and head"
     t_flat = teacher_hidden.flatten(0, 1)
     kl_mean = liger_fused_linear_jsd(
         flat,

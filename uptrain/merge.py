@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from convert.errors import ConversionError
 from convert.source import WeightSource, check_checkpoint, open_weights, torch_dtype, write_tensor_bytes
@@ -26,6 +26,11 @@ from convert.writer import OutTensor, shard_names, shard_plan, write_index, writ
 from kvshrink_base.atomic import AtomicDirectory
 from kvshrink_base.errors import KvshrinkError, OneLineParser, check_output_dir, first_line, run_cli
 from uptrain.adapters import base_name, is_adapter
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from peft import PeftModel
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,17 +47,18 @@ class MergeError(KvshrinkError):
 class Adapter:
     """One adapted module: its A (r, in) and B (out, r) in float32, and the scale of their product."""
 
-    a: object
-    b: object
+    a: torch.Tensor
+    b: torch.Tensor
     scale: float
     transposed: bool  # Conv1D weights are stored (in, out)
 
-    def delta(self):
+    def delta(self) -> torch.Tensor:
+        """``B @ A * scale`` in float32, in the weight's own layout ((in, out) for Conv1D)."""
         product = self.b.float() @ self.a.float() * self.scale
         return product.T if self.transposed else product
 
 
-def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, object]]:
+def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, torch.Tensor]]:
     """({base weight name: its adapter}, {base name: fully trained tensor}) of a saved adapter directory."""
     from safetensors.torch import load_file
 
@@ -73,7 +79,7 @@ def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, object
         raise MergeError(f"{directory}: only plain LoRA adapters merge here (no DoRA, rank or alpha patterns)")
     r, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    adapters = {}
+    adapters: dict[str, Adapter] = {}
     for key, tensor in weights.items():
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
@@ -84,7 +90,9 @@ def read_adapters(directory: Path) -> tuple[dict[str, Adapter], dict[str, object
     return adapters, trained
 
 
-def merged_tensors(base: WeightSource, adapters: dict[str, Adapter], trained: dict) -> list[OutTensor]:
+def merged_tensors(
+    base: WeightSource, adapters: dict[str, Adapter], trained: dict[str, torch.Tensor]
+) -> list[OutTensor]:
     """Every tensor of ``base`` as the output has it: byte copies, trained values, or base plus adapter."""
     missing = sorted((set(adapters) | set(trained)) - set(base.tensors))
     if missing:
@@ -105,7 +113,7 @@ def merged_tensors(base: WeightSource, adapters: dict[str, Adapter], trained: di
     return out
 
 
-def _write_trained(tensor, dtype: str, out: BinaryIO) -> None:
+def _write_trained(tensor: torch.Tensor, dtype: str, out: BinaryIO) -> None:
     write_tensor_bytes(tensor.to(torch_dtype(dtype)), out)
 
 
@@ -146,21 +154,21 @@ def merge(adapter_dir: Path, base_dir: Path, output: Path) -> Path:
     return Path(output)
 
 
-def save_adapter(accelerator, model, directory: Path) -> None:
+def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: Path) -> None:
     """A run's adapters in peft's format, and its fully trained parameters (``trained.safetensors``, float32, the
     base model's names), into ``directory`` atomically; gathered from every process, written by the main one."""
     from safetensors.torch import save_file
 
     state = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers)
     if accelerator.is_main_process:
-        peft_model = accelerator.unwrap_model(model)
+        peft_model: PeftModel = accelerator.unwrap_model(model)
         full = {
             name: base_name(name)
             for name, p in peft_model.named_parameters()
             if p.requires_grad and not is_adapter(name)
         }
         with AtomicDirectory(directory, temp_name=f".tmp-{directory.name}") as tmp:
-            peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)  # peft takes a str
             if full:
                 save_file({full[n]: state[n].detach().float().contiguous() for n in full}, str(tmp / TRAINED))
     accelerator.wait_for_everyone()

@@ -9,7 +9,9 @@ blocks); the first ``max_tokens`` worth of blocks are scored.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +19,10 @@ from kvshrink_base.models import load_model_and_tokenizer
 from uptrain import data
 from uptrain.errors import RecipeError
 from uptrain.loss import token_losses
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions: int | None = None) -> None:
@@ -29,8 +35,8 @@ def check_setting(seq_len: int, max_tokens: int, batch_size: int = 1, positions:
 
 
 def perplexity(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     files: list[str],
     seq_len: int = 1024,
     max_tokens: int = 200_000,
@@ -70,7 +76,9 @@ def perplexities(model_dir: str | Path, texts: dict[str, Path], seq_len: int, ma
     }
 
 
-def loss_sums(model, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sums(
+    model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ next-token loss, tokens scored) over batches of (B, T) ``input_ids``, float64 on ``device``."""
     was_training = model.training
     model.eval()
@@ -91,7 +99,9 @@ def mean_loss(loss: float, tokens: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def eval_metrics(model, loader, accelerator) -> dict[str, float]:
+def eval_metrics(
+    model: torch.nn.Module, loader: Iterable[dict[str, torch.Tensor]], accelerator: Accelerator
+) -> dict[str, float]:
     """The uptrainer's in-loop eval: mean next-token loss, perplexity and scored tokens over the eval blocks,
     summed across processes, as ``eval_loss``, ``eval_ppl``, ``eval_tokens``."""
     loss, tokens = loss_sums(model, loader, accelerator.device)

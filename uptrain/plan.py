@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,12 @@ from kvshrink_base.device import pick_device
 from uptrain.adapters import add_adapters, set_trainable
 from uptrain.errors import RecipeError
 from uptrain.loss import chunkable
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from uptrain.adapters import Student
+    from uptrain.recipe import Recipe, Train
 
 GB = 1e9
 ADAM_BYTES = 16  # float32 weight, gradient, and AdamW's two moments
@@ -112,7 +119,7 @@ class MemoryPlan:
         return f"memory plan ({self.device}): {self.total / GB:.2f} GB{room} = " + " + ".join(parts) + " GB"
 
     def warning(self) -> str | None:
-        if not self.exceeds:
+        if self.capacity is None or not self.exceeds:
             return None
         return (
             f"warning: the memory plan ({self.total / GB:.1f} GB) exceeds this {self.device}'s "
@@ -120,7 +127,7 @@ class MemoryPlan:
         )
 
 
-def precision(train, dtype: torch.dtype, device_type: str) -> str:
+def precision(train: Train, dtype: torch.dtype, device_type: str) -> str:
     """accelerate's mixed precision for ``train.precision``. auto: bf16 on a GPU that has it; on a CPU, bf16 where
     frozen weights stay in a 16-bit checkpoint dtype (a trainable subset or adapters: they cannot take float32
     inputs), else float32."""
@@ -132,7 +139,7 @@ def precision(train, dtype: torch.dtype, device_type: str) -> str:
     return "bf16" if partial and dtype in (torch.bfloat16, torch.float16) else "no"
 
 
-def config_dtype(config) -> torch.dtype:
+def config_dtype(config: PretrainedConfig) -> torch.dtype:
     """The floating dtype a transformers config declares (float32 where it declares none)."""
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -155,7 +162,7 @@ def device_memory(device: str) -> int | None:
     return total
 
 
-def meta_model(config):
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     """The model of a transformers config on the meta device: shapes and names, no memory."""
     from transformers import AutoModelForCausalLM
 
@@ -163,7 +170,7 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def student_config(recipe):
+def student_config(recipe: Recipe) -> PretrainedConfig:
     """The student's config without its weights: recipe.model's, or the converter's output config for
     recipe.convert's source (``convert.plan.output_config``)."""
     from transformers import AutoConfig
@@ -171,6 +178,7 @@ def student_config(recipe):
     if recipe.model:
         return AutoConfig.from_pretrained(recipe.model)
     c = recipe.convert
+    assert c is not None, "a loaded recipe has a model or a convert step"
     local = Path(c.source).expanduser()
     source = read_config(local) if local.is_dir() else AutoConfig.from_pretrained(c.source).to_dict()
     try:
@@ -192,13 +200,13 @@ class RunShape:
     fsdp: bool = False
 
 
-def frozen_in_float32(train, mixed_precision: str) -> bool:
+def frozen_in_float32(train: Train, mixed_precision: str) -> bool:
     """Whether a run keeps its (unquantized) frozen weights in float32 rather than the checkpoint's dtype: when
     everything trains (the master weights) or it computes in float32."""
     return train.trainable == "all" or mixed_precision == "no"
 
 
-def _frozen_bytes(model, recipe, shape: RunShape) -> int:
+def _frozen_bytes(model: Student, recipe: Recipe, shape: RunShape) -> int:
     """The frozen parameters as the run keeps them (``uptrain.student.load_student``)."""
     quantized = recipe.train.base_quantization
     kept = 4 if frozen_in_float32(recipe.train, shape.precision) else shape.dtype.itemsize
@@ -212,7 +220,7 @@ def _frozen_bytes(model, recipe, shape: RunShape) -> int:
     return int(total)
 
 
-def _activations(config, recipe, element: int, residual: int, checkpointing: bool) -> int:
+def _activations(config: PretrainedConfig, recipe: Recipe, element: int, residual: int, checkpointing: bool) -> int:
     """Bytes kept for backward over one micro-batch (``ACTIVATION_FACTORS``); with checkpointing each layer keeps
     its input (``residual`` bytes an element) and one layer at a time its whole set."""
     tokens = recipe.train.micro_batch_size * recipe.data.seq_len
@@ -225,7 +233,7 @@ def _activations(config, recipe, element: int, residual: int, checkpointing: boo
     return layers * per_layer
 
 
-def _loss_bytes(model, recipe, shape: RunShape) -> int:
+def _loss_bytes(model: Student, recipe: Recipe, shape: RunShape) -> int:
     """The loss's (tokens, vocabulary) buffers: one chunk's, or the whole logits where the run cannot chunk."""
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     tokens = recipe.train.micro_batch_size * recipe.data.seq_len
@@ -238,11 +246,12 @@ def _loss_bytes(model, recipe, shape: RunShape) -> int:
     return min(chunk, tokens) * vocab * 4 * (5 if distilled else 3) + tokens * hidden * 4 + head_grad
 
 
-def memory_plan(recipe, config, shape: RunShape, teacher_config=None) -> MemoryPlan:
+def memory_plan(
+    recipe: Recipe, config: PretrainedConfig, shape: RunShape, teacher_config: PretrainedConfig | None = None
+) -> MemoryPlan:
     """The run's plan from its recipe and configs (``student_config``; the teacher's, when it distills)."""
-    model = meta_model(config)
-    if recipe.lora is not None:
-        model = add_adapters(model, recipe.lora)
+    base = meta_model(config)
+    model: Student = base if recipe.lora is None else add_adapters(base, recipe.lora)
     trainable = set_trainable(model, recipe.train.trainable, adapters=recipe.lora is not None)
     element = 2 if shape.precision in ("bf16", "fp16") else 4
     kept = 4 if frozen_in_float32(recipe.train, shape.precision) else shape.dtype.itemsize
@@ -270,7 +279,7 @@ def memory_plan(recipe, config, shape: RunShape, teacher_config=None) -> MemoryP
     )
 
 
-def dry_run(recipe) -> MemoryPlan:
+def dry_run(recipe: Recipe) -> MemoryPlan:
     """The plan of ``recipe`` launched here (``accelerate launch`` sets WORLD_SIZE and, for FSDP,
     ACCELERATE_USE_FSDP), from configs alone."""
     from transformers import AutoConfig

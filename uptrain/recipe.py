@@ -13,9 +13,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -26,9 +27,14 @@ from convert.roles import SUBSETS
 from kvshrink_base.errors import first_line
 from uptrain.errors import RecipeError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["LORA_ROLES", "Recipe", "RecipeError", "load_recipe", "lr_at", "schedule"]
 
 LORA_ROLES = ("q", "k", "v", "o", "qkv")  # a fused family's q, k and v are its one qkv module
+
+_Section = TypeVar("_Section", bound="DataclassInstance")  # a recipe dataclass that ``_build`` fills
 
 
 @dataclass(kw_only=True)
@@ -166,7 +172,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             except RecipeError as exc:
                 errors.append(str(exc))
         raise RecipeError(errors[0])
-    if dataclasses.is_dataclass(hint):
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return _build(hint, value, where)
     if origin is list:
         if isinstance(value, str):
@@ -187,7 +193,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type[_Section], raw: Any, where: str) -> _Section:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -198,7 +204,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raise RecipeError(
             f"unknown recipe key {prefix}{unknown[0]}; valid keys{' in ' + where if where else ''}: {', '.join(fields)}"
         )
-    values = {}
+    values: dict[str, Any] = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
         if name in raw:
@@ -210,7 +216,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
@@ -221,7 +227,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override and validate a recipe file.
 
     Args:
@@ -245,10 +251,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def _check_convert(r: Recipe) -> None:
-    """The convert step's options, checked as the converter checks them (calibration text defaults to data.train)."""
-    c = r.convert
-    default = r.data.train if METHODS[c.method].calibrated and not c.calibration_data else c.calibration_data
+def _check_convert(c: ConvertStep, train: list[str]) -> None:
+    """The convert step's options, checked as the converter checks them (calibration text defaults to
+    ``train``, the recipe's data.train)."""
+    default = train if METHODS[c.method].calibrated and not c.calibration_data else c.calibration_data
     try:
         dataclasses.replace(c, calibration_data=default).validate()
     except ConversionError as exc:
@@ -324,7 +330,10 @@ def schedule(recipe: Recipe, processes: int = 1) -> tuple[int, int]:
     as many steps as ``train.max_tokens`` needs."""
     t = recipe.train
     tokens_per_step = t.micro_batch_size * t.grad_accum * recipe.data.seq_len * processes
-    return tokens_per_step, t.max_steps or math.ceil(t.max_tokens / tokens_per_step)
+    if t.max_steps is not None:
+        return tokens_per_step, t.max_steps
+    assert t.max_tokens is not None, "a loaded recipe sets exactly one of train.max_steps and train.max_tokens"
+    return tokens_per_step, math.ceil(t.max_tokens / tokens_per_step)
 
 
 def lr_at(step: int, recipe: Recipe, total_steps: int) -> float:
@@ -341,7 +350,7 @@ def _check_consistency(r: Recipe) -> None:
     if (r.model is None) == (r.convert is None):
         raise RecipeError("recipe needs exactly one of model (a converted checkpoint) or convert {source, kv_heads}")
     if r.convert is not None:
-        _check_convert(r)
+        _check_convert(r.convert, r.data.train)
     t = r.train
     if (t.max_steps is None) == (t.max_tokens is None):
         raise RecipeError("set exactly one of train.max_steps or train.max_tokens (the other to null)")
@@ -353,8 +362,8 @@ def _check_consistency(r: Recipe) -> None:
         "save.every_steps": r.save.every_steps,
         "save.keep_last": r.save.keep_last,
         "log.every_steps": r.log.every_steps,
-        "train.max_steps": t.max_steps or 1,
-        "train.max_tokens": t.max_tokens or 1,
+        "train.max_steps": 1 if t.max_steps is None else t.max_steps,  # None: the other one counts the run
+        "train.max_tokens": 1 if t.max_tokens is None else t.max_tokens,
         "train.lr": t.lr,
     }
     for key, value in positive.items():
@@ -373,6 +382,8 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError("data.eval_fraction must be in (0, 1) when data.eval is not given")
     if t.min_lr > t.lr:
         raise RecipeError(f"train.min_lr {t.min_lr} is above train.lr {t.lr}")
+    if len(t.betas) != 2:
+        raise RecipeError(f"train.betas must be two numbers (AdamW's beta1 and beta2), got {t.betas}")
     if not r.data.train:
         raise RecipeError("data.train lists no files")
     _check_lora(r)

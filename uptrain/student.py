@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,8 +22,14 @@ from uptrain.errors import RecipeError
 from uptrain.plan import config_dtype, frozen_in_float32
 from uptrain.recipe import Recipe
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator, PartialState
+    from transformers import BitsAndBytesConfig, PreTrainedModel
 
-def model_path(recipe: Recipe, state) -> str:
+    from uptrain.adapters import Student
+
+
+def model_path(recipe: Recipe, state: PartialState) -> str:
     """The student: recipe.model, or recipe.convert's source converted once into OUTPUT_DIR/converted.
 
     The main process converts; the others wait for the finished checkpoint on disk rather than in a collective,
@@ -32,6 +38,7 @@ def model_path(recipe: Recipe, state) -> str:
     """
     if recipe.model:
         return recipe.model
+    assert recipe.convert is not None, "a loaded recipe has a model or a convert step"
     target = Path(recipe.output_dir) / "converted"
     done = target / "conversion.json"
     if state.is_main_process and not done.exists():
@@ -49,6 +56,7 @@ def convert_options(recipe: Recipe) -> ConvertOptions:
     calibrate on data.train's local files, or, when it names none (a hub stream), on
     ``convert.calibration_tokens`` sampled from the source (uptrain.sample, into OUTPUT_DIR/calibration-samples)."""
     c = recipe.convert
+    assert c is not None, "a recipe without a convert step has no convert options"
     options = ConvertOptions(**{name: getattr(c, name) for name in ConvertOptions.fields()})
     if METHODS[c.method].calibrated and not c.calibration_data:
         files = [f for entry in recipe.data.train for f in (local_files(entry) or [])]
@@ -59,23 +67,25 @@ def convert_options(recipe: Recipe) -> ConvertOptions:
     return options
 
 
-def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: Student, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in two AdamW groups: matrices decay; norms, biases and embeddings do not."""
     embeddings = {id(model.get_input_embeddings().weight)}  # also the tied output projection, if tied
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_teacher(recipe: Recipe):
-    """The teacher, whole on every process. Not sharded: FSDP's RAM-efficient loading
-    (recipes/accelerate/fsdp.yaml) would leave its weights on the meta device outside process 0."""
+def load_teacher(path: str) -> PreTrainedModel:
+    """The teacher checkpoint at ``path`` (recipe.teacher), whole on every process. Not sharded: FSDP's
+    RAM-efficient loading (recipes/accelerate/fsdp.yaml) would leave its weights on the meta device outside
+    process 0."""
     from accelerate.utils import patch_environment
 
     with patch_environment(fsdp_cpu_ram_efficient_loading="false"):
-        return load_model(recipe.teacher, what="teacher")
+        return load_model(path, what="teacher")
 
 
 def check_model_settings(recipe: Recipe, path: str) -> None:
@@ -103,7 +113,7 @@ def check_model_settings(recipe: Recipe, path: str) -> None:
         subset_family(config, t.trainable)
 
 
-def check_quantization(kind: str, state) -> None:
+def check_quantization(kind: str, state: PartialState) -> None:
     """A quantized base needs bitsandbytes, a CUDA or CPU device, and no FSDP (which would shard the quantized
     weights): one line before any work otherwise."""
     if kind == "none":
@@ -133,11 +143,11 @@ def checkpoint_dtype(path: str) -> torch.dtype:
         raise RecipeError(f"cannot read the config of {path}: {first_line(exc)}") from None
 
 
-def compute_dtype(accelerator) -> torch.dtype:
+def compute_dtype(accelerator: Accelerator) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def quantization(kind: str, compute: torch.dtype):
+def quantization(kind: str, compute: torch.dtype) -> BitsAndBytesConfig:
     """transformers' bitsandbytes config for ``train.base_quantization`` (4bit: NF4 with double quantization)."""
     from transformers import BitsAndBytesConfig
 
@@ -148,18 +158,19 @@ def quantization(kind: str, compute: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def keep_4bit_trainable(model):
+def keep_4bit_trainable(model: PreTrainedModel) -> PreTrainedModel:
     """bitsandbytes' 4-bit layers on the CPU repack their weights for an inference kernel the first time they run
     in eval mode without gradients (every in-loop eval), and that kernel has no backward: training after it
     would stop the gradient at every quantized layer (torch only warns). Switched off, they keep the
     dequantizing matmul, which backpropagates."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            # torch types Module.__setattr__ for tensors and modules; bitsandbytes' flag is a bool
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     return model
 
 
-def load_student(recipe: Recipe, accelerator, path: str):
+def load_student(recipe: Recipe, accelerator: Accelerator, path: str) -> PreTrainedModel:
     """The student: float32 when trained whole or when the run computes in float32; otherwise in its checkpoint's
     dtype, or quantized by bitsandbytes onto this process's device (``train.base_quantization``)."""
     kind = recipe.train.base_quantization
@@ -176,27 +187,28 @@ def load_student(recipe: Recipe, accelerator, path: str):
     return model
 
 
-def load_models(recipe: Recipe, accelerator, path: str):
+def load_models(
+    recipe: Recipe, accelerator: Accelerator, path: str
+) -> tuple[Student, PreTrainedModel | None, torch.dtype, int]:
     """(student with its trainable subset and adapters, frozen teacher in the compute dtype or None, the student's
     checkpoint dtype, the trainable parameter count). Trained parameters are float32; frozen ones stay in the
     checkpoint's dtype where the run computes in bf16/fp16 (``load_student``)."""
-    model = load_student(recipe, accelerator, path)
-    teacher = load_teacher(recipe) if recipe.teacher and recipe.distill.mode == "online" else None
+    base = load_student(recipe, accelerator, path)
+    teacher = load_teacher(recipe.teacher) if recipe.teacher and recipe.distill.mode == "online" else None
     if recipe.train.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers 5's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if recipe.lora is not None:
-        model = add_adapters(model, recipe.lora)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    model: Student = base if recipe.lora is None else add_adapters(base, recipe.lora)
     trainable = set_trainable(model, recipe.train.trainable, adapters=recipe.lora is not None)
     if teacher is not None:  # the student's compute dtype, on its device, frozen
         teacher.to(accelerator.device, compute_dtype(accelerator)).eval().requires_grad_(False)
     return model, teacher, checkpoint_dtype(path), trainable
 
 
-def compile_student(accelerator, model, backend: str) -> None:
+def compile_student(accelerator: Accelerator, model: torch.nn.Module, backend: str) -> None:
     """torch.compile the prepared student in place (``nn.Module.compile``), after accelerate's wrappers.
 
     Not accelerate's dynamo plugin, which wraps the model in an OptimizedModule: save_state then writes

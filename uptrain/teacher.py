@@ -19,17 +19,20 @@ them), k, the temperature and the dtype: files of the same key are reused, anoth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from convert.families import resolve
 from convert.onload import LayerLoader, Through, layer_calls, output_head, stood_in
-from convert.source import open_weights, read_config
+from convert.source import WeightSource, open_weights, read_config
 from convert.walk import HiddenStates, hidden
 from kvshrink_base.atomic import AtomicDirectory
 from kvshrink_base.errors import first_line
@@ -40,8 +43,13 @@ DIRECTORY = "teacher"
 KEY_FILE = "key.json"
 FORMAT = 1  # bump when the files' layout or meaning changes
 
+Blocks = Callable[[int, int], torch.Tensor]  # blocks(start, stop): rows start..stop-1 of the training blocks, (n, T)
+_LayerOutput = Through | tuple[torch.Tensor | None] | torch.Tensor | None  # a stood-in decoder layer's result
 
-def teacher_key(teacher: Path, blocks, rows: np.ndarray, top_k: int | None, temperature: float, dtype: str) -> str:
+
+def teacher_key(
+    teacher: Path, blocks: Blocks, rows: np.ndarray, top_k: int | None, temperature: float, dtype: str
+) -> str:
     """The cache key: what the files depend on, hashed (``blocks(start, stop)`` as for ``teacher_pass``)."""
     digest = hashlib.sha256()
     digest.update(
@@ -73,7 +81,7 @@ def stored_key(directory: Path) -> str | None:
         return None
 
 
-def _anchors(config: dict, weights) -> list[str]:
+def _anchors(config: dict[str, Any], weights: WeightSource) -> list[str]:
     """Each decoder layer's Q (or fused QKV) weight as the checkpoint names it (``LayerLoader``'s anchors)."""
     try:
         _, spec = resolve(config)
@@ -94,12 +102,14 @@ def _anchors(config: dict, weights) -> list[str]:
     return anchors
 
 
-def _final_states(decoders: list, final: list):
+def _final_states(
+    decoders: list[torch.nn.Module], final: list[torch.Tensor | None]
+) -> contextlib.AbstractContextManager[None]:
     """The decoder layers stood in by their result: each passes its input on, the last returns ``final[0]`` (a
     block's stored output), so the model's forward goes straight to its final norm and head."""
 
-    def stand_in(index: int):
-        def forward(*args, **kwargs):
+    def stand_in(index: int) -> Callable[..., _LayerOutput]:
+        def forward(*args: Any, **kwargs: Any) -> _LayerOutput:
             received = args[0] if args else kwargs["hidden_states"]
             if index < len(decoders) - 1:
                 return Through((received[0] if isinstance(received, Through) else received,))
@@ -112,7 +122,7 @@ def _final_states(decoders: list, final: list):
     return stood_in(decoders, stand_in)
 
 
-def _walk(loader: LayerLoader, blocks: torch.Tensor, device, progress: bool) -> list[torch.Tensor]:
+def _walk(loader: LayerLoader, blocks: torch.Tensor, device: torch.device, progress: bool) -> list[torch.Tensor]:
     """Every block's final hidden states (the last decoder layer's output), one layer in memory at a time."""
     states = HiddenStates(device, on_device=device.type == "cpu")
     decoders = [loader.model.get_submodule(name) for name in loader.decoders]
@@ -134,7 +144,9 @@ def _head_tensors(loader: LayerLoader) -> list[str]:
     return [n for n in loader.weights.tensors if head and n.startswith(head + ".")]
 
 
-def _log_probs(loader: LayerLoader, blocks: torch.Tensor, finals: list, temperature: float, device):
+def _log_probs(
+    loader: LayerLoader, blocks: torch.Tensor, finals: list[torch.Tensor], temperature: float, device: torch.device
+) -> Iterator[torch.Tensor]:
     """Per block, the model's log-softmax at ``temperature`` (seq_len, vocab) float32, from its own forward with
     the decoder layers stood in by ``finals``."""
     model = loader.model
@@ -143,7 +155,7 @@ def _log_probs(loader: LayerLoader, blocks: torch.Tensor, finals: list, temperat
     if head is not None and head.weight.is_meta:  # tied: the head is the embedding
         head.weight = embeddings.weight
     decoders = [model.get_submodule(name) for name in loader.decoders]
-    final: list = [None]
+    final: list[torch.Tensor | None] = [None]
     with _final_states(decoders, final):
         for block, state in zip(blocks, finals):
             final[0] = state.to(device)
@@ -159,7 +171,7 @@ def group_size(seq_len: int, hidden: int, budget: int = 2 * 10**9) -> int:
 
 def teacher_pass(
     teacher: Path,
-    blocks,
+    blocks: Blocks,
     rows: np.ndarray,
     seq_len: int,
     top_k: int | None,
@@ -167,7 +179,7 @@ def teacher_pass(
     dtype: str,
     out: Path,
     key: str,
-    device,
+    device: torch.device,
     group: int | None = None,
     progress: bool = True,
 ) -> None:
@@ -211,12 +223,21 @@ def teacher_pass(
         )
 
 
-def _store_row(log_p: torch.Tensor, k: int, whole: bool, dtype: str, arrays: tuple, row: int) -> None:
-    """One block's (seq_len, vocab) log-probs into the files: the top k (or all), and the mass outside them."""
+def _store_row(
+    log_p: torch.Tensor,
+    k: int,
+    whole: bool,
+    dtype: str,
+    arrays: tuple[np.ndarray, np.ndarray | None, np.ndarray],
+    row: int,
+) -> None:
+    """One block's (seq_len, vocab) log-probs into the files (``arrays``: logprobs, ids (None when ``whole``),
+    tail): the top k (or all), and the mass outside them."""
     logprobs, ids, tail = arrays
     if whole:
         values, rest = log_p, torch.full(log_p.shape[:1], float("-inf"))
     else:
+        assert ids is not None, "top-k files keep the ids"
         values, index = log_p.topk(k, dim=-1)
         ids[row] = index.to(torch.int32).cpu().numpy()
         rest = log_p.scatter(-1, index, float("-inf")).logsumexp(-1)
@@ -250,7 +271,7 @@ class TeacherFiles:
         self.bfloat16 = meta["dtype"] == "bfloat16"
         self.row_of = {int(index): row for row, index in enumerate(rows)}
 
-    def targets(self, indices: torch.Tensor, device) -> Stored:
+    def targets(self, indices: torch.Tensor, device: torch.device) -> Stored:
         """The stored distribution of the blocks at these dataset indices, flattened to (blocks x seq_len, ...)."""
         try:
             rows = [self.row_of[int(i)] for i in indices]

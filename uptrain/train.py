@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -46,10 +47,20 @@ from uptrain.plot import plot_metrics
 from uptrain.recipe import Recipe, lr_at, schedule
 from uptrain.summary import TrainingSummary
 
+if TYPE_CHECKING:
+    import datasets
+    from accelerate import Accelerator, PartialState
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from kvshrink_base.text import HFDataset
+
 __all__ = ["TrainingError", "backward_scale", "check_paths", "run"]
 
 
-def backward_scale(accelerator) -> float:
+def backward_scale(accelerator: Accelerator) -> float:
     """What a window's summed loss is multiplied by (before dividing by the window's global tokens) so that the
     gradients after the window are the global per-token mean gradient.
 
@@ -90,7 +101,7 @@ def check_paths(recipe: Recipe) -> None:
     check_entries(recipe.data.train + (recipe.data.eval or []))
 
 
-def _process_state(recipe: Recipe):
+def _process_state(recipe: Recipe) -> PartialState:
     """accelerate's process state, made first so that the process group gets ``train.collective_timeout_s``: a
     collective that some process never joins stops the run instead of hanging it."""
     from accelerate import PartialState
@@ -105,7 +116,7 @@ def _process_state(recipe: Recipe):
     )
 
 
-def _accelerator(recipe: Recipe, dtype: torch.dtype):
+def _accelerator(recipe: Recipe, dtype: torch.dtype) -> Accelerator:
     """The Accelerator of a run: CPU (gloo) without a GPU, the recipe's precision for a ``dtype`` checkpoint,
     exact accumulation windows."""
     from accelerate import Accelerator
@@ -128,7 +139,9 @@ def _accelerator(recipe: Recipe, dtype: torch.dtype):
     )
 
 
-def _data(recipe: Recipe, accelerator, model_path: str):
+def _data(
+    recipe: Recipe, accelerator: Accelerator, model_path: str
+) -> tuple[PreTrainedTokenizerBase, HFDataset, HFDataset]:
     """(tokenizer, train blocks, eval blocks): one process tokenizes, the others read its cache."""
     tokenizer = load_tokenizer(model_path)
     with accelerator.main_process_first():
@@ -146,7 +159,7 @@ def _tasks(recipe: Recipe) -> downstream.Tasks | None:
     )
 
 
-def _scores(tasks: downstream.Tasks | None, path: str, accelerator) -> dict[str, float]:
+def _scores(tasks: downstream.Tasks | None, path: str, accelerator: Accelerator) -> dict[str, float]:
     """The tasks on the checkpoint at `path`, on the main process (uptrain.downstream.checkpoint_scores); {}
     without tasks or on the other processes."""
     if tasks is None or not accelerator.is_main_process:
@@ -158,18 +171,20 @@ def _scores(tasks: downstream.Tasks | None, path: str, accelerator) -> dict[str,
 class _Setup:
     """What the loop runs on, after accelerate's prepare."""
 
-    model: Any
-    teacher: Any
+    model: torch.nn.Module  # the student, as accelerate's prepare wrapped it
+    teacher: PreTrainedModel | None
     source_dtype: torch.dtype
-    optimizer: Any
-    scheduler: Any
-    eval_loader: Any
+    optimizer: AcceleratedOptimizer
+    scheduler: AcceleratedScheduler
+    eval_loader: torch.utils.data.DataLoader
     total_steps: int
     tokens_per_step: int
     start_step: int
 
 
-def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from: Path | None) -> _Setup:
+def _prepare(
+    recipe: Recipe, accelerator: Accelerator, model_path: str, eval_set: HFDataset, resume_from: Path | None
+) -> _Setup:
     """Models, optimizer, scheduler and eval loader through accelerate's prepare; the tied-weights save hook,
     torch.compile and the resumed state after it."""
     t = recipe.train
@@ -179,7 +194,7 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
     optimizer = torch.optim.AdamW(
         student.param_groups(model, t.weight_decay),
         lr=t.lr,
-        betas=tuple(t.betas),
+        betas=(t.betas[0], t.betas[1]),  # the recipe holds two
         fused=accelerator.device.type in ("cuda", "cpu"),
     )  # one kernel, not a loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, recipe, total_steps))
@@ -209,7 +224,9 @@ def _prepare(recipe: Recipe, accelerator, model_path: str, eval_set, resume_from
     )
 
 
-def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path | None) -> teacher_files.TeacherFiles:
+def _offline_teacher(
+    recipe: Recipe, accelerator: Accelerator, train_set: datasets.Dataset, resume_from: Path | None
+) -> teacher_files.TeacherFiles:
     """The offline teacher's files for the blocks this run will train on (``uptrain.teacher``): reused when their
     key matches, else computed by the main process, one layer at a time; the others wait for them on disk. A
     resumed run must have trained on files of the same key (checked before any pass)."""
@@ -221,6 +238,7 @@ def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path |
     def blocks(start: int, stop: int) -> torch.Tensor:
         return torch.stack([torch.as_tensor(train_set[int(i)]["input_ids"]) for i in rows[start:stop]])
 
+    assert recipe.teacher is not None, "distill.weight > 0 needs a teacher: the recipe has one"
     source = resolve_source(recipe.teacher)
     key = teacher_files.teacher_key(source, blocks, rows, d.top_k, d.temperature, d.logits_dtype)
     if resume_from is not None:
@@ -244,7 +262,7 @@ def _offline_teacher(recipe: Recipe, accelerator, train_set, resume_from: Path |
     return teacher_files.TeacherFiles(directory, key)
 
 
-def _print_plan(recipe: Recipe, accelerator, model_path: str) -> None:
+def _print_plan(recipe: Recipe, accelerator: Accelerator, model_path: str) -> None:
     """The run's memory plan (``uptrain.plan``) in one line, and a warning line where it exceeds the device."""
     from accelerate.utils import DistributedType
     from transformers import AutoConfig
@@ -264,7 +282,7 @@ def _print_plan(recipe: Recipe, accelerator, model_path: str) -> None:
             print(plan.warning(), file=sys.stderr, flush=True)
 
 
-def _metrics(recipe: Recipe, accelerator, start_step: int, before: dict[str, float]) -> MetricsLog:
+def _metrics(recipe: Recipe, accelerator: Accelerator, start_step: int, before: dict[str, float]) -> MetricsLog:
     """The run's metrics.jsonl (and tracker), with the starting model's downstream scores at step 0."""
     out = Path(recipe.output_dir)
     if recipe.log.tracker != "none":
@@ -294,7 +312,7 @@ def _run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     set_seed(t.seed)
 
     tokenizer, train_set, eval_set = _data(recipe, accelerator, model_path)
-    stored = None
+    stored: teacher_files.TeacherFiles | None = None
     if recipe.distill.mode == "offline":
         stored = _offline_teacher(recipe, accelerator, train_set, resume_from)
     elif resume_from is not None:
@@ -335,7 +353,9 @@ def _run(recipe: Recipe, teacher_only: bool = False) -> TrainingSummary | None:
     return summary
 
 
-def _save_final(recipe: Recipe, accelerator, s: _Setup, tokenizer, model_path: str) -> None:
+def _save_final(
+    recipe: Recipe, accelerator: Accelerator, s: _Setup, tokenizer: PreTrainedTokenizerBase, model_path: str
+) -> None:
     """OUTPUT_DIR/final; with adapters also OUTPUT_DIR/final-adapter, and final is the base checkpoint with them
     merged tensor by tensor (``uptrain.merge``), never the (possibly quantized) weights in memory."""
     out = Path(recipe.output_dir)
@@ -353,18 +373,18 @@ class _Loop:
 
     def __init__(
         self,
-        recipe,
-        accelerator,
-        model,
-        teacher,
-        optimizer,
-        scheduler,
-        eval_loader,
-        metrics,
-        total_steps,
-        tokens_per_step,
-        stored=None,
-    ):
+        recipe: Recipe,
+        accelerator: Accelerator,
+        model: torch.nn.Module,
+        teacher: PreTrainedModel | None,
+        optimizer: AcceleratedOptimizer,
+        scheduler: AcceleratedScheduler,
+        eval_loader: torch.utils.data.DataLoader,
+        metrics: MetricsLog,
+        total_steps: int,
+        tokens_per_step: int,
+        stored: teacher_files.TeacherFiles | None = None,
+    ) -> None:
         self.r, self.acc, self.model, self.teacher, self.stored = recipe, accelerator, model, teacher, stored
         self.optimizer, self.scheduler, self.eval_loader, self.metrics = optimizer, scheduler, eval_loader, metrics
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
@@ -377,7 +397,7 @@ class _Loop:
             recipe.train.fused_loss, accelerator.device.type, biased, offline=stored is not None
         )
 
-    def window_loss(self, window: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def window_loss(self, window: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over one accumulation window; returns the window's (loss, CE) sums per token."""
         acc, r = self.acc, self.r
         tokens = torch.tensor(
@@ -399,9 +419,10 @@ class _Loop:
                     self.grad_norm = acc.clip_grad_norm_(self.model.parameters(), r.train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+        assert window_loss is not None, "the window's last micro-batch syncs"
         return window_loss, acc.reduce(ce_total, "sum") / tokens
 
-    def micro_batch_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, CE) sums of one micro-batch: chunked from hidden states (uptrain.loss) where exact, else full;
         distilled from the teacher beside the student, or from its stored distribution (offline)."""
         r, acc, w, ids = self.r, self.acc, self.r.distill.weight, batch["input_ids"]
@@ -409,13 +430,9 @@ class _Loop:
             return self.offline_loss(ids, self.stored.targets(batch["index"], ids.device))
         if self.chunk:
             hidden = self.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            teacher_hidden = None
-            if w > 0:
-                teacher_hidden = self.teacher_output(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                if teacher_hidden.is_inference():  # (B, T, H): a cheap copy out of inference mode for autograd
-                    teacher_hidden = teacher_hidden.clone()
+            teacher_hidden = self.teacher_hidden(ids) if w > 0 else None
             head = acc.unwrap_model(self.model).get_output_embeddings()
-            teacher_head = None if w == 0 else self.teacher.get_output_embeddings()
+            teacher_head = None if w == 0 else self.online_teacher.get_output_embeddings()
             if self.fused == "liger":
                 return liger_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature)
             return chunked_loss(hidden, head, ids, teacher_hidden, teacher_head, w, r.distill.temperature, self.chunk)
@@ -425,6 +442,7 @@ class _Loop:
             return ce, ce.detach()
         # Not copied out of inference mode: (B, T, vocab); distill_kl only reads it, never saves it for backward.
         teacher_logits = self.teacher_output(ids).logits
+        assert teacher_logits is not None, "a causal LM's forward returns logits"
         return (1 - w) * ce + w * distill_kl(logits, teacher_logits, r.distill.temperature), ce.detach()
 
     def offline_loss(self, ids: torch.Tensor, stored: Stored) -> tuple[torch.Tensor, torch.Tensor]:
@@ -438,12 +456,25 @@ class _Loop:
         ce = token_losses(logits, ids)
         return (1 - w) * ce + w * stored_distill_kl(logits, stored, temperature), ce.detach()
 
-    def teacher_output(self, ids: torch.Tensor, **kwargs):
+    @property
+    def online_teacher(self) -> PreTrainedModel:
+        """The teacher beside the student: there whenever the run distils online (distill.weight > 0)."""
+        assert self.teacher is not None, "online distillation loads its teacher"
+        return self.teacher
+
+    def teacher_output(self, ids: torch.Tensor, **kwargs: Any) -> CausalLMOutputWithPast:
         """The teacher's forward in the compute dtype, under no_grad, or inference_mode where the recipe says
         (distill.teacher_inference_mode: no version counters or autograd metadata on its tensors)."""
         no_grad = torch.inference_mode() if self.r.distill.teacher_inference_mode else torch.no_grad()
         with no_grad, self.acc.autocast():
-            return self.teacher(input_ids=ids, **kwargs)
+            return self.online_teacher(input_ids=ids, **kwargs)
+
+    def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states (B, T, H) for the chunked loss, usable by autograd."""
+        states = self.teacher_output(ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+        assert states is not None, "asked for with output_hidden_states"
+        # A cheap copy out of inference mode (distill.teacher_inference_mode), for autograd.
+        return states[-1].clone() if states[-1].is_inference() else states[-1]
 
     def save(self) -> None:
         """A checkpoint of this step; a full or read-only disk stops the run naming the last complete one."""
@@ -486,7 +517,7 @@ class _Loop:
             )
         return result
 
-    def train(self, batches, start_step: int) -> TrainingSummary:
+    def train(self, batches: Iterator[dict[str, torch.Tensor]], start_step: int) -> TrainingSummary:
         """Optimizer steps from ``start_step`` to the last, with the in-loop evals, logs and checkpoints."""
         acc = self.acc
         self.step = start_step
@@ -548,7 +579,7 @@ class _Loop:
             broadcast_object_list(found)
         return found[0]
 
-    def after_step(self, loss: torch.Tensor, ce: torch.Tensor, bar) -> dict[str, float] | None:
+    def after_step(self, loss: torch.Tensor, ce: torch.Tensor, bar: tqdm[NoReturn]) -> dict[str, float] | None:
         """Log, evaluate and save where the recipe's intervals (and the last step) say; the eval's result, if any."""
         r, last = self.r, self.step == self.total_steps
         if self.step % r.log.every_steps == 0 or last:
@@ -561,7 +592,7 @@ class _Loop:
             self.save()
         return result
 
-    def log_step(self, loss: torch.Tensor, ce: torch.Tensor, bar) -> None:
+    def log_step(self, loss: torch.Tensor, ce: torch.Tensor, bar: tqdm[NoReturn]) -> None:
         """One metrics record: loss, CE, learning rate, gradient norm and tokens/s since the last record."""
         now = time.perf_counter()
         record = {
