@@ -3,7 +3,8 @@ and the one way to hand a forward its KV cache (``with_cache``: the decode bench
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +34,17 @@ def greedy(
     return texts
 
 
-def with_cache(model: torch.nn.Module, cache: Cache) -> dict[str, Cache]:
+def with_cache(model: torch.nn.Module | Callable[..., Any], cache: Cache) -> dict[str, Cache]:
     """The keyword argument that hands ``cache`` (a KV cache) to ``model``'s forward: ``cache`` where the
     forward has it (transformers 5.24 renamed it and deprecates ``past_key_values`` until 5.40), else
-    ``past_key_values``."""
+    ``past_key_values``. ``model`` is a model, or its forward itself (under ``torch.compile``: the decode bench's
+    ``--static-cache compile``, whose compiled function has no ``forward``)."""
     import inspect
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    import torch
+
+    forward = model.forward if isinstance(model, torch.nn.Module) else model
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
     return {name: cache}
 
 

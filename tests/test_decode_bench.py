@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from kvshrink.decode_bench.cli import main
+from kvshrink_base.generate import with_cache
 from uptrain.decoding import DecodeError
 from uptrain.decoding import measure as decoding
 from uptrain.decoding.mha_twin import mha_twin, repeat_heads, save_mha_twin
@@ -322,3 +323,11 @@ def test_static_cache_decodes_the_same_tokens_and_rewinds():
         decoding.rewind(static, n)
         decoding.rewind(cache, n)
     assert all(int(layer.cumulative_length) == 10 for layer in static.layers)
+
+
+def test_a_compiled_forward_takes_its_cache_under_the_forward_s_own_name():
+    """--static-cache compile decodes through torch.compile(model.forward), a function with no ``forward`` of its
+    own: with_cache reads the cache argument's name from the function itself (it raised AttributeError)."""
+    model = make_model("llama", 2).eval()
+    compiled = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)  # compiles on its first call
+    assert with_cache(compiled, "CACHE") == with_cache(model, "CACHE")

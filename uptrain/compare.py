@@ -20,6 +20,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from convert.errors import ConversionError
 from convert.report import config_kv_cache
@@ -31,6 +32,9 @@ from uptrain.decoding import DecodeError, bench
 from uptrain.downstream import Score, Tasks
 from uptrain.errors import RecipeError
 from uptrain.perplexity import perplexity
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CONTEXT = 4096  # the "per 4k context" column, batch 1
 
@@ -102,7 +106,7 @@ def check(c: Comparison) -> tuple[Tasks | None, argparse.Namespace | None]:
     return tasks, bench
 
 
-def describe(model_arg: str, model) -> Row:
+def describe(model_arg: str, model: PreTrainedModel) -> Row:
     """Method, KV heads, KV-cache bytes per token and parameters of a loaded model."""
     row = Row(model_arg, parameters=sum(p.numel() for p in model.parameters()))
     conversion = Path(model_arg) / "conversion.json"
@@ -162,13 +166,13 @@ def format_table(rows: list[Row]) -> str:
     ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
-        known = r.kv_bytes_per_token is not None
+        per_token = r.kv_bytes_per_token  # None: a family the converter does not know
         cells = [
             r.model,
             r.method or "—",
-            str(r.kv_heads) if known else "?",
-            f"{r.kv_bytes_per_token:,} B" if known else "?",
-            f"{r.kv_bytes_per_token * CONTEXT / 2**20:,.1f} MiB" if known else "?",
+            "?" if per_token is None else str(r.kv_heads),
+            "?" if per_token is None else f"{per_token:,} B",
+            "?" if per_token is None else f"{per_token * CONTEXT / 2**20:,.1f} MiB",
             f"{r.parameters:,}",
         ]
         for column in columns:
@@ -252,6 +256,7 @@ def write_report(out: Path, rows: list[Row], tasks: Tasks | None, command: str, 
 
 def decode_options(c: Comparison) -> argparse.Namespace:
     """The decode benchmark's options for the same checkpoints on the same device (its defaults there), checked."""
+    assert c.out is not None, "check() refuses --decode without --out"
     try:
         return bench.checkpoint_options(c.models, Path(c.out) / "decode", c.device)
     except DecodeError as exc:

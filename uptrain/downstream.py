@@ -14,11 +14,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvshrink_base.errors import first_line
 from kvshrink_base.models import load_model_and_tokenizer
 from uptrain.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 INSTALL = 'pip install -e ".[eval]"'
 
@@ -39,7 +44,7 @@ class Tasks:
 
     specs: list[str]  # what simple_evaluate loads: registered names, or YAML files' absolute paths
     names: list[str]  # the task (or group) name each spec reports under
-    manager: Any  # the lm_eval TaskManager that knows them
+    manager: TaskManager  # the lm_eval TaskManager that knows them
     num_fewshot: int | None = None  # None: each task's own default
     limit: float | None = None  # documents per task (a fraction when below 1); None: all
     batch_size: int = 8
@@ -98,7 +103,7 @@ def load_tasks(
     return Tasks(resolved, names, manager, num_fewshot, limit, batch_size)
 
 
-def _load_one(manager: Any, spec: str) -> str:
+def _load_one(manager: TaskManager, spec: str) -> str:
     """Build a task once (reading its data) and return the name it reports under."""
     try:
         loaded = manager.load([spec])
@@ -113,7 +118,7 @@ def _load_one(manager: Any, spec: str) -> str:
     return next(iter(loaded["tasks"]))
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: Tasks) -> dict[str, Score]:
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Tasks) -> dict[str, Score]:
     """Run the tasks on a loaded transformers model; returns {task name: its main metric}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -151,7 +156,7 @@ def main_score(results: dict[str, Any], name: str) -> Score:
     )
 
 
-def checkpoint_scores(tasks: Tasks, path: str, device: Any) -> dict[str, float]:
+def checkpoint_scores(tasks: Tasks, path: str, device: torch.device) -> dict[str, float]:
     """The tasks on the checkpoint at ``path`` (loaded onto ``device``) as flat metrics
     ``downstream/TASK/METRIC`` and ``..._stderr``, also printed on one line: the uptrainer's before/after scores."""
     model, tokenizer = load_model_and_tokenizer(path, device=device)

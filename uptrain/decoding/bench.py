@@ -38,13 +38,18 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from convert.source import check_checkpoint
 from kvshrink_base.device import DEVICE_HELP, pick_device
 from kvshrink_base.errors import OneLineParser, check_output_dir, first_line
 from uptrain.decoding import DecodeError
+
+if TYPE_CHECKING:
+    from uptrain.decoding.measure import Cell, Model
 
 DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid is the issue's
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
@@ -52,7 +57,8 @@ DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid is the i
 }
 SMALL_GRID = "cpu"  # the defaults of a device type without its own entry (mps: memory shared with the CPU)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Shall I compare thee to a summer's day?"]
-LLAMA_1B = dict(
+# LlamaConfig's keyword arguments (of several types) for each synthetic shape
+LLAMA_1B: dict[str, Any] = dict(
     hidden_size=2048,
     num_attention_heads=16,
     num_hidden_layers=16,
@@ -61,7 +67,7 @@ LLAMA_1B = dict(
     max_position_embeddings=16384,
     tie_word_embeddings=False,
 )
-LLAMA_TINY = dict(
+LLAMA_TINY: dict[str, Any] = dict(
     hidden_size=64,
     num_attention_heads=4,
     num_hidden_layers=2,
@@ -218,7 +224,7 @@ def tokenizer_vocab(path: Path) -> dict[str, int] | None:
         raise DecodeError(f"{path}: unreadable tokenizer ({first_line(exc)})") from None
 
 
-def load_checkpoint(path: Path, dtype: str):
+def load_checkpoint(path: Path, dtype: str) -> Model:
     """A checkpoint in stock transformers with SDPA attention, on the CPU (moved to the device per use)."""
     from kvshrink_base.models import load_model
     from uptrain.decoding.measure import describe
@@ -226,7 +232,7 @@ def load_checkpoint(path: Path, dtype: str):
     return describe(path.name, load_model(path, dtype, attn_implementation="sdpa"), path)
 
 
-def synthetic_models(name: str, dtype: str, device: str) -> list:
+def synthetic_models(name: str, dtype: str, device: str) -> list[Model]:
     """Randomly initialised Llama variants of one shape, one per KV-head count (MHA first)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -245,7 +251,7 @@ def synthetic_models(name: str, dtype: str, device: str) -> list:
     return models
 
 
-def load_models(args: argparse.Namespace) -> list:
+def load_models(args: argparse.Namespace) -> list[Model]:
     """The models in table order: [MHA twin], ORIGINAL, CONVERTED... (or the synthetic variants)."""
     from uptrain.decoding.measure import describe
     from uptrain.decoding.mha_twin import mha_twin
@@ -263,7 +269,7 @@ def load_models(args: argparse.Namespace) -> list:
     return models
 
 
-def generations(models: list, args: argparse.Namespace) -> list[str]:
+def generations(models: list[Model], args: argparse.Namespace) -> list[str]:
     """Greedy continuations of the same prompts by every model, side by side, as report lines."""
     from transformers import AutoTokenizer
 
@@ -279,7 +285,7 @@ def generations(models: list, args: argparse.Namespace) -> list[str]:
     return [f"outputs compared (greedy, {args.gen_tokens} new tokens):", *side_by_side(args.prompts, outputs)]
 
 
-def table(cells: list, device: str) -> list[str]:
+def table(cells: list[Cell], device: str) -> list[str]:
     """The measured grid as a Markdown table (cache ratio and throughput against the first model)."""
     from uptrain.decoding.measure import is_cuda
 
@@ -315,7 +321,7 @@ def table(cells: list, device: str) -> list[str]:
     return lines
 
 
-def fit_table(rows: list[dict]) -> list[str]:
+def fit_table(rows: list[dict[str, str | int | float]]) -> list[str]:
     lines = ["| model | KV heads | context | budget | weights | largest batch | how |", "|---|---|---|---|---|---|---|"]
     lines += [
         f"| {r['model']} | {r['kv_heads']} | {r['context']} | {r['budget_gb']} GB | {r['weights_gb']} GB | "
@@ -325,14 +331,14 @@ def fit_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def plot(cells: list, path: Path, title: str) -> None:
+def plot(cells: list[Cell], path: Path, title: str) -> None:
     """tokens/s against context, one line per (model, batch): colour by model, line style by batch."""
     import matplotlib
 

@@ -15,8 +15,11 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +27,15 @@ import torch.nn.functional as F
 from kvshrink_base.generate import with_cache
 from uptrain.decoding import DecodeError
 
+if TYPE_CHECKING:
+    from transformers import Cache, DynamicCache, PreTrainedModel, StaticCache
+
 GB = 1e9
 MAX_FIT_BATCH = 1 << 16
+_Result = TypeVar("_Result")
+# What one decode step calls: the model itself, or its forward under torch.compile (``decode_step``); either
+# returns the model's output, typed as torch types a module's call.
+Step = Callable[..., Any]
 
 
 @dataclass
@@ -33,13 +43,13 @@ class Model:
     """A loaded model under test and what the tables say about it."""
 
     name: str
-    model: torch.nn.Module  # a transformers PreTrainedModel
+    model: PreTrainedModel
     kv_heads: int
     heads: int
     weight_bytes: int
     path: Path | None = None  # its checkpoint directory, where its tokenizer is (the twin: the original's)
     attention: str = ""
-    compiled: object = None  # torch.compile of model.forward, made on first use (--static-cache compile)
+    compiled: Step | None = None  # torch.compile of model.forward, made on first use (--static-cache compile)
 
 
 @dataclass
@@ -62,7 +72,7 @@ class Cell:
     times: list[float] = field(default_factory=list, repr=False)  # seconds per repeat
 
 
-def describe(name: str, model: torch.nn.Module, path: Path | None) -> Model:
+def describe(name: str, model: PreTrainedModel, path: Path | None) -> Model:
     """Wrap a loaded model with the numbers the tables need."""
     heads = model.config.num_attention_heads
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
@@ -76,14 +86,14 @@ def is_cuda(device: str) -> bool:
 
 
 @contextlib.contextmanager
-def on_device(m: Model, device: str):
+def on_device(m: Model, device: str) -> Iterator[PreTrainedModel]:
     """The model on `device` for the block; on CUDA only one model is resident at a time."""
-    m.model.to(device)
+    m.model.to(device)  # type: ignore[arg-type]  # functools.wraps gives .to the unbound Module.to signature
     try:
         yield m.model
     finally:
         if device != "cpu":
-            m.model.to("cpu")
+            m.model.to("cpu")  # type: ignore[arg-type]  # as above
             empty_cache(device)
 
 
@@ -106,7 +116,7 @@ def empty_cache(device: str) -> None:
         torch.mps.empty_cache()
 
 
-def guarded(fn, device: str):
+def guarded(fn: Callable[[], _Result], device: str) -> _Result | None:
     """fn(), or None when memory runs out: the cell is reported as OOM instead of ending the run."""
     try:
         return fn()
@@ -119,12 +129,18 @@ def guarded(fn, device: str):
     return None
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of every layer's key and value tensors held by a transformers 5 Cache (``cache.layers``)."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of every layer's key and value tensors held by a transformers 5 Cache (``cache.layers``).
+
+    transformers types ``Cache.layers`` as attention, linear-attention or placeholder layers; the caches measured
+    here hold attention layers only (keys and values, set together), which the type checker is told where this
+    module reads them (here, ``rewind``, ``to_static``).
+    """
+    # attention layers only (see above); sum() is lost in the declared union's types
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)  # type: ignore[union-attr, misc]
 
 
-def prefill(model: torch.nn.Module, batch: int, context: int, prefill_tokens: int):
+def prefill(model: PreTrainedModel, batch: int, context: int, prefill_tokens: int) -> tuple[DynamicCache, torch.Tensor]:
     """Random prompts of `context` tokens into a fresh DynamicCache; returns (cache, next ids (batch, 1)).
 
     `rows` distinct prompts (the largest divisor of batch with rows * context <= prefill_tokens, at least 1)
@@ -145,7 +161,7 @@ def prefill(model: torch.nn.Module, batch: int, context: int, prefill_tokens: in
     return cache, logits[:, -1:].argmax(-1).repeat_interleave(batch // rows, dim=0)  # (batch, 1)
 
 
-def decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int) -> torch.Tensor:
+def decode(model: Step, cache: Cache, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """`steps` greedy decode steps through the cache, one token each; returns the last ids (batch, 1)."""
     through = with_cache(model, cache)
     with torch.inference_mode():
@@ -156,7 +172,7 @@ def decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int) -> torc
     return ids
 
 
-def timed_decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int, device: str) -> float:
+def timed_decode(model: Step, cache: Cache, ids: torch.Tensor, steps: int, device: str) -> float:
     """Seconds for `steps` decode steps; the cache is rewound afterwards for the next repeat."""
     sync(device)
     start = time.perf_counter()
@@ -167,16 +183,17 @@ def timed_decode(model: torch.nn.Module, cache, ids: torch.Tensor, steps: int, d
     return seconds
 
 
-def rewind(cache, steps: int) -> None:
+def rewind(cache: Cache, steps: int) -> None:
     """Forget the last `steps` tokens: a DynamicCache is cropped, a StaticCache's write position moved back."""
     if not hasattr(cache.layers[0], "cumulative_length"):
         cache.crop(-steps)
         return
     for layer in cache.layers:
-        layer.cumulative_length.sub_(steps)  # in place: compiled graphs hold its address
+        # in place: compiled graphs hold its address; a StaticLayer's, a tensor (attention layers only: cache_bytes)
+        layer.cumulative_length.sub_(steps)  # type: ignore[union-attr]
 
 
-def to_static(model: torch.nn.Module, cache, room: int):
+def to_static(model: PreTrainedModel, cache: DynamicCache, room: int) -> StaticCache:
     """The prefilled DynamicCache copied into a StaticCache of `context + room` positions (then dropped).
 
     Positions past the written ones are masked, but a static cache's attention still spans all of them,
@@ -189,11 +206,12 @@ def to_static(model: torch.nn.Module, cache, room: int):
     if not hasattr(static.layers[0], "cumulative_length"):
         raise DecodeError("--static-cache needs transformers 5 (StaticLayer.cumulative_length)")
     for layer, filled in zip(static.layers, cache.layers):
-        layer.update(filled.keys, filled.values)  # allocates (batch, kv_heads, context + room, head_dim)
+        # allocates (batch, kv_heads, context + room, head_dim); attention layers only (cache_bytes)
+        layer.update(filled.keys, filled.values)  # type: ignore[union-attr, arg-type]
     return static
 
 
-def decode_step(m: Model, mode: str):
+def decode_step(m: Model, mode: str) -> Step:
     """What one decode step calls: the model, or (mode "compile") its forward under torch.compile.
 
     "compile" uses mode="reduce-overhead" (CUDA graphs on CUDA), one graph per (batch, cache length).
@@ -206,7 +224,7 @@ def decode_step(m: Model, mode: str):
     return m.compiled
 
 
-def max_positions(model: torch.nn.Module) -> int:
+def max_positions(model: PreTrainedModel) -> int:
     return getattr(model.config, "max_position_embeddings", None) or sys.maxsize
 
 
@@ -217,7 +235,7 @@ def measure_cell(models: list[Model], batch: int, context: int, args: argparse.N
     on CUDA one model at a time, so each has the whole memory.
     """
     groups = [models] if args.device == "cpu" else [[m] for m in models]
-    cells = {}
+    cells: dict[str, Cell] = {}
     for group in groups:
         with contextlib.ExitStack() as stack:
             for m in group:
@@ -233,18 +251,19 @@ def measure_cell(models: list[Model], batch: int, context: int, args: argparse.N
 
 def measure_group(group: list[Model], batch: int, context: int, args: argparse.Namespace) -> dict[str, Cell]:
     """Prefill every model of the group, warm up, then time `repeats` rounds; caches freed at the end."""
-    cells, live = {m.name: Cell(m.name, m.kv_heads, batch, context) for m in group}, {}
+    cells = {m.name: Cell(m.name, m.kv_heads, batch, context) for m in group}
+    live: dict[str, tuple[Step, Cache, torch.Tensor]] = {}
     for m in group:
         limit = max_positions(m.model)
         if context + args.warmup + args.new_tokens > limit:
             cells[m.name].status = f"skipped: beyond {limit} positions"
-        elif (state := guarded(lambda m=m: start_cell(m, cells[m.name], args), args.device)) is None:
+        elif (state := guarded(partial(start_cell, m, cells[m.name], args), args.device)) is None:
             cells[m.name].status = "OOM"
         else:
             live[m.name] = state  # (model, cache, ids)
     for _ in range(args.repeats):
         for name in list(live):
-            seconds = guarded(lambda name=name: timed_decode(*live[name], args.new_tokens, args.device), args.device)
+            seconds = guarded(partial(timed_decode, *live[name], args.new_tokens, args.device), args.device)
             if seconds is None:
                 cells[name].status = "OOM"
                 del live[name]
@@ -259,15 +278,16 @@ def measure_group(group: list[Model], batch: int, context: int, args: argparse.N
     return cells
 
 
-def start_cell(m: Model, cell: Cell, args: argparse.Namespace) -> tuple:
+def start_cell(m: Model, cell: Cell, args: argparse.Namespace) -> tuple[Step, Cache, torch.Tensor]:
     """Prefill, record the cache bytes, run the warm-up steps; returns (model, cache, ids) for timing."""
     if is_cuda(args.device):
         torch.cuda.reset_peak_memory_stats(args.device)
-    cache, ids = prefill(m.model, cell.batch, cell.context, args.prefill_tokens)
-    cell.cache_bytes = cache_bytes(cache)  # read before any decode step grows it
+    dynamic, ids = prefill(m.model, cell.batch, cell.context, args.prefill_tokens)
+    cell.cache_bytes = cache_bytes(dynamic)  # read before any decode step grows it
     mode = getattr(args, "static_cache", "off")
+    cache: Cache = dynamic
     if mode != "off":
-        cache = to_static(m.model, cache, args.warmup + args.new_tokens)
+        cache = to_static(m.model, dynamic, args.warmup + args.new_tokens)
         if is_cuda(args.device):  # peak: weights, the static cache and decode activations, not the copy
             empty_cache(args.device)
             torch.cuda.reset_peak_memory_stats(args.device)
@@ -285,7 +305,7 @@ def summarize(cell: Cell, new_tokens: int) -> None:
 
 
 @contextlib.contextmanager
-def quiet_stderr():
+def quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2: torch's profiler prints start/stop lines there from C++."""
     saved = os.dup(2)
     with open(os.devnull, "w") as null:
@@ -303,9 +323,10 @@ def attention_path(m: Model, device: str) -> str:
     Observed, not assumed: torch's SDPA entry point is wrapped to see the heads transformers hands it, and the
     profiler names the kernel and any repeat_interleave (which a kernel without grouped-query support adds).
     """
-    real, seen = F.scaled_dot_product_attention, []
+    real = F.scaled_dot_product_attention
+    seen: list[tuple[int, int, bool]] = []  # (query heads, K/V heads, enable_gqa) of each call
 
-    def spy(query, key, value, *args, **kwargs):
+    def spy(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append((query.shape[1], key.shape[1], bool(kwargs.get("enable_gqa", False))))
         return real(query, key, value, *args, **kwargs)
 
@@ -346,7 +367,7 @@ def fits(m: Model, batch: int, args: argparse.Namespace) -> int | None:
     """Peak bytes of prefill + 2 decode steps at (batch, fit-context) on CUDA, or None when it runs out."""
     torch.cuda.reset_peak_memory_stats(args.device)
 
-    def run():
+    def run() -> int:
         cache, ids = prefill(m.model, batch, args.fit_context, args.prefill_tokens)
         decode(m.model, cache, ids, 2)
         sync(args.device)
@@ -378,11 +399,13 @@ def largest_batch_measured(m: Model, budget: float, args: argparse.Namespace) ->
     return good, peak
 
 
-def largest_batches(models: list[Model], cells: list[Cell], args: argparse.Namespace) -> list[dict]:
+def largest_batches(
+    models: list[Model], cells: list[Cell], args: argparse.Namespace
+) -> list[dict[str, str | int | float]]:
     """fit.csv rows: measured on CUDA; elsewhere computed as (budget - weights) / measured cache per sequence."""
     budget, rows = memory_budget(args), []
     for m in models:
-        row = dict(
+        row: dict[str, str | int | float] = dict(
             model=m.name,
             kv_heads=m.kv_heads,
             context=args.fit_context,

@@ -14,10 +14,14 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from uptrain.decoding import DecodeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 KV_TENSORS = ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")
 
@@ -28,7 +32,7 @@ def repeat_heads(t: torch.Tensor, kv_heads: int, group: int) -> torch.Tensor:
     return heads.repeat_interleave(group, dim=0).reshape(-1, *t.shape[1:])  # (kv_heads * group * head_dim, ...)
 
 
-def mha_twin(model: torch.nn.Module) -> torch.nn.Module:
+def mha_twin(model: PreTrainedModel) -> PreTrainedModel:
     """The MHA model computing exactly what the GQA/MQA `model` computes, on the same device and dtype."""
     from transformers import AutoModelForCausalLM
 
