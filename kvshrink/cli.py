@@ -59,6 +59,7 @@ BY_NAME = {s.name: s for s in SUBCOMMANDS}
 
 
 def parser() -> OneLineParser:
+    """The console script's parser: COMMAND, then the command's own arguments, untouched."""
     width = max(len(s.name) for s in SUBCOMMANDS)
     listing = "\n".join(f"  {s.name:<{width}}  {s.summary}" for s in SUBCOMMANDS)
     p = OneLineParser(
@@ -73,6 +74,7 @@ def parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kvshrink COMMAND ARGS...``; returns the command's exit code (2: no or an unknown command)."""
     argv = sys.argv[1:] if argv is None else argv
     p = parser()
     if not argv:

@@ -14,6 +14,7 @@ from uptrain.train import check_paths, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns its exit code (2: bad input, 1: the run stopped, 130: interrupted)."""
     parser = OneLineParser(prog="python -m uptrain", description="Uptrain a converted checkpoint.")
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-4 data.seq_len=1024")

@@ -129,4 +129,5 @@ def set_trainable(model: Student, subset: str, adapters: bool) -> int:
 
 
 def is_adapter(name: str) -> bool:
+    """Whether a PeftModel parameter is one of the LoRA adapters' A or B matrices."""
     return ".lora_A." in name or ".lora_B." in name

@@ -35,6 +35,7 @@ def _complete(out: Path) -> list[Path]:
 
 
 def newest(out: Path) -> Path | None:
+    """The newest complete checkpoint under ``out``, or None."""
     done = _complete(out)
     return done[-1] if done else None
 
@@ -89,6 +90,7 @@ def check_teacher_files(checkpoint: Path, key: str | None) -> None:
 
 
 def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json: its step (and, distilled offline, its teacher files' key)."""
     return json.loads((path / STATE).read_text())
 
 
@@ -130,6 +132,7 @@ def save_tied_once(models: list[torch.nn.Module], weights: list[dict[str, Any]],
 
 
 def trained_names(model: torch.nn.Module) -> set[str]:
+    """The names of the parameters that train (``requires_grad``)."""
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 

@@ -191,6 +191,7 @@ def metric_value(row: Row, column: str) -> tuple[float | None, float | None]:
 
 
 def value_text(row: Row, column: str) -> str:
+    """A table cell: the value (± its stderr), or a dash where it was not measured."""
     value, stderr = metric_value(row, column)
     if value is None:
         return "—"

@@ -71,6 +71,7 @@ def task_limit(limit: float | None) -> float | int | None:
 
 
 def is_task_file(spec: str) -> bool:
+    """Whether a task spec names a task YAML file rather than one of lm-eval's task names."""
     return spec.endswith((".yaml", ".yml")) or Path(spec).exists()
 
 

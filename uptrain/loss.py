@@ -62,6 +62,8 @@ class Stored:
     tail: torch.Tensor
 
     def rows(self, rows: slice, keep: torch.Tensor) -> Stored:
+        """The distribution of rows ``rows`` that ``keep`` selects (a chunk's labelled tokens)."""
+
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t[rows][keep]
 

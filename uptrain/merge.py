@@ -175,6 +175,7 @@ def save_adapter(accelerator: Accelerator, model: torch.nn.Module, directory: Pa
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m uptrain.merge") -> int:
+    """Run the command; returns its exit code (2: bad input, one line, nothing written)."""
     parser = OneLineParser(
         prog=prog,
         description="Merge a run's LoRA adapters (OUTPUT_DIR/final-adapter) into its base "

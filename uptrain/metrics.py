@@ -18,11 +18,13 @@ class MetricsLog:
             path.write_text("".join(json.dumps(x) + "\n" for x in kept))
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record written so far, in order."""
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record (on the main process; the others keep no log)."""
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")

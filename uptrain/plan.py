@@ -74,11 +74,13 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
+        """The peak bytes: every term, times the processes sharing a CPU's memory."""
         one = self.frozen + self.trainable + self.activations + self.teacher + self.loss + self.runtime
         return one * (self.processes if self.device == "cpu" else 1)
 
     @property
     def exceeds(self) -> bool:
+        """Whether the peak is above the device's known memory."""
         return self.capacity is not None and self.total > self.capacity
 
     def table(self) -> str:
@@ -119,6 +121,7 @@ class MemoryPlan:
         return f"memory plan ({self.device}): {self.total / GB:.2f} GB{room} = " + " + ".join(parts) + " GB"
 
     def warning(self) -> str | None:
+        """The line a run prints when the plan exceeds the device, else None."""
         if self.capacity is None or not self.exceeds:
             return None
         return (

@@ -7,6 +7,7 @@ from typing import Any
 
 
 def plot_metrics(records: list[dict[str, Any]], path: Path, seq_len: int | None = None) -> None:
+    """Write the two panels (train loss, eval perplexity, against tokens trained) of metrics.jsonl's records."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -144,6 +144,7 @@ def checkpoint_dtype(path: str) -> torch.dtype:
 
 
 def compute_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype the run computes in: its mixed precision's (bf16, fp16), else float32."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
 
 

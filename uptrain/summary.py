@@ -28,6 +28,7 @@ class TrainingSummary:
     downstream: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The figures as a plain dict (JSON-ready)."""
         return asdict(self)
 
     def format(self) -> str:

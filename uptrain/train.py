@@ -494,6 +494,7 @@ class _Loop:
             ) from None
 
     def check_finite(self, loss: torch.Tensor) -> None:
+        """Stop the run before the update when the window's loss is not finite, naming the last good checkpoint."""
         if not torch.isfinite(loss):
             last = checkpoints.newest(Path(self.r.output_dir))
             keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
@@ -503,10 +504,12 @@ class _Loop:
             )
 
     def log(self, record: dict[str, Any]) -> None:
+        """One record into metrics.jsonl and the tracker."""
         self.metrics.write(record)
         self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def eval_now(self) -> dict[str, float]:
+        """The in-loop eval at this step, logged (and printed by the main process)."""
         result = eval_metrics(self.model, self.eval_loader, self.acc)
         self.log({"step": self.step, "tokens": self.step * self.tokens_per_step, **result})
         if self.acc.is_main_process:

@@ -14,6 +14,7 @@ from uptrain.decoding.bench import check_args, parse_args, run
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.decode_bench") -> int:
+    """Run the command; returns its exit code (2: bad input, one line)."""
     args = parse_args(argv, prog)
     args.command = prog + " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 

@@ -322,6 +322,7 @@ def table(cells: list[Cell], device: str) -> list[str]:
 
 
 def fit_table(rows: list[dict[str, str | int | float]]) -> list[str]:
+    """The largest batches (``largest_batches``' rows) as a Markdown table."""
     lines = ["| model | KV heads | context | budget | weights | largest batch | how |", "|---|---|---|---|---|---|---|"]
     lines += [
         f"| {r['model']} | {r['kv_heads']} | {r['context']} | {r['budget_gb']} GB | {r['weights_gb']} GB | "
@@ -332,6 +333,7 @@ def fit_table(rows: list[dict[str, str | int | float]]) -> list[str]:
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    """``rows`` as a CSV file with a header line, the columns in the first row's order."""
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

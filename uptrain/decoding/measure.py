@@ -225,6 +225,7 @@ def decode_step(m: Model, mode: str) -> Step:
 
 
 def max_positions(model: PreTrainedModel) -> int:
+    """The positions the model's config allows (no limit where it names none)."""
     return getattr(model.config, "max_position_embeddings", None) or sys.maxsize
 
 
