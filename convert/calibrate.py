@@ -36,9 +36,10 @@ from convert.options import ConvertOptions
 from convert.refine import AttentionIO, refine, refit_o
 from convert.source import WeightSource, torch_dtype
 from convert.stages import Stages
-from convert.walk import HiddenStates, Walk
+from convert.walk import HiddenStates, Hook, Walk
 from kvshrink_base.device import pick_device
 from kvshrink_base.errors import first_line
+from kvshrink_base.models import load_model
 from kvshrink_base.text import DataError, read_documents
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 SAMPLE_LENGTH = 320  # tokens per sample drawn from the source (uptrain.sample's default)
 Moments = list["torch.Tensor | None"]  # per hooked module, Σ [x, 1][x, 1]ᵀ (float64) so far
-Hook = Callable[["torch.nn.Module", tuple[Any, ...]], None]  # a forward pre-hook: (module, positional args)
 
 
 def say(enabled: bool, text: str) -> None:
@@ -144,7 +144,6 @@ def check_model_fits(weights: WeightSource, device: torch.device) -> None:
 def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool) -> list[str]:
     """Text sampled from the source itself (``uptrain.sample``, from BOS at temperature 1): ``tokens`` of it."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from kvshrink_base.sample import Sampling, samples
 
@@ -153,8 +152,8 @@ def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_n
     tokenizer = load_tokenizer(source)
     dtype = model_dtype(weights, device)
     say(progress, f"sampling {tokens:,} tokens of calibration text from {source} on {device}")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
-    documents = [tokenizer.decode(ids) for ids in samples(model, tokenizer, Sampling(tokens, length=SAMPLE_LENGTH))]
+    model = load_model(source, dtype=dtype, device=device)
+    documents = tokenizer.batch_decode(list(samples(model, tokenizer, Sampling(tokens, length=SAMPLE_LENGTH))))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -171,7 +170,8 @@ def moment_hook(moments: Moments, index: int, stages: Stages | None = None) -> H
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # [x, 1]: biases fold in
             moment = (x.T @ x).to("cpu", torch.float64)
-            moments[index] = moment if moments[index] is None else moments[index] + moment
+            before = moments[index]
+            moments[index] = moment if before is None else before + moment
 
     return add
 

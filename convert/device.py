@@ -27,9 +27,15 @@ CPU the two memories are one. The Python runtime comes on top.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from convert.roles import Dims
 
 
-def run_dtype(device, source_dtype):
+def run_dtype(device: torch.device, source_dtype: torch.dtype) -> torch.dtype:
     """The dtype a layer runs in: the source's floating dtype on an accelerator, float32 on the CPU."""
     import torch
 
@@ -40,7 +46,7 @@ def run_dtype(device, source_dtype):
     return source_dtype
 
 
-def free_bytes(device) -> int:
+def free_bytes(device: torch.device) -> int:
     """Free memory where tensors of ``device`` live (the accelerator's, or the machine's available RAM)."""
     import torch
 
@@ -65,7 +71,7 @@ def available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def hidden_on_device(device, needed: int, limit: int | None = None) -> bool:
+def hidden_on_device(device: torch.device, needed: int, limit: int | None = None) -> bool:
     """Whether the calibration hidden states stay on ``device`` (else they wait on the CPU, moved per block).
 
     ``limit`` replaces the free memory measured (tests force the offload with a tiny one).
@@ -175,9 +181,9 @@ def estimate(
     resident_elements: int,
     attention_elements: int,
     tokens: int,
-    dims,
-    device,
-    dtype,
+    dims: Dims,
+    device: torch.device,
+    dtype: torch.dtype,
     *,
     refit_o: bool,
     local_steps: int,

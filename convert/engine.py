@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convert import families
 from convert.calibrate import (
@@ -26,16 +26,20 @@ from convert.calibrate import (
 )
 from convert.device import available_ram, free_bytes
 from convert.errors import ConversionError
-from convert.layers import Spill
+from convert.layers import LayerPlan, Spill
 from convert.merge import GROUPINGS
 from convert.onload import LayerLoader, check_positions
 from convert.options import DTYPES, ConvertOptions
 from convert.plan import Plan, check_kv_heads, plan_conversion, read_dims
 from convert.report import ConversionReport, build_report, model_card
 from convert.source import WeightSource, hub_id, open_weights, read_config, resolve_source
-from convert.writer import check_output, parse_size, shard_names, shard_plan, write_index, write_shard
+from convert.writer import OutTensor, check_output, parse_size, shard_names, shard_plan, write_index, write_shard
 from kvshrink_base.atomic import AtomicDirectory
 from kvshrink_base.device import pick_device
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm.auto import tqdm
 
 _NOT_COPIED = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.h5|\.msgpack|\.gguf|\.onnx|\.index\.json)$")
 _WRITTEN_HERE = {"config.json", "README.md", "conversion.json", ".gitattributes"}
@@ -64,9 +68,9 @@ class _Prepared:
     src_dir: Path
     plan: Plan
     report: ConversionReport
-    shards: list
+    shards: list[list[OutTensor]]
     weights: WeightSource
-    blocks: object | None  # the calibration token blocks (n, seq_len), None until sampled or when not calibrating
+    blocks: torch.Tensor | None  # the calibration token blocks (n, seq_len), None until sampled or when not calibrating
 
 
 def convert_checkpoint(
@@ -111,19 +115,18 @@ def convert_checkpoint(
     if not dry_run:
         check_free_space(Path(output), report.tensor_bytes_after)
         command = command or f"convert_checkpoint({str(source)!r}, {str(output)!r}, {options!r})"
-        with _work_directory(Path(output), options.calibrates and prepared.plan.layers is not None) as work:
-            if options.calibrates and prepared.plan.layers:
-                _calibrate(prepared, options, work, progress)
+        with contextlib.ExitStack() as stack:
+            if options.calibrates and prepared.plan.layers is not None:
+                work = stack.enter_context(_work_directory(Path(output)))
+                _calibrate(prepared, options, Path(work), progress)
             _write(prepared, Path(output), options, progress, command, started)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
-def _work_directory(output: Path, needed: bool):
+def _work_directory(output: Path) -> tempfile.TemporaryDirectory[str]:
     """A hidden temporary directory beside OUTPUT (the calibrated layers' spill), removed however the run ends
     (SIGKILL aside: then, like the atomic output's, a hidden ``.OUTPUT.tmp-*`` sibling remains)."""
-    if not needed:
-        return contextlib.nullcontext()
     return tempfile.TemporaryDirectory(prefix=f".{output.name}.tmp-calibration-", dir=output.absolute().parent)
 
 
@@ -157,19 +160,19 @@ def _prepare(source: str, output: Path, options: ConvertOptions, overwrite: bool
     shards = shard_plan(plan.tensors, max_bytes)
     report = build_report(source, output, family, spec, dims, options, weights, plan, len(shards), dry_run)
     report.base_model = hub_id(source, src_dir)
-    blocks = _check_calibration(src_dir, weights, plan, report, options) if plan.layers else None
+    blocks = None
+    if plan.layers is not None and report.calibration is not None:  # the report has it where the options calibrate
+        blocks = _check_calibration(src_dir, weights, plan.layers, report.calibration, options)
     return _Prepared(src_dir, plan, report, shards, weights, blocks)
 
 
 def _check_calibration(
-    src_dir: Path, weights: WeightSource, plan: Plan, report: ConversionReport, options: ConvertOptions
-):
+    src_dir: Path, weights: WeightSource, layers: LayerPlan, calibration: dict[str, Any], options: ConvertOptions
+) -> torch.Tensor | None:
     """Everything calibration needs, checked before any work (dry run included): the device, the tokenizer, the
     text (tokenized here) or room to sample it, and the skeleton's layer names; the memory estimate goes in the
-    report. Returns the token blocks (None where they are still to be sampled)."""
-    if not options.calibrates:
-        return None
-    device, layers = pick_device(options.device), plan.layers
+    report's ``calibration``. Returns the token blocks (None where they are still to be sampled)."""
+    device = pick_device(options.device)
     loader = LayerLoader(
         src_dir,
         weights,
@@ -190,18 +193,20 @@ def _check_calibration(
         check_model_fits(weights, device)
     tokens = blocks.numel() if blocks is not None else options.calibration_tokens
     memory = memory_estimate(loader, layers, tokens, options, device, sampled=blocks is None)
-    report.calibration["memory"] = memory.line()
+    calibration["memory"] = memory.line()
     advice = memory.advice(free_bytes(device), available_ram())
     if advice:
-        report.calibration["memory_advice"] = advice
+        calibration["memory_advice"] = advice
     if warning:  # once everything else is checked: a bad input's error stays the only line
         print(f"warning: {warning}", file=sys.stderr)
     return blocks
 
 
-def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress: bool) -> None:
+def _calibrate(prepared: _Prepared, options: ConvertOptions, work: Path, progress: bool) -> None:
     """Run the source on the calibration text layer by layer; every rewritten layer lands in the spill."""
-    plan, blocks = prepared.plan, prepared.blocks
+    plan, blocks, calibration = prepared.plan, prepared.blocks, prepared.report.calibration
+    if plan.layers is None or plan.load is None or calibration is None:
+        raise ValueError("calibration needs the plan's layers and the report's calibration")
     if blocks is None:
         documents = sampled_documents(
             prepared.src_dir, prepared.weights, options.calibration_tokens, options.device, progress
@@ -213,11 +218,11 @@ def _calibrate(prepared: _Prepared, options: ConvertOptions, work: str, progress
             options.calibration_seq_len,
             options.calibration_bos,
         )
-    plan.state.spill = Spill(Path(work))
+    plan.state.spill = Spill(work)
     found = calibrate_layers(
         prepared.src_dir, prepared.weights, plan.layers, plan.state, plan.load, blocks, options, progress
     )
-    prepared.report.calibration.update(
+    calibration.update(
         order=options.calibration_order,
         refit_o=options.refit_o,
         local_steps=options.local_steps,
@@ -265,7 +270,7 @@ def check_free_space(output: Path, tensor_bytes: int) -> None:
         )
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool) -> tqdm[Any]:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not enabled or None, leave=False)

@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # torch is imported when a tensor is first joined: the conver
     import torch
 
 
-def split(layout: str, fused: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
+def split(
+    layout: str, fused: torch.Tensor, heads: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut a fused QKV tensor into (q, k, v) head blocks; see the module docstring."""
     rest = fused.shape[1:]
     if layout == "contiguous":

@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from convert.errors import ConversionError
 from convert.source import WeightSource
 from kvshrink_base.errors import first_line
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
-def build_skeleton(src_dir: Path, dtype):
+StateDictLoader = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]  # transformers' (see below)
+
+
+def build_skeleton(src_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
     """The source's model class from its config, every parameter on ``meta``, buffers real."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -40,13 +46,13 @@ def build_skeleton(src_dir: Path, dtype):
     return model.eval()
 
 
-def output_head(model) -> str | None:
+def output_head(model: PreTrainedModel) -> str | None:
     """The module path of the output embeddings (never run by calibration, never read)."""
     head = model.get_output_embeddings()
     return next((name for name, module in model.named_modules() if module is head), None)
 
 
-def _transformers_loader():
+def _transformers_loader() -> StateDictLoader | None:
     """transformers' own state-dict loader (renames, fused experts, dtype casts), where this version has one."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -58,7 +64,7 @@ def _transformers_loader():
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
@@ -86,7 +92,13 @@ class LayerLoader:
     """
 
     def __init__(
-        self, src_dir: Path, weights: WeightSource, anchors: list[str], device, dtype, materialize: bool = True
+        self,
+        src_dir: Path,
+        weights: WeightSource,
+        anchors: list[str],
+        device: torch.device,
+        dtype: torch.dtype,
+        materialize: bool = True,
     ):
         self.weights, self.device, self.dtype = weights, device, dtype
         self.model = build_skeleton(src_dir, dtype)
@@ -101,7 +113,7 @@ class LayerLoader:
             [n for n, _ in self.model.named_parameters() if n.startswith(d + ".")] for d in self.decoders
         ]
         self.peak_layers = 0  # the most decoder layers ever materialized at once (tests read it)
-        self.use_transformers = _transformers_loader() is not None
+        self.state_dict_loader = _transformers_loader()  # None: matched by name
         in_layers = {n for names in self.layer_params for n in names}
         self.resident_params = [
             n
@@ -133,7 +145,7 @@ class LayerLoader:
             raise ConversionError(f"the source model has no parameter for {anchor}")
         return name.rsplit(".", 3)[0]
 
-    def _set(self, name: str, value) -> None:
+    def _set(self, name: str, value: torch.Tensor) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
         set_module_tensor_to_device(self.model, name, value.device, value=value)
@@ -144,8 +156,8 @@ class LayerLoader:
 
         with torch.inference_mode(False), torch.no_grad():  # parameters autograd may use (local steps)
             tensors = {name: self.weights.read(name) for name in names}
-            if self.use_transformers:
-                mapping, load, config = _transformers_loader()
+            if self.state_dict_loader is not None:
+                mapping, load, config = self.state_dict_loader
                 with _quiet_transformers():  # its "Loading weights" bar, once per layer, says nothing here
                     load(
                         self.model,
@@ -165,7 +177,7 @@ class LayerLoader:
                 f"tensor for the model's {missing[0]}; use an uncalibrated method (--method mean)"
             )
 
-    def onload(self, layer: int):
+    def onload(self, layer: int) -> torch.nn.Module:
         """Read decoder layer ``layer`` from the checkpoint onto the device; returns its module."""
         self.materialize(self.layer_tensors[layer])
         self._check_loaded(self.layer_params[layer])
@@ -193,7 +205,7 @@ class LayerLoader:
         """How many decoder layers have any parameter that is not on ``meta`` (counted from the tensors)."""
         return sum(any(not self.model.get_parameter(n).is_meta for n in names) for names in self.layer_params)
 
-    def parameter(self, checkpoint_name: str):
+    def parameter(self, checkpoint_name: str) -> torch.nn.Parameter:
         """The model's parameter for a checkpoint tensor name."""
         return self.model.get_parameter(self.model_name[checkpoint_name])
 
@@ -206,7 +218,7 @@ class LayerLoader:
         return sum(math.prod(self.weights.tensors[n].shape) for n in names)
 
 
-def check_positions(model, seq_len: int) -> str | None:
+def check_positions(model: PreTrainedModel, seq_len: int) -> str | None:
     """Check a calibration sequence length against the model's positions, before any work.
 
     Learned position embeddings (an embedding table of ``max_position_embeddings`` rows beside the token
@@ -257,8 +269,8 @@ class LayerCall:
     keyword arguments (its mask by its attention type, positions, RoPE's cos/sin, ...), as its forward made them.
     The same for every block of one length."""
 
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
 
 
 class _Stop(Exception):
@@ -270,7 +282,7 @@ class Through(tuple):
     the hidden states; one that passes the output on whole hands it to the next stand-in, which unwraps it."""
 
 
-def _hidden_of(args: tuple, kwargs: dict):
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """(the hidden states, the other positional arguments) of a decoder layer's call."""
     hidden = args[0] if args else kwargs.pop("hidden_states")
     if isinstance(hidden, Through):
@@ -279,7 +291,7 @@ def _hidden_of(args: tuple, kwargs: dict):
 
 
 @contextlib.contextmanager
-def stood_in(decoders: list, stand_in: Callable[[int], Callable]):
+def stood_in(decoders: list[torch.nn.Module], stand_in: Callable[[int], Callable[..., Any]]) -> Iterator[None]:
     """Each decoder layer's forward replaced by ``stand_in(its index)`` inside the block, restored after it."""
     for index, decoder in enumerate(decoders):
         decoder.forward = stand_in(index)
@@ -290,12 +302,14 @@ def stood_in(decoders: list, stand_in: Callable[[int], Callable]):
             del decoder.forward
 
 
-def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
+def _stand_ins(
+    decoders: list[torch.nn.Module], record: Callable[[int, torch.Tensor, tuple[Any, ...], dict[str, Any]], None]
+) -> contextlib.AbstractContextManager[None]:
     """Every decoder layer's forward replaced by one that records its call and passes the hidden states on
     unchanged (the layers are on ``meta``: nothing of theirs runs); the last one stops the model."""
 
-    def stand_in(index: int):
-        def forward(*args, **kwargs):
+    def stand_in(index: int) -> Callable[..., Through]:
+        def forward(*args: Any, **kwargs: Any) -> Through:
             hidden, rest = _hidden_of(args, kwargs)
             record(index, hidden, rest, kwargs)
             if index == len(decoders) - 1:
@@ -308,8 +322,12 @@ def _stand_ins(decoders: list, record: Callable[[int, Any, tuple, dict], None]):
 
 
 def layer_calls(
-    model, decoders: list, blocks, device, place: Callable[[Any], Any] = lambda t: t
-) -> tuple[list[Any], list[LayerCall]]:
+    model: PreTrainedModel,
+    decoders: list[torch.nn.Module],
+    blocks: Iterable[torch.Tensor],
+    device: torch.device,
+    place: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[list[torch.Tensor], list[LayerCall]]:
     """The hidden states with which the model calls its first decoder layer, per block, and how it calls each
     layer (``LayerCall``), read from the model's own forward: each layer gets the mask of its own attention type
     (sliding, full, chunked), its own RoPE where a family has one per layer type, and whatever else the forward
@@ -322,11 +340,11 @@ def layer_calls(
     """
     import torch
 
-    firsts: list = []
+    firsts: list[torch.Tensor] = []
     calls: list[LayerCall | None] = [None] * len(decoders)
     last: list[LayerCall | None] = [None] * len(decoders)
 
-    def record(index: int, hidden, rest: tuple, kwargs: dict) -> None:
+    def record(index: int, hidden: torch.Tensor, rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if index == 0:
             firsts.append(place(hidden))
         (calls if calls[index] is None else last)[index] = LayerCall(rest, dict(kwargs))
@@ -342,7 +360,14 @@ def layer_calls(
                     f"calibration cannot run the source's layers one at a time: its forward "
                     f"failed between layers ({first_line(exc)}); use --method mean"
                 ) from None
-    for index, (call, other) in enumerate(zip(calls, last)):
+    return firsts, _checked_calls(calls, last)
+
+
+def _checked_calls(firsts: list[LayerCall | None], lasts: list[LayerCall | None]) -> list[LayerCall]:
+    """Each layer's call, as the first block made it, where every layer was called and the last block called
+    each as the first did (ConversionError otherwise)."""
+    checked = []
+    for index, (call, other) in enumerate(zip(firsts, lasts)):
         if call is None:
             raise ConversionError(
                 f"calibration cannot run the source's layers one at a time: the model never "
@@ -353,14 +378,15 @@ def layer_calls(
                 f"calibration cannot run the source's layers one at a time: decoder layer "
                 f"{index} is called with other arguments for other blocks; use --method mean"
             )
-    return firsts, calls
+        checked.append(call)
+    return checked
 
 
 def _same(a: LayerCall, b: LayerCall) -> bool:
     """Whether two calls are the same: tensors equal in value, everything else equal."""
     import torch
 
-    def same(x, y) -> bool:
+    def same(x: Any, y: Any) -> bool:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             return (
                 isinstance(x, torch.Tensor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from convert.errors import ConversionError
 from convert.merge import GROUPINGS, METHODS, calibrated_names
@@ -70,7 +71,7 @@ class ConvertOptions:
     device: str = "auto"
 
     @classmethod
-    def recommended(cls, kv_heads: int, on_cpu: bool, **overrides) -> ConvertOptions:
+    def recommended(cls, kv_heads: int, on_cpu: bool, **overrides: Any) -> ConvertOptions:
         """The recommended conversion (``RECOMMENDED``; fewer local steps and calibration tokens on a CPU), with
         ``overrides`` on top."""
         preset = dict(RECOMMENDED)

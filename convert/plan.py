@@ -15,11 +15,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from convert import renames
 from convert.errors import ConversionError
-from convert.families import Family
+from convert.families import Family, MqaForm
 from convert.heads import kv_norm, norm_heads
 from convert.layers import LayerPlan, LayerResults, LayerState, NormTensor, changed_roles
 from convert.merge import GROUPINGS
@@ -27,6 +27,11 @@ from convert.roles import LAYER_ROLES, ROLES, Dims, expected_elements, expected_
 from convert.source import DTYPES as TENSOR_DTYPES
 from convert.source import FLOATS, WeightSource, torch_dtype, write_tensor_bytes
 from convert.writer import OutTensor
+
+if TYPE_CHECKING:
+    import torch
+
+Load = Callable[[str], "torch.Tensor"]  # output name -> the source tensor (Linear layout)
 
 
 @dataclass
@@ -37,11 +42,11 @@ class Plan:
     config: dict[str, Any]
     changed: list[str]  # source names of the tensors rewritten (or, for per-head norms, folded away)
     layers: LayerPlan | None = None  # set when K and V change (the layer-wise path, convert.layers)
-    load: Callable[[str], Any] | None = None  # output name -> the source tensor, as the layer path reads it
+    load: Load | None = None  # output name -> the source tensor, as the layer path reads it
     state: LayerState = field(default_factory=LayerState)  # KV-head orders and the spill, filled in as it runs
 
 
-def _config_int(config: dict, aliases: list[str], what: str, default: int | None = None) -> int:
+def _config_int(config: dict[str, Any], aliases: tuple[str, ...], what: str, default: int | None = None) -> int:
     for key in aliases:
         if config.get(key) is not None:
             value = config[key]
@@ -179,7 +184,7 @@ class Change:
 
     target: str
     shape: tuple[int, ...]
-    make: Callable[[Callable[[str], Any]], Any]
+    make: Callable[[Load], torch.Tensor]
 
 
 def _rotary_dim(spec: Family, config: dict, head_dim: int) -> int:
@@ -252,18 +257,36 @@ def _layer_changes(plan: LayerPlan, shapes: dict, kv_heads: int, results: LayerR
     for layer, members in plan.sources.items():
         for (role, param), name in members.items():
             shape = shapes[name] if role == "o" else (rows[role], *shapes[name][1:])
-            changes[name] = Change(name, shape, lambda load, key=(layer, role, param): results.take(*key))
+            changes[name] = Change(name, shape, partial(_taken, results, layer, role, param))
     return changes
 
 
-def _becomes_mqa(spec: Family, dims: Dims, kv_heads: int) -> bool:
-    """An architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to MQA."""
-    return spec.kv_choices == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1
+def _taken(results: LayerResults, layer: int, role: str, param: str, load: Load) -> torch.Tensor:
+    """A converted tensor from its layer's results (which read the source with their own ``load``)."""
+    return results.take(layer, role, param)
+
+
+def _pooled(pool: Callable[..., torch.Tensor], names: list[str], load: Load) -> torch.Tensor:
+    """``pool`` of the named source tensors."""
+    return pool(*map(load, names))
+
+
+def _read(name: str, load: Load) -> torch.Tensor:
+    return load(name)
+
+
+def _new_mqa_form(spec: Family, dims: Dims, kv_heads: int) -> MqaForm | None:
+    """The MQA form an architecture with only MHA and MQA forms (legacy Falcon, GPTBigCode, GPT-2) switches to;
+    None where it does not switch."""
+    if spec.kv_choices == "mha_or_mqa" and kv_heads == 1 and dims.kv_heads != 1:
+        return spec.mqa
+    return None
 
 
 def _out_layout(spec: Family, dims: Dims, kv_heads: int) -> str:
-    if _becomes_mqa(spec, dims, kv_heads):
-        return spec.mqa.layout
+    mqa = _new_mqa_form(spec, dims, kv_heads)
+    if mqa is not None:
+        return mqa.layout
     return spec.mha_layout or spec.layout
 
 
@@ -279,8 +302,10 @@ def _norm_changes(
             shape = shapes[name]
             out_shape = (kv_heads, shape[1]) if len(shape) == 2 else (math.prod(shape) // dims.kv_heads * kv_heads,)
             pool = partial(kv_norm, kv_heads_in=dims.kv_heads, kv_heads=kv_heads, method=method)
-            changes[name] = Change(name, out_shape, lambda load, n=name, f=pool: f(load(n)))
+            changes[name] = Change(name, out_shape, partial(_pooled, pool, [name]))
         elif operation == "pool_norm_heads":
+            if head is None:
+                raise ValueError(f"{name} is pooled per head but names no head")
             if head % group:
                 changes[name] = None  # pooled into its group's first head below
                 continue
@@ -288,9 +313,7 @@ def _norm_changes(
             members = [template.format(layer=layer, head=h) for h in range(head, head + group)]
             pool = partial(norm_heads, method=method)
             changes[name] = Change(
-                template.format(layer=layer, head=head // group),
-                shapes[name],
-                lambda load, ms=members, f=pool: f(*map(load, ms)),
+                template.format(layer=layer, head=head // group), shapes[name], partial(_pooled, pool, members)
             )
     return changes
 
@@ -316,7 +339,7 @@ def plan_conversion(
     roles = _Roles(spec, dims, config, list(canonical))
     _check_shapes(roles, shapes)
 
-    def load(name: str):
+    def load(name: str) -> torch.Tensor:
         tensor = weights.read(canonical[name])
         return tensor.t() if name in transposed else tensor  # Conv1D (in, out) -> Linear (out, in)
 
@@ -343,7 +366,7 @@ def _out_tensors(
     transposed: set[str],
     shapes: dict,
     changes: dict[str, Change | None],
-    load: Callable,
+    load: Load,
     dtype: str | None,
 ) -> list[OutTensor]:
     """The output tensors in the source's file order: byte copies, and computed ones (changed, cast or transposed)."""
@@ -356,7 +379,7 @@ def _out_tensors(
     for name in sorted(canonical, key=located):
         src_dtype = weights.tensors[canonical[name]].dtype
         target_dtype = _out_dtype(src_dtype, dtype)
-        change = changes.get(name, Change(name, shapes[name], lambda load, n=name: load(n)))
+        change = changes.get(name, Change(name, shapes[name], partial(_read, name)))
         if change is None:
             continue
         if name not in changes and name not in transposed and target_dtype == src_dtype:
@@ -374,7 +397,7 @@ def _out_tensors(
     return out
 
 
-def _write_computed(change: Change, load: Callable, dtype: str, out) -> None:
+def _write_computed(change: Change, load: Load, dtype: str, out: BinaryIO) -> None:
     tensor = change.make(load).to(torch_dtype(dtype))
     if tuple(tensor.shape) != change.shape:
         raise RuntimeError(f"internal error: {change.target} made shape {tuple(tensor.shape)}, planned {change.shape}")
@@ -392,8 +415,9 @@ def output_config(config: dict, spec: Family, dims: Dims, kv_heads: int, dtype: 
         new[key] = kv_heads
     if not present and aliases and kv_heads != dims.kv_heads and spec.kv_choices == "divisors":
         new[aliases[0]] = kv_heads
-    if _becomes_mqa(spec, dims, kv_heads):
-        new.update(spec.mqa.config)
+    mqa = _new_mqa_form(spec, dims, kv_heads)
+    if mqa is not None:
+        new.update(mqa.config)
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in new:

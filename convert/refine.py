@@ -10,16 +10,24 @@ Adam steps towards them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from convert.head_form import LayerHeads
 from convert.heads import from_heads
 from convert.walk import Walk, hidden
+
+if TYPE_CHECKING:
+    import torch
+
+AttentionCall = tuple[tuple[Any, ...], dict[str, Any], "torch.Tensor"]  # an attention call's args, kwargs, output
 
 LOCAL_BLOCKS = 4  # calibration blocks per local refinement step
 LOCAL_LR = 5e-3  # relative to each tensor's root mean square (tuned on SmolLM2-135M: docs/convert.md)
 
 
-def refit_o(walk: Walk, layer: int, decoder, heads_out: list, heads):
+def refit_o(
+    walk: Walk, layer: int, decoder: torch.nn.Module, heads_out: list[torch.Tensor], heads: LayerHeads
+) -> LayerHeads:
     """O' = argmin Σ ‖O' z' − O z‖² + ridge: the converted heads' outputs z' mapped onto the original attention
     output (float64 moments on the CPU, closed form); written into the running model.
 
@@ -30,10 +38,11 @@ def refit_o(walk: Walk, layer: int, decoder, heads_out: list, heads):
     """
     import torch
 
-    gram, cross, seen = None, None, iter(heads_out)
-    fetch = walk.states.fetch
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    seen, fetch = iter(heads_out), walk.states.fetch
 
-    def add(_module, args):
+    def add(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         nonlocal gram, cross
         z_new = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, H*d)
         z_old = fetch(next(seen)).reshape(-1, args[0].shape[-1]).float()
@@ -44,11 +53,13 @@ def refit_o(walk: Walk, layer: int, decoder, heads_out: list, heads):
 
     o_name = walk.plan.sources[layer]["o", "weight"]
     walk.run(layer, decoder, {walk.path(o_name): add}, keep=False)
+    if gram is None or cross is None:
+        raise ValueError("the O refit ran over no calibration block")
     original = walk.load(o_name).double()  # (out, H*d)
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     refit = torch.linalg.solve(gram + ridge, (original @ cross).T).T  # (out, H*d) = O C_x (G + λI)⁻¹
     walk.write(o_name, refit)
-    return heads.replace(o=refit.reshape(heads.o.shape))
+    return heads.replace(o=refit.reshape(heads.loaded("o").shape))
 
 
 class AttentionIO:
@@ -58,11 +69,18 @@ class AttentionIO:
     keyword arguments (mask, positions, RoPE) are the layer's own, the same tensors for every block.
     """
 
-    def __init__(self, module, keep: Callable[[Any], Any] = lambda t: t):
-        self.module, self.seen, self.keep = module, [], keep
+    def __init__(self, module: torch.nn.Module, keep: Callable[[torch.Tensor], torch.Tensor] = lambda t: t):
+        self.module, self.keep = module, keep
+        self.seen: list[AttentionCall] = []
         self.handle = module.register_forward_hook(self, with_kwargs=True)
 
-    def __call__(self, _module, args, kwargs, output):
+    def __call__(
+        self,
+        _module: torch.nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: torch.Tensor | tuple[Any, ...],
+    ) -> None:
         import torch
 
         kept = tuple(self.keep(a.detach()) if isinstance(a, torch.Tensor) else a for a in args)
@@ -75,7 +93,7 @@ class AttentionIO:
         self.handle.remove()
 
 
-def _usable(value, device):
+def _usable(value: Any, device: torch.device) -> Any:
     """``value`` (tensors nested in tuples, lists, dicts) on ``device``, as tensors autograd may save (an
     inference-mode tensor is copied; one moved from CPU memory is new already). Made per use, so that no second
     copy of every block is held."""
@@ -91,7 +109,9 @@ def _usable(value, device):
     return value
 
 
-def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool) -> tuple[float, float, Any]:
+def refine(
+    walk: Walk, layer: int, steps: int, seen: list[AttentionCall], heads: LayerHeads, has_bias: bool
+) -> tuple[float, float, LayerHeads | None]:
     """``steps`` Adam steps on the layer's converted Q, merged K/V and O (head form, biases included) so that its
     attention module reproduces the original's output on the calibration inputs (squared error, ``LOCAL_BLOCKS``
     blocks per step in a seeded shuffled order; each tensor's learning rate is ``LOCAL_LR`` times its root mean
@@ -108,7 +128,7 @@ def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool
     generator = torch.Generator().manual_seed(walk.seed + layer)
     with torch.inference_mode(False), torch.enable_grad():
         trained = {
-            role: getattr(heads, role).to(fit.device, torch.float32, copy=True).requires_grad_(True) for role in "qkvo"
+            role: heads.loaded(role).to(fit.device, torch.float32, copy=True).requires_grad_(True) for role in "qkvo"
         }
         before = fit.error(trained, seen)
         optimizer = torch.optim.Adam(
@@ -129,7 +149,7 @@ def refine(walk: Walk, layer: int, steps: int, seen: list, heads, has_bias: bool
 class _LocalFit:
     """A layer's attention module called with its projections taken from trainable head-form tensors."""
 
-    def __init__(self, walk: Walk, layer: int, start, has_bias: bool):
+    def __init__(self, walk: Walk, layer: int, start: LayerHeads, has_bias: bool):
         plan = walk.plan
         self.walk, self.path = walk, walk.attention_path(layer)
         self.module = walk.loader.model.get_submodule(self.path)
@@ -140,7 +160,7 @@ class _LocalFit:
         weight = walk.loader.parameter(plan.source_names[next(iter(self.names.values()))])
         self.device, self.dtype = weight.device, weight.dtype  # an accelerator runs the layer in the source dtype
 
-    def output(self, trained: dict, args: tuple, kwargs: dict):
+    def output(self, trained: dict[str, torch.Tensor], args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         """The attention module's output (float32) with ``trained``'s Q, K/V (each repeated for its group), O."""
         from torch.func import functional_call
 
@@ -158,7 +178,7 @@ class _LocalFit:
         }
         return hidden(functional_call(self.module, params, args, kwargs)).float()
 
-    def error(self, trained: dict, seen: list) -> float:
+    def error(self, trained: dict[str, torch.Tensor], seen: list[AttentionCall]) -> float:
         import torch
 
         with torch.no_grad():

@@ -188,11 +188,13 @@ Ainslie et al. 2023); measure perplexity before relying on this checkpoint.
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    raise AssertionError
+    """A byte count in decimal units: ``1,234 B``, ``12.35 MB``."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.2f} {unit}"
+        size /= 1000
+    return f"{size:,.2f} TB"
 
 
 def format_report(report: ConversionReport) -> str:

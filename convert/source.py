@@ -14,10 +14,13 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from convert.errors import ConversionError
 from kvshrink_base.errors import first_line
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors dtype -> (bytes per element, torch name). Planning works on these names alone, so a
 # conversion can start copying before torch has finished importing.
@@ -38,20 +41,21 @@ DTYPES: dict[str, tuple[int, str]] = {
 FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> torch.dtype:
+    """safetensors name -> torch dtype."""
     import torch
 
     return getattr(torch, DTYPES[name][1])
 
 
-def write_tensor_bytes(tensor, out: BinaryIO) -> None:
+def write_tensor_bytes(tensor: torch.Tensor, out: BinaryIO) -> None:
     """A CPU tensor's raw little-endian bytes."""
     import torch
 
     out.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """torch dtype -> safetensors name."""
     label = str(dtype).removeprefix("torch.")
     return next(name for name, (_, torch_name) in DTYPES.items() if torch_name == label)
@@ -208,7 +212,7 @@ def _shard_path(directory: Path, name: object, index_path: Path) -> Path:
 class WeightSource:
     """All tensors of a checkpoint, read lazily one at a time."""
 
-    def __init__(self, tensors: dict[str, TensorInfo], files: list[Path], pickled: dict | None):
+    def __init__(self, tensors: dict[str, TensorInfo], files: list[Path], pickled: dict[str, torch.Tensor] | None):
         self.tensors = tensors
         self.files = files
         self._pickled = pickled
@@ -217,7 +221,7 @@ class WeightSource:
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def read(self, name: str):
+    def read(self, name: str) -> torch.Tensor:
         """One tensor, in memory that this process owns."""
         import torch
 
@@ -312,14 +316,15 @@ def open_weights(directory: Path, allow_pickle: bool = False) -> WeightSource:
 def _open_safetensors(directory: Path) -> WeightSource:
     """model.safetensors, or the shards its index names (and any shard on disk the index forgot): headers only."""
     st_index = directory / "model.safetensors.index.json"
+    weight_map: dict[str, str] | None = None
+    files = [directory / "model.safetensors"]
     if st_index.is_file():
         weight_map = _index_map(st_index)
-        files = {_shard_path(directory, f, st_index) for f in weight_map.values()}
+        indexed = {_shard_path(directory, f, st_index) for f in weight_map.values()}
         # A shard on disk that the index forgot would otherwise drop its tensors silently.
-        files = sorted(files | {p for p in directory.glob("model-*-of-*.safetensors") if _SHARD.fullmatch(p.name)})
-    else:
-        weight_map, files = None, [directory / "model.safetensors"]
-    tensors, found = {}, {}
+        files = sorted(indexed | {p for p in directory.glob("model-*-of-*.safetensors") if _SHARD.fullmatch(p.name)})
+    tensors: dict[str, TensorInfo] = {}
+    found: dict[str, str] = {}
     for file in files:
         for name, info in read_safetensors_header(file).items():
             if name in tensors:
@@ -342,7 +347,9 @@ def _open_pickle(directory: Path) -> WeightSource:
         files = sorted({_shard_path(directory, f, bin_index) for f in weight_map.values()})
     else:
         weight_map, files = None, [directory / "pytorch_model.bin"]
-    pickled, tensors, found = {}, {}, {}
+    pickled: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorInfo] = {}
+    found: dict[str, str] = {}
     for file in files:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
