@@ -56,9 +56,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=list(METHODS),
         default=None,
-        help=f"what each merged KV head is, by method. {choices_help(METHODS)}. {' and '.join(calibrated_names())} run the "
-        "source on --calibration-data or, without it, on text sampled from the source. Default mean (needs no "
-        "data, fastest); for the best start use --recommended (docs/convert.md)",
+        help=f"what each merged KV head is, by method. {choices_help(METHODS)}. "
+        f"{' and '.join(calibrated_names())} run the source on --calibration-data or, without it, on text sampled "
+        "from the source. Default mean (needs no data, fastest); for the best start use --recommended "
+        "(docs/convert.md)",
     )
     parser.add_argument(
         "--grouping",
