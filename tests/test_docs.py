@@ -1,6 +1,7 @@
 """The documents stay true: every command line in README.md and docs/*.md parses with its command's own parser,
-README.md stays a landing page, relative links resolve, and docs/uptrain.md's recipe reference lists exactly the
-recipe's keys.
+README.md stays a landing page, relative links resolve, docs/uptrain.md's recipe reference lists exactly the
+recipe's keys, README's headline figures are its demo table's, which is docs/benchmarks.md's and the run's own
+results file's, and the sections the recipes and the demo cite exist.
 
 A command is parsed by running its real entry point (``python -m X`` as ``runpy`` runs it, ``kvshrink X`` through
 ``kvshrink.cli.main``, ``python bench/X.py`` as a script) with ``argparse.ArgumentParser.parse_args`` wrapped: a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import runpy
 import shlex
@@ -247,3 +249,112 @@ def test_recipe_reference_lists_every_key() -> None:
     documented, actual = documented_recipe_keys(), recipe_keys(Recipe)
     assert not actual - documented, f"recipe keys missing from docs/uptrain.md: {sorted(actual - documented)}"
     assert not documented - actual, f"docs/uptrain.md documents keys the recipe lacks: {sorted(documented - actual)}"
+
+
+def markdown_table(text: str, header_start: str) -> dict[str, list[str]]:
+    """{first cell: the other cells} of the first Markdown table in ``text`` whose header starts so."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def section(path: Path, heading: str) -> str:
+    """The text of a ``## heading`` section."""
+    found = re.search(rf"^## {re.escape(heading)}$(.*?)(?=^## |\Z)", path.read_text(), flags=re.M | re.S)
+    assert found, f"{path.name} has no section {heading!r}"
+    return found.group(1)
+
+
+DEMO_TABLE = "| model | KV heads | KV-cache bytes/token | ppl, tragedies | ppl, CPython docs |"
+ROWS = {  # README's labels of the demo's rows (results.json's, with what the method is)
+    "original": "original",
+    "MQA, mean (GQA paper)": "MQA, mean",
+    "MQA, aware (recommended)": "MQA, aware",
+    "MQA, mean, uptrained": "MQA, mean, uptrained",
+    "MQA, aware, uptrained": "MQA, aware, uptrained",
+}
+
+
+def demo_table() -> dict[str, list[str]]:
+    return markdown_table(section(README, "Results"), DEMO_TABLE)
+
+
+def figure(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_readme_demo_table_is_the_benchmarks_and_the_runs() -> None:
+    """README's demo table is docs/benchmarks.md's, cell for cell, and both are what the run wrote into the
+    results file README names (bench/results/...), from an empty cache."""
+    readme = demo_table()
+    assert list(readme) == list(ROWS)
+    assert markdown_table(section(ROOT / "docs" / "benchmarks.md", "The demo"), DEMO_TABLE) == readme
+    files = re.search(r"`(bench/results/[^`]+/)`", section(README, "Results"))
+    assert files, "README's Results name the demo run's files (bench/results/...)"
+    results = json.loads((ROOT / files.group(1) / "demo-results.json").read_text())
+    run = {r["model"]: r for r in results["rows"]}
+    for label, cells in readme.items():
+        r = run[ROWS[label]]
+        cloze = f"{r['cloze_acc']:.3f} ± {r['cloze_stderr'] or 0:.3f}" if "cloze_acc" in r else "—"
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:,.1f} s"
+        expected = [
+            str(r["kv_heads"]),
+            f"{r['kv_cache_bytes_per_token']:,}",
+            f"{r['eval_ppl']:,.2f}",
+            f"{r['off_domain_ppl']:,.2f}",
+            cloze,
+            f"{r['tokens_trained']:,}",
+            seconds,
+        ]
+        assert cells == expected, f"README's row {label!r} is not the run's: {cells} != {expected}"
+    if "cache" in results:  # the run says whether it made the model and the samples itself (an empty cache)
+        assert results["cache"]["model"] == results["cache"]["samples"] == "made", results["cache"]
+
+
+def test_readme_headline_is_the_demo_table() -> None:
+    """The headline's figures are the demo table's: the recommended conversion, mean pooling and the original on
+    both texts, and the ratios to the original; so is the limitation's ratio after uptraining."""
+    table = demo_table()
+    headline = README.read_text().split("## Install")[0].strip().split("\n\n")[-1]
+    recommended, mean, original = table["MQA, aware (recommended)"], table["MQA, mean (GQA paper)"], table["original"]
+    cited = [recommended[2], recommended[3], original[2], original[3], mean[2], mean[3]]
+    ratios = [f"{figure(recommended[i]) / figure(original[i]):.1f}x" for i in (2, 3)]
+    for text in cited + ratios:
+        assert text in headline, f"README's headline does not cite {text} from its demo table"
+    numbers = re.findall(r"\d[\d,]*\.\d+", headline)
+    assert sorted(numbers) == sorted(cited + [r[:-1] for r in ratios]), "the headline cites figures not in the table"
+    after = figure(table["MQA, aware, uptrained"][3]) / figure(original[3])
+    limitation = f"off-domain {after:.1f}x the\n  original's perplexity after uptraining"
+    assert limitation in section(README, "Limitations"), f"README's Limitations should say {after:.1f}x"
+
+
+CITATION = re.compile(r"\((README|docs/[\w.-]+\.md): ([^)]+)\)")
+
+
+def cited_sections() -> list[tuple[str, str, str]]:
+    """(file, document, heading) of each "(docs/X.md: Heading)" or "(README: Heading)" in the recipes and in the
+    kvshrink package (the demo's results cite them too)."""
+    files = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "kvshrink").rglob("*.py"))
+    found = []
+    for path in files:
+        text = re.sub(r"\s*\n\s*#?\s*", " ", path.read_text())  # a citation may wrap, in a comment too
+        found += [(path.relative_to(ROOT).as_posix(), doc, heading) for doc, heading in CITATION.findall(text)]
+    return found
+
+
+def test_cited_sections_exist() -> None:
+    found = cited_sections()
+    assert found, "no citation found: the pattern no longer matches"
+    missing = []
+    for file, document, heading in found:
+        path = README if document == "README" else ROOT / document
+        headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), flags=re.M)
+        if not path.exists() or heading.strip().lower() not in {h.strip().lower() for h in headings}:
+            missing.append(f"{file}: ({document}: {heading})")
+    assert not missing, f"citations of sections that do not exist: {missing}"
