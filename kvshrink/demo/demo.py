@@ -23,9 +23,11 @@ conversion takes the converter's CPU budget (``convert.options.RECOMMENDED_CPU_L
 minutes there. With a GPU, ``GPU_OVERRIDES`` train every weight in bf16 on longer blocks, on 2M sampled tokens
 (sampled 512 at a time; not yet run on a GPU), with RECOMMENDED's local steps and tokens.
 
-What the demo prints depends only on this code and its inputs: every cached file is checked against a key of
-what made it (``kvshrink.assets``, ``draw_samples``) and made again where the key differs, and the samples are
-drawn in float64 on a CPU, so that which CPU runs them does not change the text.
+What the demo prints depends on this code and its inputs, not on what the cache held: every cached file is
+checked against a key of what made it (``kvshrink.assets``, ``draw_samples``) and made again where the key
+differs. The samples are drawn in float64 on a CPU, so that which CPU runs them does not change the text;
+calibration and training run in float32, whose last bits follow the CPU's kernels (docs/benchmarks.md: The
+demo).
 """
 
 from __future__ import annotations
