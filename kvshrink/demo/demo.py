@@ -67,7 +67,7 @@ from uptrain.recipe import Recipe, load_recipe, schedule
 from uptrain.summary import TrainingSummary
 
 # What imports torch (torch, transformers, datasets, uptrain.perplexity, uptrain.train) is imported where it is
-# used, so that --help and a refused argument answer in a tenth of a second, not in two.
+# used, so that --help and a refused argument answer in a quarter of a second, not in two.
 
 RECIPE = Path(str(importlib.resources.files("kvshrink_recipes") / "demo-smollm2-mqa.yaml"))  # recipes/, installed
 KV_HEADS = 1
