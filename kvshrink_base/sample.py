@@ -1,12 +1,12 @@
 """Training text written by the original model itself (``python -m uptrain.sample MODEL OUT.jsonl --tokens N``).
 
-Uptraining distils the converted model back to the original; the text it trains on decides where the two are
-made to agree. A user's own text recovers that domain (Shakespeare's plays recover Shakespeare, README: Merge
-quality), but the model also has to keep working on everything else. Text sampled from the original model
+Uptraining distils the converted model back to the original; the text it trains on decides where the two are made
+to agree. A user's own text recovers that domain (Shakespeare's plays recover Shakespeare, docs/benchmarks.md:
+Merge quality), but the model also has to keep working on everything else. Text sampled from the original model
 (from its BOS token, at temperature 1, no top-k or top-p) is a draw from the very distribution that is to be
-preserved, and needs no dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples
-shorter than ``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document
-each), and appears whole or not at all.
+preserved, and needs no dataset. Each sample ends at the model's EOS or after ``--length`` tokens; samples shorter
+than ``MIN_TOKENS`` are dropped. The file is one JSON object per line, ``{"text": ...}`` (one document each), and
+appears whole or not at all.
 
 This module is the library, in the base because the converter samples its data-free calibration text with it
 and uptraining its training text; ``uptrain.sample.cli`` is the command.

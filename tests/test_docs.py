@@ -29,7 +29,7 @@ README = ROOT / "README.md"
 DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
 SHELL_FENCES = {"", "bash", "sh", "shell", "console"}  # fenced blocks whose lines are commands
-NOT_OURS = {"pytest", "pip"}  # python -m modules of other projects
+NOT_OURS = {"pytest", "pip", "venv"}  # python -m modules of other projects
 # Every command a user is told about; each must appear in the documents at least once.
 COMMANDS = {
     "convert",
