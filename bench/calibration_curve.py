@@ -6,7 +6,7 @@
                                       [--sample-tokens 65536] [--eval-tokens 4096]
 
 SmolLM2-135M-Instruct made MQA (3 -> 1 KV heads) with ``--recommended`` and no text of the user's, as a user
-without data runs it: the calibration text is sampled from the model itself (``uptrain.sample``, the sampler
+without data runs it: the calibration text is sampled from the model itself (``kvshrink_base.sample``, the sampler
 the converter's data-free default runs), once, ``--sample-tokens`` of it (default: the largest token count), and
 each conversion takes its first N tokens (``--calibration-data`` on the samples file, so the sampling is timed
 once and not per run). Rows: every ``--tokens`` at the recommended CPU local steps; every ``--steps`` at

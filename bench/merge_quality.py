@@ -12,7 +12,7 @@ texts that neither calibration nor training sees: the held-out tragedies (the pl
 documentation (``pydoc_data.topics``: modern technical English, another domain). Then the inits named in
 --train are uptrained identically with the demo's CPU recipe (recipes/demo-smollm2-mqa.yaml: distillation from
 the original, attention projections, 30 steps x 1,024 tokens; python -m uptrain) on each --train-text: the
-original's own samples (uptrain.sample, the demo's training text, cached where the demo caches it) and/or the
+original's own samples (kvshrink_base.sample's cached_samples, in the demo's cache folder) and/or the
 plays, and scored again on both texts: the off-domain column asks whether the model recovered, not whether it
 learned a domain. Writes bench/out/merge_quality/{results.json,results.md}.
 """

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-SAMPLE_LENGTH = 320  # tokens per sample drawn from the source (uptrain.sample's default)
+SAMPLE_LENGTH = 320  # tokens per sample drawn from the source (kvshrink_base.sample's default)
 Moments = list["torch.Tensor | None"]  # per hooked module, Σ [x, 1][x, 1]ᵀ (float64) so far
 
 
@@ -142,7 +142,7 @@ def check_model_fits(weights: WeightSource, device: torch.device) -> None:
 
 
 def sampled_documents(source: Path, weights: WeightSource, tokens: int, device_name: str, progress: bool) -> list[str]:
-    """Text sampled from the source itself (``uptrain.sample``, from BOS at temperature 1): ``tokens`` of it."""
+    """Text sampled from the source itself (``kvshrink_base.sample``, from BOS at temperature 1): ``tokens`` of it."""
     import torch
 
     from kvshrink_base.sample import Sampling, samples

@@ -41,7 +41,7 @@ class ConvertOptions:
         calibration_bos: start every calibration sequence with the tokenizer's BOS (where it has one). Off by
             default: on SmolLM2-135M-Instruct it made the recommended conversion worse (docs/benchmarks.md).
         calibration_order: ``parallel`` (one pass of the source model) or ``sequential`` (layer by layer, each
-            layer's statistics taken with the layers below already converted; ``convert.sequential``).
+            layer's statistics taken with the layers below already converted; ``convert.calibrate``).
         refit_o: after each layer's merge, refit its output projection by least squares so that the converted
             heads reproduce the original attention output on the calibration text (sequential order only).
         local_steps: after each layer's merge (and O refit), this many Adam steps on its Q, merged K/V and O so

@@ -1,5 +1,5 @@
 """Greedy continuations of the same prompts by several models, shown side by side (the demo, the decode bench),
-and the one way to hand a forward its KV cache (``with_cache``: the decode bench, ``uptrain.sample``)."""
+and the one way to hand a forward its KV cache (``with_cache``: the decode bench, ``kvshrink_base.sample``)."""
 
 from __future__ import annotations
 

@@ -338,9 +338,10 @@ CITATION = re.compile(r"\((README|docs/[\w.-]+\.md): ([^)]+)\)")
 
 
 def cited_sections() -> list[tuple[str, str, str]]:
-    """(file, document, heading) of each "(docs/X.md: Heading)" or "(README: Heading)" in the recipes and in the
-    kvshrink package (the demo's results cite them too)."""
-    files = sorted((ROOT / "recipes").glob("*.yaml")) + sorted((ROOT / "kvshrink").rglob("*.py"))
+    """(file, document, heading) of each "(docs/X.md: Heading)" or "(README: Heading)" in the recipes, the
+    packages (the demo's results cite them too) and the benches."""
+    packages = ("kvshrink_base", "convert", "uptrain", "kvshrink", "bench")
+    files = sorted((ROOT / "recipes").glob("*.yaml")) + [p for d in packages for p in sorted((ROOT / d).rglob("*.py"))]
     found = []
     for path in files:
         text = re.sub(r"\s*\n\s*#?\s*", " ", path.read_text())  # a citation may wrap, in a comment too
@@ -354,7 +355,10 @@ def test_cited_sections_exist() -> None:
     missing = []
     for file, document, heading in found:
         path = README if document == "README" else ROOT / document
+        if not path.exists():
+            missing.append(f"{file}: ({document}: {heading}): no such document")
+            continue
         headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", path.read_text(), flags=re.S), flags=re.M)
-        if not path.exists() or heading.strip().lower() not in {h.strip().lower() for h in headings}:
+        if heading.strip().lower() not in {h.strip().lower() for h in headings}:
             missing.append(f"{file}: ({document}: {heading})")
     assert not missing, f"citations of sections that do not exist: {missing}"

@@ -150,7 +150,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         (dict(data={"seq_len": 100, "eval": ["SHORT"]}), "the eval data gives no block of 100 tokens"),
     ],
 )
-def test_bad_input_before_training(setup, tmp_path, change, message):  # noqa: F811
+def test_bad_input_before_training(setup, tmp_path, change, message):
     if change["data"].get("eval") == ["EMPTY"]:
         (tmp_path / "empty.txt").write_text("")
         change["data"]["eval"] = [str(tmp_path / "empty.txt")]
@@ -163,7 +163,7 @@ def test_bad_input_before_training(setup, tmp_path, change, message):  # noqa: F
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):  # noqa: F811
+def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
     from textlm import make_lm, train_tokenizer
 
     other = make_lm(tmp_path / "other", train_tokenizer(setup[0], vocab_size=300))
@@ -173,7 +173,7 @@ def test_teacher_with_another_vocabulary_is_refused(setup, tmp_path):  # noqa: F
 
 
 @pytest.mark.parametrize("chunk", [0, 512])  # the full-logits path and the chunked one (uptrain.loss)
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, chunk):  # noqa: F811
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch, chunk):
     name = "token_losses" if chunk == 0 else "chunked_loss"
     real = getattr(train_module, name)
     calls = {"n": 0}
@@ -205,7 +205,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypat
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_evaluate_cli(setup, capsys):  # noqa: F811
+def test_evaluate_cli(setup, capsys):
     train, held, mha, _ = setup
     assert evaluate_main([str(mha), "--data", str(held), "--seq-len", "64", "--max-tokens", "4096"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The uptrainer and the evaluator as a new user meets them (issue 15): bad inputs get one line and exit 2 with
+"""The uptrainer and the evaluator as a new user meets them: bad inputs get one line and exit 2 with
 nothing left behind, packing keeps every token, Ctrl-C names the checkpoint to resume from, tied weights are
 saved without a warning and stay tied, checkpoints stay bounded on disk."""
 
@@ -57,7 +57,7 @@ def error_line(capsys) -> str:
         (["--batch-size", "-1"], "--batch-size must be positive, got -1"),
     ],
 )
-def test_evaluate_refuses_settings_that_cannot_run(setup, capsys, flags, message):  # noqa: F811
+def test_evaluate_refuses_settings_that_cannot_run(setup, capsys, flags, message):
     _, held, _, mqa = setup
     assert evaluate_main([str(mqa), "--data", str(held), *flags]) == 2
     assert one_line(capsys) == f"error: {message}"
@@ -79,7 +79,7 @@ def test_evaluate_help_is_plain_and_every_option_explained(capsys):
         assert same_line or next_line, lines[i]
 
 
-def test_evaluate_ctrl_c_is_one_line(setup, capsys, monkeypatch):  # noqa: F811
+def test_evaluate_ctrl_c_is_one_line(setup, capsys, monkeypatch):
     import uptrain.evaluate
 
     def interrupted(*args, **kwargs):
@@ -93,7 +93,7 @@ def test_evaluate_ctrl_c_is_one_line(setup, capsys, monkeypatch):  # noqa: F811
 # 2. model paths: missing, not a checkpoint, truncated weights, the template as shipped
 
 
-def _bad_model(kind: str, setup, tmp_path: Path) -> tuple[Path, str]:  # noqa: F811
+def _bad_model(kind: str, setup, tmp_path: Path) -> tuple[Path, str]:
     """(model path, the message expected) for one kind of bad model directory."""
     if kind == "missing":
         return tmp_path / "nowhere" / "model", f"{tmp_path / 'nowhere' / 'model'}: no such directory"
@@ -120,7 +120,7 @@ def _bad_model(kind: str, setup, tmp_path: Path) -> tuple[Path, str]:  # noqa: F
 
 
 @pytest.mark.parametrize("kind", ["missing", "file", "not-a-checkpoint", "truncated", "corrupt"])
-def test_bad_model_is_one_line_for_uptrain_and_evaluate(setup, tmp_path, capsys, kind):  # noqa: F811
+def test_bad_model_is_one_line_for_uptrain_and_evaluate(setup, tmp_path, capsys, kind):
     model, message = _bad_model(kind, setup, tmp_path)
     assert evaluate_main([str(model), "--data", str(setup[1]), "--seq-len", "64"]) == 2
     assert one_line(capsys) == f"error: {message}"
@@ -133,7 +133,7 @@ def test_bad_model_is_one_line_for_uptrain_and_evaluate(setup, tmp_path, capsys,
     assert not (tmp_path / "runs").exists()
 
 
-def test_no_tokenizer_and_an_uncached_hub_name_offline(setup, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_no_tokenizer_and_an_uncached_hub_name_offline(setup, tmp_path, capsys, monkeypatch):
     """A checkpoint saved without its tokenizer is named as such (not transformers' cut-off "Couldn't
     instantiate the backend tokenizer from one of: "); `runs/x`, which could be a hub id, is no such directory
     when the hub is offline and its cache does not have it."""
@@ -179,7 +179,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_path):  # noqa: F811
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_resumes(setup, tmp_path):
     """A real SIGINT once step-4 is saved: one line naming the newest complete checkpoint and the command,
     exit 130, no traceback; that command resumes from it and finishes."""
     out = tmp_path / "run"
@@ -256,7 +256,7 @@ def test_packing_keeps_every_token_but_the_final_remainder(seq_len, batch_size):
 # 5. failed runs leave nothing; recipe typos are refused before any model loads
 
 
-def test_failed_run_leaves_no_output_directory(setup, tmp_path, capsys):  # noqa: F811
+def test_failed_run_leaves_no_output_directory(setup, tmp_path, capsys):
     out = tmp_path / "a" / "b" / "run"
     recipe = write_recipe(tmp_path / "r.yaml", setup, out, data={"eval": [str(tmp_path / "short.txt")]})
     (tmp_path / "short.txt").write_text("A few words only.")
@@ -277,14 +277,7 @@ def test_failed_run_leaves_no_output_directory(setup, tmp_path, capsys):  # noqa
         ("train.lr=fast", "error: train.lr: expected float, got 'fast'"),
     ],
 )
-def test_override_typo_is_refused_before_any_model_loads(
-    setup,
-    tmp_path,
-    capsys,
-    monkeypatch,
-    override,  # noqa: F811
-    message,
-):
+def test_override_typo_is_refused_before_any_model_loads(setup, tmp_path, capsys, monkeypatch, override, message):
     import uptrain.student
 
     def no_load(*args, **kwargs):
@@ -359,7 +352,7 @@ def test_every_path_field_expands_home_and_variables(tmp_path, monkeypatch):
 # 7, 8, 9. tied weights, the console, disk
 
 
-def test_tied_checkpoints_eval_lines_and_bounded_disk(setup, tmp_path, capsys, caplog, monkeypatch):  # noqa: F811
+def test_tied_checkpoints_eval_lines_and_bounded_disk(setup, tmp_path, capsys, caplog, monkeypatch):
     """A tied model (tests/textlm.py ties lm_head to the embedding) checkpointed every 2 steps with the default
     save.keep_last, stopped at step 4 and resumed to step 8: no "Removed shared tensor" warning, the tie holds at
     every save (before and after resume), only the newest keep_last checkpoints stay, each costs 4 bytes per

@@ -108,7 +108,7 @@ def _load_one(manager: TaskManager, spec: str) -> str:
     """Build a task once (reading its data) and return the name it reports under."""
     try:
         loaded = manager.load([spec])
-    except Exception as exc:  # noqa: BLE001 - lm-eval and datasets raise many types for a bad task or data
+    except Exception as exc:  # lm-eval and datasets raise many types for a bad task or data
         first = first_line(exc)
         raise RecipeError(f"task {spec} cannot be loaded: {first}") from None
     groups = [g for g in loaded["groups"] if g not in {c for cs in loaded["group_map"].values() for c in cs}]

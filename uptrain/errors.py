@@ -1,5 +1,5 @@
-"""The uptrainer's errors, apart from the recipe so that every module (``uptrain.sample`` too, which the converter
-imports) can raise them without importing the converter's option tables."""
+"""The uptrainer's errors, apart from the recipe so that every module (the sample command, the evaluator, the
+loop) can raise them without importing the converter's option tables."""
 
 from __future__ import annotations
 

@@ -53,8 +53,8 @@ def model_path(recipe: Recipe, state: PartialState) -> str:
 
 def convert_options(recipe: Recipe) -> ConvertOptions:
     """The recipe's convert step as converter options. Calibrated methods without convert.calibration_data
-    calibrate on data.train's local files, or, when it names none (a hub stream), on
-    ``convert.calibration_tokens`` sampled from the source (uptrain.sample, into OUTPUT_DIR/calibration-samples)."""
+    calibrate on data.train's local files, or, when it names none (a hub stream), on ``convert.calibration_tokens``
+    sampled from the source (kvshrink_base.sample, into OUTPUT_DIR/calibration-samples)."""
     c = recipe.convert
     assert c is not None, "a recipe without a convert step has no convert options"
     options = ConvertOptions(**{name: getattr(c, name) for name in ConvertOptions.fields()})

@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 from convert.source import check_checkpoint
 from kvshrink_base.device import DEVICE_HELP, pick_device
-from kvshrink_base.errors import OneLineParser, check_output_dir, first_line
+from kvshrink_base.errors import KvshrinkError, OneLineParser, check_output_dir, first_line
 from uptrain.decoding import DecodeError
 
 if TYPE_CHECKING:
     from uptrain.decoding.measure import Cell, Model
 
-DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid is the issue's
+DEFAULTS = {  # per device type: a CPU run takes minutes; the CUDA grid reaches 128 x 8k contexts
     "cpu": dict(batch=[1, 4], context=[256, 1024], new_tokens=16, prefill_tokens=1024),
     "cuda": dict(batch=[1, 8, 32, 128], context=[512, 2048, 8192], new_tokens=32, prefill_tokens=32768),
 }
@@ -160,9 +160,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise DecodeError("--synthetic builds its own models; give no checkpoint directories with it")
     if not args.synthetic and len(args.models) + args.mha_twin < 2:
         raise DecodeError("give ORIGINAL and at least one CONVERTED directory (or --mha-twin, or --synthetic)")
-    for path in args.models:  # the converter's checks: a directory with a readable config.json and sound weights
-        check_checkpoint(path, hub=False, allow_pickle=True)
-    check_output_dir(args.out, "--out")
+    try:  # the converter's checks: a directory with a readable config.json and sound weights
+        for path in args.models:
+            check_checkpoint(path, hub=False, allow_pickle=True)
+        check_output_dir(args.out, "--out")
+    except KvshrinkError as exc:  # ConversionError and the base's own: the bench's error, same line
+        raise DecodeError(str(exc)) from None
     args.device = str(device)  # "cpu", "cuda", "cuda:1", "mps": what the measuring code is given
     for key, value in DEFAULTS.get(device.type, DEFAULTS[SMALL_GRID]).items():
         if getattr(args, key) is None:

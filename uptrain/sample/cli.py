@@ -1,4 +1,4 @@
-"""``python -m uptrain.sample MODEL OUT.jsonl --tokens N``: the command of ``uptrain.sample``."""
+"""``python -m uptrain.sample MODEL OUT.jsonl --tokens N``: the command of ``kvshrink_base.sample``."""
 
 from __future__ import annotations
 
