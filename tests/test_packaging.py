@@ -1,5 +1,5 @@
 """A plain (non-editable) `pip install .` carries what the commands need at run time: the recipes, the demo's
-task template, the moved packages (kvshrink.demo, kvshrink.decode_bench) and the `kvshrink` console script.
+task template, the application packages (kvshrink.demo, kvshrink.decode_bench) and the `kvshrink` console script.
 
 The venv the project is installed into sees exactly this interpreter's import path, wherever the suite's
 dependencies live (the system Python, a venv, a user site): a .pth file in the venv's site-packages lists
@@ -137,7 +137,7 @@ def test_non_editable_install_finds_the_demo_recipe_from_anywhere(venv, tmp_path
     )
 
 
-def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(venv, tmp_path):
+def test_non_editable_install_ships_the_applications_and_no_top_level_demo_or_bench(venv, tmp_path):
     probe = (
         "import importlib.util as u, kvshrink.demo.cloze, kvshrink.decode_bench.cli, uptrain.decoding.mha_twin; "
         "print(kvshrink.decode_bench.cli.__file__); print(kvshrink.demo.cloze.__file__); "
@@ -147,7 +147,7 @@ def test_non_editable_install_ships_the_moved_packages_and_not_the_old_names(ven
     assert found.returncode == 0, found.stderr[-2000:]
     decode_bench, cloze, old = found.stdout.splitlines()
     assert Path(decode_bench).is_relative_to(venv) and Path(cloze).is_relative_to(venv)
-    assert old == "None None"  # no shims: the old top-level names are gone
+    assert old == "None None"  # kvshrink_demo and decode_bench are not importable: one name per module
     helped = command(venv, "python -m kvshrink.decode_bench", ["--help"], tmp_path)
     assert helped.returncode == 0 and "usage: python -m kvshrink.decode_bench" in helped.stdout
 
@@ -238,7 +238,8 @@ def test_the_console_script_refuses_an_unknown_or_missing_subcommand(venv, tmp_p
 
 
 def test_every_subcommand_names_a_module_with_a_main():
-    """A moved or renamed command module breaks ``kvshrink NAME`` here, not at a user's prompt."""
+    """A command module that is not where the console script looks breaks ``kvshrink NAME`` here, not at a
+    user's prompt."""
     import importlib
 
     from kvshrink.cli import SUBCOMMANDS
