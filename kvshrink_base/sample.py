@@ -30,6 +30,7 @@ from kvshrink_base.generate import with_cache
 from kvshrink_base.models import load_model_and_tokenizer
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MIN_TOKENS = 16
@@ -143,15 +144,17 @@ def batch_rows(how: Sampling, written: int, drawn: int) -> int:
     return max(1, min(how.batch_size, math.ceil(needed * 1.25)))
 
 
-def write_samples(model_dir: str, out: Path, how: Sampling, device: str = "auto") -> dict[str, float]:
+def write_samples(
+    model_dir: str | Path, out: Path, how: Sampling, device: str = "auto", dtype: str | torch.dtype = "auto"
+) -> dict[str, float]:
     """Sample from ``model_dir`` on ``device`` (``kvshrink_base.device.pick_device``'s names; auto: the fastest
-    present) into ``out`` (.jsonl); returns {"tokens", "documents", "seconds"}. The command checks a user's
-    checkpoint before (``uptrain.sample.cli``).
+    present), its weights in ``dtype`` ("auto": the checkpoint's), into ``out`` (.jsonl); returns {"tokens",
+    "documents", "seconds"}. The command checks a user's checkpoint before (``uptrain.sample.cli``).
 
     Raises:
         DeviceError: ``device`` is not a device, or is absent here.
     """
-    model, tokenizer = load_model_and_tokenizer(model_dir, device=pick_device(device))
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype=dtype, device=pick_device(device))
     started = time.perf_counter()
 
     def progress(written: int) -> None:

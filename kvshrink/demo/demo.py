@@ -60,7 +60,7 @@ from kvshrink_base.device import pick_device
 from kvshrink_base.errors import OneLineParser, check_output_dir, positive_int, run_cli
 from kvshrink_base.generate import greedy, one_line, side_by_side
 from kvshrink_base.models import load_model_and_tokenizer
-from kvshrink_base.sample import SAMPLER, Sampling, samples
+from kvshrink_base.sample import SAMPLER, Sampling, write_samples
 from uptrain import downstream
 from uptrain.metrics import MetricsLog
 from uptrain.recipe import Recipe, load_recipe, schedule
@@ -336,22 +336,13 @@ def draw_samples(model: Path, directory: Path, how: Sampling) -> Path:
     key = samples_key(model, how, device.type, str(dtype).removeprefix("torch."))
     if path.is_file() and assets.read_key(key_file(path)) == key:
         return path
-    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
-    started = time.perf_counter()
-
-    def progress(written: int) -> None:
-        elapsed = time.perf_counter() - started
-        print(f"sample: {written:,} of {how.tokens:,} tokens, {elapsed:.0f} s", file=sys.stderr, flush=True)
-
-    rows = list(samples(lm, tokenizer, how, progress))
-    documents = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     directory.mkdir(parents=True, exist_ok=True)
     key_file(path).unlink(missing_ok=True)  # no key vouches for the file while it is being replaced
-    atomic.write_text(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in documents))
+    done = write_samples(model, path, how, str(device), dtype)
     atomic.write_text(key_file(path), json.dumps(key, indent=2) + "\n")
     print(
-        f"sampled {sum(map(len, rows)):,} tokens ({len(rows):,} documents) from {model} in "
-        f"{time.perf_counter() - started:,.0f} s ({key['dtype']} on {device}): {path}",
+        f"sampled {done['tokens']:,} tokens ({done['documents']:,} documents) from {model} in "
+        f"{done['seconds']:,.0f} s ({key['dtype']} on {device}): {path}",
         flush=True,
     )
     return path
