@@ -172,8 +172,9 @@ def write_samples(
 
 
 def cached_samples(model_dir: str | Path, directory: Path, how: Sampling) -> Path:
-    """The samples of ``model_dir`` made as ``how`` says, written into ``directory`` the first time (the demo's
-    cache: a rerun reuses them). The file name records every setting, so another setting writes another file."""
+    """The samples of ``model_dir`` made as ``how`` says, written into ``directory`` the first time (the benches'
+    cache: a rerun reuses them). The file name records every setting, so another setting writes another file; it
+    records no model or library version (the demo keys its own samples: ``kvshrink.demo.demo.draw_samples``)."""
     path = directory / how.file_name()
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
